@@ -1,0 +1,192 @@
+"""Permutation spec: which axes of which tensors index the same hidden units.
+
+A :class:`PermutationSpec` maps group names to :class:`PermGroup` objects. Each group lists its members,
+``(tensor, axis, role)``: ``role="out"`` for axes on the producing side of the hidden units (a Linear's
+rows, its bias, a norm's weight, BatchNorm running stats) and ``role="in"`` for axes that read them (the
+next Linear's columns). Permutation engines apply the same index vector to both roles; soft engines
+(optimal transport, ZipIt) apply a merge matrix on ``out`` members and the matching unmerge matrix on
+``in`` members, which is why the role is recorded.
+
+Attention needs structure: a free permutation of the Q/K axes does not preserve function because heads
+split those axes. ``kind="heads"`` allows whole-head permutations only (RoPE); ``kind="heads_within"``
+allows a head permutation composed with a per-head within-head permutation. Grouped-query attention ties Q
+heads to their KV head with ``Member.repeat``: the member's axis is laid out as ``(n_kv_heads, repeat,
+head_dim)`` and the group's permutation acts on the KV-head and head-dim parts only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+GroupKind = Literal["free", "heads", "heads_within"]
+Role = Literal["out", "in"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor axis that is indexed by a group's hidden units."""
+
+    tensor: str
+    axis: int
+    role: Role = "out"
+    repeat: int = 1
+
+
+@dataclass
+class PermGroup:
+    """A set of tensor axes that must be permuted together to keep the model's function."""
+
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    kind: GroupKind = "free"
+    head_dim: int | None = None
+    frozen_reason: str | None = None
+
+    @property
+    def frozen(self) -> bool:
+        """True when the group must stay in its original order (an op the deriver did not understand)."""
+        return self.frozen_reason is not None
+
+    def random_permutation(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw a random permutation that respects this group's structure (identity when frozen)."""
+        if self.frozen:
+            return torch.arange(self.size)
+        if self.kind == "free":
+            return torch.randperm(self.size, generator=generator)
+        head_dim = self._require_head_dim()
+        n_heads = self.size // head_dim
+        heads = torch.randperm(n_heads, generator=generator)
+        blocks = []
+        for h in heads.tolist():
+            within = (
+                torch.randperm(head_dim, generator=generator)
+                if self.kind == "heads_within"
+                else torch.arange(head_dim)
+            )
+            blocks.append(h * head_dim + within)
+        return torch.cat(blocks)
+
+    def _require_head_dim(self) -> int:
+        if not self.head_dim or self.size % self.head_dim:
+            raise ValueError(
+                f"group {self.name!r}: kind {self.kind!r} needs head_dim dividing size {self.size}, got {self.head_dim}"
+            )
+        return self.head_dim
+
+
+@dataclass
+class PermutationSpec:
+    """Groups of tied tensor axes for one architecture, plus the tensors no group touches."""
+
+    groups: dict[str, PermGroup] = field(default_factory=dict)
+    family: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, group: PermGroup) -> PermGroup:
+        """Register a group, refusing duplicate names."""
+        if group.name in self.groups:
+            raise ValueError(f"duplicate permutation group {group.name!r}")
+        self.groups[group.name] = group
+        return group
+
+    def __iter__(self) -> Iterator[PermGroup]:
+        return iter(self.groups.values())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def active_groups(self) -> list[PermGroup]:
+        """Groups that may be permuted (not frozen)."""
+        return [g for g in self.groups.values() if not g.frozen]
+
+    def axes_of(self) -> dict[str, dict[int, tuple[str, Member]]]:
+        """tensor -> {axis: (group name, member)} for every member of every group."""
+        out: dict[str, dict[int, tuple[str, Member]]] = {}
+        for group in self.groups.values():
+            for m in group.members:
+                slot = out.setdefault(m.tensor, {})
+                if m.axis in slot:
+                    raise ValueError(
+                        f"tensor {m.tensor!r} axis {m.axis} belongs to both {slot[m.axis][0]!r} and {group.name!r}"
+                    )
+                slot[m.axis] = (group.name, m)
+        return out
+
+    def validate(self, shapes: Mapping[str, Iterable[int]]) -> None:
+        """Check every member against real tensor shapes; raise ValueError naming the first mismatch."""
+        self.axes_of()  # raises on an axis claimed twice
+        for group in self.groups.values():
+            for m in group.members:
+                if m.tensor not in shapes:
+                    raise ValueError(f"group {group.name!r} names tensor {m.tensor!r}, which the model does not have")
+                shape = tuple(shapes[m.tensor])
+                if not -len(shape) <= m.axis < len(shape):
+                    raise ValueError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis} (shape {shape})")
+                if shape[m.axis] != group.size * m.repeat:
+                    raise ValueError(
+                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}) does not fit "
+                        f"tensor {m.tensor!r} axis {m.axis} of length {shape[m.axis]}"
+                    )
+
+    def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """One structured random permutation per group (identity for frozen groups)."""
+        gen = torch.Generator().manual_seed(seed)
+        return {g.name: g.random_permutation(gen) for g in self.groups.values()}
+
+    def describe(self) -> list[dict]:
+        """Rows for `suture inspect`: name, size, kind, member count, frozen reason."""
+        return [
+            {
+                "group": g.name,
+                "size": g.size,
+                "kind": g.kind,
+                "members": [f"{m.tensor}[{m.axis}]{'(in)' if m.role == 'in' else ''}" for m in g.members],
+                "frozen": g.frozen_reason,
+            }
+            for g in self.groups.values()
+        ]
+
+
+def expand_index(perm: torch.Tensor, member: Member, head_dim: int | None) -> torch.Tensor:
+    """Index vector for a member's axis: the group permutation, expanded across GQA repeats."""
+    if member.repeat == 1:
+        return perm
+    if not head_dim:
+        raise ValueError(f"member {member.tensor!r} has repeat {member.repeat} but its group has no head_dim")
+    n_heads = perm.numel() // head_dim
+    blocks = perm.view(n_heads, head_dim)  # new head i, dim d -> old flat index
+    old_head = blocks[:, 0] // head_dim
+    within = blocks % head_dim
+    rep = torch.arange(member.repeat)
+    # axis layout (kv_head, repeat, head_dim): new (i, r, d) <- old (old_head[i], r, within[i, d])
+    idx = (old_head[:, None, None] * member.repeat + rep[None, :, None]) * head_dim + within[:, None, :]
+    return idx.reshape(-1)
+
+
+def permute_tensor(tensor: torch.Tensor, name: str, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply every group permutation that touches `name` to `tensor` (both out and in roles use the index)."""
+    slots = spec.axes_of().get(name, {})
+    for axis, (group_name, member) in slots.items():
+        perm = perms.get(group_name)
+        if perm is None:
+            continue
+        idx = expand_index(perm, member, spec.groups[group_name].head_dim).to(tensor.device)
+        tensor = torch.index_select(tensor, axis, idx)
+    return tensor
+
+
+def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply group permutations to a whole state dict (tensors no group touches are returned as they are)."""
+    return {name: permute_tensor(t, name, spec, perms) for name, t in state.items()}
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse index vector: invert(p)[p[i]] = i."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
