@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import torch
 
@@ -53,6 +53,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path | None = None
+    offset: int = 0  # absolute byte offset of the data in `file` (safetensors only)
 
     @property
     def numel(self) -> int:
@@ -202,7 +203,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data section, which has only {data_len} bytes"
             )
         spans.append((begin, end, name))
-        infos[name] = TensorInfo(shape, dtype, path)
+        infos[name] = TensorInfo(shape, dtype, path, data_start + begin)
     spans.sort()
     cursor = 0
     for begin, end, name in spans:
@@ -242,23 +243,29 @@ class SafetensorsStore(TensorStore):
                     raise InputError(f"{source}: tensor {name!r} appears in both {infos[name].file} and {file}")
                 infos[name] = info
         super().__init__(source, infos, path=path, config=config, strict=strict)
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, BinaryIO] = {}
 
     def _read(self, name: str, info: TensorInfo) -> torch.Tensor:
-        from safetensors import safe_open
-
+        # Plain positioned reads instead of mmap: mapped pages count towards RSS until unmapped, which
+        # would make peak memory grow with model size instead of staying near one tensor.
         assert info.file is not None
         handle = self._handles.get(info.file)
         if handle is None:
             try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise InputError(f"{info.file}: cannot open safetensors file ({exc})") from exc
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+                handle = self._handles[info.file] = info.file.open("rb")
+            except OSError as exc:
+                raise InputError(f"{info.file}: cannot open ({exc.strerror or exc})") from exc
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        handle.seek(info.offset)
+        got = handle.readinto(memoryview(buffer.numpy())) if info.nbytes else 0
+        if got != info.nbytes:
+            raise InputError(f"{info.file}: truncated while reading tensor {name!r} ({got} of {info.nbytes} bytes)")
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        """Drop the memory-mapped file handles."""
+        """Close the open file handles (reading again reopens them)."""
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 

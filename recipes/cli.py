@@ -1,0 +1,149 @@
+"""The `suture` command line: run recipes, inspect models, publish results, start the app.
+
+Start-up imports only argparse: torch and friends load inside the command that needs them, so
+`suture --help` answers instantly. This is the only module that prints; library code logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+EPILOG = "Run `suture COMMAND --help` for a command's options. Docs: README.md."
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a merge/alignment/stitch recipe (YAML; mergekit recipes accepted)")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("out_dir", help="output folder (written atomically)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where tensors are computed (default: auto)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, sources, method, parameters) without computing")
+    p.add_argument("--out-shard-size", default=None, help="largest output shard, e.g. 5GB (default) or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True); refused by default")
+    p.add_argument("--strict", action="store_true", help="treat non-finite input values as errors instead of warnings")
+    p.add_argument("--seed", type=int, default=None, help="seed for randomized methods and alignment (overrides the recipe)")
+    _add_verbosity(p)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list a model's tensors, size, detected family and permutation groups")
+    p.add_argument("model", help="a .safetensors file, a model folder, or a Hub id")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--groups", action="store_true", help="also derive and list permutation groups")
+    _add_verbosity(p)
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="log details")
+    g.add_argument("-q", "--quiet", action="store_true", help="only errors, no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="suture", description="Merge and stitch neural networks: align, merge, stitch, evaluate, publish.", epilog=EPILOG)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _sigterm_as_interrupt() -> None:
+    # SIGTERM (e.g. `kill`) unwinds like Ctrl-C, so the atomic output folder removes its partial data
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`suture run`: execute a recipe with a tqdm progress bar."""
+    from tqdm import tqdm
+
+    from recipes.runner import RunOptions, dry_run, run_recipe
+
+    options = RunOptions(
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        strict=args.strict,
+        seed=args.seed,
+    )
+    if args.dry_run:
+        plan = dry_run(args.recipe, options)
+        print(json.dumps(plan, indent=2))
+        return 0
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int, detail: str = "") -> None:
+        if args.quiet:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage != "merge" else "tensor", leave=True)
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(detail[-40:], refresh=True)
+
+    try:
+        result = run_recipe(args.recipe, args.out_dir, options, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(result.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`suture inspect`: describe a model without loading its weights."""
+    from recipes.inspect import inspect_model, format_inspection
+
+    info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `suture` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from merge import __version__
+
+        print(f"suture {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    _setup_logging(args)
+    _sigterm_as_interrupt()
+    from merge.errors import SutureError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SutureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

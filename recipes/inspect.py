@@ -1,0 +1,85 @@
+"""`suture inspect`: describe a model (tensors, parameter count, size, family, permutation groups) without loading weights."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def detect_family(names: list[str], config: dict | None) -> str | None:
+    """The model family from config.json or tensor names (None when unknown)."""
+    try:
+        from merge.graph.families import detect_family as detect
+    except ImportError:  # family specs not available in this build
+        detect = None
+    if detect is not None:
+        return detect(names, config)
+    if config and config.get("model_type"):
+        return str(config["model_type"])
+    return None
+
+
+def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False) -> dict[str, Any]:
+    """A JSON-friendly description of a model reference (local path or Hub id)."""
+    from merge.hub import resolve_model_ref
+    from merge.store import open_store
+
+    path = resolve_model_ref(ref, allow_pickle=allow_pickle)
+    store = open_store(path, allow_pickle=allow_pickle)
+    names = store.names()
+    dtypes = Counter(str(store.dtype(n)).removeprefix("torch.") for n in names)
+    info: dict[str, Any] = {
+        "model": ref,
+        "path": str(path),
+        "tensors": [{"name": n, "shape": list(store.shape(n)), "dtype": str(store.dtype(n)).removeprefix("torch.")} for n in names],
+        "tensor_count": len(names),
+        "parameters": sum(store.info(n).numel for n in names),
+        "bytes": store.total_bytes(),
+        "dtypes": dict(dtypes),
+        "family": detect_family(names, store.config),
+    }
+    if groups:
+        info["groups"] = derive_groups(store)
+    return info
+
+
+def derive_groups(store) -> list[dict[str, Any]] | dict[str, str]:
+    """Permutation groups derived from names + config (or from the zoo architecture recorded in config)."""
+    from merge.errors import SutureError
+    from merge.graph import spec_for_store
+
+    try:
+        spec = spec_for_store(store)
+    except SutureError as exc:
+        return {"error": str(exc)}
+    return spec.describe()
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable text for `suture inspect`."""
+    lines = [
+        f"model:      {info['model']}",
+        f"path:       {info['path']}",
+        f"family:     {info['family'] or 'unknown'}",
+        f"tensors:    {info['tensor_count']}",
+        f"parameters: {info['parameters']:,}",
+        f"size:       {info['bytes'] / 1e6:,.1f} MB ({', '.join(f'{k}: {v}' for k, v in info['dtypes'].items())})",
+        "",
+    ]
+    width = max((len(t["name"]) for t in info["tensors"]), default=10)
+    for t in info["tensors"]:
+        lines.append(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<20} {t['dtype']}")
+    groups = info.get("groups")
+    if isinstance(groups, dict):
+        lines += ["", f"permutation groups: {groups['error']}"]
+    elif groups is not None:
+        lines += ["", f"permutation groups ({len(groups)}):"]
+        for g in groups:
+            frozen = f"  FROZEN: {g['frozen']}" if g["frozen"] else ""
+            lines.append(f"  {g['group']}  size {g['size']} ({g['kind']}), {len(g['members'])} members{frozen}")
+            for m in g["members"]:
+                lines.append(f"      {m}")
+    return "\n".join(lines)
