@@ -1,0 +1,40 @@
+"""Merge methods: pure tensor functions registered by name (mergekit's names, parameters and formulas).
+
+Importing this package registers every built-in method: linear, slerp, nuslerp, multislerp, karcher,
+task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+model_stock, sce, nearswap and passthrough. Use ``run_method(name, MergeInputs(...))`` to merge one
+tensor; it fills defaults and checks the inputs first.
+"""
+
+from __future__ import annotations
+
+from merge.methods.registry import (
+    MergeInputs,
+    MergeMethod,
+    ParamDef,
+    get_method,
+    list_methods,
+    output_dtype,
+    register,
+    run_method,
+)
+
+# imported for their side effect: each module registers its methods
+from merge.methods import linear as _linear  # noqa: E402,F401
+from merge.methods import model_stock as _model_stock  # noqa: E402,F401
+from merge.methods import nearswap as _nearswap  # noqa: E402,F401
+from merge.methods import passthrough as _passthrough  # noqa: E402,F401
+from merge.methods import sce as _sce  # noqa: E402,F401
+from merge.methods import spherical as _spherical  # noqa: E402,F401
+from merge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401
+
+__all__ = [
+    "MergeInputs",
+    "MergeMethod",
+    "ParamDef",
+    "get_method",
+    "list_methods",
+    "output_dtype",
+    "register",
+    "run_method",
+]

@@ -1,0 +1,55 @@
+"""NearSwap: take the other model's value wherever it is close to the base's, interpolating by closeness.
+
+Reference: NearSwap as used for QuartetAnemoi-70B (alchemonaut, 2024)
+https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001
+
+Per entry, w = clamp(t / |base - other|, 0, 1) (1 where the two are equal) and the result is
+w * other + (1 - w) * base: entries that differ by at most t are swapped in fully, larger differences less.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merge.errors import RecipeError
+from merge.methods._util import work_tensors
+from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+
+
+def nearswap_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Interpolate from v0 (base) towards v1 with per-entry weight clamp(t / |v0 - v1|, 0, 1)."""
+    w = t / (v0 - v1).abs()
+    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp(0.0, 1.0)
+    return w * v1 + (1 - w) * v0
+
+
+def _nearswap(inputs: MergeInputs) -> torch.Tensor:
+    """NearSwap of the one non-base model into the base."""
+    t = float(inputs.params["t"])
+    if t <= 0:
+        raise RecipeError(f"tensor {inputs.name!r}: nearswap threshold t must be > 0, got {t}")
+    (other,), base = work_tensors(inputs)
+    assert base is not None
+    return nearswap_tensors(t, base, other)
+
+
+NEARSWAP = register(
+    MergeMethod(
+        name="nearswap",
+        fn=_nearswap,
+        global_params=(
+            ParamDef("t", None, required=True, help="similarity threshold: differences up to t are swapped in fully"),
+        ),
+        model_params=(),
+        uses_base=True,
+        requires_base=True,
+        randomized=False,
+        paper=(
+            "NearSwap, QuartetAnemoi-70B model card (alchemonaut, Hugging Face 2024) "
+            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+        ),
+        summary="Swap in the other model's weights where they are close to the base's.",
+        min_models=1,
+        max_models=1,
+    )
+)

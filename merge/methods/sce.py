@@ -1,0 +1,76 @@
+"""SCE (Select, Calculate, Erase): variance-selected, energy-weighted, sign-agreeing task-vector fusion.
+
+Paper: FuseChat: Knowledge Fusion of Chat Models (Wan et al., arXiv 2024) https://arxiv.org/abs/2408.07990
+
+Select: keep the ``select_topk`` fraction of entries where the task vectors vary most across models.
+Calculate: weight each model by the mean square of its (selected) task vector, normalized to sum 1.
+Erase: per entry, drop task vectors whose sign disagrees with the sign of their sum, then take the
+weighted average of the rest and add it to the base.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merge.methods._util import work_tensors
+from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from merge.methods.task_arithmetic import sign_consensus_mask
+
+
+def sce_select_mask(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """0/1 mask over one tensor's entries keeping the ``density`` fraction of nonzero-variance entries
+    with the largest variance across models (models on dim 0)."""
+    if density <= 0:
+        return torch.zeros_like(deltas[0])
+    if density >= 1:
+        return torch.ones_like(deltas[0])
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * density)
+    mask = torch.zeros_like(var)
+    if k == 0:
+        return mask
+    idx = torch.topk(var.reshape(-1), k=k, largest=True, sorted=False).indices
+    mask.view(-1)[idx] = 1
+    return mask
+
+
+def sce_weights(deltas: torch.Tensor) -> torch.Tensor:
+    """Per-model weights: mean square of each task vector, normalized to sum 1 (uniform if all are zero)."""
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    total = float(energy.sum())
+    if total == 0.0 or not torch.isfinite(energy.sum()):
+        return torch.full_like(energy, 1.0 / energy.shape[0])
+    return energy / total
+
+
+def _sce(inputs: MergeInputs) -> torch.Tensor:
+    """SCE merge of all non-base models onto the base."""
+    tensors, base = work_tensors(inputs)
+    assert base is not None
+    deltas = torch.stack([t - base for t in tensors], dim=0)
+    topk = float(inputs.params["select_topk"])
+    if topk < 1:
+        deltas = deltas * sce_select_mask(deltas, topk).unsqueeze(0)
+    erase = sign_consensus_mask(deltas, "sum").to(deltas.dtype)
+    weights = sce_weights(deltas).view(-1, *([1] * (deltas.dim() - 1)))
+    erased = weights * erase
+    merged = (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    return base + merged
+
+
+SCE = register(
+    MergeMethod(
+        name="sce",
+        fn=_sce,
+        global_params=(
+            ParamDef("int8_mask", False, help="accepted for mergekit compatibility; has no effect on results"),
+            ParamDef("select_topk", 1.0, help="fraction of highest-variance entries kept (1 keeps all)"),
+        ),
+        model_params=(),
+        uses_base=True,
+        requires_base=True,
+        randomized=False,
+        paper="FuseChat: Knowledge Fusion of Chat Models (Wan et al., arXiv 2024) https://arxiv.org/abs/2408.07990",
+        summary="Select high-variance entries, weight models by task-vector energy, erase minority signs.",
+    )
+)

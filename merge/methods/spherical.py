@@ -1,0 +1,283 @@
+"""Spherical merges: SLERP, NuSLERP, Multi-SLERP and the Karcher mean.
+
+Papers / references:
+- SLERP: Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985) https://doi.org/10.1145/325165.325242
+- NuSLERP: Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry 2024)
+  https://arxiv.org/abs/2403.13257
+- Multi-SLERP: barycentric interpolation on a hypersphere (Goddard, blog 2025)
+  https://goddard.blog/posts/multislerp-wow-what-a-cool-idea
+- Karcher mean: Riemannian center of mass and mollifier smoothing (Karcher, Comm. Pure Appl. Math. 1977)
+  https://doi.org/10.1002/cpa.3160300502
+
+All interpolate directions on a sphere and magnitudes linearly, which keeps the norm of the merged
+tensor from shrinking the way a plain average of diverging vectors does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from merge.errors import InputError
+from merge.methods._util import per_model, work_tensors
+from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+
+logger = logging.getLogger(__name__)
+
+#: |cos| above which two tensors count as colinear and SLERP falls back to linear interpolation
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation (1 - t) v0 + t v1."""
+    return (1 - t) * v0 + t * v1
+
+
+def slerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8
+) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors (treated as flat vectors), lerp when nearly colinear."""
+    n0 = float(torch.linalg.vector_norm(v0))
+    n1 = float(torch.linalg.vector_norm(v1))
+    # a (near) zero vector has no direction; it is used as is, which gives cos = 0 below
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = float((u0 * u1).sum())
+    if abs(dot) > dot_threshold:
+        return lerp(t, v0, v1)
+    theta0 = math.acos(dot)
+    sin0 = math.sin(theta0)
+    theta_t = theta0 * t
+    s0 = math.sin(theta0 - theta_t) / sin0
+    s1 = math.sin(theta_t) / sin0
+    return s0 * v0 + s1 * v1
+
+
+def _slerp(inputs: MergeInputs) -> torch.Tensor:
+    """SLERP from the base (t = 0) to the other model (t = 1)."""
+    (other,), base = work_tensors(inputs)
+    return slerp_tensors(float(inputs.params["t"]), base, other)
+
+
+def nuslerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8, flatten: bool = False
+) -> torch.Tensor:
+    """SLERP of whole tensors (``flatten``) or of the vectors along ``dim``; lerp where sin(theta) < eps."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = ((v0 / n0) * (v1 / n1)).sum(dim=-1, keepdim=True)
+    theta = torch.acos(cos.clamp(-1, 1))
+    sin = torch.sin(theta)
+    colinear = sin.abs() < eps
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.where(colinear, 1.0, sin)
+    res = torch.where(colinear, lerp(t, v0, v1), spherical)
+    if dim != -1 and not flatten:
+        res = res.transpose(dim, -1)
+    return res.reshape(shape)
+
+
+def _nuslerp(inputs: MergeInputs) -> torch.Tensor:
+    """NuSLERP of two models with t = w_1 / (w_0 + w_1), on task vectors when a base is given."""
+    (a, b), base = work_tensors(inputs)
+    w0, w1 = (float(w) for w in per_model(inputs, "weight"))
+    # an arbitrary but sane choice for weights that cancel out
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    dim = 0 if inputs.params["nuslerp_row_wise"] else -1
+    flatten = bool(inputs.params["nuslerp_flatten"])
+    if base is not None:
+        return base + nuslerp_tensors(t, a - base, b - base, dim=dim, flatten=flatten)
+    return nuslerp_tensors(t, a, b, dim=dim, flatten=flatten)
+
+
+def multislerp_tensors(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    name: str = "?",
+) -> torch.Tensor:
+    """Weighted barycentre of the tensors' directions on the unit sphere, scaled by their weighted norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(tensors, dim=0)
+    if base is not None:
+        stacked = stacked - base
+    flat = stacked.reshape(stacked.shape[0], -1)
+    w = torch.tensor([float(x) for x in weights], dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if flat.shape[0] == 2:
+            res = (stacked[0] * w[0] + stacked[1] * w[1]).reshape(stacked.shape[1:])
+            return res + base if base is not None else res
+        raise InputError(
+            f"tensor {name!r}: multislerp weights make the directions cancel out (weighted sum of unit "
+            "vectors is zero, e.g. antipodal tensors with equal weights); use different weights"
+        )
+    mean = mean / mean_norm
+    # log map at the mean, weighted average in the tangent space, exp map back onto the sphere
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.linalg.vector_norm(tangent) + eps
+    direction = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    res = (direction * (norms.squeeze(-1) * w).sum()).reshape(stacked.shape[1:])
+    return res + base if base is not None else res
+
+
+def _multislerp(inputs: MergeInputs) -> torch.Tensor:
+    """Multi-SLERP of all models, about the base when one is given."""
+    tensors, base = work_tensors(inputs)
+    return multislerp_tensors(
+        tensors,
+        per_model(inputs, "weight"),
+        base=base,
+        normalize_weights=bool(inputs.params["normalize_weights"]),
+        eps=float(inputs.params["eps"]),
+        name=inputs.name,
+    )
+
+
+def karcher_mean_tensors(
+    tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5
+) -> torch.Tensor:
+    """Weighted Karcher (Riemannian) mean of the tensors' directions, scaled by the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    shape = tensors[0].shape
+    flats = [t.reshape(-1) for t in tensors]
+    norms = [float(torch.linalg.vector_norm(f)) for f in flats]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    units = [flats[i] / norms[i] for i in valid]
+
+    u = sum(a * x for a, x in zip(weights, units))
+    u_norm = float(torch.linalg.vector_norm(u))
+    u = units[0].clone() if u_norm < tol else u / u_norm
+    for _ in range(max_iter):
+        # Riemannian gradient step: weighted mean of the log maps of every point at the current estimate
+        tangent = torch.zeros_like(u)
+        for a, x in zip(weights, units):
+            dot = float(torch.dot(u, x).clamp(-1.0, 1.0))
+            theta = math.acos(dot)
+            if theta < tol or math.sin(theta) < 1e-12:
+                continue
+            tangent += a * (theta / math.sin(theta)) * (x - dot * u)
+        t_norm = float(torch.linalg.vector_norm(tangent))
+        if t_norm < tol:
+            break
+        u = math.cos(t_norm) * u + math.sin(t_norm) * (tangent / t_norm)
+        n = float(torch.linalg.vector_norm(u))
+        if n > tol:
+            u = u / n
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return (scale * u).reshape(shape)
+
+
+def _karcher(inputs: MergeInputs) -> torch.Tensor:
+    """Equal-weight Karcher mean of every model's tensor (the base, if listed, is just one of them)."""
+    tensors, _ = work_tensors(inputs)
+    n = len(tensors)
+    return karcher_mean_tensors(
+        tensors, [1.0 / n] * n, max_iter=int(inputs.params["max_iter"]), tol=float(inputs.params["tol"])
+    )
+
+
+SLERP = register(
+    MergeMethod(
+        name="slerp",
+        fn=_slerp,
+        global_params=(ParamDef("t", None, required=True, help="0 gives the base model, 1 the other model"),),
+        model_params=(),
+        uses_base=True,
+        requires_base=True,
+        randomized=False,
+        paper=(
+            "Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985) "
+            "https://doi.org/10.1145/325165.325242"
+        ),
+        summary="Spherical interpolation between the base and one other model (lerp when nearly colinear).",
+        min_models=1,
+        max_models=1,
+    )
+)
+
+NUSLERP = register(
+    MergeMethod(
+        name="nuslerp",
+        fn=_nuslerp,
+        global_params=(
+            ParamDef(
+                "nuslerp_row_wise",
+                False,
+                help="interpolate the vectors along axis 0 separately instead of along the last axis",
+            ),
+            ParamDef("nuslerp_flatten", True, help="treat the whole tensor as one vector"),
+        ),
+        model_params=(ParamDef("weight", None, required=True, help="relative weight; t = w_1 / (w_0 + w_1)"),),
+        uses_base=True,
+        requires_base=False,
+        randomized=False,
+        paper=(
+            "Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry "
+            "2024) https://arxiv.org/abs/2403.13257"
+        ),
+        summary="SLERP of two models with relative weights, row-wise or whole-tensor, optionally on task vectors.",
+        min_models=2,
+        max_models=2,
+    )
+)
+
+MULTISLERP = register(
+    MergeMethod(
+        name="multislerp",
+        fn=_multislerp,
+        global_params=(
+            ParamDef("normalize_weights", True, help="divide the weights by their sum"),
+            ParamDef("eps", 1e-8, help="numerical floor for norms"),
+        ),
+        model_params=(ParamDef("weight", None, required=True, help="this model's barycentric weight"),),
+        uses_base=True,
+        requires_base=False,
+        randomized=False,
+        paper=(
+            "Multi-SLERP: barycentric interpolation on a hypersphere (Goddard, blog 2025) "
+            "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
+        ),
+        summary="Spherical barycentre of any number of models (of their task vectors when a base is given).",
+    )
+)
+
+KARCHER = register(
+    MergeMethod(
+        name="karcher",
+        fn=_karcher,
+        global_params=(
+            ParamDef("max_iter", 10, help="maximum Riemannian gradient iterations"),
+            ParamDef("tol", 1e-5, help="convergence tolerance (also the smallest norm that counts)"),
+        ),
+        model_params=(),
+        uses_base=False,
+        requires_base=False,
+        randomized=False,
+        paper=(
+            "Riemannian center of mass and mollifier smoothing (Karcher, Comm. Pure Appl. Math. 1977) "
+            "https://doi.org/10.1002/cpa.3160300502"
+        ),
+        summary="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm.",
+    )
+)

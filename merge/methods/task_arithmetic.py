@@ -1,0 +1,245 @@
+"""Generalized task arithmetic: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della and della_linear.
+
+Each model contributes its task vector delta_i = x_i - base. A method (1) optionally sparsifies every
+delta (magnitude / random / outlier-trimmed / magnitude-ranked random), (2) weights them, (3) optionally
+keeps, per entry, only deltas that agree with the elected sign (TIES), (4) sums, optionally divides by the
+sum of the weights that took part (``normalize``), scales by ``lambda`` and adds the base back.
+
+Papers:
+- Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023) https://arxiv.org/abs/2212.04089
+- TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023) https://arxiv.org/abs/2306.01708
+- Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al.,
+  ICML 2024) https://arxiv.org/abs/2311.03099
+- Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)
+  https://arxiv.org/abs/2312.06795
+- DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al.,
+  arXiv 2024) https://arxiv.org/abs/2406.11617
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from merge.errors import RecipeError
+from merge.methods import sparsify
+from merge.methods._util import broadcast_weights, work_tensors
+from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+
+Consensus = Literal["sum", "count"]
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+
+
+def sign_consensus_mask(deltas: torch.Tensor, method: Consensus = "sum") -> torch.Tensor:
+    """Boolean mask (same shape as ``deltas``, models on dim 0) of entries whose sign matches the elected sign.
+
+    ``sum``: the elected sign is that of the summed deltas (TIES' mass-weighted election);
+    ``count``: the sign held by more models. Ties elect +. Zero entries never match.
+    """
+    sign = deltas.sign()
+    if method == "sum":
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(sign.dtype)
+    elif method == "count":
+        elected = torch.where(sign.sum(dim=0) >= 0, 1.0, -1.0).to(sign.dtype)
+    else:
+        raise ValueError(f"unknown sign consensus method {method!r} (expected 'sum' or 'count')")
+    return sign == elected
+
+
+def _sparsify_delta(
+    inputs: MergeInputs, i: int, delta: torch.Tensor, method: Sparsifier, rescale: bool
+) -> torch.Tensor:
+    """Sparsify model i's task vector with its own density / gamma / epsilon, reporting bad values by name."""
+    mp = inputs.model_params[i]
+    where = f"tensor {inputs.name!r}, model {i}"
+    density = float(mp["density"])
+    if density < 0:
+        raise RecipeError(f"{where}: density must be between 0 and 1, got {density}")
+    if method == "magnitude":
+        return sparsify.magnitude(delta, density, rescale=rescale)
+    if method == "random":
+        return sparsify.random(delta, density, rescale=rescale, generator=inputs.generator)
+    if method == "magnitude_outliers":
+        gamma = float(mp["gamma"])
+        if gamma < 0:
+            raise RecipeError(f"{where}: gamma must be >= 0, got {gamma}")
+        return sparsify.magnitude_outliers(delta, density, gamma=gamma, rescale=rescale)
+    epsilon = float(mp["epsilon"])
+    if density < 1 and density > 0 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise RecipeError(
+            f"{where}: epsilon must keep density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
+        )
+    return sparsify.della_magprune(delta, density, epsilon, rescale=rescale, generator=inputs.generator)
+
+
+def generalized_task_arithmetic(
+    inputs: MergeInputs, consensus: Consensus | None, sparsification: Sparsifier | None
+) -> torch.Tensor:
+    """Sparsify, weight, elect signs, sum, normalize and scale the task vectors; add the base back."""
+    tensors, base = work_tensors(inputs)
+    assert base is not None  # run_method enforces requires_base
+    rescale = bool(inputs.params["rescale"])
+    deltas = []
+    for i, x in enumerate(tensors):
+        delta = x - base
+        if sparsification is not None:
+            delta = _sparsify_delta(inputs, i, delta, sparsification, rescale)
+        deltas.append(delta)
+    stacked = torch.stack(deltas, dim=0)
+    weights = broadcast_weights([mp["weight"] for mp in inputs.model_params], stacked)
+    weighted = stacked * weights
+
+    if consensus is not None:
+        mask = sign_consensus_mask(weighted, consensus).to(weighted.dtype)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+
+    if inputs.params["normalize"]:
+        mixed = mixed / divisor
+    lam = float(inputs.params["lambda"])
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+def _make(
+    name: str,
+    consensus: Consensus | None,
+    sparsification: Sparsifier | None,
+    default_normalize: bool,
+    default_rescale: bool,
+    paper: str,
+    summary: str,
+) -> MergeMethod:
+    """Build and register one member of the generalized task arithmetic family."""
+    model_params = [
+        ParamDef("weight", None, required=True, help="coefficient of this model's task vector"),
+        ParamDef("density", 1.0, help="fraction of task-vector entries kept (1 keeps all)"),
+    ]
+    if sparsification == "magnitude_outliers":
+        model_params.append(ParamDef("gamma", 0.01, help="fraction of largest-magnitude entries removed as outliers"))
+    if sparsification == "della_magprune":
+        model_params.append(
+            ParamDef("epsilon", 0.15, help="keep probability spans density - epsilon .. density + epsilon by rank")
+        )
+
+    def fn(inputs: MergeInputs) -> torch.Tensor:
+        return generalized_task_arithmetic(inputs, consensus, sparsification)
+
+    fn.__name__ = fn.__qualname__ = f"{name}_merge"
+    fn.__doc__ = f"{summary} (generalized task arithmetic)"
+    return register(
+        MergeMethod(
+            name=name,
+            fn=fn,
+            global_params=(
+                ParamDef("int8_mask", False, help="accepted for mergekit compatibility; has no effect on results"),
+                ParamDef("normalize", default_normalize, help="divide by the sum of the weights that took part"),
+                ParamDef(
+                    "rescale",
+                    default_rescale,
+                    help="after sparsifying, rescale kept entries to preserve each task vector's L1 norm",
+                ),
+                ParamDef("lambda", 1.0, help="scale of the merged task vector"),
+            ),
+            model_params=tuple(model_params),
+            uses_base=True,
+            requires_base=True,
+            randomized=sparsification in ("random", "della_magprune"),
+            paper=paper,
+            summary=summary,
+        )
+    )
+
+
+_TA = "Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023) https://arxiv.org/abs/2212.04089"
+_TIES = (
+    "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023) "
+    "https://arxiv.org/abs/2306.01708"
+)
+_DARE = (
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch "
+    "(Yu et al., ICML 2024) https://arxiv.org/abs/2311.03099"
+)
+_BREADCRUMBS = (
+    "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024) "
+    "https://arxiv.org/abs/2312.06795"
+)
+_DELLA = (
+    "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling "
+    "(Deep et al., arXiv 2024) https://arxiv.org/abs/2406.11617"
+)
+
+TASK_ARITHMETIC = _make(
+    "task_arithmetic", None, None, False, False, _TA, "Add the weighted task vectors (model - base) to the base."
+)
+TIES = _make(
+    "ties",
+    "sum",
+    "magnitude",
+    True,
+    False,
+    _TIES,
+    "Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
+)
+DARE_TIES = _make(
+    "dare_ties",
+    "sum",
+    "random",
+    False,
+    True,
+    _DARE,
+    "Randomly drop task-vector entries and rescale (DARE), then TIES sign election.",
+)
+DARE_LINEAR = _make(
+    "dare_linear",
+    None,
+    "random",
+    False,
+    True,
+    _DARE,
+    "Randomly drop task-vector entries and rescale (DARE), then add them up.",
+)
+BREADCRUMBS = _make(
+    "breadcrumbs",
+    None,
+    "magnitude_outliers",
+    False,
+    False,
+    _BREADCRUMBS,
+    "Drop both the largest (outlier) and the smallest task-vector entries, then add them up.",
+)
+BREADCRUMBS_TIES = _make(
+    "breadcrumbs_ties",
+    "sum",
+    "magnitude_outliers",
+    False,
+    False,
+    _BREADCRUMBS,
+    "Model Breadcrumbs masking followed by TIES sign election.",
+)
+DELLA = _make(
+    "della",
+    "sum",
+    "della_magprune",
+    True,
+    True,
+    _DELLA,
+    "Drop task-vector entries at random with magnitude-ranked keep probabilities, then TIES sign election.",
+)
+DELLA_LINEAR = _make(
+    "della_linear",
+    None,
+    "della_magprune",
+    False,
+    True,
+    _DELLA,
+    "Drop task-vector entries at random with magnitude-ranked keep probabilities, then add them up.",
+)
