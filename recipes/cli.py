@@ -39,6 +39,24 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     _add_verbosity(p)
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="publish an output folder to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("out_dir", help="a folder written by `suture run`")
+    p.add_argument("repo_id", help="Hub repository, e.g. your-name/merged-model")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to push to (created when missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--commit-message", default=None, help="commit message")
+    _add_verbosity(p)
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="start the Streamlit workbench on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--workspace", default=None, help="folder the app may read and write (default ./suture-workspace)")
+    _add_verbosity(p)
+
+
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -52,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_inspect(sub)
+    _add_push(sub)
+    _add_app(sub)
     return parser
 
 
@@ -116,7 +136,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect}
+def cmd_push(args: argparse.Namespace) -> int:
+    """`suture push`: upload an output folder to the Hub with a progress bar."""
+    from tqdm import tqdm
+
+    from merge.hub import push_folder
+
+    with tqdm(total=100, desc="push", unit="%", disable=args.quiet) as bar:
+
+        def progress(fraction: float, message: str) -> None:
+            bar.n = int(fraction * 100)
+            bar.set_postfix_str(message[-40:], refresh=True)
+
+        url = push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
+                          create_pr=args.create_pr, commit_message=args.commit_message, progress=progress)
+    print(f"published: {url}")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """`suture app`: run the Streamlit workbench (only on the loopback interface)."""
+    import subprocess
+    from pathlib import Path
+
+    entry = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(entry), "--server.address", "127.0.0.1",
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+    if args.workspace:
+        cmd += ["--", "--workspace", args.workspace]
+    print(f"Suture workbench: http://127.0.0.1:{args.port}")
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "push": cmd_push, "app": cmd_app}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from merge.plan import SourceRef, TensorTask, execute_plan, infer_output, resolv
 from merge.store import TensorStore, open_store
 from merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from recipes.params import ParamResolver
+from recipes.publish import parse_publish, publish
 from recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RunResult:
     out_dir: Path
     files: list[str]
     report: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None  # set when the recipe's publish section pushed the result
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -68,6 +70,8 @@ class RunResult:
             f"output: {self.out_dir}",
         ]
         lines += [f"  {name}" for name in sorted(self.files)]
+        if self.url:
+            lines.append(f"published: {self.url}")
         return "\n".join(lines)
 
 
@@ -360,6 +364,7 @@ def run_recipe(
     r = load(recipe)
     if r.alignment or r.stitch:
         raise RecipeError(f"{r.source}: the `alignment` and `stitch` sections are not available in this version")
+    publish_section = parse_publish(r.publish, r.where)
     device = resolve_device(options.device)
     shard_size = parse_size(options.out_shard_size or r.out_shard_size or DEFAULT_SHARD_SIZE)
     seed = options.seed if options.seed is not None else (r.seed or 0)
@@ -404,7 +409,10 @@ def run_recipe(
         files.append(_write_card(tmp, r, models))
     out = Path(out_dir).expanduser().resolve()
     logger.info("merged %d tensors into %s", stats.tensors, out)
-    return RunResult(out, files, report)
+    result = RunResult(out, files, report)
+    if publish_section is not None:
+        result.url = publish(out, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
+    return result
 
 
 def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None) -> list[str]:
