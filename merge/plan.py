@@ -151,6 +151,8 @@ def execute_plan(
                 generator=generator,
             )
             result = run_method(method, inputs)
+            del inputs
+        tensors = base = sample = None  # release the inputs before writing: peak memory is the merge step's
         entry = entries[task.out_name]
         if tuple(result.shape) != entry.shape:
             raise InputError(f"tensor {task.out_name!r}: method {task.method} produced shape {list(result.shape)}, expected {list(entry.shape)}")
@@ -164,6 +166,6 @@ def execute_plan(
         stats.tensors += 1
         if progress is not None:
             progress(i + 1, len(tasks), task.out_name)
-        del tensors, base, result
+        del result
     stats.bytes_written = writer.bytes_written
     return stats

@@ -20,7 +20,7 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     # Accumulate in place instead of stacking: peak memory is two tensors' worth, not 2 x n_models.
     res = tensors[0] * weights[0]
     for tensor, weight in zip(tensors[1:], weights[1:]):
-        res.add_(tensor * weight)
+        res.add_(tensor, alpha=weight)
     if inputs.params["normalize"]:
         total = sum(weights)
         if total == 0.0:
