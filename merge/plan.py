@@ -91,9 +91,10 @@ def _read(stores: Mapping[str, TensorStore], ref: SourceRef, device: torch.devic
         store = stores[ref.model]
     except KeyError:
         raise InputError(f"plan refers to model {ref.model!r}, which was not loaded") from None
-    tensor = store.get(ref.tensor, device)
     if remap is not None:
-        tensor = remap(tensor)
+        tensor = remap(store.get(ref.tensor)).to(device)  # remaps gather rows on the CPU, where they load donors
+    else:
+        tensor = store.get(ref.tensor, device)
     if compute_dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(compute_dtype)
     return tensor

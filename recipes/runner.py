@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, str], None]
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -151,13 +147,12 @@ def _method_inputs(method, refs: list[ModelRef], base: ModelRef | None) -> tuple
 class _Planner:
     """Builds TensorTasks for a recipe over opened stores."""
 
-    def __init__(self, recipe: Recipe, models: OpenedModels, remaps: Mapping[str, Any] | None = None, vocab_names: set[str] | None = None) -> None:
+    def __init__(self, recipe: Recipe, models: OpenedModels, vocab_names: set[str] | None = None) -> None:
         from merge.methods import get_method
 
         self.recipe = recipe
         self.models = models
         self.method = get_method(recipe.merge_method or "")
-        self.remaps = dict(remaps or {})
         self.vocab_names = vocab_names or set()
         self.out_dtype = _torch_dtype(recipe.out_dtype or recipe.dtype)
 
@@ -192,7 +187,6 @@ class _Planner:
     def _task(self, out_name: str, feed: list[tuple[ModelRef, str]], base: tuple[ModelRef, str] | None, model_params: list[dict], params: dict) -> TensorTask:
         refs = [r for r, _ in feed] + ([base[0]] if base else [])
         self._check_compatible(out_name, refs, [n for _, n in feed] + ([base[1]] if base else []))
-        remaps = {str(r): self.remaps[str(r)] for r in refs if out_name in self.vocab_names and str(r) in self.remaps}
         return TensorTask(
             out_name=out_name,
             method=self.method.name,
@@ -200,7 +194,6 @@ class _Planner:
             model_params=model_params,
             params=params,
             base=SourceRef(str(base[0]), base[1]) if base else None,
-            remaps=remaps,
         )
 
     def plan_models(self) -> tuple[list[TensorTask], int | None]:
@@ -267,29 +260,43 @@ class _Planner:
         return tasks, layout.num_layers
 
 
-def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, dict[str, Any], set[str]]:
-    """The tokenizer plan (None when the recipe changes no vocabulary), per-model row remaps, vocab tensor names."""
+def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, set[str]]:
+    """The tokenizer plan (None when the recipe changes no vocabulary) and the names of vocabulary-sized tensors."""
     setting: Any = None
     if recipe.tokenizer is not None:
         setting = recipe.tokenizer.model_dump(mode="python", exclude_none=True)
-        if isinstance(setting.get("source"), dict) or not isinstance(setting.get("source"), str):
-            setting["source"] = str(recipe.tokenizer.source)
+        setting["source"] = str(recipe.tokenizer.source)
     elif recipe.tokenizer_source is not None:
         setting = str(recipe.tokenizer_source)
     if setting is None:
-        return None, {}, set()
-    from merge.tokenizer import embedding_tensor_names, plan_vocabulary, row_remap
+        return None, set()
+    from merge.tokenizer import embedding_tensor_names, plan_vocabulary
 
     dirs = {key: models.folder(key) for key in models.refs}
     base = str(recipe.base_model) if recipe.base_model is not None else None
     vocab = plan_vocabulary(setting, dirs, base)
     if vocab is None:
-        return None, {}, set()
+        return None, set()
     names: set[str] = set()
-    for key, store in models.stores.items():
-        names |= embedding_tensor_names(store.names(), store.config)
-    remaps = {key: row_remap(vocab, key) for key in models.refs}
-    return vocab, remaps, names
+    for store in models.stores.values():
+        names |= embedding_tensor_names(store.names(), store.config, shapes=store.shapes())
+    return vocab, names
+
+
+def _attach_vocab_remaps(tasks: list[TensorTask], vocab: Any, vocab_names: set[str], models: OpenedModels) -> None:
+    """Give every vocabulary-sized task row remaps into the output vocabulary, and its output row count."""
+    from merge.tokenizer import embedding_remaps
+
+    for task in tasks:
+        if task.out_name not in vocab_names:
+            continue
+        name = task.out_name
+        # mergekit's missing-row rule needs other models' rows too, so remaps load them lazily by name
+        task.remaps = embedding_remaps(vocab, lambda key, name=name: models.stores[key].get(name))
+        first = task.sources[0] if task.sources else task.base
+        assert first is not None
+        rest = models.stores[first.model].shape(first.tensor)[1:]
+        task.out_shape = (vocab.vocab_size, *rest)
 
 
 def _reference_key(recipe: Recipe) -> str:
@@ -300,7 +307,7 @@ def _reference_key(recipe: Recipe) -> str:
     return str(recipe.slices[0].sources[0].model)  # type: ignore[index]
 
 
-def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None) -> dict | None:
+def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None, config_model: str) -> dict | None:
     if config is None:
         return None
     config = dict(config)
@@ -311,7 +318,7 @@ def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vo
     if vocab is not None:
         from merge.tokenizer import updated_config
 
-        config = updated_config(config, vocab)
+        config = updated_config(config, vocab, config_model=config_model)
     if out_dtype is not None and "torch_dtype" in config:
         config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
     return config
@@ -319,16 +326,11 @@ def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vo
 
 def build(recipe: Recipe, models: OpenedModels) -> tuple[list[TensorTask], int | None, Any]:
     """The plan for a recipe over opened models: (tasks, output layer count, vocabulary plan)."""
-    vocab, remaps, vocab_names = _vocabulary(recipe, models)
-    planner = _Planner(recipe, models, remaps, vocab_names)
+    vocab, vocab_names = _vocabulary(recipe, models)
+    planner = _Planner(recipe, models, vocab_names)
     tasks, n_layers = planner.plan_slices() if recipe.slices else planner.plan_models()
     if vocab is not None:
-        for task in tasks:
-            if task.out_name in vocab_names:
-                first = task.sources[0] if task.sources else task.base
-                assert first is not None
-                rest = models.stores[first.model].shape(first.tensor)[1:]
-                task.out_shape = (len(vocab.tokens), *rest)
+        _attach_vocab_remaps(tasks, vocab, vocab_names, models)
     return tasks, n_layers, vocab
 
 
@@ -419,22 +421,19 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
     """config.json (updated), generation config, tokenizer files and the recipe as run."""
     written = []
     ref_folder = models.folder(reference)
-    config = _output_config(models.stores[reference].config, r, n_layers, vocab, out_dtype)
+    config = _output_config(models.stores[reference].config, r, n_layers, vocab, out_dtype, reference)
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         written.append("config.json")
     if (ref_folder / "generation_config.json").is_file():
         shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
         written.append("generation_config.json")
-    if vocab is not None:
-        from merge.tokenizer import write_tokenizer_files
+    from merge.tokenizer import copy_tokenizer_files, write_tokenizer_files
 
+    if vocab is not None:
         written += write_tokenizer_files(vocab, {k: models.folder(k) for k in models.refs}, tmp)
     else:
-        for name in TOKENIZER_FILES:
-            if (ref_folder / name).is_file():
-                shutil.copyfile(ref_folder / name, tmp / name)
-                written.append(name)
+        written += copy_tokenizer_files(ref_folder, tmp)
     if r.chat_template:
         from merge.tokenizer import apply_chat_template
 

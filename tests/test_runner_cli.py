@@ -239,3 +239,42 @@ def test_pickle_inputs_need_opt_in(tmp_path, pair):
         run_recipe(recipe, tmp_path / "out")
     out = run_recipe(recipe, tmp_path / "out", RunOptions(allow_pickle=True)).out_dir
     assert len(open_store(out)) == len(open_store(a))
+
+
+def test_tokenizer_union_through_the_runner(tmp_path):
+    """Two tiny Llamas with different vocabularies: a union merge grows the embeddings and tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_tokenizer import make_wordlevel
+
+    folders = {}
+    for key, words, seed in (("a", ["the", "cat", "dog"], 1), ("b", ["the", "dog", "bird", "fish"], 2)):
+        folder = tmp_path / key
+        make_wordlevel(folder, words, [], None, seed)
+        vocab = 3 + len(words)
+        tiny_llama(folder, seed)  # weights + config for VOCAB rows; cut the vocabulary tensors to this tokenizer
+        store = open_store(folder)
+        tensors = store.state_dict()
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = tensors[name][:vocab].clone()
+        store.close()
+        save_file(tensors, folder / "model.safetensors")
+        config = json.loads((folder / "config.json").read_text())
+        config.update(vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+        (folder / "config.json").write_text(json.dumps(config))
+        folders[key] = folder
+    recipe = {"merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": str(folders["a"]), "parameters": {"weight": 0.5}},
+                         {"model": str(folders["b"]), "parameters": {"weight": 0.5}}]}
+    out = run_recipe(recipe, tmp_path / "out").out_dir
+    merged = open_store(out)
+    assert merged.shape("model.embed_tokens.weight") == (8, HIDDEN)  # 3 specials + the cat dog bird fish
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ea, eb = open_store(folders["a"]).get("model.embed_tokens.weight"), open_store(folders["b"]).get("model.embed_tokens.weight")
+    emb = merged.get("model.embed_tokens.weight")
+    # a token both models have is averaged; one only b has comes from b alone (mergekit's missing-row rule)
+    the_a, the_b = 3, 3
+    torch.testing.assert_close(emb[tok.convert_tokens_to_ids("the")], 0.5 * ea[the_a] + 0.5 * eb[the_b])
+    torch.testing.assert_close(emb[tok.convert_tokens_to_ids("bird")], eb[5])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 8
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model(torch.tensor([[1, 4, 7]])).logits.shape == (1, 3, 8)
