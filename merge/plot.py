@@ -1,0 +1,67 @@
+"""Plots of interpolation curves (PNG files, no display needed).
+
+Figures are built with matplotlib's object API and the Agg canvas, so nothing touches pyplot's global
+state or the process-wide backend (safe inside Streamlit and tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from merge.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_LABELS = {"loss": "test loss", "accuracy": "test accuracy"}
+
+
+def interpolation_figure(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    metric: str | Sequence[str] = ("loss", "accuracy"),
+    title: str | None = None,
+):
+    """A matplotlib Figure with one panel per metric and one line per labelled curve."""
+    from matplotlib.figure import Figure
+
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if not curves:
+        raise InputError("nothing to plot: no interpolation curves given")
+    if not metrics:
+        raise InputError("nothing to plot: no metric named")
+    fig = Figure(figsize=(5.0 * len(metrics), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, name in zip(axes, metrics):
+        for label, curve in curves.items():
+            rows = sorted(curve, key=lambda r: r["t"])
+            if not rows or name not in rows[0]:
+                raise InputError(f"curve {label!r} has no metric {name!r}")
+            ax.plot([r["t"] for r in rows], [r[name] for r in rows], marker="o", markersize=3, label=label)
+        ax.set_xlabel("interpolation t (0 = model A, 1 = model B)")
+        ax.set_ylabel(_LABELS.get(name, name))
+        ax.set_xlim(0.0, 1.0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_interpolation(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    metric: str | Sequence[str] = ("loss", "accuracy"),
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Write a PNG with a loss panel and an accuracy panel (or the named metrics) for labelled curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = interpolation_figure(curves, metric, title)
+    FigureCanvasAgg(fig)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    logger.info("wrote interpolation plot %s", out)
+    return out
