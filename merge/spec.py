@@ -11,7 +11,9 @@ Attention needs structure: a free permutation of the Q/K axes does not preserve 
 split those axes. ``kind="heads"`` allows whole-head permutations only (RoPE); ``kind="heads_within"``
 allows a head permutation composed with a per-head within-head permutation. Grouped-query attention ties Q
 heads to their KV head with ``Member.repeat``: the member's axis is laid out as ``(n_kv_heads, repeat,
-head_dim)`` and the group's permutation acts on the KV-head and head-dim parts only.
+head_dim)`` and the group's permutation acts on the KV-head and head-dim parts only. ``Member.inner`` says
+the axis is laid out ``(units, inner)``: a Linear reading a flattened ``(C, H, W)`` map sees each channel as a
+block of ``H*W`` columns, so the permutation moves whole blocks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Member:
     axis: int
     role: Role = "out"
     repeat: int = 1
+    # The axis is laid out (units, inner): each hidden unit owns `inner` consecutive entries, as when a
+    # Linear reads a flattened (C, H, W) feature map and one channel covers H*W columns.
+    inner: int = 1
 
 
 @dataclass
@@ -127,9 +132,9 @@ class PermutationSpec:
                 shape = tuple(shapes[m.tensor])
                 if not -len(shape) <= m.axis < len(shape):
                     raise ValueError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis} (shape {shape})")
-                if shape[m.axis] != group.size * m.repeat:
+                if shape[m.axis] != group.size * m.repeat * m.inner:
                     raise ValueError(
-                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}) does not fit "
+                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}, inner {m.inner}) does not fit "
                         f"tensor {m.tensor!r} axis {m.axis} of length {shape[m.axis]}"
                     )
 
@@ -153,7 +158,16 @@ class PermutationSpec:
 
 
 def expand_index(perm: torch.Tensor, member: Member, head_dim: int | None) -> torch.Tensor:
-    """Index vector for a member's axis: the group permutation, expanded across GQA repeats."""
+    """Index vector for a member's axis: the group permutation, expanded across GQA repeats and inner blocks."""
+    idx = _expand_repeat(perm, member, head_dim)
+    if member.inner == 1:
+        return idx
+    # layout (..., inner): new (i, j) <- old (idx[i], j)
+    inner = torch.arange(member.inner, device=idx.device)
+    return (idx[:, None] * member.inner + inner[None, :]).reshape(-1)
+
+
+def _expand_repeat(perm: torch.Tensor, member: Member, head_dim: int | None) -> torch.Tensor:
     if member.repeat == 1:
         return perm
     if not head_dim:
@@ -162,10 +176,28 @@ def expand_index(perm: torch.Tensor, member: Member, head_dim: int | None) -> to
     blocks = perm.view(n_heads, head_dim)  # new head i, dim d -> old flat index
     old_head = blocks[:, 0] // head_dim
     within = blocks % head_dim
-    rep = torch.arange(member.repeat)
+    rep = torch.arange(member.repeat, device=perm.device)
     # axis layout (kv_head, repeat, head_dim): new (i, r, d) <- old (old_head[i], r, within[i, d])
     idx = (old_head[:, None, None] * member.repeat + rep[None, :, None]) * head_dim + within[:, None, :]
     return idx.reshape(-1)
+
+
+def unit_matrix(tensor: torch.Tensor, member: Member, head_dim: int | None = None) -> torch.Tensor:
+    """The member's axis as rows of a (group size, everything else) matrix, one row per hidden unit.
+
+    GQA repeats and inner blocks of a unit are folded into its row, so row i always gathers every entry
+    that the group's unit i owns in this tensor.
+    """
+    t = torch.movedim(tensor, member.axis, 0)
+    rest = t.shape[1:]
+    if member.repeat > 1:
+        if not head_dim:
+            raise ValueError(f"member {member.tensor!r} has repeat {member.repeat} but its group has no head_dim")
+        n_kv = t.shape[0] // (member.repeat * head_dim * member.inner)
+        # (kv_head, repeat, head_dim, inner, ...) -> (kv_head, head_dim, repeat, inner, ...)
+        t = t.reshape(n_kv, member.repeat, head_dim, member.inner, *rest).transpose(1, 2)
+        return t.reshape(n_kv * head_dim, -1)
+    return t.reshape(t.shape[0] // member.inner, -1)
 
 
 def permute_tensor(tensor: torch.Tensor, name: str, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""Git Re-Basin activation matching (Ainsworth et al., ICLR 2023): pair units whose features correlate.
+
+Both models see the same calibration batches; for every group the cross-correlation between A's and B's
+units is accumulated over all samples (batch, tokens and pixels alike), and one linear assignment per
+group maximises the total correlation of matched units. Unlike weight matching there is no coordinate
+descent: each group's features do not depend on the other groups' permutations.
+
+Units that are constant on the calibration data (dead ReLUs are common in trained networks) correlate
+with nothing, so correlation leaves their partners arbitrary. Among the assignments that are optimal for
+correlation, the one whose weights agree best (the weight-matching cost, other groups at their
+activation-matched permutations) is then chosen, so that a planted permutation is recovered exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from merge.activations import batch_inputs, collect_stats
+from merge.align import MatchResult
+from merge.align.assignment import assignment_score, solve_lap, timed_assign
+from merge.align.weight_matching import WeightCosts
+from merge.errors import AlignmentError
+from merge.graph.trace import Tap, trace_module
+from merge.spec import PermGroup, PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+
+def activation_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable[Any],
+    *,
+    taps: Mapping[str, Sequence[Tap]] | None = None,
+    prefix: str = "",
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    input_fn: Callable[[Any], tuple[tuple, dict]] | None = None,
+    resolve_constant: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+) -> MatchResult:
+    """Permutations for B's groups maximising the correlation of matched units on calibration data.
+
+    `taps` says where each group is observed; without it model A is traced on the first batch (the spec
+    must then come from tracing too, with the same `prefix`, so that group names agree). `progress` gets
+    `(batches seen, nan)` while features are captured and `(1, objective)` at the end.
+    """
+    start = time.perf_counter()
+    batches = iter(batches)
+    if taps is None:
+        try:
+            first = next(batches)
+        except StopIteration:
+            raise AlignmentError("activation matching needs at least one calibration batch") from None
+        args, kwargs = (input_fn or batch_inputs)(first)
+        if kwargs:
+            raise AlignmentError("cannot trace a model fed keyword inputs; pass taps= explicitly")
+        taps = trace_module(model_a, args if len(args) > 1 else args[0], prefix=prefix).taps
+        batches = itertools.chain([first], batches)
+    groups = spec.active_groups()
+    wanted = {g.name: list(taps[g.name]) for g in groups if taps.get(g.name)}
+    result = MatchResult(perms={}, engine="activation_matching")
+    for g in groups:
+        if g.name not in wanted:
+            result.skipped[g.name] = "no module input or output carries this group"
+    if not wanted:
+        raise AlignmentError("none of the spec's groups can be observed: the taps name no group of this spec")
+
+    def on_batch(seen: int) -> None:
+        if progress is not None:
+            progress(seen, float("nan"))
+
+    stats = collect_stats(model_a, wanted, batches, model_b=model_b, device=device, max_batches=max_batches,
+                          input_fn=input_fn, progress=on_batch)  # fmt: skip
+    before = after = 0.0
+    units = constant = 0
+    corrs: dict[str, torch.Tensor] = {}
+    dead: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for g in groups:
+        if g.name not in stats:
+            result.skipped.setdefault(g.name, "no features were captured")
+            continue
+        st = stats[g.name]
+        if st.n != g.size:
+            raise AlignmentError(f"group {g.name!r} has {g.size} units but its taps show {st.n} features")
+        t0 = time.perf_counter()
+        corr = st.cross_corr()
+        perm, lap_s = timed_assign(corr, g.kind, g.head_dim)
+        result.perms[g.name] = perm
+        result.lap_time += lap_s
+        result.group_time[g.name] = time.perf_counter() - t0
+        corrs[g.name] = corr
+        dead_a, dead_b = st.constant_a().cpu(), st.constant_b().cpu()
+        if bool(dead_a.any() or dead_b.any()):
+            dead[g.name] = (dead_a, dead_b)
+            constant += int(dead_a.sum() + dead_b.sum())
+        before += assignment_score(corr, torch.arange(g.size))
+        units += g.size
+    if dead and resolve_constant:
+        result.stats["constant_units_rematched"] = _resolve_constant_units(
+            spec, result.perms, dead, model_a, model_b, prefix, torch.device(device)
+        )
+    for g in groups:
+        if g.name in corrs:
+            after += assignment_score(corrs[g.name], result.perms[g.name])
+    for name, why in result.skipped.items():
+        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
+    if constant:
+        logger.info("%d units (A and B together) are constant on the calibration data", constant)
+    result.stats["constant_units"] = constant
+    result.iterations = 1
+    result.stats["mean_corr_before"] = before / max(units, 1)
+    result.stats["mean_corr_after"] = after / max(units, 1)
+    result.objective = [after]
+    result.total_time = time.perf_counter() - start
+    if progress is not None:
+        progress(1, after)
+    return result
+
+
+def _resolve_constant_units(
+    spec: PermutationSpec,
+    perms: dict[str, torch.Tensor],
+    dead: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    model_a: nn.Module,
+    model_b: nn.Module,
+    prefix: str,
+    device: torch.device,
+    max_passes: int = 10,
+) -> int:
+    """Re-pair units involving a constant unit by weight similarity, keeping the correlation optimum.
+
+    Pairs (i, j) where A's unit i or B's unit j is constant all have correlation exactly 0, and an optimal
+    assignment only pairs such units among themselves, so any reassignment inside that set keeps the
+    total correlation; a linear assignment on the weight cost picks the best one. Repeated a few times
+    because a group's weight cost depends on its neighbours' permutations.
+    """
+    state_a = {prefix + k: v for k, v in model_a.state_dict().items()}
+    state_b = {prefix + k: v for k, v in model_b.state_dict().items()}
+    try:
+        costs = WeightCosts(spec, state_a, state_b, device)
+    except AlignmentError as exc:
+        logger.warning("cannot compare weights to pair constant units (%s); their matches stay arbitrary", exc)
+        return 0
+    current = {g.name: perms.get(g.name, torch.arange(g.size)) for g in costs.groups}
+    start = {name: p.clone() for name, p in current.items()}
+    groups: list[PermGroup] = [g for g in costs.groups if g.name in dead and g.name in perms and g.kind == "free"]
+    for _ in range(max_passes):
+        changed = False
+        for g in groups:
+            dead_a, dead_b = dead[g.name]
+            perm = current[g.name]
+            rows = torch.nonzero(dead_a | dead_b[perm]).flatten()
+            if rows.numel() < 2:
+                continue
+            cols = perm[rows]
+            w = costs.cost(g, current).cpu()[rows][:, cols]
+            allowed = dead_a[rows][:, None] | dead_b[cols][None, :]
+            penalty = (w.abs().max() + 1.0) * (rows.numel() + 1)
+            pick = solve_lap(torch.where(allowed, w, w - penalty))
+            if not bool(allowed[torch.arange(rows.numel()), pick].all()):
+                continue  # cannot happen for an optimal correlation assignment; keep it untouched then
+            if float(w[torch.arange(rows.numel()), pick].sum()) > float(w.diagonal().sum()) + 1e-12:
+                new = perm.clone()
+                new[rows] = cols[pick]
+                current[g.name] = new
+                changed = True
+        if not changed:
+            break
+    moved = 0
+    for g in groups:
+        moved += int((current[g.name] != start[g.name]).sum())
+        perms[g.name] = current[g.name]
+    return moved

@@ -1,0 +1,129 @@
+"""Find a model's permutation spec and, when possible, a runnable module for it.
+
+Two routes, tried in this order:
+
+1. a runnable architecture: named explicitly (``pkg.module:factory`` + kwargs, the recipe's
+   ``architecture`` key) or recorded in the model's ``config.json`` by :mod:`merge.zoo`; the module is
+   traced with torch.fx on an example input (from calibration data or an explicit input shape);
+2. tensor names + ``config.json`` for known families (llama/mistral/qwen2, gpt2, bert/roberta, vit,
+   plain chains), with no model code.
+
+The runnable module is what activation matching, BatchNorm reset, REPAIR and evaluation need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from merge.errors import AlignmentError, InputError
+from merge.spec import PermutationSpec
+from merge.store import TensorStore
+
+logger = logging.getLogger(__name__)
+
+ModuleFactory = Callable[[], nn.Module]
+
+
+@dataclass
+class Architecture:
+    """How to build an empty module of the model's architecture (factory reference + kwargs)."""
+
+    factory: str
+    kwargs: dict[str, Any]
+
+    def build(self) -> nn.Module:
+        """A fresh module (random weights) in eval mode."""
+        from merge.zoo import build_architecture
+
+        return build_architecture(self.factory, **self.kwargs).eval()
+
+
+def parse_architecture(value: str | Mapping[str, Any] | None) -> Architecture | None:
+    """`pkg.module:factory` or {factory, kwargs} from a recipe; None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Architecture(value, {})
+    if isinstance(value, Mapping) and isinstance(value.get("factory"), str):
+        return Architecture(value["factory"], dict(value.get("kwargs") or {}))
+    raise InputError(f"architecture {value!r}: expected 'package.module:factory' or {{factory: ..., kwargs: {{...}}}}")
+
+
+def architecture_of(store: TensorStore, explicit: Architecture | None = None) -> Architecture | None:
+    """The explicit architecture, else the one a zoo-written config.json records, else None."""
+    if explicit is not None:
+        return explicit
+    from merge.zoo import ARCH_KEY
+
+    arch = (store.config or {}).get(ARCH_KEY)
+    if isinstance(arch, Mapping) and isinstance(arch.get("factory"), str):
+        return Architecture(arch["factory"], dict(arch.get("kwargs") or {}))
+    return None
+
+
+def load_module(store: TensorStore, architecture: Architecture) -> nn.Module:
+    """Build the architecture and load the store's tensors into it (names must match)."""
+    from merge.zoo import load_into
+
+    module = architecture.build()
+    load_into(module, store.state_dict(), source=store.source)
+    return module.eval()
+
+
+def example_input(data: Any = None, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A small input batch to trace with: two items of the calibration data, or zeros of `input_shape`."""
+    if input_shape is not None:
+        return torch.zeros(tuple(int(d) for d in input_shape))
+    if data is not None:
+        inputs = data.inputs
+        if isinstance(inputs, Mapping):
+            raise InputError("tracing needs a tensor input; give `input_shape` for models fed dicts")
+        return inputs[:2]
+    raise InputError("deriving a spec by tracing needs an example input: give calibration `data` or `input_shape`")
+
+
+def derive_spec(
+    store: TensorStore,
+    *,
+    architecture: Architecture | None = None,
+    data: Any = None,
+    input_shape: Sequence[int] | None = None,
+) -> tuple[PermutationSpec, Architecture | None]:
+    """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
+    arch = architecture_of(store, architecture)
+    if arch is not None:
+        from merge.graph.trace import spec_from_module
+
+        module = load_module(store, arch)
+        spec = spec_from_module(module, example_input(data, input_shape))
+        spec.validate(store.shapes())
+        return spec, arch
+    from merge.graph.families import detect_family, spec_from_names
+
+    family = detect_family(store.names(), store.config)
+    if family is None:
+        raise AlignmentError(
+            f"{store.source}: cannot tell the architecture (no config.json model_type Suture knows, no recorded "
+            "architecture); name it in the recipe as `architecture: package.module:factory`"
+        )
+    spec = spec_from_names(store.shapes(), store.config, family)
+    spec.validate(store.shapes())
+    return spec, None
+
+
+def spec_for_store(store: TensorStore) -> PermutationSpec:
+    """The spec for `suture inspect --groups` (traced on zeros for zoo models, else from names + config)."""
+    arch = architecture_of(store)
+    shape = None
+    if arch is not None:
+        first = next(n for n in store.names() if n.endswith("weight"))
+        w = store.shape(first)
+        shape = (2, *w[1:]) if len(w) == 2 else (2, w[1], 8, 8)
+    spec, _ = derive_spec(store, input_shape=shape)
+    return spec

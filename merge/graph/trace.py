@@ -1,0 +1,872 @@
+"""Permutation spec of a runnable ``torch.nn.Module``, derived by torch.fx symbolic tracing.
+
+The traced graph is interpreted abstractly: every tensor value carries at most one *label*, the hidden-unit
+group that indexes one of its axes (with the axis laid out ``(units, inner)``). Layers that create hidden
+units (Linear, Conv, Embedding) start a new group; the layers and ops that read a value tie their input axes
+to its group; elementwise ops that combine two labelled values (residual sums, gated products) merge their
+groups with a union-find. Anything the deriver does not understand *freezes* the groups it touches: those
+keep their original order, so the spec may be less useful but is never wrong. Groups that reach the model's
+output are left out of the spec (outputs are never permuted); the model's inputs are never labelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from merge.errors import InputError
+from merge.spec import Member, PermGroup, PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+_OUTPUT_REASON = "reaches the model output"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A hookable place where a group's hidden units can be observed: a module's input or output."""
+
+    group: str
+    module: str
+    where: Literal["input", "output"]
+    axis: int
+    inner: int = 1
+    node: str = ""
+
+
+@dataclass
+class TraceResult:
+    """What tracing produced: the spec, the traced graph, where each group can be observed, tied names."""
+
+    spec: PermutationSpec
+    graph_module: torch.fx.GraphModule
+    taps: dict[str, list[Tap]] = field(default_factory=dict)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Lab:
+    """A tensor whose `axis` is indexed by union-find element `elem`, laid out (units, inner)."""
+
+    elem: int
+    axis: int
+    inner: int = 1
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A state-dict tensor (or a view of it); dims[i] is the tensor axis behind value axis i (None: added)."""
+
+    name: str
+    dims: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class _Tuple:
+    items: tuple[Any, ...]
+
+
+class _UnionFind:
+    """Hidden-unit groups under construction; elements are created in graph order."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.producer: list[str] = []
+        self.reasons: dict[int, list[tuple[str, bool]]] = {}
+
+    def new(self, size: int, producer: str) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.producer.append(producer)
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if self.size[ra] != self.size[rb]:
+            # cannot happen for a consistent graph; refuse to tie rather than guess
+            why = f"ties groups of different sizes ({self.size[ra]} vs {self.size[rb]})"
+            self.freeze(ra, why)
+            self.freeze(rb, why)
+            return ra
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        return lo
+
+    def freeze(self, x: int, reason: str, boundary: bool = False) -> None:
+        self.reasons.setdefault(x, []).append((reason, boundary))
+
+
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+)  # fmt: skip
+_POOL_MODULES: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2,
+}  # fmt: skip
+# Functions (and same-named tensor methods) that act on each entry independently, or are
+# permutation-equivariant along every axis (softmax), so a label passes straight through.
+_ELEMENTWISE_FUNCS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum,
+    torch.minimum, torch.where, torch.pow, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
+    torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.erf,
+    torch.reciprocal, torch.nan_to_num, torch.softmax, torch.log_softmax, F.relu, F.relu6, F.gelu, F.silu,
+    F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus,
+    F.softsign, F.logsigmoid, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.softmax, F.log_softmax, F.softmin,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "relu", "sigmoid", "tanh", "exp", "log", "abs", "sqrt", "rsqrt",
+    "square", "clamp", "clip", "erf", "reciprocal", "maximum", "minimum", "softmax", "log_softmax", "float",
+    "double", "half", "bfloat16", "to", "contiguous", "clone", "detach", "add_", "mul_", "relu_",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "masked_fill",
+}  # fmt: skip
+_LAYOUT_FUNCS = {torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze}
+_LAYOUT_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_TRANSPOSE_FUNCS = {torch.transpose, torch.permute, torch.movedim, torch.t, torch.swapaxes}
+_TRANSPOSE_METHODS = {"transpose", "permute", "t", "movedim", "swapaxes"}
+# reduction -> position of its `dim` argument
+_REDUCTIONS = {"mean": 1, "sum": 1, "amax": 1, "amin": 1, "logsumexp": 1, "prod": 1, "var": 1, "std": 1, "norm": 2}
+_REDUCTION_FUNCS = {getattr(torch, n): n for n in _REDUCTIONS}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type_as"}
+_POOL_FUNCS: dict[Any, int] = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool1d: 1, F.lp_pool2d: 2,
+}  # fmt: skip
+
+
+def spec_from_module(
+    module: nn.Module, example_input: torch.Tensor | tuple, *, prefix: str = ""
+) -> PermutationSpec:
+    """Derive the permutation spec of `module` by tracing it on `example_input` (tensor names: state_dict keys)."""
+    return trace_module(module, example_input, prefix=prefix).spec
+
+
+def trace_module(module: nn.Module, example_input: torch.Tensor | tuple, *, prefix: str = "") -> TraceResult:
+    """Trace `module` and return its spec, the fx graph, and the hookable places that carry each group."""
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception as exc:  # fx raises many types for data-dependent control flow
+        raise InputError(
+            f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+            "derive its spec from tensor names and config.json instead"
+        ) from exc
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()  # shape propagation must not update BatchNorm statistics
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        raise InputError(f"running {type(module).__name__} on the example input failed: {exc}") from exc
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return _Deriver(module, gm, prefix).run()
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _nodes_in(obj: Any) -> Iterable[torch.fx.Node]:
+    if isinstance(obj, torch.fx.Node):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _nodes_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _nodes_in(item)
+    elif isinstance(obj, slice):
+        for item in (obj.start, obj.stop, obj.step):
+            yield from _nodes_in(item)
+
+
+def _full_slice(item: slice, length: int) -> bool:
+    """True for a slice that keeps a whole axis in order (x[:], x[0:], x[:n] with n >= length)."""
+    parts = (item.start, item.stop, item.step)
+    if any(isinstance(p, torch.fx.Node) for p in parts):
+        return False
+    return item.step in (None, 1) and item.start in (None, 0) and (item.stop is None or item.stop >= length)
+
+
+def _reshape_move(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int, units: int, inner: int):
+    """Where a (units, inner)-laid-out axis lands after a row-major reshape, or None if its units get split."""
+    prefix = math.prod(in_shape[:axis])
+    for b in range(len(out_shape)):
+        if math.prod(out_shape[:b]) != prefix:
+            continue
+        if out_shape[b] % units == 0 and (out_shape[b] > 1 or units == 1):
+            new_inner = out_shape[b] // units
+            # the unit index stays the outermost part of axis b, everything after it (inner and the
+            # following axes) is folded into or split out of the new inner block
+            if units * new_inner * math.prod(out_shape[b + 1 :]) == units * inner * math.prod(in_shape[axis + 1 :]):
+                return b, new_inner
+    return None
+
+
+class _Deriver:
+    """Abstract interpretation of one traced graph."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, prefix: str) -> None:
+        self.module = module
+        self.gm = gm
+        self.prefix = prefix
+        self.uf = _UnionFind()
+        self.vals: dict[torch.fx.Node, Any] = {}
+        state = module.state_dict(keep_vars=True)
+        self.state_shapes = {k: tuple(v.shape) for k, v in state.items()}
+        self.canon: dict[str, str] = {}
+        self.aliases: dict[str, list[str]] = {}
+        seen: dict[tuple, str] = {}
+        for name, t in state.items():
+            key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else (name,)
+            first = seen.setdefault(key, name)
+            self.canon[name] = first
+            self.aliases.setdefault(first, []).append(name)
+        self.claims: dict[tuple[str, int], tuple[int, int]] = {}  # (canonical, axis) -> (elem, inner)
+        self.members: dict[tuple[str, int], tuple[str, bool]] = {}  # (name, axis) -> (role, direct)
+        self.pinned: dict[str, str] = {}  # canonical name -> why it must keep its order
+        self.module_calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self.module_calls[node.target] = self.module_calls.get(node.target, 0) + 1
+        self.reader_inputs: dict[torch.fx.Node, int] = {}  # reader node -> elem its weight's in-axis joined
+        self.unknown_ops: list[str] = []
+
+    # ----------------------------------------------------------------------------------- claims
+    def claim(self, name: str, axis: int, role: str, elem: int, inner: int = 1, *, where: str) -> None:
+        """Tie tensor `name` axis `axis` to group element `elem`; aliases of the same tensor follow."""
+        if name not in self.canon:
+            self.uf.freeze(elem, f"{where} uses {name!r}, which is not in the state dict")
+            return
+        canon = self.canon[name]
+        axis = axis % len(self.state_shapes[name])
+        expected = self.uf.size[elem] * inner
+        if self.state_shapes[name][axis] != expected:
+            self.uf.freeze(elem, f"{where}: {name!r} axis {axis} has length {self.state_shapes[name][axis]}, not {expected}")
+            return
+        key = (canon, axis)
+        if key in self.claims:
+            prev, prev_inner = self.claims[key]
+            if prev_inner != inner:
+                why = f"{where} reads {name!r} axis {axis} with a different layout than before"
+                self.uf.freeze(prev, why)
+                self.uf.freeze(elem, why)
+            self.uf.union(prev, elem)
+        else:
+            self.claims[key] = (elem, inner)
+        for alias in self.aliases[canon]:
+            slot = (alias, axis)
+            if alias == name:
+                if slot not in self.members or not self.members[slot][1]:
+                    self.members[slot] = (role, True)
+            elif slot not in self.members:
+                self.members[slot] = (role, False)
+
+    def claim_module(self, target: str, pname: str, axis: int, role: str, elem: int, inner: int = 1) -> None:
+        name = f"{target}.{pname}" if target else pname
+        if name in self.canon:
+            self.claim(name, axis, role, elem, inner, where=f"module {target!r}")
+
+    def pin(self, value: Any, reason: str) -> None:
+        for item in self._flatten(value):
+            if isinstance(item, _Param):
+                self.pinned.setdefault(self.canon[item.name], reason)
+
+    def freeze_all(self, value: Any, reason: str, boundary: bool = False) -> None:
+        for item in self._flatten(value):
+            if isinstance(item, _Lab):
+                self.uf.freeze(item.elem, reason, boundary)
+            elif isinstance(item, _Param):
+                self.pinned.setdefault(self.canon[item.name], reason)
+
+    def _flatten(self, value: Any) -> Iterable[Any]:
+        if isinstance(value, _Tuple):
+            for item in value.items:
+                yield from self._flatten(item)
+        elif value is not None:
+            yield value
+
+    def unknown(self, node: torch.fx.Node, what: str) -> None:
+        """Freeze every group the node touches: an op we cannot reason about must see original orders."""
+        reason = f"unsupported op {what} (node {node.name})"
+        touched = False
+        for arg in _nodes_in((node.args, node.kwargs)):
+            value = self.vals.get(arg)
+            if any(isinstance(v, (_Lab, _Param)) for v in self._flatten(value)):
+                touched = True
+            self.freeze_all(value, reason)
+        if touched:
+            logger.warning("freezing the groups that %s touches", reason)
+            self.unknown_ops.append(what)
+        return None
+
+    # ----------------------------------------------------------------------------------- walk
+    def run(self) -> TraceResult:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                value = None
+            elif node.op == "get_attr":
+                value = self._get_attr(node)
+            elif node.op == "call_module":
+                value = self._call_module(node)
+            elif node.op == "call_function":
+                value = self._call_function(node)
+            elif node.op == "call_method":
+                value = self._call_method(node)
+            elif node.op == "output":
+                for arg in _nodes_in(node.args):
+                    self.freeze_all(self.vals.get(arg), _OUTPUT_REASON, boundary=True)
+                value = None
+            else:
+                value = self.unknown(node, node.op)
+            self.vals[node] = value
+        return self._finish()
+
+    def _get_attr(self, node: torch.fx.Node) -> Any:
+        target = node.target
+        shape = _shape(node)
+        if target in self.canon and shape is not None:
+            return _Param(target, tuple(range(len(shape))))
+        return None  # a constant of the traced code: never permuted
+
+    def _arg(self, node: torch.fx.Node, i: int, key: str, default: Any = None) -> Any:
+        if len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(key, default)
+
+    def _val(self, arg: Any) -> Any:
+        return self.vals.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    # ----------------------------------------------------------------------------------- modules
+    def _call_module(self, node: torch.fx.Node) -> Any:
+        target = str(node.target)
+        mod = self.gm.get_submodule(target)
+        x = node.args[0] if node.args else None
+        lab = self._val(x)
+        in_shape, out_shape = _shape(x), _shape(node)
+        if isinstance(lab, (_Param, _Tuple)):
+            return self.unknown(node, f"{type(mod).__name__} on a parameter or tuple")
+        if isinstance(mod, nn.Linear):
+            return self._linear(node, lab, in_shape, out_shape, target, "weight", "bias", mod.out_features)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self._conv(node, mod, lab, in_shape, target)
+        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and mod.groups == 1:
+            ch = len(in_shape) - len(mod.kernel_size) - 1
+            self._read(lab, ch, target, "weight", 0, node, f"{type(mod).__name__} {target!r}")
+            elem = self.uf.new(mod.out_channels, target)
+            self.claim_module(target, "weight", 1, "out", elem)
+            self.claim_module(target, "bias", 0, "out", elem)
+            return _Lab(elem, ch)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return self._channel_norm(lab, 1, target)
+        if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+            ch = 0 if len(in_shape) == mod._get_no_batch_dim() else 1
+            return self._channel_norm(lab, ch, target)
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+            norm_dims = len(tuple(mod.normalized_shape))
+            return self._last_dims_norm(lab, in_shape, norm_dims, target, "weight", "bias")
+        if isinstance(mod, nn.GroupNorm):
+            if isinstance(lab, _Lab) and lab.axis == 1 and mod.num_groups in (1, mod.num_channels):
+                # one group (statistics over all channels) or one channel per group: both commute with
+                # any channel permutation; only the per-channel affine follows it
+                return self._channel_norm(lab, 1, target)
+            if isinstance(lab, _Lab):
+                self.uf.freeze(lab.elem, f"GroupNorm {target!r}: permutations of whole channel groups are not supported")
+            return None
+        if isinstance(mod, nn.Embedding):
+            if lab is not None:
+                return self.unknown(node, f"Embedding {target!r} on permuted indices")
+            elem = self.uf.new(mod.embedding_dim, target)
+            self.claim_module(target, "weight", 1, "out", elem)
+            return _Lab(elem, len(out_shape) - 1)
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return self._elementwise(node, [x])
+        if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
+            return self._elementwise(node, [x])
+        if type(mod) in _POOL_MODULES and not getattr(mod, "return_indices", False):
+            return self._pool(node, lab, in_shape, out_shape, _POOL_MODULES[type(mod)])
+        if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+            return self._layout(node, x)
+        for p in mod.state_dict(keep_vars=True):
+            full = f"{target}.{p}"
+            if full in self.canon:
+                self.pinned.setdefault(self.canon[full], f"used by unsupported module {type(mod).__name__} {target!r}")
+        return self.unknown(node, f"module {type(mod).__name__} {target!r}")
+
+    def _read(self, lab: Any, axis: int, target: str, pname: str, w_axis: int, node: torch.fx.Node, where: str, name: str | None = None) -> None:
+        """A weight reads `lab` along value axis `axis`: tie the weight's `w_axis` to the label's group."""
+        if not isinstance(lab, _Lab):
+            return
+        if lab.axis != axis:
+            self.uf.freeze(lab.elem, f"{where} reads the permuted axis {lab.axis} as if it were a spatial/batch axis")
+            return
+        full = name if name is not None else (f"{target}.{pname}" if target else pname)
+        self.claim(full, w_axis, "in", lab.elem, lab.inner, where=where)
+        self.reader_inputs[node] = lab.elem
+
+    def _linear(self, node, lab, in_shape, out_shape, target, wname, bname, out_features, *, names=None):
+        where = f"Linear {target!r}" if names is None else f"linear (node {node.name})"
+        w = names[0] if names else f"{target}.{wname}"
+        self._read(lab, len(in_shape) - 1, target, wname, 1, node, where, name=w)
+        elem = self.uf.new(out_features, target if names is None else w.rsplit(".", 1)[0])
+        self.claim(w, 0, "out", elem, where=where)
+        b = names[1] if names else f"{target}.{bname}"
+        if b is not None and b in self.canon:
+            self.claim(b, 0, "out", elem, where=where)
+        return _Lab(elem, len(out_shape) - 1)
+
+    def _conv(self, node, mod, lab, in_shape, target):
+        ch = len(in_shape) - len(mod.kernel_size) - 1
+        where = f"{type(mod).__name__} {target!r}"
+        if mod.groups == 1:
+            self._read(lab, ch, target, "weight", 1, node, where)
+            elem = self.uf.new(mod.out_channels, target)
+            self.claim_module(target, "weight", 0, "out", elem)
+            self.claim_module(target, "bias", 0, "out", elem)
+            return _Lab(elem, ch)
+        if mod.groups == mod.in_channels:
+            # depthwise: output channel c*m + k reads input channel c only, so the output axis is the input
+            # axis with a `m`-times larger inner block
+            if not isinstance(lab, _Lab):
+                return None
+            if lab.axis != ch:
+                self.uf.freeze(lab.elem, f"{where} convolves over the permuted axis")
+                return _Lab(lab.elem, lab.axis, lab.inner)
+            mult = mod.out_channels // mod.in_channels
+            self.claim_module(target, "weight", 0, "out", lab.elem, lab.inner * mult)
+            self.claim_module(target, "bias", 0, "out", lab.elem, lab.inner * mult)
+            self.reader_inputs[node] = lab.elem
+            return _Lab(lab.elem, ch, lab.inner * mult)
+        reason = f"{where} has groups={mod.groups}; grouped convolutions are not supported"
+        if isinstance(lab, _Lab):
+            self.uf.freeze(lab.elem, reason)
+        elem = self.uf.new(mod.out_channels, target)
+        self.uf.freeze(elem, reason)
+        self.claim_module(target, "weight", 0, "out", elem)
+        self.claim_module(target, "bias", 0, "out", elem)
+        logger.warning("freezing the groups around %s", reason)
+        return _Lab(elem, ch)
+
+    def _channel_norm(self, lab, ch, target):
+        if not isinstance(lab, _Lab):
+            return None
+        if lab.axis == ch:
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                self.claim_module(target, p, 0, "out", lab.elem, lab.inner)
+        # statistics over the other axes are permutation-invariant, so the label passes either way
+        return lab
+
+    def _last_dims_norm(self, lab, in_shape, norm_dims, target, wname, bname, *, names=None):
+        if not isinstance(lab, _Lab):
+            return None
+        first = len(in_shape) - norm_dims
+        if lab.axis >= first:
+            # mean/variance over the normalised block are invariant under any permutation of its entries
+            w_axis = lab.axis - first
+            for n in names if names is not None else (f"{target}.{wname}", f"{target}.{bname}"):
+                if n is not None and n in self.canon:
+                    self.claim(n, w_axis, "out", lab.elem, lab.inner, where=f"norm {target or n!r}")
+        return lab
+
+    def _pool(self, node, lab, in_shape, out_shape, spatial):
+        if not isinstance(lab, _Lab):
+            return None
+        if lab.axis >= len(in_shape) - spatial or len(in_shape) != len(out_shape) or lab.inner != 1:
+            return self.unknown(node, f"pooling over the permuted axis (node {node.name})")
+        return lab
+
+    # ----------------------------------------------------------------------------------- functions
+    def _call_function(self, node: torch.fx.Node) -> Any:
+        fn = node.target
+        args = node.args
+        if fn is operator.getitem:
+            return self._getitem(node)
+        if fn is getattr:
+            attr = args[1]
+            if attr in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+                return None
+            if attr in ("T", "mT"):
+                return self._transpose(node, args[0])
+            return self.unknown(node, f"attribute .{attr}")
+        if fn in (len, torch._assert):
+            return None
+        if fn in _ELEMENTWISE_FUNCS:
+            return self._elementwise(node, self._tensor_args(node))
+        if fn in _LAYOUT_FUNCS:
+            return self._layout(node, args[0])
+        if fn in _TRANSPOSE_FUNCS:
+            return self._transpose(node, args[0])
+        if fn in _REDUCTION_FUNCS:
+            return self._reduce(node, _REDUCTIONS[_REDUCTION_FUNCS[fn]])
+        if fn in _POOL_FUNCS and not self._arg(node, 99, "return_indices", False):
+            x = args[0]
+            return self._pool(node, self._val(x), _shape(x), _shape(node), _POOL_FUNCS[fn])
+        if fn in (torch.cat, torch.concat, torch.stack):
+            return self._cat(node, stack=fn is torch.stack)
+        if fn is F.linear:
+            return self._functional_linear(node)
+        if fn in (F.layer_norm, F.rms_norm):
+            return self._functional_norm(node)
+        if fn is F.embedding:
+            w = self._val(self._arg(node, 1, "weight"))
+            if self._val(args[0]) is None and isinstance(w, _Param) and w.dims == (0, 1):
+                elem = self.uf.new(self.state_shapes[w.name][1], w.name.rsplit(".", 1)[0])
+                self.claim(w.name, 1, "out", elem, where=f"embedding (node {node.name})")
+                return _Lab(elem, len(_shape(node)) - 1)
+        return self.unknown(node, getattr(fn, "__name__", str(fn)))
+
+    def _call_method(self, node: torch.fx.Node) -> Any:
+        name = node.target
+        x = node.args[0]
+        if name in _SHAPE_METHODS:
+            return self._val(x) if name == "type_as" else None
+        if name in _ELEMENTWISE_METHODS:
+            return self._elementwise(node, self._tensor_args(node))
+        if name in _LAYOUT_METHODS:
+            return self._layout(node, x)
+        if name == "expand":
+            return self._expand(node, x)
+        if name in _TRANSPOSE_METHODS:
+            return self._transpose(node, x)
+        if name in _REDUCTIONS:
+            return self._reduce(node, _REDUCTIONS[name])
+        if name in ("chunk", "split", "unbind"):
+            return self._split(node)
+        return self.unknown(node, f"method .{name}()")
+
+    def _tensor_args(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return [a for a in _nodes_in((node.args, node.kwargs)) if _shape(a) is not None or self._val(a) is not None]
+
+    def _elementwise(self, node: torch.fx.Node, operands: list[Any]) -> Any:
+        """Entry-wise op: labelled operands must share one axis (their groups merge); others must broadcast."""
+        out_shape = _shape(node)
+        if out_shape is None:
+            return self.unknown(node, f"{node.target} without a tensor result")
+        do = len(out_shape)
+        where = f"{getattr(node.target, '__name__', node.target)} (node {node.name})"
+        labs = []
+        for a in operands:
+            v, s = self._val(a), _shape(a)
+            if isinstance(v, _Lab):
+                labs.append((v, v.axis + do - len(s)))
+            elif isinstance(v, _Tuple):
+                return self.unknown(node, where)
+        if not labs:
+            # parameters combined without hidden units: their result must keep the original order
+            for a in operands:
+                self.pin(self._val(a), f"{where} combines it outside a permuted stream")
+            return None
+        layouts = {(ax, lab.inner) for lab, ax in labs}
+        if len(layouts) > 1:
+            for lab, _ in labs:
+                self.uf.freeze(lab.elem, f"{where} mixes differently laid out permuted axes")
+            for a in operands:
+                self.pin(self._val(a), f"{where} mixes differently laid out permuted axes")
+            return None
+        ax, inner = layouts.pop()
+        root = labs[0][0].elem
+        for lab, _ in labs[1:]:
+            root = self.uf.union(root, lab.elem)
+        for a in operands:
+            v, s = self._val(a), _shape(a)
+            if isinstance(v, _Lab) or s is None:
+                continue
+            k = ax - (do - len(s))
+            if k < 0 or s[k] == 1:
+                continue  # broadcasts along the permuted axis
+            if isinstance(v, _Param) and v.dims[k] is not None:
+                self.claim(v.name, v.dims[k], "out", root, inner, where=where)
+            else:
+                self.uf.freeze(root, f"{where} ties it to an unpermuted tensor")
+        return _Lab(root, ax, inner)
+
+    def _layout(self, node: torch.fx.Node, x: Any) -> Any:
+        """Reshape-like ops (view, reshape, flatten, unflatten, squeeze, unsqueeze), decided from shapes."""
+        v, s_in, s_out = self._val(x), _shape(x), _shape(node)
+        if v is None:
+            return None
+        if isinstance(v, _Lab):
+            moved = _reshape_move(s_in, s_out, v.axis, s_in[v.axis] // v.inner, v.inner)
+            if moved is None:
+                return self.unknown(node, f"reshape that splits the permuted axis (node {node.name})")
+            return _Lab(v.elem, moved[0], moved[1])
+        if isinstance(v, _Param):
+            kept = [d for d in range(len(s_in)) if s_in[d] != 1]
+            if [s_in[d] for d in kept] != [s for s in s_out if s != 1]:
+                self.pin(v, f"reshaped by node {node.name}")
+                return None
+            dims: list[int | None] = [None] * len(s_out)
+            for d, b in zip(kept, [b for b in range(len(s_out)) if s_out[b] != 1]):
+                dims[b] = v.dims[d]
+            return _Param(v.name, tuple(dims))
+        return self.unknown(node, f"reshape of a tuple (node {node.name})")
+
+    def _expand(self, node: torch.fx.Node, x: Any) -> Any:
+        v, s_in, s_out = self._val(x), _shape(x), _shape(node)
+        if v is None:
+            return None
+        shift = len(s_out) - len(s_in)
+        if isinstance(v, _Lab) and s_out[v.axis + shift] == s_in[v.axis]:
+            return _Lab(v.elem, v.axis + shift, v.inner)
+        if isinstance(v, _Param):
+            return _Param(v.name, (None,) * shift + tuple(d if s_in[i] == s_out[i + shift] else None for i, d in enumerate(v.dims)))
+        return self.unknown(node, f"expand (node {node.name})")
+
+    def _transpose(self, node: torch.fx.Node, x: Any) -> Any:
+        v, s_in = self._val(x), _shape(x)
+        if v is None:
+            return None
+        nd = len(s_in)
+        order = self._axis_order(node, nd)
+        if order is None or not isinstance(v, (_Lab, _Param)):
+            return self.unknown(node, f"transpose (node {node.name})")
+        if isinstance(v, _Lab):
+            return _Lab(v.elem, order.index(v.axis), v.inner)
+        return _Param(v.name, tuple(v.dims[o] for o in order))
+
+    def _axis_order(self, node: torch.fx.Node, nd: int) -> list[int] | None:
+        """Output axis i shows input axis order[i]."""
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        args = list(node.args[1:])
+        if name in ("t", "T") or (name == "getattr" and node.args[1] == "T"):
+            return list(range(nd))[::-1]
+        if name == "getattr" and node.args[1] == "mT":
+            return list(range(nd - 2)) + [nd - 1, nd - 2]
+        if name in ("transpose", "swapaxes"):
+            a = self._arg(node, 1, "dim0")
+            b = self._arg(node, 2, "dim1")
+            order = list(range(nd))
+            a, b = a % nd, b % nd
+            order[a], order[b] = order[b], order[a]
+            return order
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            if not dims:
+                dims = node.kwargs.get("dims", [])
+            return [d % nd for d in dims]
+        if name == "movedim":
+            src, dst = self._arg(node, 1, "source"), self._arg(node, 2, "destination")
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            src, dst = [s % nd for s in src], [d % nd for d in dst]
+            rest = iter([i for i in range(nd) if i not in src])
+            mapping = dict(zip(dst, src))
+            return [mapping[i] if i in mapping else next(rest) for i in range(nd)]
+        return None
+
+    def _reduce(self, node: torch.fx.Node, dim_pos: int) -> Any:
+        x = node.args[0]
+        v, s_in, s_out = self._val(x), _shape(x), _shape(node)
+        if v is None:
+            return None
+        if not isinstance(v, _Lab) or s_out is None:
+            return self.unknown(node, f"reduction (node {node.name})")
+        dim = self._arg(node, dim_pos, "dim")
+        nd = len(s_in)
+        if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+            return None  # full reduction: invariant under any permutation
+        dims = {d % nd for d in ([dim] if isinstance(dim, int) else dim)}
+        if v.axis in dims:
+            return None  # reducing over the permuted axis is permutation-invariant
+        keep = len(s_out) == nd
+        return _Lab(v.elem, v.axis if keep else v.axis - sum(1 for d in dims if d < v.axis), v.inner)
+
+    def _cat(self, node: torch.fx.Node, stack: bool) -> Any:
+        tensors = list(self._arg(node, 0, "tensors"))
+        dim = self._arg(node, 1, "dim", 0)
+        nd = len(_shape(tensors[0]))
+        dim = dim % (nd + 1 if stack else nd)
+        vals = [self._val(t) for t in tensors]
+        labs = [v for v in vals if isinstance(v, _Lab)]
+        if not labs:
+            self.pin(_Tuple(tuple(vals)), f"concatenated by node {node.name}")
+            return None
+        if any(not isinstance(v, _Lab) for v in vals) or len({(v.axis, v.inner) for v in labs}) > 1 or labs[0].axis == dim and not stack:
+            return self.unknown(node, f"{'stack' if stack else 'cat'} across or beside permuted axes")
+        root = labs[0].elem
+        for v in labs[1:]:
+            root = self.uf.union(root, v.elem)
+        axis = labs[0].axis + (1 if stack and dim <= labs[0].axis else 0)
+        return _Lab(root, axis, labs[0].inner)
+
+    def _split(self, node: torch.fx.Node) -> Any:
+        x = node.args[0]
+        v, s_in = self._val(x), _shape(x)
+        if v is None:
+            return None
+        metas = node.meta.get("tensor_meta")
+        count = len(metas) if isinstance(metas, (list, tuple)) else 0
+        dim = self._arg(node, 1 if node.target == "unbind" else 2, "dim", 0)
+        if not isinstance(v, _Lab) or not count or dim % len(s_in) == v.axis:
+            return self.unknown(node, f".{node.target}() across the permuted axis")
+        axis = v.axis - (1 if node.target == "unbind" and dim % len(s_in) < v.axis else 0)
+        return _Tuple(tuple(_Lab(v.elem, axis, v.inner) for _ in range(count)))
+
+    def _getitem(self, node: torch.fx.Node) -> Any:
+        x, idx = node.args
+        v = self._val(x)
+        if isinstance(v, _Tuple):
+            return v.items[idx] if isinstance(idx, int) else _Tuple(tuple(v.items[idx]))
+        s_in = _shape(x)
+        if v is None or s_in is None:
+            return None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, torch.fx.Node) for i in idx) or any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
+            return self.unknown(node, f"advanced indexing (node {node.name})")
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        mapping: dict[int, int] = {}  # input axis -> output axis for axes kept whole
+        d = o = 0
+        for i in idx:
+            if i is None:
+                o += 1
+            elif i is Ellipsis:
+                for _ in range(len(s_in) - n_real):
+                    mapping[d] = o
+                    d += 1
+                    o += 1
+            elif isinstance(i, int):
+                d += 1
+            else:
+                if _full_slice(i, s_in[d]):
+                    mapping[d] = o
+                d += 1
+                o += 1
+        while d < len(s_in):
+            mapping[d] = o
+            d += 1
+            o += 1
+        if isinstance(v, _Lab):
+            if v.axis not in mapping:
+                return self.unknown(node, f"indexing into the permuted axis (node {node.name})")
+            return _Lab(v.elem, mapping[v.axis], v.inner)
+        s_out = _shape(node)
+        dims: list[int | None] = [None] * len(s_out)
+        for din, dout in mapping.items():
+            dims[dout] = v.dims[din]
+        return _Param(v.name, tuple(dims))
+
+    def _functional_linear(self, node: torch.fx.Node) -> Any:
+        x = node.args[0]
+        w, b = self._val(self._arg(node, 1, "weight")), self._val(self._arg(node, 2, "bias"))
+        lab = self._val(x)
+        if not isinstance(w, _Param) or w.dims != (0, 1) or not (b is None or isinstance(b, _Param) and b.dims == (0,)) or isinstance(lab, (_Param, _Tuple)):
+            return self.unknown(node, "F.linear with a computed weight")
+        out_features = self.state_shapes[w.name][0]
+        return self._linear(node, lab, _shape(x), _shape(node), "", "", "", out_features, names=(w.name, b.name if b else None))
+
+    def _functional_norm(self, node: torch.fx.Node) -> Any:
+        x = node.args[0]
+        shape = self._arg(node, 1, "normalized_shape")
+        w, b = self._val(self._arg(node, 2, "weight")), self._val(self._arg(node, 3, "bias"))
+        lab = self._val(x)
+        if lab is None:
+            self.pin(_Tuple((w, b)), f"norm (node {node.name}) on an unpermuted tensor")
+            return None
+        params = [p for p in (w, b) if p is not None]
+        norm_dims = len(shape) if isinstance(shape, (list, tuple)) else 1
+        if not isinstance(lab, _Lab) or any(not isinstance(p, _Param) or p.dims != tuple(range(norm_dims)) for p in params):
+            return self.unknown(node, f"{node.target.__name__} with computed parameters")
+        return self._last_dims_norm(lab, _shape(x), norm_dims, "", "", "", names=tuple(p.name for p in params))
+
+    # ----------------------------------------------------------------------------------- result
+    def _finish(self) -> TraceResult:
+        uf = self.uf
+        for (canon, _axis), (elem, _inner) in self.claims.items():
+            if canon in self.pinned:
+                uf.freeze(elem, f"{canon!r} {self.pinned[canon]}")
+        reasons: dict[int, list[tuple[str, bool]]] = {}
+        for elem, rs in uf.reasons.items():
+            reasons.setdefault(uf.find(elem), []).extend(rs)
+        members: dict[int, list[Member]] = {}
+        for (name, axis), (role, _direct) in self.members.items():
+            elem, inner = self.claims[(self.canon[name], axis)]
+            members.setdefault(uf.find(elem), []).append(Member(self.prefix + name, axis, role, inner=inner))
+        spec = PermutationSpec(family="traced")
+        names: dict[int, str] = {}
+        for root in sorted(members):
+            rs = reasons.get(root, [])
+            hard = list(dict.fromkeys(r for r, boundary in rs if not boundary))
+            base = self.prefix + uf.producer[root]
+            if rs and not hard:
+                spec.notes.append(f"{base}: left unpermuted, it {_OUTPUT_REASON}")
+                continue
+            name, k = base, 1
+            while name in spec.groups:
+                k += 1
+                name = f"{base}#{k}"
+            names[root] = name
+            spec.add(PermGroup(name, uf.size[root], members[root], frozen_reason="; ".join(hard) if hard else None))
+        tied = {c: a for c, a in self.aliases.items() if len(a) > 1}
+        for canon, alias in tied.items():
+            spec.notes.append(f"tied tensor: {' = '.join(self.prefix + a for a in alias)}")
+        spec.validate({self.prefix + k: v for k, v in self.state_shapes.items()})
+        return TraceResult(spec, self.gm, self._taps(names), {self.prefix + c: [self.prefix + x for x in a] for c, a in tied.items()})
+
+    def _taps(self, names: dict[int, str]) -> dict[str, list[Tap]]:
+        """Hookable places per group: the inputs of the layers that read it, else module outputs carrying it."""
+        uf = self.uf
+        read: dict[str, list[Tap]] = {}
+        carried: dict[str, list[Tap]] = {}
+        seen: set[tuple[str, str]] = set()
+        for node in self.gm.graph.nodes:
+            v = self.vals.get(node)
+            if not isinstance(v, _Lab) or uf.find(v.elem) not in names:
+                continue
+            group = names[uf.find(v.elem)]
+            for user in node.users:
+                if user.op != "call_module" or not user.args or user.args[0] is not node:
+                    continue
+                if self.module_calls[user.target] != 1 or (group, node.name) in seen:
+                    continue
+                reads = user in self.reader_inputs and uf.find(self.reader_inputs[user]) == uf.find(v.elem)
+                tap = Tap(group, str(user.target), "input", v.axis, v.inner, node.name)
+                (read if reads else carried).setdefault(group, []).append(tap)
+                seen.add((group, node.name))
+            if node.op == "call_module" and self.module_calls[node.target] == 1 and (group, node.name) not in seen:
+                carried.setdefault(group, []).append(Tap(group, str(node.target), "output", v.axis, v.inner, node.name))
+                seen.add((group, node.name))
+        taps: dict[str, list[Tap]] = {}
+        for group in names.values():
+            if group in read:
+                taps[group] = read[group]
+            elif group in carried:
+                taps[group] = carried[group][-1:]
+        return taps
+
+
+def module_state_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Shapes of a module's state dict keys (with `prefix`), for PermutationSpec.validate."""
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
