@@ -26,7 +26,9 @@ from merge.plan import SourceRef, TensorTask, execute_plan, infer_output, resolv
 from merge.store import TensorStore, open_store
 from merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from recipes.params import ParamResolver
+from recipes import steps
 from recipes.publish import parse_publish, publish
+from recipes.sections import parse_alignment, parse_evaluate
 from recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,17 @@ class RunResult:
             f"output: {self.out_dir}",
         ]
         lines += [f"  {name}" for name in sorted(self.files)]
+        evaluation = r.get("evaluation")
+        if evaluation:
+            lines.append(f"evaluation on {evaluation['data']} ({evaluation['split']}, {evaluation['items']} items):")
+            for key, m in evaluation.get("models", {}).items():
+                lines.append(f"  {key:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            m = evaluation["merged"]
+            lines.append(f"  {'merged':<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            for label, b in evaluation.get("barriers", {}).items():
+                mid = evaluation.get("midpoint_accuracy", {}).get(label)
+                mid_text = f", midpoint accuracy {mid:.4f}" if mid is not None else ""
+                lines.append(f"  {label + ' path':<28} loss barrier {b['loss']:.4f}{mid_text}")
         if self.url:
             lines.append(f"published: {self.url}")
         return "\n".join(lines)
@@ -364,17 +377,28 @@ def run_recipe(
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)
-    if r.alignment or r.stitch:
-        raise RecipeError(f"{r.source}: the `alignment` and `stitch` sections are not available in this version")
+    if r.stitch:
+        raise RecipeError(f"{r.source}: the `stitch` section is not available in this version")
+    alignment = parse_alignment(r.alignment, r.where)
+    evaluation_section = parse_evaluate(r.evaluate, r.where)
     publish_section = parse_publish(r.publish, r.where)
     device = resolve_device(options.device)
     shard_size = parse_size(options.out_shard_size or r.out_shard_size or DEFAULT_SHARD_SIZE)
     seed = options.seed if options.seed is not None else (r.seed or 0)
     models = open_models(r, options, progress)
+    reference = _reference_key(r)
+    raw_stores = dict(models.stores)
+    architecture = steps.recipe_architecture(r.architecture, alignment)
+    outcome = None
+    if alignment is not None:
+        align_ref = str(ModelRef.parse(alignment.reference)) if alignment.reference else reference
+        outcome = steps.run_alignment(alignment, models.stores, align_ref, architecture, device, progress,
+                                      fallback_data=evaluation_section.data if evaluation_section else None)
+        models.stores = outcome.stores
+        architecture = architecture or outcome.architecture
     tasks, n_layers, vocab = build(r, models)
     out_dtype = _torch_dtype(r.out_dtype or r.dtype)
     entries = [infer_output(t, models.stores, out_dtype) for t in tasks]
-    reference = _reference_key(r)
 
     def merge_progress(done: int, total: int, name: str) -> None:
         if progress:
@@ -391,6 +415,20 @@ def run_recipe(
                 store.close()
         files = list(shards) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
         files += _write_side_files(tmp, r, models, reference, n_layers, vocab, out_dtype)
+        extra: dict[str, Any] = {}
+        if outcome is not None:
+            extra["alignment"] = {"engine": alignment.engine, **outcome.report()}
+            if alignment.repair != "none":
+                keys = [s.model for s in tasks[0].sources] if tasks else []
+                t = steps.interpolation_weight(tasks[0].model_params if tasks else [], keys, outcome.reference)
+                extra["alignment"]["postprocess"] = steps.repair_output(tmp, alignment, outcome, t)
+        if evaluation_section is not None:
+            ref_key = outcome.reference if outcome is not None else reference
+            extra["evaluation"] = steps.evaluate_output(
+                tmp, evaluation_section, models.stores, raw_stores, ref_key, architecture, outcome is not None,
+                reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress)
+            if "plot" in extra["evaluation"]:
+                files.append(extra["evaluation"]["plot"])
         report = {
             "suture_version": __version__,
             "merge_method": r.merge_method,
@@ -405,10 +443,12 @@ def run_recipe(
             "seconds_writing": round(stats.seconds_writing, 3),
             "seconds_total": round(time.perf_counter() - started, 3),
             "seed": seed,
+            **extra,
         }
+        report["seconds_total"] = round(time.perf_counter() - started, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         files.append("report.json")
-        files.append(_write_card(tmp, r, models))
+        files.append(_write_card(tmp, r, models, report))
     out = Path(out_dir).expanduser().resolve()
     logger.info("merged %d tensors into %s", stats.tensors, out)
     result = RunResult(out, files, report)
@@ -445,16 +485,20 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
     return written
 
 
-def _write_card(tmp: Path, r: Recipe, models: OpenedModels) -> str:
+def _write_card(tmp: Path, r: Recipe, models: OpenedModels, report: dict[str, Any]) -> str:
     from merge.card import write_model_card
 
     config = models.stores[_reference_key(r)].config or {}
-    library = "transformers" if config.get("architectures") else None
+    library = "transformers" if config.get("architectures") and "suture_architecture" not in config else None
+    evaluation = report.get("evaluation")
     write_model_card(
         tmp,
         inputs=[str(ref) for ref in r.referenced_models()],
         method=r.merge_method or "",
+        engine=report["alignment"]["engine"] if "alignment" in report else None,
         recipe_yaml=r.to_yaml(),
+        evaluation=steps.evaluation_rows(evaluation) if evaluation else None,
+        plot_path=evaluation.get("plot") if evaluation else None,
         library_name=library,
         name=r.name,
     )

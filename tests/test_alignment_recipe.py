@@ -1,0 +1,99 @@
+"""Alignment through recipes: the quickstart floors, planted permutations, activation matching, BN, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge.errors import AlignmentError
+from merge.store import open_store
+from merge.writer import save_tensors
+from recipes.runner import run_recipe
+
+EXAMPLES = Path(__file__).parents[1] / "recipes" / "examples"
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    return run_recipe(EXAMPLES / "quickstart.yaml", out)
+
+
+def test_quickstart_meets_the_rebasin_floors(quickstart):
+    ev = quickstart.report["evaluation"]
+    naive, aligned = ev["barriers"]["naive"]["loss"], ev["barriers"]["aligned"]["loss"]
+    assert naive >= 0.3, ev["barriers"]
+    assert aligned <= 0.05, ev["barriers"]
+    endpoints = [m["accuracy"] for m in ev["models"].values()]
+    assert ev["midpoint_accuracy"]["aligned"] >= sum(endpoints) / 2 - 0.02
+    assert ev["merged"]["accuracy"] == pytest.approx(ev["midpoint_accuracy"]["aligned"], abs=1e-9)
+    al = quickstart.report["alignment"]
+    curve = al["models"]["demo:mlp-seed2"]["objective_per_iteration"]
+    assert curve == sorted(curve)  # coordinate descent never lowers the objective
+    assert (quickstart.out_dir / "interpolation.png").stat().st_size > 10_000
+    card = (quickstart.out_dir / "README.md").read_text()
+    assert "weight_matching" in card and "interpolation.png" in card
+    assert json.loads((quickstart.out_dir / "report.json").read_text())["evaluation"]["barriers"]["aligned"]["loss"] == aligned
+
+
+def _permuted_copy(folder: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """Write a functionally identical, randomly permuted copy of a zoo model (with its config)."""
+    from merge.derive import derive_spec
+    from merge.spec import permute_state
+
+    store = open_store(folder)
+    spec, _ = derive_spec(store, input_shape=(2, 64))
+    perms = spec.random_permutations(seed)
+    state = permute_state(store.state_dict(), spec, perms)
+    save_tensors(state, out, extra_files={"config.json": (folder / "config.json").read_text()})
+    return state
+
+
+@pytest.mark.parametrize("engine", ["weight_matching", "activation_matching"])
+def test_planted_permutation_is_undone_bit_for_bit(tmp_path, demo_cache, engine):
+    from merge.refs import demo_path
+
+    original = demo_path("mlp-seed1")
+    _permuted_copy(original, tmp_path / "permuted", seed=3)
+    assert not torch.equal(open_store(tmp_path / "permuted").get("layers.0.weight"), open_store(original).get("layers.0.weight"))
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(original), "parameters": {"weight": 0.0}},
+                   {"model": str(tmp_path / "permuted"), "parameters": {"weight": 1.0}}],
+        "alignment": {"engine": engine, "data": "sklearn:digits"},
+    }
+    out = run_recipe(recipe, tmp_path / "out").out_dir
+    merged, ref = open_store(out), open_store(original)
+    for name in ref.names():
+        assert torch.equal(merged.get(name), ref.get(name)), name
+
+
+def test_resnet_with_batchnorm_reset_reduces_the_barrier(tmp_path, demo_cache):
+    result = run_recipe(EXAMPLES / "resnet_rebasin.yaml", tmp_path / "out")
+    b = result.report["evaluation"]["barriers"]
+    assert b["aligned"]["loss"] < 0.6 * b["naive"]["loss"], b
+    assert result.report["alignment"]["postprocess"]["repair"] == "reset_bn"
+
+
+def test_different_widths_point_to_ot(tmp_path):
+    from merge import zoo
+
+    a = zoo.save_module(zoo.mlp((64, 32, 10)), tmp_path / "a", "merge.zoo:mlp", {"widths": [64, 32, 10]})
+    b = zoo.save_module(zoo.mlp((64, 48, 10)), tmp_path / "b", "merge.zoo:mlp", {"widths": [64, 48, 10]})
+    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1}}, {"model": str(b), "parameters": {"weight": 1}}],
+              "alignment": {"engine": "weight_matching", "input_shape": [2, 64]}}
+    with pytest.raises(AlignmentError, match="OT engine"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_alignment_keys_fail_before_work(tmp_path):
+    from merge.errors import RecipeError
+
+    recipe = {"merge_method": "linear", "models": [{"model": "demo:mlp-seed1", "parameters": {"weight": 1}}],
+              "alignment": {"engine": "telepathy"}}
+    with pytest.raises(RecipeError, match="alignment.engine"):
+        run_recipe(recipe, tmp_path / "out")
