@@ -24,10 +24,10 @@ def detect_family(names: list[str], config: dict | None) -> str | None:
 
 def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False) -> dict[str, Any]:
     """A JSON-friendly description of a model reference (local path or Hub id)."""
-    from merge.hub import resolve_model_ref
+    from merge.refs import resolve_ref
     from merge.store import open_store
 
-    path = resolve_model_ref(ref, allow_pickle=allow_pickle)
+    path = resolve_ref(ref, allow_pickle=allow_pickle)
     store = open_store(path, allow_pickle=allow_pickle)
     names = store.names()
     dtypes = Counter(str(store.dtype(n)).removeprefix("torch.") for n in names)
@@ -48,8 +48,8 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False)
 
 def derive_groups(store) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups derived from names + config (or from the zoo architecture recorded in config)."""
+    from merge.derive import spec_for_store
     from merge.errors import SutureError
-    from merge.graph import spec_for_store
 
     try:
         spec = spec_for_store(store)
