@@ -112,13 +112,16 @@ class WeightCosts:
 
     def cost(self, group: PermGroup, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """C[i, j] = similarity of A's unit i and B's unit j with all other groups at their current perms."""
-        c = torch.zeros(group.size, group.size, dtype=torch.float64, device=self.device)
+        c: torch.Tensor | None = None
         for m in self.used[group.name]:
             axis = m.axis % self.a[m.tensor].dim()
             wa = unit_matrix(self.a[m.tensor], m, group.head_dim)
             wb = unit_matrix(self.permuted_b(m.tensor, perms, skip_axis=axis), m, group.head_dim)
-            c += (wa @ wb.T).double()
-        return c
+            # accumulate the fp32 products in place; one conversion to float64 at the end for the solver
+            c = wa @ wb.T if c is None else c.addmm_(wa, wb.T)
+        if c is None:
+            return torch.zeros(group.size, group.size, dtype=torch.float64, device=self.device)
+        return c.double()
 
     def neighbours(self) -> dict[str, set[str]]:
         """Groups whose permutation enters each group's cost (they share a tensor with it)."""
@@ -133,7 +136,7 @@ class WeightCosts:
 
     def objective(self, perms: Mapping[str, torch.Tensor]) -> float:
         """sum over touched tensors of <A, permuted B>."""
-        return float(sum(float((self.a[n] * self.permuted_b(n, perms)).double().sum()) for n in self.a))
+        return float(sum(float(torch.dot(self.a[n].reshape(-1), self.permuted_b(n, perms).reshape(-1)).double()) for n in self.a))
 
     def norms(self) -> tuple[float, float]:
         na = sum(float(t.double().pow(2).sum()) for t in self.a.values()) ** 0.5
