@@ -161,7 +161,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     entry = Path(__file__).resolve().parents[1] / "app" / "main.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(entry), "--server.address", "127.0.0.1",
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal", "--server.fileWatcherType", "none"]
     if args.workspace:
         cmd += ["--", "--workspace", args.workspace]
     print(f"Suture workbench: http://127.0.0.1:{args.port}")

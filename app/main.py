@@ -1,0 +1,51 @@
+"""Suture workbench (Streamlit): `suture app` or `streamlit run app/main.py -- --workspace DIR`.
+
+The workspace comes from ``--workspace DIR`` (after ``--``), else $SUTURE_WORKSPACE, else
+./suture-workspace. The session opens on the built-in demo models and a TIES recipe, so every page works
+with no setup and no downloads.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the path, not the project root
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import state  # noqa: E402
+from app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+
+PAGES = Path(__file__).resolve().parent / "pages"
+
+st.set_page_config(page_title="Suture workbench", page_icon=":material/merge:", layout="wide")
+
+try:
+    workspace = Workspace.open(st.session_state.get(state.WORKSPACE) or workspace_from_args(sys.argv[1:]))
+except WorkspaceError as exc:
+    st.error(str(exc))
+    st.stop()
+state.init_state(st.session_state, workspace.root)
+
+navigation = st.navigation(
+    [
+        st.Page(PAGES / "models.py", title="Models", icon=":material/deployed_code:", default=True),
+        st.Page(PAGES / "align_merge.py", title="Align & merge", icon=":material/call_merge:", url_path="merge"),
+        st.Page(PAGES / "stitch.py", title="Stitch", icon=":material/link:"),
+        st.Page(PAGES / "recipe.py", title="Recipe", icon=":material/description:"),
+        st.Page(PAGES / "publish.py", title="Publish", icon=":material/cloud_upload:"),
+    ]
+)
+
+with st.sidebar:
+    recipe = st.session_state[state.RECIPE]
+    st.caption("Workspace")
+    st.code(str(workspace.root), language=None)
+    st.caption("Current recipe")
+    inputs = state.referenced_refs(recipe)
+    st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · `{recipe.get('merge_method')}` · {len(inputs)} model(s)")
+
+navigation.run()

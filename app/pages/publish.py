@@ -1,0 +1,83 @@
+"""Publish: preview the model card of a finished merge and push the folder to the Hugging Face Hub.
+
+The token comes from HF_TOKEN / the huggingface_hub login, or from a password field whose value is used
+for the push only: it is never shown, never put in session state, and never written to a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from app import services, state, ui
+
+ss = st.session_state
+ws = ui.workspace()
+recipe = ss[state.RECIPE]
+
+st.title("Publish")
+outputs = ws.list_outputs()
+if not outputs:
+    st.info("No finished merge in the workspace yet: run one on the Align & merge page.")
+    st.stop()
+
+names = [p.as_posix() for p in outputs]
+last = ss.get(state.LAST_RUN)
+start = names.index(last["out_dir"]) if last and last["out_dir"] in names else 0
+chosen = Path(st.selectbox("Result to publish", names, index=start, format_func=ws.relative, key="publish.folder"))
+
+files = sorted(p for p in chosen.iterdir() if p.is_file() and not p.name.startswith("."))
+st.caption(" · ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in files))
+
+st.subheader("Model card")
+readme = chosen / "README.md"
+if readme.is_file():
+    front, body = services.split_card(readme.read_text(encoding="utf-8"))
+    with st.expander("Hub metadata (front matter)", expanded=False):
+        st.code(front, language="yaml")
+    with st.container(border=True):
+        st.markdown(body)
+else:
+    st.warning("This folder has no README.md model card.")
+
+st.subheader("Push to the Hub")
+settings = recipe.get("publish") or {}
+repo_id = st.text_input("Repository id", value=settings.get("repo_id", ""), placeholder="your-name/merged-model",
+                        key=state.widget_key(ss, "publish.repo"))
+private = st.checkbox("Private repository", value=bool(settings.get("private", False)), key=state.widget_key(ss, "publish.private"))
+keep = st.checkbox("Store repository and privacy in the recipe (`publish:` section; `suture run` then pushes too)",
+                   value=bool(settings), key=state.widget_key(ss, "publish.keep"))
+if keep and repo_id.strip():
+    edited = dict(recipe)
+    edited["publish"] = {**settings, "repo_id": repo_id.strip(), "private": private}
+    if not edited["publish"]["private"]:
+        edited["publish"].pop("private")
+    valid, _ = state.validate(edited)
+    ss[state.RECIPE] = valid if valid is not None else edited
+elif not keep and settings:
+    ss[state.RECIPE] = {k: v for k, v in recipe.items() if k != "publish"}
+
+env_token = services.env_token()
+if env_token:
+    st.caption("Using the token from HF_TOKEN or your Hugging Face login (not shown).")
+    typed_token = ""
+else:
+    # no key: the value stays in the widget only, never in st.session_state
+    typed_token = st.text_input("Hugging Face token (write access)", type="password",
+                                help="Used for this push only; set HF_TOKEN to avoid typing it.")
+
+if st.button("Push", type="primary", disabled=not repo_id.strip(), key="publish.push"):
+    with st.status(f"Publishing to {repo_id.strip()}…", expanded=True) as status:
+        bar = st.progress(0.0, text="starting")
+        try:
+            url = services.push(chosen, repo_id.strip(), private=private, token=typed_token or env_token,
+                                progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m[:120]))
+        except Exception as exc:  # shown as one readable line, never a traceback
+            status.update(label="Publishing failed", state="error")
+            ui.error(exc)
+        else:
+            status.update(label="Published", state="complete")
+            ss["publish.url"] = url
+if ss.get("publish.url"):
+    st.success(f"Published: [{ss['publish.url']}]({ss['publish.url']})")
