@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from merge.align.ot_features import UnitMoments
+from merge.align.ot_features import UnitMoments, collect_unit_moments
 from merge.align.ot_solve import (
     Distance,
     Solver,
@@ -377,6 +377,12 @@ def transport_state(
 ) -> dict[str, torch.Tensor]:
     """Model B's tensors expressed in the reference basis (reference shapes): rows by the corrected plan, columns by the row-normalized plan."""
     names_b, get_b = tensor_accessor(params_b, "model B")
+    for g in spec_b:
+        plan = result.out_maps.get(g.name)
+        target = spec_a.groups.get(g.name)
+        if plan is not None and (target is None or tuple(plan.shape) != (g.size, target.size)):
+            raise AlignmentError(f"group {g.name!r}: the transport is {tuple(plan.shape)}, but the specs give "
+                                 f"{g.size} units in model B and {None if target is None else target.size} in the reference")
     slots = _member_slots(spec_b)
     out: dict[str, torch.Tensor] = {}
     for name in sorted(names_b):
@@ -512,3 +518,45 @@ def compress_reference(
     narrow = _resized(spec, target_widths)
     state = transport_state(narrow, spec, params, result)
     return narrow, state, result
+
+
+# --------------------------------------------------------------------------------------- one call
+
+OT_OPTIONS = ("ground_metric", "distance", "normalize", "solver", "reg", "max_iter", "stop_thr", "marginals",
+              "target_widths", "compress_iter")
+
+
+def align_with_ot(
+    spec_a: PermutationSpec,
+    spec_b: PermutationSpec,
+    params_a: Any,
+    params_b: Any,
+    *,
+    module_a: torch.nn.Module | None = None,
+    module_b: torch.nn.Module | None = None,
+    batches: Any = None,
+    example_input: torch.Tensor | tuple | None = None,
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], TransportResult]:
+    """Collect activation moments when the options need them, transport B; returns (narrowed reference or None, B in the reference basis, result)."""
+    unknown = sorted(set(options) - set(OT_OPTIONS))
+    if unknown:
+        raise InputError(f"alignment: unknown option(s) {unknown} for engine ot; expected some of {list(OT_OPTIONS)}")
+    needs = options.get("ground_metric") == "activations" or options.get("marginals") == "activation"
+    activations = None
+    if needs:
+        if module_a is None or module_b is None:
+            raise InputError("alignment.ground_metric: activations / marginals: activation need runnable models "
+                             "(`architecture:` in the recipe, or models saved by Suture's zoo)")
+        if batches is None or example_input is None:
+            raise InputError("alignment.ground_metric: activations / marginals: activation need calibration data (alignment.data)")
+        # validate everything else before running the models
+        _check_options(options.get("ground_metric", "weights"), options.get("distance", "euclidean"),
+                       options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", 0.01),
+                       options.get("max_iter", 1000), options.get("stop_thr", 1e-6))
+        activations = collect_unit_moments(module_a, module_b, batches, example_input=example_input, device=device)
+    result = ot_align(spec_a, spec_b, params_a, params_b, activations=activations, device=device, **options)
+    reference_spec = result.reference_spec or spec_a
+    aligned = transport_state(reference_spec, spec_b, params_b, result)
+    return result.reference_state, aligned, result

@@ -105,10 +105,15 @@ def collect_unit_moments(
                 args, kwargs = batch_inputs(batch)
                 rec_a.clear()
                 rec_b.clear()
-                module_a(*[x.to(dev) if isinstance(x, torch.Tensor) else x for x in args], **kwargs)
-                module_b(*[x.to(dev) if isinstance(x, torch.Tensor) else x for x in args], **kwargs)
+                for model in (module_a, module_b):
+                    # inputs go where the model is; the moments live on `device`
+                    where = next((p.device for p in model.parameters()), torch.device("cpu"))
+                    model(*[x.to(where) if isinstance(x, torch.Tensor) else x for x in args],
+                          **{k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
                 for group, xa in rec_a.items():
+                    xa = xa.to(dev)
                     xb = rec_b.get(group)
+                    xb = None if xb is None else xb.to(dev)
                     if xb is None or xb.shape[0] != xa.shape[0]:
                         raise InputError(f"group {group!r}: models A and B gave features for different sample counts")
                     mom = moments.get(group)

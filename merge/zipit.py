@@ -1,0 +1,425 @@
+"""ZipIt! engine (Stoica et al., ICLR 2024): zip k models of one architecture into one, fully or partially.
+
+For every zipped permutation group the calibration features of all models are stacked (k*n units), their
+correlation is accumulated batch by batch, and a matcher (:mod:`merge.zipit_match`) clusters the stacked
+units into n merged units, giving a merge matrix ``M`` (n, k*n) and an unmerge matrix ``U`` (k*n, n).
+The zipped model is the k models side by side (block-diagonal weights) with ``M`` applied on every "out"
+member of a group and ``U`` on every "in" member: for a tensor ``T_m`` of model m,
+``T = sum_m M[:, m] . T_m . U[m, :]`` along its out and in axes. Norms and residual streams need nothing
+special: they are members of the group they normalise or carry.
+
+Partial zipping (``stop_at``) zips the groups up to and including the named one (in graph order, closed so
+that no zipped layer reads an unzipped group) and keeps every later tensor per model, with ``U`` folded into
+the first per-model layer's inputs. The result is a :class:`merge.multihead.MultiHeadModel`: one shared
+trunk and one branch per model whose outputs are concatenated (``heads="concat"``, per-task logits as in
+the paper) or averaged (``heads="average"``). Tensors with no output-side group (a classifier's head) stay
+per model under ``heads="concat"``; under ``heads="average"`` a full zip averages them too and yields one
+ordinary model of the input architecture. BatchNorm statistics are recomputed on the calibration data
+after zipping, since averaged units no longer have the recorded statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from merge.activations import unit_features
+from merge.data import Inputs, inputs_to
+from merge.errors import AlignmentError, InputError
+from merge.graph.trace import Tap, trace_module
+from merge.multihead import MultiHeadModel, save_multihead
+from merge.repair import as_input_batches, reset_batchnorm
+from merge.spec import Member, PermGroup, PermutationSpec
+from merge.zipit_match import MATCHERS, ZipMatch, match
+
+logger = logging.getLogger(__name__)
+
+Heads = Literal["concat", "average"]
+
+
+@dataclass
+class ZipResult:
+    """A zipped model and how it was made."""
+
+    module: nn.Module  # MultiHeadModel, or one module of the input architecture (full zip, averaged heads)
+    merges: dict[str, torch.Tensor]  # group -> M (n, k*n)
+    unmerges: dict[str, torch.Tensor]  # group -> U (k*n, n)
+    zipped_groups: list[str]
+    branch_groups: list[str]
+    trunk: list[str]  # tensor names shared by every model (merged)
+    heads: str
+    state: dict[str, torch.Tensor] | None = None  # merged state dict when the result is a single model
+    architectures: list[dict[str, Any]] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multihead(self) -> bool:
+        """True when the result keeps per-model branches."""
+        return isinstance(self.module, MultiHeadModel)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures for reports (no tensors)."""
+        return {
+            "engine": "zipit",
+            "multihead": self.multihead,
+            "heads": self.heads,
+            "zipped_groups": list(self.zipped_groups),
+            "branch_groups": list(self.branch_groups),
+            "trunk_tensors": len(self.trunk),
+            **self.stats,
+        }
+
+
+def zip_models(
+    spec: PermutationSpec | None,
+    modules: Sequence[nn.Module],
+    batches: Any,
+    *,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    matcher: str = "zip",
+    stop_at: str | None = None,
+    heads: Heads = "concat",
+    device: str | torch.device = "cpu",
+    reset_bn: bool = True,
+    max_batches: int | None = None,
+    architectures: Sequence[Mapping[str, Any]] | None = None,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> ZipResult:
+    """Zip k >= 2 models of one architecture on calibration batches; see the module docstring."""
+    start = time.perf_counter()
+    if len(modules) < 2:
+        raise InputError(f"zipit needs at least two models, got {len(modules)}")
+    if matcher not in MATCHERS:
+        raise InputError(f"alignment.matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+    if heads not in ("concat", "average"):
+        raise InputError(f"heads {heads!r}: expected 'concat' or 'average'")
+    dev = torch.device(device)
+    data = as_input_batches(batches, batch_size)
+    if max_batches is not None:
+        data = data[:max_batches]
+    if not isinstance(data[0], torch.Tensor):
+        raise InputError("zipit calibration data must be tensor inputs (zipping token models is not supported)")
+    traced = trace_module(modules[0], data[0])
+    spec = spec or traced.spec
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in modules]
+    _check_states(spec, states)
+    zipped = _zipped_groups(spec, stop_at)
+    branch_groups = [g.name for g in spec.active_groups() if g.name not in zipped]
+    missing_taps = [g for g in zipped if g not in traced.taps]
+    if missing_taps:
+        raise AlignmentError(f"no place in the model shows the features of group(s) {missing_taps}; cannot zip them")
+    logger.info("zipping %d groups (%s), %d kept per model", len(zipped), ", ".join(zipped), len(branch_groups))
+    t0 = time.perf_counter()
+    corrs = stacked_correlations(modules, {g: traced.taps[g] for g in zipped}, data, device=dev)
+    stats_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    matches: dict[str, ZipMatch] = {}
+    for name in zipped:
+        if progress is not None:
+            progress(name)
+        matches[name] = match(corrs[name], len(modules), matcher, alpha=alpha, beta=beta)
+    match_s = time.perf_counter() - t0
+    full = not branch_groups
+    average_heads = heads == "average" and full
+    trunk_state, branches = _zip_tensors(spec, states, matches, average_heads=average_heads)
+    if average_heads:
+        module = copy.deepcopy(modules[0])
+        module.load_state_dict(trunk_state)
+    else:
+        members = []
+        for m, mod in enumerate(modules):
+            member = copy.deepcopy(mod)
+            member.load_state_dict({**trunk_state, **branches[m]})
+            members.append(member)
+        module = MultiHeadModel(members, trunk=list(trunk_state), heads=heads)
+    module.eval()
+    if reset_bn and any(isinstance(m, _BatchNorm) for m in module.modules()):
+        reset_batchnorm(module, data)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()} if average_heads else None
+    group_stats = {
+        name: {
+            "size": spec.groups[name].size,
+            "within_merges": mt.within_merges,
+            "mean_similarity": None if math.isnan(mt.mean_similarity) else round(mt.mean_similarity, 6),
+        }
+        for name, mt in matches.items()
+    }
+    result = ZipResult(
+        module=module,
+        merges={k: v.merge for k, v in matches.items()},
+        unmerges={k: v.unmerge for k, v in matches.items()},
+        zipped_groups=list(zipped),
+        branch_groups=branch_groups,
+        trunk=sorted(trunk_state),
+        heads="average" if average_heads else heads,
+        state=state,
+        architectures=[dict(a) for a in architectures] if architectures is not None else None,
+        stats={
+            "matcher": matcher,
+            "alpha": alpha,
+            "beta": beta,
+            "stop_at": stop_at,
+            "models": len(modules),
+            "groups": group_stats,
+            "stats_time_s": round(stats_s, 4),
+            "match_time_s": round(match_s, 4),
+            "total_time_s": round(time.perf_counter() - start, 4),
+        },
+    )
+    return result
+
+
+def save_zip_result(result: ZipResult, out_dir: str | Path, architectures: Sequence[Mapping[str, Any]] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a zipped model: a multi-head folder (safetensors + multihead.json) or a plain model folder."""
+    archs = list(architectures) if architectures is not None else result.architectures
+    if not archs:
+        raise InputError("saving a zipped model needs each model's architecture ({'factory': ..., 'kwargs': {...}})")
+    if result.multihead:
+        return save_multihead(result.module, out_dir, archs, extra={"zipit": result.summary()}, overwrite=overwrite)
+    from merge.zoo import save_module
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise InputError(f"{out}: output folder already exists and is not empty")
+    arch = archs[0]
+    return save_module(result.module, out, arch["factory"], arch.get("kwargs") or {}, extra_config={"suture_zipit": result.summary()})
+
+
+# ----------------------------------------------------------------------------------------- groups
+def _zipped_groups(spec: PermutationSpec, stop_at: str | None) -> list[str]:
+    """Groups to zip, in spec (graph) order: all active ones, or those up to `stop_at`, closed under reading."""
+    order = [g.name for g in spec]
+    if stop_at is None:
+        frozen = [g for g in spec if g.frozen]
+        if frozen:
+            raise AlignmentError(
+                f"group {frozen[0].name!r} cannot be zipped ({frozen[0].frozen_reason}); set stop_at to a layer before it"
+            )
+        chosen = set(order)
+    else:
+        stop = resolve_stop(spec, stop_at)
+        chosen = set(order[: order.index(stop) + 1])
+    # a zipped layer must not read a group that stays per model: pull such groups into the zip
+    axes = spec.axes_of()
+    changed = True
+    while changed:
+        changed = False
+        for slots in axes.values():
+            outs = {g for g, m in slots.values() if m.role == "out"}
+            if outs & chosen:
+                for g, m in slots.values():
+                    if m.role == "in" and g not in chosen:
+                        chosen.add(g)
+                        changed = True
+                        logger.info("zipping group %r too: a zipped layer reads it", g)
+    for name in order:
+        group = spec.groups[name]
+        if name in chosen:
+            _check_zippable(group)
+    return [n for n in order if n in chosen]
+
+
+def stop_layers(spec: PermutationSpec) -> list[str]:
+    """Group names in graph order: the values `stop_at` accepts, earliest first (for accuracy-vs-depth sweeps)."""
+    return [g.name for g in spec if not g.frozen]
+
+
+def resolve_stop(spec: PermutationSpec, stop_at: str) -> str:
+    """The group named by `stop_at`: a group name, a module that produces a group, or one of its tensors."""
+    if stop_at in spec.groups:
+        return stop_at
+    for group in spec:
+        for m in group.members:
+            if m.role == "out" and (m.tensor == stop_at or m.tensor.rsplit(".", 1)[0] == stop_at):
+                return group.name
+    raise InputError(f"alignment.stop_at {stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
+
+
+def _check_zippable(group: PermGroup) -> None:
+    if group.frozen:
+        raise AlignmentError(f"group {group.name!r} cannot be zipped ({group.frozen_reason}); stop_at a layer before it")
+    if group.kind != "free" or any(m.repeat != 1 for m in group.members):
+        raise AlignmentError(f"group {group.name!r} is structured ({group.kind}); zipping attention heads is not supported")
+
+
+def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    names = set(states[0])
+    for i, st in enumerate(states[1:], start=1):
+        if set(st) != names:
+            diff = sorted(names ^ set(st))
+            raise AlignmentError(f"model {i} has different tensor names than model 0, e.g. {diff[:3]}")
+    axes = spec.axes_of()
+    for i, st in enumerate(states):
+        for name, slots in axes.items():
+            if name not in st:
+                raise AlignmentError(f"spec tensor {name!r} is missing from model {i}")
+            for axis, (group, member) in slots.items():
+                if st[name].shape[axis] != spec.groups[group].size * member.inner:
+                    raise AlignmentError(f"model {i}: tensor {name!r} axis {axis} does not fit group {group!r}")
+
+
+# ----------------------------------------------------------------------------------------- features
+class _StackedStats:
+    """Running sums of the stacked (k*n) features of one group."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.count = 0
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.sum.device, torch.float64)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.gram += x.T @ x
+
+    def corr(self, eps: float = 1e-12) -> torch.Tensor:
+        mean = self.sum / self.count
+        cov = self.gram / self.count - torch.outer(mean, mean)
+        var = cov.diagonal().clamp_min(0)
+        std = var.sqrt()
+        corr = cov / (torch.outer(std, std) + eps)
+        # constant units (dead ReLUs) carry no signal: they match each other perfectly and nothing else,
+        # so they are never averaged into a live unit
+        dead = var <= eps * max(float(var.max()), eps)
+        if bool(dead.any()):
+            corr[dead, :] = 0.0
+            corr[:, dead] = 0.0
+            corr[dead.unsqueeze(1) & dead.unsqueeze(0)] = 1.0
+        return corr
+
+
+def stacked_correlations(
+    modules: Sequence[nn.Module], taps: Mapping[str, Sequence[Tap]], batches: Iterable[Inputs], *, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Per group, the (k*n, k*n) correlation of all models' units stacked model by model, on calibration data."""
+    dev = torch.device(device)
+    stats: dict[str, _StackedStats] = {}
+    records: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in modules]
+    handles = []
+    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod, rec in zip(modules, records):
+            for group, group_taps in taps.items():
+                for t, tap in enumerate(group_taps):
+                    handles.append(_hook(mod, tap, (group, t), rec))
+        for mod in modules:
+            mod.eval()
+        seen = 0
+        with torch.no_grad():
+            for inputs in batches:
+                for mod, rec in zip(modules, records):
+                    rec.clear()
+                    x = inputs_to(inputs, next((p.device for p in mod.parameters()), torch.device("cpu")))
+                    mod(**x) if isinstance(x, Mapping) else mod(x)
+                for key in records[0]:
+                    feats = [rec[key] for rec in records]
+                    if any(f.shape != feats[0].shape for f in feats):
+                        raise AlignmentError(f"group {key[0]!r}: models produced features of different shapes")
+                    group = key[0]
+                    if group not in stats:
+                        stats[group] = _StackedStats(feats[0].shape[1] * len(feats), dev)
+                    stats[group].update(torch.cat(feats, dim=1))
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.train(mode)
+    if seen == 0:
+        raise InputError("no calibration batches were given")
+    missing = [g for g in taps if g not in stats]
+    if missing:
+        raise AlignmentError(f"no features were captured for group(s) {missing}")
+    return {g: s.corr() for g, s in stats.items()}
+
+
+def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any:
+    try:
+        sub = module.get_submodule(tap.module)
+    except AttributeError as exc:
+        raise AlignmentError(f"group {key[0]!r}: the model has no module {tap.module!r} to observe") from exc
+
+    def grab(value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise AlignmentError(f"tap {tap.module!r} ({tap.where}) did not see a tensor")
+        store[key] = unit_features(value.detach(), tap.axis, tap.inner)
+
+    if tap.where == "input":
+        return sub.register_forward_pre_hook(lambda _m, args: grab(args[0] if args else None))
+    return sub.register_forward_hook(lambda _m, _a, out: grab(out))
+
+
+# ----------------------------------------------------------------------------------------- tensors
+def apply_units(tensor: torch.Tensor, axis: int, inner: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Map the units of `tensor`'s axis (laid out (units, inner)) through `matrix` (new units, old units)."""
+    t = torch.movedim(tensor, axis, 0)
+    rest = t.shape[1:]
+    units = t.shape[0] // inner
+    if matrix.shape[1] != units:
+        raise AlignmentError(f"matrix with {matrix.shape[1]} columns cannot act on {units} units")
+    out = matrix.to(t.dtype) @ t.reshape(units, -1)
+    return torch.movedim(out.reshape(matrix.shape[0] * inner, *rest), 0, axis)
+
+
+def _zip_tensors(
+    spec: PermutationSpec,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    matches: Mapping[str, ZipMatch],
+    *,
+    average_heads: bool,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Split every tensor into the merged trunk or per-model branches (with U folded into their inputs)."""
+    axes = spec.axes_of()
+    k = len(states)
+    trunk: dict[str, torch.Tensor] = {}
+    branches: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    for name, ref in states[0].items():
+        slots = axes.get(name, {})
+        outs = [(ax, g, m) for ax, (g, m) in slots.items() if m.role == "out"]
+        ins = [(ax, g, m) for ax, (g, m) in slots.items() if m.role == "in" and g in matches]
+        zipped_out = [o for o in outs if o[1] in matches]
+        if not ref.is_floating_point() or ref.dim() == 0:
+            trunk[name] = ref.clone()  # counters and scalars: nothing to merge
+            continue
+        if zipped_out or (not outs and average_heads):
+            if any(st[name].shape != ref.shape for st in states):
+                raise AlignmentError(f"tensor {name!r} differs in shape between the models; heads='average' needs equal heads")
+            parts = []
+            for m in range(k):
+                t = states[m][name].to(torch.float64)
+                for ax, g, mem in zipped_out:
+                    n = spec.groups[g].size
+                    t = apply_units(t, ax, mem.inner, matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64))
+                t = _unmerge_inputs(t, ins, spec, matches, m)
+                parts.append(t)
+            total = torch.stack(parts).sum(0)
+            if not zipped_out:
+                total = total / k  # averaged heads: the mean of the models' outputs
+            trunk[name] = total.to(ref.dtype)
+        else:
+            for m in range(k):
+                t = _unmerge_inputs(states[m][name].to(torch.float64), ins, spec, matches, m)
+                branches[m][name] = t.to(ref.dtype)
+    return trunk, branches
+
+
+def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: PermutationSpec, matches: Mapping[str, ZipMatch], m: int) -> torch.Tensor:
+    """Fold model m's block of U into the axes of `t` that read zipped groups."""
+    for ax, g, mem in ins:
+        n = spec.groups[g].size
+        u = matches[g].unmerge[m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
+        t = apply_units(t, ax, mem.inner, u.T)
+    return t
