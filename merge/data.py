@@ -10,7 +10,7 @@ Recipes name their data with one string (or a dict with the same fields). Accept
     always-blank digit corners, are only centred). The demo models in :mod:`merge.zoo` are trained on
     exactly these features, so a class subset keeps the same scaling as the full set.
     Query options: ``classes=0-4`` or ``classes=0,2,7`` keeps those classes (labels keep their
-    original values); ``shape=image`` returns digits as ``(N, 1, 8, 8)`` instead of ``(N, 64)``;
+    original values unless ``relabel=true`` numbers them 0..k-1); ``shape=image`` returns digits as ``(N, 1, 8, 8)`` instead of ``(N, 64)``;
     ``max_items=N``.
 ``path/to/data.safetensors`` or ``path/to/data.npz``
     Tensors ``inputs`` (any shape, first axis = items) and optional ``labels`` (1-D integers). Other key
@@ -47,7 +47,7 @@ SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 TRAIN_FRACTION = 0.8
 SPLIT_SEED = 0
 _STD_FLOOR = 1e-6
-_KNOWN_OPTIONS = {"classes", "shape", "max_items", "inputs_key", "labels_key", "max_length", "split"}
+_KNOWN_OPTIONS = {"classes", "relabel", "shape", "max_items", "inputs_key", "labels_key", "max_length", "split"}
 
 
 @dataclass
@@ -227,6 +227,22 @@ def _select_classes(data: CalibrationData, value: Any, source: str) -> Calibrati
     return out
 
 
+def _relabel(data: CalibrationData, value: Any, source: str) -> CalibrationData:
+    """relabel=true: number the selected classes 0..k-1 in sorted order (a per-task head's own labels)."""
+    if str(value).lower() not in ("1", "true", "yes"):
+        if str(value).lower() in ("0", "false", "no"):
+            return data
+        raise InputError(f"data {source!r}: relabel must be true or false, got {value!r}")
+    if data.labels is None:
+        raise InputError(f"data {source!r}: relabel= needs labels, but the data has none")
+    classes = sorted(set(data.labels.tolist()))
+    lookup = torch.full((max(classes) + 1,), -1, dtype=data.labels.dtype)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes), dtype=data.labels.dtype)
+    out = CalibrationData(data.inputs, lookup[data.labels], data.name, [str(c) for c in classes], dict(data.meta))
+    out.meta["relabel"] = classes
+    return out
+
+
 # --- sources ------------------------------------------------------------------------------------
 
 _SKLEARN_CACHE: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -254,7 +270,7 @@ def _load_sklearn(source: str, split: str, options: dict[str, Any]) -> Calibrati
     if name not in SKLEARN_DATASETS:
         known = ["sklearn:" + n for n in SKLEARN_DATASETS]
         raise InputError(f"data {source!r}: unknown built-in dataset {name!r}; expected one of {known}")
-    _refuse_options(source, options, {"classes", "shape"})
+    _refuse_options(source, options, {"classes", "relabel", "shape"})
     x, y, mean, std = _sklearn_arrays(name)
     n_train = int(round(TRAIN_FRACTION * len(x)))
     part = {"train": slice(0, n_train), "test": slice(n_train, None), "all": slice(None)}[split]
@@ -269,6 +285,8 @@ def _load_sklearn(source: str, split: str, options: dict[str, Any]) -> Calibrati
     data = CalibrationData(feats, torch.from_numpy(y[part].copy()), name=f"{source}[{split}]", meta={"split": split})
     if "classes" in options:
         data = _select_classes(data, options["classes"], source)
+    if "relabel" in options:
+        data = _relabel(data, options["relabel"], source)
     return data
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from merge.errors import InputError
@@ -64,4 +65,29 @@ def plot_interpolation(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi, format="png")
     logger.info("wrote interpolation plot %s", out)
+    return out
+
+
+def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float | None, path: str | Path, dpi: int = 120) -> Path:
+    """Accuracy of partial zips against the layer zipping stops at (full zip first), with the ensemble as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not sweep:
+        raise InputError("nothing to plot: empty stop-layer sweep")
+    fig = Figure(figsize=(max(5.0, 0.9 * len(sweep)), 3.8), layout="constrained")
+    ax = fig.subplots()
+    labels = [str(row["stop_at"]) for row in sweep]
+    ax.plot(range(len(sweep)), [row["accuracy"] for row in sweep], marker="o", label="zipped model")
+    if ensemble_accuracy is not None:
+        ax.axhline(ensemble_accuracy, linestyle="--", color="gray", label="ensemble")
+    ax.set_xticks(range(len(sweep)), labels, rotation=30, ha="right", fontsize="small")
+    ax.set_xlabel("zipped up to (later layers kept per model)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    FigureCanvasAgg(fig)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
     return out

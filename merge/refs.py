@@ -30,6 +30,15 @@ def _finetune(key: str) -> Callable[[Path], Path]:
     return build
 
 
+def _task(key: str) -> Callable[[Path], Path]:
+    def build(cache: Path) -> Path:
+        from merge.zoo import demo_tasks
+
+        return demo_tasks(cache / "demo")[key]
+
+    return build
+
+
 def _seeded(kind: str, seed: int) -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
         from merge.zoo import demo_models
@@ -47,6 +56,8 @@ DEMO_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "mlp-seed2": (_seeded("mlp", 2), "64-512-512-512-10 ReLU MLP trained on digits, seed 2"),
     "resnet-seed1": (_seeded("resnet", 1), "small ResNet with BatchNorm trained on digits, seed 1"),
     "resnet-seed2": (_seeded("resnet", 2), "small ResNet with BatchNorm trained on digits, seed 2"),
+    "task-0-4": (_task("0-4"), "MLP with a 5-class head trained on digits 0-4 only"),
+    "task-5-9": (_task("5-9"), "MLP with a 5-class head trained on digits 5-9 only (another initialization)"),
 }
 
 

@@ -471,3 +471,33 @@ def demo_finetunes(cache_dir: str | Path) -> dict[str, Path]:
 
 def _short_hash(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
+TASK_SETTINGS: dict[str, Any] = {
+    # ZipIt's setting: one model per half of the classes, different initializations, 5-class heads
+    "factory": FACTORY_REFS["mlp"],
+    "kwargs": {"widths": [64, 128, 128, 128, 5]},
+    "epochs": 40,
+    "lr": 1e-3,
+    "batch_size": 64,
+}
+TASKS = {"0-4": ("sklearn:digits?classes=0-4&relabel=true", 10), "5-9": ("sklearn:digits?classes=5-9&relabel=true", 11)}
+
+
+def demo_tasks(cache_dir: str | Path) -> dict[str, Path]:
+    """Two MLPs trained on different tasks (digits 0-4 and 5-9, labels 0..4 each) from different seeds.
+
+    Returns ``{"0-4": ..., "5-9": ...}`` folders under ``<cache>/task-*``; concatenating their logits gives
+    a 10-class classifier, the joint accuracy ZipIt reports.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for task, (spec, seed) in TASKS.items():
+        entry = _demo_entry(TASK_SETTINGS, seed, spec)
+        folder = cache / f"task-{task}"
+        if not _cached(folder, entry):
+            _train_and_save(folder, entry, train_data=spec, eval_specs={"task": spec})
+        out[task] = folder
+    return out
+

@@ -62,19 +62,26 @@ class RunResult:
     def summary(self) -> str:
         """A few lines for the terminal."""
         r = self.report
-        lines = [
-            f"merged {r.get('tensors', 0)} tensors with {r.get('merge_method')} "
-            f"({r.get('bytes_written', 0) / 1e6:,.1f} MB) in {r.get('seconds_total', 0):.1f} s on {r.get('device')}",
-            f"output: {self.out_dir}",
-        ]
+        if r.get("merge_method"):
+            head = (f"merged {r.get('tensors', 0)} tensors with {r.get('merge_method')} "
+                    f"({r.get('bytes_written', 0) / 1e6:,.1f} MB) in {r.get('seconds_total', 0):.1f} s on {r.get('device')}")
+        else:
+            head = f"{r.get('alignment', {}).get('engine', 'built')}: {len(r.get('models', []))} models in {r.get('seconds_total', 0):.1f} s on {r.get('device')}"
+        lines = [head, f"output: {self.out_dir}"]
         lines += [f"  {name}" for name in sorted(self.files)]
         evaluation = r.get("evaluation")
         if evaluation:
             lines.append(f"evaluation on {evaluation['data']} ({evaluation['split']}, {evaluation['items']} items):")
             for key, m in evaluation.get("models", {}).items():
                 lines.append(f"  {key:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
-            m = evaluation["merged"]
-            lines.append(f"  {'merged':<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            for label in ("merged", "ensemble"):
+                if label in evaluation:
+                    m = evaluation[label]
+                    lines.append(f"  {label:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            for label, m in evaluation.get("baselines", {}).items():
+                lines.append(f"  {label:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+            for row in evaluation.get("stop_sweep", []):
+                lines.append(f"  {'zip up to ' + str(row['stop_at']):<28} accuracy {row['accuracy']:.4f}")
             for label, b in evaluation.get("barriers", {}).items():
                 mid = evaluation.get("midpoint_accuracy", {}).get(label)
                 mid_text = f", midpoint accuracy {mid:.4f}" if mid is not None else ""
@@ -366,6 +373,18 @@ def dry_run(recipe: str | Path | Mapping[str, Any] | Recipe, options: RunOptions
     }
 
 
+def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
+    """alignment.blend: the reference's weight in a two-model linear merge (the other gets 1 - blend)."""
+    if r.merge_method != "linear" or not r.models or len(r.models) != 2:
+        raise r.error(("alignment", "blend"), "blend sets the weights of a two-model linear merge; use merge_method: linear with two models")
+    ref = str(ModelRef.parse(reference)) if reference else _reference_key(r)
+    data = r.to_dict()
+    for entry in data["models"]:
+        weight = blend if str(ModelRef.parse(entry["model"])) == ref else 1.0 - blend
+        entry["parameters"] = {**(entry.get("parameters") or {}), "weight": weight}
+    return parse_recipe(data, source=r.source, known_methods=_known_methods(), requires_base=_requires_base)
+
+
 def run_recipe(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     out_dir: str | Path,
@@ -382,10 +401,14 @@ def run_recipe(
     alignment = parse_alignment(r.alignment, r.where)
     evaluation_section = parse_evaluate(r.evaluate, r.where)
     publish_section = parse_publish(r.publish, r.where)
+    if alignment is not None and alignment.blend is not None:
+        r = _apply_blend(r, alignment.blend, alignment.reference)
     device = resolve_device(options.device)
     shard_size = parse_size(options.out_shard_size or r.out_shard_size or DEFAULT_SHARD_SIZE)
     seed = options.seed if options.seed is not None else (r.seed or 0)
     models = open_models(r, options, progress)
+    if alignment is not None and alignment.engine == "zipit":
+        return _run_zipit(r, alignment, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
     reference = _reference_key(r)
     raw_stores = dict(models.stores)
     architecture = steps.recipe_architecture(r.architecture, alignment)
@@ -426,7 +449,8 @@ def run_recipe(
             ref_key = outcome.reference if outcome is not None else reference
             extra["evaluation"] = steps.evaluate_output(
                 tmp, evaluation_section, models.stores, raw_stores, ref_key, architecture, outcome is not None,
-                reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress)
+                reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress,
+                fused=outcome is not None and outcome.fused)
             if "plot" in extra["evaluation"]:
                 files.append(extra["evaluation"]["plot"])
         report = {
@@ -454,6 +478,35 @@ def run_recipe(
     result = RunResult(out, files, report)
     if publish_section is not None:
         result.url = publish(out, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
+    return result
+
+
+def _run_zipit(r: Recipe, alignment, evaluation_section, publish_section, models: OpenedModels, out_dir, options: RunOptions,
+               device: torch.device, started: float, progress: Progress | None) -> RunResult:
+    """ZipIt recipes build the output model themselves: zipped weights (or a multi-head model), report, card."""
+    with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
+        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress)
+        evaluation = zipped.pop("evaluation", None)
+        (tmp / "suture_recipe.yml").write_text(r.to_yaml())
+        report = {"suture_version": __version__, "merge_method": None, "models": list(models.refs), "device": str(device),
+                  "alignment": zipped, **({"evaluation": evaluation} if evaluation else {}),
+                  "seconds_total": round(time.perf_counter() - started, 3)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        from merge.card import write_model_card
+
+        rows = None
+        if evaluation:
+            rows = [{"model": "zipped output", **evaluation["merged"]}, {"model": "ensemble", **evaluation["ensemble"]}]
+            rows += [{"model": label, **m} for label, m in evaluation.get("baselines", {}).items()]
+            rows += [{"model": f"stop_at {row['stop_at']}", "loss": row["loss"], "accuracy": row["accuracy"]} for row in evaluation.get("stop_sweep", [])]
+        write_model_card(tmp, inputs=list(models.refs), method="zipit", engine="zipit", recipe_yaml=r.to_yaml(),
+                         evaluation=rows, plot_path=evaluation.get("plot") if evaluation else None, name=r.name)
+        files = sorted(p.name for p in tmp.iterdir())
+    for store in models.stores.values():
+        store.close()
+    result = RunResult(Path(out_dir).expanduser().resolve(), files, report)
+    if publish_section is not None:
+        result.url = publish(result.out_dir, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
     return result
 
 

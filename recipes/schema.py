@@ -647,9 +647,16 @@ class _Issues(list):
         self.append(RecipeIssue(path, message, self.line(line_path if line_path is not None else path)))
 
 
+def _produces_its_own_model(r: Recipe) -> bool:
+    """ZipIt and stitching build the output model themselves: no merge method applies."""
+    engine = r.alignment.get("engine") if isinstance(r.alignment, Mapping) else None
+    return engine == "zipit" or r.stitch is not None
+
+
 def _check_method(r: Recipe, issues: _Issues, known_methods: Any) -> None:
     if r.merge_method is None:
-        issues.add(("merge_method",), "required key is missing: name the merge method (e.g. linear, slerp, ties, passthrough)")
+        if not _produces_its_own_model(r):
+            issues.add(("merge_method",), "required key is missing: name the merge method (e.g. linear, slerp, ties, passthrough)")
         return
     known = _known_method_names(known_methods)
     if known is not None and r.merge_method not in known:
@@ -667,7 +674,8 @@ def _check_inputs(r: Recipe, data: Mapping[str, Any], issues: _Issues) -> None:
         at = issues.line(("models",))
         issues.add(("slices",), f"give either `models` or `slices`, not both (`models` is on line {at})")
     elif not has_models and not has_slices:
-        issues.add((), "the recipe needs `models` (whole models to merge) or `slices` (layer ranges to merge or stack)")
+        if r.stitch is None:  # a stitch names its models in its own section
+            issues.add((), "the recipe needs `models` (whole models to merge) or `slices` (layer ranges to merge or stack)")
     elif has_models and not r.models:
         issues.add(("models",), "`models` is empty: list at least one model")
     elif has_slices and not r.slices:

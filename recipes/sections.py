@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 from merge.errors import RecipeError
 
@@ -21,11 +21,10 @@ class _Section(BaseModel):
 
 
 class AlignmentSection(_Section):
-    """`alignment: {engine, reference, max_iter, seed, data, repair, ...}`."""
+    """`alignment: {engine, reference, data, ...}` with each engine's own options (others refused)."""
 
-    engine: Literal["weight_matching", "activation_matching"] = "weight_matching"
+    engine: Literal["weight_matching", "activation_matching", "ot", "zipit"] = "weight_matching"
     reference: StrictStr | None = None
-    max_iter: StrictInt = Field(100, ge=1)
     seed: StrictInt = 0
     data: DataSpec | None = None
     batch_size: StrictInt = Field(256, ge=1)
@@ -33,6 +32,46 @@ class AlignmentSection(_Section):
     input_shape: list[StrictInt] | None = None
     repair: Literal["none", "reset_bn", "repair"] = "none"
     architecture_kwargs: dict[str, Any] | None = None
+    # weight matching: coordinate-descent passes; ot: the solver's iteration cap
+    max_iter: StrictInt | None = Field(None, ge=1)
+    # ot (OTFusion)
+    ground_metric: Literal["weights", "activations"] | None = None
+    distance: Literal["euclidean", "cosine"] | None = None
+    normalize: StrictBool | None = None
+    solver: Literal["emd", "sinkhorn"] | None = None
+    reg: float | None = Field(None, gt=0)
+    stop_thr: float | None = Field(None, gt=0)
+    marginals: Literal["uniform", "activation"] | None = None
+    target_widths: dict[StrictStr, StrictInt] | None = None
+    blend: float | None = Field(None, ge=0, le=1)
+    # zipit
+    alpha: float | None = Field(None, ge=0, le=1)
+    beta: float | None = Field(None, ge=0)
+    stop_at: StrictStr | None = None
+    matcher: Literal["zip", "permute", "identity"] | None = None
+    heads: Literal["concat", "average"] | None = None
+
+    @model_validator(mode="after")
+    def _options_fit_engine(self) -> "AlignmentSection":
+        allowed = ENGINE_OPTIONS[self.engine]
+        stray = [k for k in ENGINE_ONLY if getattr(self, k) is not None and k not in allowed]
+        if stray:
+            raise ValueError(f"option(s) {stray} do not apply to engine {self.engine!r} (it takes {sorted(allowed)})")
+        return self
+
+    def ot_options(self) -> dict[str, Any]:
+        """The OT engine's keyword options that were set."""
+        return {k: getattr(self, k) for k in ENGINE_OPTIONS["ot"] if k != "blend" and getattr(self, k) is not None}
+
+
+ENGINE_ONLY = ("ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths",
+               "blend", "alpha", "beta", "stop_at", "matcher", "heads")
+ENGINE_OPTIONS: dict[str, set[str]] = {
+    "weight_matching": {"max_iter"},
+    "activation_matching": set(),
+    "ot": {"max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths", "blend"},
+    "zipit": {"alpha", "beta", "stop_at", "matcher", "heads"},
+}
 
 
 class EvaluateSection(_Section):

@@ -22,6 +22,7 @@ from recipes.sections import AlignmentSection, EvaluateSection
 logger = logging.getLogger(__name__)
 
 PLOT_NAME = "interpolation.png"
+ZIP_PLOT_NAME = "stop_sweep.png"
 
 
 def recipe_architecture(architecture: str | None, alignment: AlignmentSection | None) -> Architecture | None:
@@ -53,6 +54,8 @@ def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], ref
     settings = AlignmentSettings(
         engine=section.engine, reference=reference, max_iter=section.max_iter, seed=section.seed, data=section.data,
         batch_size=section.batch_size, max_items=section.max_items, input_shape=section.input_shape, repair=section.repair,
+        ot_options=section.ot_options() if section.engine == "ot" else {},
+        blend=section.blend if section.blend is not None else 0.5,
     )
     return align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
 
@@ -101,6 +104,11 @@ def repair_output(folder: Path, section: AlignmentSection, outcome, t: float) ->
     return {"repair": section.repair, "t": t}
 
 
+def _truncated(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The naive baseline for different widths: every tensor cut to the reference's shape (first units kept)."""
+    return {n: state[n][tuple(slice(0, d) for d in shape)].clone() for n, shape in shapes.items()}
+
+
 def evaluate_output(
     folder: Path,
     section: EvaluateSection,
@@ -111,41 +119,46 @@ def evaluate_output(
     aligned: bool,
     reset_bn: bool,
     progress=None,
+    fused: bool = False,
 ) -> dict[str, Any]:
-    """Endpoints, merged model and interpolation curves (naive and aligned) on the evaluation data."""
+    """Endpoints, merged model and interpolation curves (naive, truncated baseline, aligned) on the data."""
     from merge.evaluate import barrier, evaluate, interpolation_curve
 
-    ref_store = stores[reference]
-    arch = architecture or architecture_of(ref_store)
+    merged_store = open_store(folder)
+    arch = architecture_of(merged_store) or architecture
     if arch is None:
         raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, or models saved by Suture's zoo)")
     data = load_data(section.data, split=section.split, max_items=section.max_items)
     calib = load_data(section.data, split="train", max_items=section.max_items) if reset_bn else None
-    factory = arch.build
-    merged_store = open_store(folder)
     merged = evaluate(load_module(merged_store, arch), data, batch_size=section.batch_size)
+    shapes = merged_store.shapes()
     merged_store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": merged, "models": {}}
     for key, store in raw_stores.items():
-        result["models"][key] = evaluate(load_module(store, arch), data, batch_size=section.batch_size)
+        own = architecture_of(store) or (architecture if store.shapes() == shapes else None)
+        if own is not None:
+            result["models"][key] = evaluate(load_module(store, own), data, batch_size=section.batch_size)
     others = [k for k in stores if k != reference]
-    if len(others) != 1:
-        return result  # interpolation paths are defined between two models
+    if len(others) != 1 or fused:
+        return result  # interpolation paths are defined between two models in one basis
     other = others[0]
-    ref_state = ref_store.state_dict()
-    curves = {}
-    if progress:
-        progress("evaluate", 0, 2 if aligned else 1, "naive path")
-    curves["naive"] = interpolation_curve(factory, ref_state, raw_stores[other].state_dict(), data, points=section.points,
-                                          reset_bn_data=calib, batch_size=section.batch_size)
+    ref_state = stores[reference].state_dict()
+    raw_other = raw_stores[other].state_dict()
+    same_shapes = {n: tuple(t.shape) for n, t in raw_other.items()} == shapes
+    paths = {"naive" if same_shapes else "truncated": raw_other if same_shapes else _truncated(raw_other, shapes)}
     if aligned:
+        paths["aligned"] = stores[other].state_dict()
+    if not same_shapes and tuple(ref_state) and {n: tuple(t.shape) for n, t in ref_state.items()} != shapes:
+        return result  # the reference itself was compressed: no path between the raw models
+    curves = {}
+    for i, (label, other_state) in enumerate(paths.items()):
         if progress:
-            progress("evaluate", 1, 2, "aligned path")
-        curves["aligned"] = interpolation_curve(factory, ref_state, stores[other].state_dict(), data, points=section.points,
-                                                reset_bn_data=calib, batch_size=section.batch_size)
+            progress("evaluate", i, len(paths), f"{label} path")
+        curves[label] = interpolation_curve(arch.build, ref_state, other_state, data, points=section.points,
+                                            reset_bn_data=calib, batch_size=section.batch_size)
     if progress:
-        progress("evaluate", len(curves), len(curves), "")
+        progress("evaluate", len(paths), len(paths), "")
     result["curves"] = curves
     result["barriers"] = {
         label: {
@@ -175,3 +188,93 @@ def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
                      "accuracy": round(evaluation.get("midpoint_accuracy", {}).get(label, float("nan")), 4)})
     return rows
 
+
+
+class _Ensemble(torch.nn.Module):
+    """The models side by side: their outputs concatenated (the upper bound partial zipping moves toward)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
+def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStore], evaluate: EvaluateSection | None,
+              device: torch.device, progress=None) -> dict[str, Any]:
+    """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep."""
+    from merge.zipit import save_zip_result, zip_models
+
+    archs = {key: architecture_of(store) for key, store in stores.items()}
+    missing = [k for k, a in archs.items() if a is None]
+    if missing:
+        raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
+                             "(models saved by Suture's zoo record one in config.json)")
+    if section.data is None:
+        raise RecipeError("alignment.data: zipit needs calibration data (e.g. sklearn:digits)")
+    data = load_data(section.data, split="train", max_items=section.max_items)
+    modules = [load_module(stores[k], archs[k]) for k in stores]
+    arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
+    options = {"alpha": section.alpha if section.alpha is not None else 0.5,
+               "beta": section.beta if section.beta is not None else 1.0,
+               "matcher": section.matcher or "zip", "heads": section.heads or "concat"}
+
+    def zip_at(stop_at: str | None, matcher: str | None = None):
+        chosen = {**options, "matcher": matcher or options["matcher"]}
+        return zip_models(None, modules, data, stop_at=stop_at, architectures=arch_dicts, device=device,
+                          batch_size=section.batch_size, **chosen)
+
+    if progress:
+        progress("zip", 0, 1, "matching features")
+    result = zip_at(section.stop_at)
+    target = tmp / ".zipped"
+    save_zip_result(result, target, arch_dicts, overwrite=True)
+    for item in target.iterdir():
+        item.replace(tmp / item.name)
+    target.rmdir()
+    if progress:
+        progress("zip", 1, 1, "")
+    report: dict[str, Any] = {"engine": "zipit", **result.summary()}
+    if evaluate is not None:
+        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress)
+    return report
+
+
+def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress) -> dict[str, Any]:
+    """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
+    from merge.evaluate import evaluate
+    from merge.graph.trace import spec_from_module
+    from merge.multihead import is_multihead, load_multihead
+    from merge.zipit import stop_layers
+
+    data = load_data(section.data, split=section.split, max_items=section.max_items)
+    store = open_store(folder)
+    output = load_multihead(folder) if is_multihead(folder) else load_module(store, architecture_of(store))
+    store.close()
+    result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
+                              "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),
+                              "ensemble": evaluate(_Ensemble(modules), data, batch_size=section.batch_size)}
+    # every group but the last: stopping at the last group is the full zip
+    stops = stop_layers(spec_from_module(modules[0], data.inputs[:2]))[:-1]
+    runs = [("naive averaging", None, "identity"), ("permutation", None, "permute"), ("zipit full", None, "zip")]
+    runs += [(f"zipit up to {stop}", stop, "zip") for stop in reversed(stops)]
+    baselines, sweep = {}, []
+    for i, (label, stop, matcher) in enumerate(runs):
+        if progress:
+            progress("evaluate", i, len(runs), label)
+        metrics = evaluate(zip_at(stop, matcher).module, data, batch_size=section.batch_size)
+        if matcher == "zip":
+            sweep.append({"stop_at": stop or "full", **metrics})
+        else:
+            baselines[label] = metrics
+    if progress:
+        progress("evaluate", len(runs), len(runs), "")
+    result["baselines"] = baselines
+    result["stop_sweep"] = sweep
+    if section.plot:
+        from merge.plot import plot_stop_sweep
+
+        plot_stop_sweep(sweep, result["ensemble"]["accuracy"], folder / ZIP_PLOT_NAME)
+        result["plot"] = ZIP_PLOT_NAME
+    return result

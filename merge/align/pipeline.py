@@ -22,8 +22,9 @@ from merge.store import TensorInfo, TensorStore
 
 logger = logging.getLogger(__name__)
 
-Engine = Literal["weight_matching", "activation_matching"]
+Engine = Literal["weight_matching", "activation_matching", "ot"]
 PERMUTATION_ENGINES = ("weight_matching", "activation_matching")
+ENGINES = (*PERMUTATION_ENGINES, "ot")
 
 
 class PermutedStore(TensorStore):
@@ -45,40 +46,52 @@ class PermutedStore(TensorStore):
 
 @dataclass
 class AlignmentSettings:
-    """The recipe's `alignment:` section for permutation engines."""
+    """The recipe's `alignment:` section, as the engines need it."""
 
     engine: Engine = "weight_matching"
     reference: str | None = None
-    max_iter: int = 100
+    max_iter: int | None = None
     seed: int = 0
     data: Any = None
     batch_size: int = 256
     max_items: int | None = None
     input_shape: list[int] | None = None
     repair: Literal["none", "reset_bn", "repair"] = "none"
+    ot_options: dict[str, Any] = field(default_factory=dict)
+    blend: float = 0.5
 
 
 @dataclass
 class AlignmentOutcome:
-    """Aligned stores (reference unchanged), the spec, per-model match results and the architecture."""
+    """Aligned stores in the reference's basis (reference unchanged unless compressed), spec and results.
+
+    `fused` is set when the engine produced the merged model itself (models of different depths): every
+    store then holds the fused weights, so any merge of them returns it unchanged.
+    """
 
     reference: str
     spec: PermutationSpec
     stores: dict[str, TensorStore]
-    results: dict[str, MatchResult] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
     architecture: Architecture | None = None
+    fused: bool = False
+    engine: str = "weight_matching"
 
     def report(self) -> dict[str, Any]:
-        """JSON-ready summary: engine, reference, per-model objective curves and timings."""
+        """JSON-ready summary: engine, reference, per-model objective or transport figures and timings."""
+        models = {}
+        for key, r in self.results.items():
+            entry = dict(r.summary())
+            if isinstance(r, MatchResult):
+                entry["objective_per_iteration"] = [float(v) for v in r.objective]
+                entry["time_per_group_s"] = {k: round(v, 4) for k, v in r.group_time.items()}
+            models[key] = entry
         return {
             "reference": self.reference,
             "groups": len(self.spec.active_groups()),
             "frozen_groups": {g.name: g.frozen_reason for g in self.spec if g.frozen},
-            "models": {
-                key: {**r.summary(), "objective_per_iteration": [float(v) for v in r.objective],
-                      "time_per_group_s": {k: round(v, 4) for k, v in r.group_time.items()}}
-                for key, r in self.results.items()
-            },
+            "fused": self.fused,
+            "models": models,
         }
 
 
@@ -109,10 +122,12 @@ def align_models(
     progress: Callable[[str, int, int, str], None] | None = None,
 ) -> AlignmentOutcome:
     """Align every model to `reference` with a permutation engine; return lazily permuted stores."""
-    if settings.engine not in PERMUTATION_ENGINES:
-        raise AlignmentError(f"alignment.engine {settings.engine!r}: expected one of {list(PERMUTATION_ENGINES)}")
+    if settings.engine not in ENGINES:
+        raise AlignmentError(f"alignment.engine {settings.engine!r}: expected one of {list(ENGINES)}")
     if reference not in stores:
         raise AlignmentError(f"alignment.reference {reference!r} is not one of the recipe's models {list(stores)}")
+    if settings.engine == "ot":
+        return _align_ot(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
     _check_same_shapes(stores, reference)
     ref_store = stores[reference]
     spec, arch = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape)
@@ -132,7 +147,7 @@ def align_models(
         if settings.engine == "weight_matching":
             from merge.align.weight_matching import weight_matching
 
-            result = weight_matching(spec, ref_params, stores[key].state_dict(), max_iter=settings.max_iter,
+            result = weight_matching(spec, ref_params, stores[key].state_dict(), max_iter=settings.max_iter or 100,
                                      seed=settings.seed, device=device, progress=step)
         else:
             if arch is None:
@@ -150,4 +165,96 @@ def align_models(
         logger.info("aligned %s to %s: %s", key, reference, result.summary())
     if progress:
         progress("align", len(others), len(others), "")
+    return outcome
+
+
+def _with_widths(config: dict | None, architecture: Architecture | None, state: Mapping[str, torch.Tensor]) -> dict | None:
+    """The reference's config with a zoo MLP's `widths` rewritten to match `state` (after compression/depth fusion)."""
+    if config is None or architecture is None or architecture.factory not in ("merge.zoo:mlp", "mlp"):
+        return config
+    from merge.zoo import ARCH_KEY
+
+    layers = sorted({int(n.split(".")[1]) for n in state if n.startswith("layers.") and n.endswith(".weight")})
+    widths = [int(state[f"layers.{layers[0]}.weight"].shape[1])] + [int(state[f"layers.{i}.weight"].shape[0]) for i in layers]
+    config = dict(config)
+    config[ARCH_KEY] = {"factory": architecture.factory, "kwargs": {**architecture.kwargs, "widths": widths}}
+    return config
+
+
+def _align_ot(
+    stores: Mapping[str, TensorStore],
+    reference: str,
+    settings: AlignmentSettings,
+    *,
+    architecture: Architecture | None,
+    data: Any,
+    device: str | torch.device,
+    progress: Callable[[str, int, int, str], None] | None,
+) -> AlignmentOutcome:
+    """OT fusion (OTFusion): transport every model into the reference's basis, whatever its widths or depth."""
+    from merge.align.ot import align_with_ot
+    from merge.derive import architecture_of, example_input
+    from merge.store import DictStore
+
+    ref_store = stores[reference]
+    spec_ref, arch_ref = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape)
+    outcome = AlignmentOutcome(reference, spec_ref, {reference: ref_store}, architecture=arch_ref, engine="ot")
+    others = [k for k in stores if k != reference]
+    if settings.ot_options.get("target_widths") and len(others) != 1:
+        raise AlignmentError("alignment.target_widths: compression is defined for one reference and one other model")
+    example = example_input(data, settings.input_shape) if (data is not None or settings.input_shape) else None
+    for i, key in enumerate(others):
+        if progress:
+            progress("align", i, len(others), key)
+        store = stores[key]
+        arch_b = architecture_of(store) or (architecture if architecture is not None and arch_ref is None else None)
+        spec_b, arch_b = derive_spec(store, architecture=arch_b, data=data, input_shape=settings.input_shape)
+        if len(spec_b.groups) != len(spec_ref.groups):
+            return _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome)
+        modules = {}
+        if arch_ref is not None and arch_b is not None:
+            modules = {"module_a": load_module(ref_store, arch_ref), "module_b": load_module(store, arch_b)}
+        batches = None
+        if data is not None:
+            from merge.data import iter_batches
+
+            batches = [x for x, _ in iter_batches(data, settings.batch_size)]
+        options = dict(settings.ot_options)
+        narrow, aligned, result = align_with_ot(spec_ref, spec_b, ref_store.state_dict(), store.state_dict(),
+                                                batches=batches, example_input=example, device=device, **modules, **options)
+        config = ref_store.config
+        if narrow is not None:
+            config = _with_widths(config, arch_ref, narrow)
+            outcome.stores[reference] = DictStore(narrow, source=f"{ref_store.source} (compressed)", config=config)
+            if arch_ref is not None and config is not None:
+                outcome.architecture = architecture_of(outcome.stores[reference])
+        outcome.stores[key] = DictStore(aligned, source=f"{store.source} (transported)", config=config)
+        outcome.results[key] = result
+        logger.info("transported %s onto %s: %s", key, reference, result.summary())
+    if progress:
+        progress("align", len(others), len(others), "")
+    return outcome
+
+
+def _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome) -> AlignmentOutcome:
+    """Models of different depths: CLAFusion-style layer alignment, identity insertion, then OT fusion."""
+    from merge.align.depth import fuse_depths
+    from merge.derive import Architecture
+    from merge.store import DictStore
+
+    if len(stores) != 2 or arch_ref is None or arch_b is None:
+        raise AlignmentError("models of different depths fuse only as a pair of runnable MLPs (merge.zoo:mlp)")
+    if data is None:
+        raise AlignmentError("fusing models of different depths aligns layers by CKA on activations: set alignment.data")
+    options = {k: v for k, v in settings.ot_options.items() if k != "target_widths"}
+    fused = fuse_depths(load_module(stores[reference], arch_ref), load_module(stores[key], arch_b), data,
+                        blend=settings.blend, **options)
+    state = {k: v.detach().contiguous() for k, v in fused.module.state_dict().items()}
+    arch = Architecture(arch_ref.factory, {**arch_ref.kwargs, "widths": list(fused.widths)})
+    config = _with_widths(stores[reference].config, arch, state)
+    fused_store = DictStore(state, source="fused", config=config)
+    outcome.stores = {reference: fused_store, key: fused_store}
+    outcome.architecture = arch
+    outcome.fused = True
+    outcome.results[key] = fused
     return outcome
