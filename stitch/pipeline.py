@@ -1,0 +1,502 @@
+"""The recipe's ``stitch:`` section, executed: fit a stitch between two models, evaluate it, save the artifact.
+
+Section shape (validated with pydantic before any model or data is touched; errors name the key, e.g.
+``stitch.source.layer``)::
+
+    stitch:
+      source: {model: demo:mlp-seed1, layer: 2}          # layer: index, negative index, stage name; default: penultimate
+      target: {model: demo:mlp-seed2, layer: 2}          # HF encoders: pooling: mean|cls, max_length
+      method: procrustes    # relative | procrustes | linear | ortho_linear | affine | ot | learned
+      options: {}           # constructor options of the method (translator / RelativeProjector / learned ridge)
+      anchors: {count: 256, selection: random, data: sklearn:digits, split: train, seed: 0, tokens: false}
+      head: {kind: auto}    # auto | model | logistic | linear; data/split (default: the anchors' data)
+      learned: {epochs: 0, lr: 0.001, batch_size: 64}    # fine-tuning of the learned stitch (A, B frozen)
+      evaluate: {data: sklearn:digits, split: test, compare: [relative, learned], similarity: true, plot: true}
+      plan: {method: learned, pairs: [[1, 1], [2, 2]]}   # optional: score (i, j) cut pairs
+
+The stitched model (A's prefix, the stitch, B's suffix or head) is written to ``<out>/stitched/``;
+``<out>/report.json`` holds accuracy and macro F1 of source-only, target-only, naive absolute stitching,
+the stitch and every compared method, CKA at the cut and the layer-similarity matrix; plots are
+``similarity.png`` (CKA heatmap) and ``accuracy.png`` (accuracy by method).
+
+``anchors.tokens: true`` (two Hugging Face encoders with the same tokenizer) fits translators and the
+learned stitch on every token state of the anchor texts: a d-wide space needs more than d anchors to
+pin down a map, and a few dozen texts give thousands of tokens.
+
+``procrustes`` and ``ortho_linear`` default here to ``scale="global"`` (one scale per side), which keeps
+them exact for a rotated and rescaled copy of a space; pass ``options: {scale: feature}`` for the
+per-feature standardisation of Maiorca et al.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from merge.data import CalibrationData, load_dataset
+from merge.errors import InputError, RecipeError
+from stitch.anchors import select_anchors
+from stitch.features import Chain, flatten_features, load_chain
+from stitch.heads import train_head
+from stitch.learned import finetune_stitch
+from stitch.planner import TRANSLATOR_METHODS, build_stitch, plan_stitch
+from stitch.relative import RelativeProjector
+from stitch.similarity import layer_similarity_matrix, linear_cka
+from stitch.stitched import RelativeStitch, StitchedModel, classification_scores, make_stitched, predict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "StitchSection", "run_stitch", "validate_stitch_section"]
+
+Method = Literal["relative", "procrustes", "linear", "ortho_linear", "affine", "ot", "learned"]
+METHODS = ("relative", "procrustes", "linear", "ortho_linear", "affine", "ot", "learned")
+DataSpec = StrictStr | dict[str, Any]
+Progress = Callable[[str, int, int, str], None]
+Where = Callable[[tuple], str]
+_DEFAULT_DATA = "sklearn:digits"
+
+
+# --------------------------------------------------------------------------------------------------
+# schema
+
+
+class _S(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSide(_S):
+    """`source:` / `target:`: a model reference and the layer to cut at."""
+
+    model: StrictStr
+    layer: StrictInt | StrictStr | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: StrictInt = Field(128, ge=2)
+
+
+class AnchorsSection(_S):
+    """`anchors:`: how many parallel anchors, how they are picked, from which data."""
+
+    count: StrictInt = Field(256, ge=1)
+    selection: Literal["random", "stratified", "farthest", "kmeans"] = "random"
+    data: DataSpec = _DEFAULT_DATA
+    split: Literal["train", "test", "all"] = "train"
+    max_items: StrictInt | None = Field(None, ge=1)
+    seed: StrictInt = 0
+    tokens: StrictBool = False
+
+
+class HeadSection(_S):
+    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features."""
+
+    kind: Literal["auto", "model", "logistic", "linear"] = "auto"
+    data: DataSpec | None = None
+    split: Literal["train", "test", "all"] = "train"
+    max_items: StrictInt | None = Field(None, ge=1)
+    weight_decay: StrictFloat | StrictInt = Field(1e-3, ge=0)
+
+
+class LearnedSection(_S):
+    """`learned:`: fine-tuning of the learned stitch after its closed-form initialisation."""
+
+    epochs: StrictInt = Field(0, ge=0)
+    lr: StrictFloat = Field(1e-3, gt=0)
+    batch_size: StrictInt = Field(64, ge=1)
+    seed: StrictInt = 0
+
+
+class EvaluateSection(_S):
+    """`evaluate:`: held-out data, methods to compare, similarity heatmap and plots."""
+
+    data: DataSpec | None = None
+    split: Literal["train", "test", "all"] = "test"
+    max_items: StrictInt | None = Field(None, ge=1)
+    batch_size: StrictInt = Field(256, ge=1)
+    compare: list[Method] = Field(default_factory=list)
+    similarity: StrictBool = True
+    plot: StrictBool = True
+
+
+class PlanSection(_S):
+    """`plan:`: score candidate (source layer, target layer) pairs."""
+
+    method: Literal["procrustes", "linear", "ortho_linear", "affine", "ot", "learned"] = "learned"
+    pairs: list[list[StrictInt]] | None = None
+    source_layers: list[StrictInt] | None = None
+    target_layers: list[StrictInt] | None = None
+
+
+class StitchSection(_S):
+    """The whole `stitch:` section."""
+
+    source: ModelSide
+    target: ModelSide
+    method: Method
+    options: dict[str, Any] = Field(default_factory=dict)
+    anchors: AnchorsSection = Field(default_factory=AnchorsSection)
+    head: HeadSection = Field(default_factory=HeadSection)
+    learned: LearnedSection = Field(default_factory=LearnedSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    plan: PlanSection | None = None
+    save: StrictBool = True
+
+
+def _label(path: tuple, where: Where | None) -> str:
+    return where(path) if where else ".".join(str(p) for p in path)
+
+
+def _error(path: tuple, message: str, where: Where | None) -> RecipeError:
+    return RecipeError(f"{_label(path, where)}: {message}")
+
+
+def validate_stitch_section(section: Any, where: Where | None = None) -> StitchSection:
+    """Validate a `stitch:` mapping (types, allowed values, method options); errors name keys like stitch.source.layer."""
+    if not isinstance(section, Mapping):
+        raise _error(("stitch",), f"expected a mapping with source, target and method, got {type(section).__name__}", where)
+    try:
+        cfg = StitchSection.model_validate(dict(section))
+    except ValidationError as exc:
+        problems = [f"{_label(('stitch', *err['loc']), where)}: {err['msg']}" for err in exc.errors()]
+        raise RecipeError("; ".join(problems)) from None
+    # Method options are checked by building the (unfitted) estimator now, not after minutes of work.
+    try:
+        _make_estimator(cfg.method, cfg.options)
+    except (TypeError, InputError) as exc:
+        raise _error(("stitch", "options"), f"does not fit method {cfg.method!r} ({exc})", where) from None
+    return cfg
+
+
+def _method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    if method in ("procrustes", "ortho_linear"):
+        opts.setdefault("scale", "global")
+    return opts
+
+
+def _make_estimator(method: str, options: Mapping[str, Any]) -> Any:
+    opts = _method_options(method, options)
+    if method == "relative":
+        return RelativeProjector(**opts)
+    if method == "learned":
+        unknown = sorted(set(opts) - {"ridge"})
+        if unknown:
+            raise InputError(f"unknown options {unknown}; the learned stitch takes 'ridge'")
+        return None
+    return TRANSLATOR_METHODS[method](**opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _load_data(spec: Any, split: str, max_items: int | None, tokenizer: Any, key: tuple, where: Where | None) -> CalibrationData:
+    try:
+        data = load_dataset(spec, split=split, tokenizer=tokenizer, max_items=max_items)  # type: ignore[arg-type]
+    except InputError as exc:
+        raise _error(key, str(exc), where) from None
+    return data
+
+
+def _subset(data: CalibrationData, idx: torch.Tensor) -> CalibrationData:
+    """data.subset(idx), with the raw texts (which encoders re-tokenize) subset too."""
+    sub = data.subset(idx)
+    texts = data.meta.get("texts")
+    if texts is not None:
+        sub.meta["texts"] = [texts[int(k)] for k in idx]
+    return sub
+
+
+def _tokenizer(*chains: Chain) -> Any:
+    for c in chains:
+        if c.kind == "hf" and c.hf.get("tokenizer") is not None:
+            return c.hf["tokenizer"]
+    return None
+
+
+def _width(x: torch.Tensor) -> int:
+    return int(x.shape[1])
+
+
+def _short(ref: str) -> str:
+    return Path(ref).name or ref
+
+
+def _figure_similarity(matrix: list[list[float]], sl: list[int], tl: list[int], cut: tuple[int, int], path: Path, names: tuple[str, str]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.2 + 0.6 * len(tl) + 1.5, 1.2 + 0.5 * len(sl) + 1.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(tl)), [str(j) for j in tl])
+    ax.set_yticks(range(len(sl)), [str(i) for i in sl])
+    ax.set_xlabel(f"target layer ({names[1]})")
+    ax.set_ylabel(f"source layer ({names[0]})")
+    for a, i in enumerate(sl):
+        for b, j in enumerate(tl):
+            ax.text(b, a, f"{matrix[a][b]:.2f}", ha="center", va="center", fontsize=7, color="w" if matrix[a][b] < 0.6 else "k")
+    if cut[0] in sl and cut[1] in tl:
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((tl.index(cut[1]) - 0.5, sl.index(cut[0]) - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(im, ax=ax, label="linear CKA (higher = more similar)")
+    ax.set_title("layer similarity")
+    fig.savefig(path, dpi=110, format="png")
+    return path
+
+
+def _figure_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [k for k, v in results.items() if v.get("accuracy") is not None]
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(names)), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    accs = [results[k]["accuracy"] for k in names]
+    bars = ax.bar(range(len(names)), accs, color=["#4c72b0" if "only" in k or k == "target_relative" else "#dd8452" if k == "naive_absolute" else "#55a868" for k in names])
+    for b, a in zip(bars, accs):
+        ax.text(b.get_x() + b.get_width() / 2, a + 0.01, f"{a:.3f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.0, 1.08)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy by method")
+    fig.savefig(path, dpi=110, format="png")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_stitch(
+    section: Mapping[str, Any] | StitchSection,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    where: Where | None = None,
+) -> dict[str, Any]:
+    """Execute a `stitch:` section: write <out>/stitched/, <out>/report.json and plots; return the report."""
+    cfg = section if isinstance(section, StitchSection) else validate_stitch_section(section, where)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str, done: int, total: int, detail: str = "") -> None:
+        if progress:
+            progress(name, done, total, detail)
+
+    # -- models and cut points (errors name the recipe key) ---------------------------------------
+    step("load", 0, 2, cfg.source.model)
+    chains = []
+    for side, spec in (("source", cfg.source), ("target", cfg.target)):
+        try:
+            chains.append(load_chain(spec.model, pooling=spec.pooling, max_length=spec.max_length))
+        except (InputError, RecipeError) as exc:
+            raise _error(("stitch", side, "model"), str(exc), where) from None
+    A, B = chains
+    step("load", 2, 2, cfg.target.model)
+    try:
+        i = A.resolve_layer(cfg.source.layer, "layer")
+    except InputError as exc:
+        raise _error(("stitch", "source", "layer"), str(exc), where) from None
+    try:
+        j = B.resolve_layer(cfg.target.layer, "layer")
+    except InputError as exc:
+        raise _error(("stitch", "target", "layer"), str(exc), where) from None
+    if i == 0 and A.kind != "hf":
+        raise _error(("stitch", "source", "layer"), "layer 0 is the raw input; cut after at least one layer", where)
+    head_kind = cfg.head.kind
+    if head_kind == "auto":
+        head_kind = "model" if B.has_head else "logistic"
+    if head_kind == "model" and not B.has_head:
+        raise _error(("stitch", "head", "kind"), "the target is an encoder without a classifier; use logistic or linear", where)
+    if cfg.method == "learned" and head_kind != "model" and cfg.learned.epochs > 0:
+        logger.info("learned stitch fine-tuned through a trained head (the target has no head of its own)")
+
+    # -- data ---------------------------------------------------------------------------------------
+    tok = _tokenizer(A, B)
+    anchors_data = _load_data(cfg.anchors.data, cfg.anchors.split, cfg.anchors.max_items, tok, ("stitch", "anchors", "data"), where)
+    head_data = anchors_data
+    if cfg.head.data is not None:
+        head_data = _load_data(cfg.head.data, cfg.head.split, cfg.head.max_items, tok, ("stitch", "head", "data"), where)
+    eval_spec = cfg.evaluate.data if cfg.evaluate.data is not None else cfg.anchors.data
+    eval_data = _load_data(eval_spec, cfg.evaluate.split, cfg.evaluate.max_items, tok, ("stitch", "evaluate", "data"), where)
+    if eval_data.labels is None:
+        raise _error(("stitch", "evaluate", "data"), "evaluation needs labelled data", where)
+    if cfg.anchors.count > len(anchors_data):
+        raise _error(("stitch", "anchors", "count"), f"{cfg.anchors.count} anchors asked for, but the anchor data has only {len(anchors_data)} items", where)
+    if cfg.anchors.tokens and not (A.kind == "hf" and B.kind == "hf"):
+        raise _error(("stitch", "anchors", "tokens"), "token anchors need two Hugging Face encoders", where)
+    if cfg.anchors.selection == "stratified" and anchors_data.labels is None:
+        raise _error(("stitch", "anchors", "selection"), "stratified selection needs labelled anchor data", where)
+    needs_labels = head_kind != "model" or cfg.method == "relative" or "relative" in cfg.evaluate.compare or cfg.learned.epochs > 0
+    if needs_labels and head_data.labels is None:
+        raise _error(("stitch", "head", "data"), "training a head (or fine-tuning) needs labelled data", where)
+    timings["load"] = time.perf_counter() - t0
+
+    # -- features -------------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    bs = cfg.evaluate.batch_size
+    step("features", 0, 3, "anchors")
+    fa_anchor_all = A.features(anchors_data, i, batch_size=bs, device=device)[i]
+    fb_anchor_all = B.features(anchors_data, j, batch_size=bs, device=device)[j]
+    if fa_anchor_all.shape[0] != fb_anchor_all.shape[0]:
+        raise _error(("stitch", "anchors", "data"), f"anchors are not parallel: A gave {fa_anchor_all.shape[0]} rows, B {fb_anchor_all.shape[0]}", where)
+    if head_data is anchors_data:
+        fa_head, fb_head = fa_anchor_all, fb_anchor_all
+    else:
+        step("features", 1, 3, "head data")
+        fa_head = A.features(head_data, i, batch_size=bs, device=device)[i]
+        fb_head = B.features(head_data, j, batch_size=bs, device=device)[j]
+    step("features", 2, 3, "evaluation data")
+    all_a = sorted({i, *range(1, (A.num_layers if A.kind == "hf" else A.num_layers - 1) + 1)}) if cfg.evaluate.similarity else [i]
+    all_b = sorted({j, *range(1, (B.num_layers if B.kind == "hf" else B.num_layers - 1) + 1)}) if cfg.evaluate.similarity else [j]
+    ea = A.features(eval_data, all_a, batch_size=bs, device=device)
+    eb = B.features(eval_data, all_b, batch_size=bs, device=device)
+    step("features", 3, 3, "")
+    timings["features"] = time.perf_counter() - t1
+
+    # -- anchors ------------------------------------------------------------------------------------
+    sel = cfg.anchors.selection
+    idx = select_anchors(
+        sel, cfg.anchors.count, features=flatten_features(fa_anchor_all) if sel in ("farthest", "kmeans") else None,
+        labels=anchors_data.labels, n=len(anchors_data), seed=cfg.anchors.seed,
+    )
+    xa, xb = fa_anchor_all[idx], fb_anchor_all[idx]
+    if cfg.anchors.tokens:
+        # Every token of the chosen anchor texts is a parallel anchor (both encoders must tokenize alike);
+        # relative representations keep the pooled anchors (thousands of anchors would be the vector).
+        sub = _subset(anchors_data, idx)
+        ta = A.features(sub, i, batch_size=bs, device=device, tokens=True)[i]
+        tb = B.features(sub, j, batch_size=bs, device=device, tokens=True)[j]
+        if ta.shape[0] != tb.shape[0]:
+            raise _error(("stitch", "anchors", "tokens"), f"token anchors are not parallel: A's tokenizer gave {ta.shape[0]} tokens, B's {tb.shape[0]}", where)
+        token_anchors = (ta, tb)
+    else:
+        token_anchors = None
+    if cfg.method in ("procrustes", "ortho_linear") and _width(flatten_features(xa[:1])) != _width(flatten_features(xb[:1])):
+        if not _method_options(cfg.method, cfg.options).get("allow_padding", True):
+            raise _error(
+                ("stitch", "options", "allow_padding"),
+                f"source layer {i} has width {xa.shape[1]} and target layer {j} width {xb.shape[1]}; "
+                "zero-padding is needed but allow_padding is false",
+                where,
+            )
+
+    # -- the target side: own suffix or a trained head ----------------------------------------------
+    t2 = time.perf_counter()
+    if head_kind == "model":
+        suffix = B.suffix(j)
+        head = None
+    else:
+        head = train_head(fb_head, head_data.labels, kind=head_kind, weight_decay=float(cfg.head.weight_decay))
+        suffix = head
+    labels = eval_data.labels
+
+    def score(fn: Callable[[Any], torch.Tensor], x: Any) -> dict[str, Any]:
+        return classification_scores(predict(fn, x, batch_size=bs), labels)
+
+    results: dict[str, dict[str, Any]] = {}
+    # Source alone: A's own classifier, or a head of the same kind trained on A's features at the cut.
+    if A.has_head:
+        results["source_only"] = score(A.suffix(i), ea[i])
+    else:
+        results["source_only"] = score(train_head(fa_head, head_data.labels, kind="logistic" if head_kind == "model" else head_kind), ea[i])
+    results["target_only"] = score(suffix, eb[j])
+    if tuple(ea[i].shape[1:]) == tuple(eb[j].shape[1:]):
+        results["naive_absolute"] = score(suffix, ea[i])
+    else:
+        results["naive_absolute"] = {"accuracy": None, "f1_macro": None, "skipped": f"shapes differ: {tuple(ea[i].shape[1:])} vs {tuple(eb[j].shape[1:])}"}
+
+    # -- stitches -----------------------------------------------------------------------------------
+    methods = [cfg.method, *[m for m in cfg.evaluate.compare if m != cfg.method]]
+    stitched: dict[str, StitchedModel] = {}
+    info_base = {"source": cfg.source.model, "target": cfg.target.model, "source_layer": i, "target_layer": j, "anchors": cfg.anchors.count}
+    for k, m in enumerate(methods):
+        step("stitch", k, len(methods), m)
+        opts = _method_options(m, cfg.options if m == cfg.method else {})
+        info = {**info_base, "method": m, "options": opts}
+        try:
+            if m == "relative":
+                proj_a = RelativeProjector(**opts).fit(flatten_features(xa))
+                proj_b = RelativeProjector(**opts).fit(flatten_features(xb))
+                rel_kind = head_kind if head_kind != "model" else "logistic"
+                rel_head = train_head(proj_b.transform(flatten_features(fb_head)), head_data.labels, kind=rel_kind, weight_decay=float(cfg.head.weight_decay))
+                model = make_stitched(A, i, RelativeStitch(proj_a), target=B, target_layer=j, head=rel_head, info=info)
+                results["target_relative"] = score(rel_head, proj_b.transform(flatten_features(eb[j])))
+            else:
+                st = build_stitch(m, *(token_anchors or (xa, xb)), opts)
+                if m == "learned" and cfg.learned.epochs > 0:
+                    info["finetune_loss"] = finetune_stitch(
+                        st, fa_head, suffix, head_data.labels, epochs=cfg.learned.epochs, lr=cfg.learned.lr,
+                        batch_size=cfg.learned.batch_size, seed=cfg.learned.seed, device=device,
+                    )
+                if head is not None:
+                    model = make_stitched(A, i, st, target=B, target_layer=j, head=head, info=info)
+                else:
+                    model = make_stitched(A, i, st, target=B, target_layer=j, info=info)
+        except InputError as exc:
+            if m == cfg.method:
+                raise _error(("stitch", "method"), f"{m}: {exc}", where) from None
+            results[m] = {"accuracy": None, "f1_macro": None, "skipped": str(exc)}
+            continue
+        model.eval()
+        results[m] = score(lambda z, mm=model: mm.target(mm.stitch(z)), ea[i])
+        stitched[m] = model
+    results["stitch"] = dict(results[cfg.method])
+    step("stitch", len(methods), len(methods), "")
+    timings["stitch"] = time.perf_counter() - t2
+
+    report: dict[str, Any] = {
+        "method": cfg.method,
+        "source": {"model": cfg.source.model, "layer": i, "num_layers": A.num_layers, "width": _width(flatten_features(ea[i][:1]))},
+        "target": {"model": cfg.target.model, "layer": j, "num_layers": B.num_layers, "width": _width(flatten_features(eb[j][:1])), "head": head_kind},
+        "anchors": {
+            "count": cfg.anchors.count, "selection": sel, "seed": cfg.anchors.seed, "data": anchors_data.name,
+            "token_anchors": None if token_anchors is None else int(token_anchors[0].shape[0]),
+        },
+        "evaluate": {"data": eval_data.name, "n": len(eval_data), "results": results},
+        "similarity": {"metric": "linear CKA (biased), higher = more similar", "cka_at_cut": linear_cka(flatten_features(ea[i]), flatten_features(eb[j]))},
+    }
+
+    # -- similarity, plan, artifacts ----------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if cfg.evaluate.similarity:
+        mat = layer_similarity_matrix([flatten_features(ea[a]) for a in all_a], [flatten_features(eb[b]) for b in all_b], "cka")
+        report["similarity"].update(source_layers=all_a, target_layers=all_b, matrix=mat.tolist())
+        if cfg.evaluate.plot:
+            plots.append(_figure_similarity(mat.tolist(), all_a, all_b, (i, j), out / "similarity.png", (_short(cfg.source.model), _short(cfg.target.model))).name)
+    if cfg.plan is not None:
+        step("plan", 0, 1, "")
+        p = cfg.plan
+        try:
+            report["plan"] = plan_stitch(
+                A, B, head_data, eval_data, pairs=p.pairs, source_layers=p.source_layers, target_layers=p.target_layers,
+                method=p.method, batch_size=bs, device=device,
+            )
+        except InputError as exc:
+            raise _error(("stitch", "plan"), str(exc), where) from None
+        step("plan", 1, 1, "")
+    if cfg.evaluate.plot:
+        plots.append(_figure_accuracy(results, out / "accuracy.png").name)
+    report["plots"] = plots
+    if cfg.save:
+        model = stitched[cfg.method]
+        model.manifest["info"]["evaluate"] = results["stitch"]
+        model.save(out / "stitched")
+        report["artifact"] = "stitched"
+    timings["total"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    logger.info("stitch %s: %s", cfg.method, {k: v.get("accuracy") for k, v in results.items()})
+    return report
