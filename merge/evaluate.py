@@ -27,7 +27,8 @@ Curve = list[dict[str, float]]
 ModuleSource = nn.Module | Callable[[], nn.Module]
 
 
-def _logits(output: Any) -> torch.Tensor:
+def model_logits(output: Any) -> torch.Tensor:
+    """The logits in a model output: the tensor itself, `.logits`, or the first element of a tuple."""
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
@@ -80,7 +81,7 @@ def evaluate(
         for inputs, labels in iter_batches(dataset, batch_size):
             inputs = inputs_to(inputs, device)
             labels = None if labels is None else labels.to(device)
-            loss, correct, n = _batch_sums(_logits(run_module(module, inputs)), inputs, labels, dataset.name)
+            loss, correct, n = _batch_sums(model_logits(run_module(module, inputs)), inputs, labels, dataset.name)
             total_loss, total_correct, total_n = total_loss + loss, total_correct + correct, total_n + n
     finally:
         module.train(was_training)

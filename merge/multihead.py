@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from merge.errors import InputError
+from merge.evaluate import model_logits
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,14 @@ class MultiHeadModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         outputs = self._run(args, kwargs)
-        logits = [_logits(o) for o in outputs]
+        logits = [model_logits(o) for o in outputs]
         if self.heads == "average":
             return torch.stack(logits).mean(0)
         return torch.cat(logits, dim=-1)
 
     def member_outputs(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Each member's output (logits) separately."""
-        return [_logits(o) for o in self._run(args, kwargs)]
+        return [model_logits(o) for o in self._run(args, kwargs)]
 
     # ------------------------------------------------------------------------------ execution
     def _run(self, args: tuple, kwargs: dict) -> list[Any]:
@@ -146,16 +147,6 @@ class MultiHeadModel(nn.Module):
                     branch_nodes.add(node.name)
         self._plan = (gm.graph, branch_nodes)
         return self._plan
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise InputError(f"member output of type {type(output).__name__} has no logits")
 
 
 def _tensor_slot(module: nn.Module, name: str) -> torch.Tensor:

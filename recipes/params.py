@@ -47,7 +47,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _kind(value: Any) -> str:
+def describe_kind(value: Any) -> str:
+    """A value's YAML kind in words ('a number', 'a list', ...) for error messages."""
     if isinstance(value, bool):
         return "a boolean"
     if _is_number(value):
@@ -71,9 +72,9 @@ def _check_gradient(values: list[Any]) -> list[tuple[KeyPath, str]]:
     first = values[0]
     for i, v in enumerate(values):
         if not is_scalar(v):
-            return [((i,), f"a gradient list holds plain values, but item {i} is {_kind(v)}")]
+            return [((i,), f"a gradient list holds plain values, but item {i} is {describe_kind(v)}")]
         if _is_number(first) != _is_number(v) or (not _is_number(first) and type(v) is not type(first)):
-            return [((i,), f"a gradient list must not mix kinds: item 0 is {_kind(first)}, item {i} is {_kind(v)}")]
+            return [((i,), f"a gradient list must not mix kinds: item 0 is {describe_kind(first)}, item {i} is {describe_kind(v)}")]
     return []
 
 
@@ -88,7 +89,7 @@ def _check_condition(cond: Mapping[Any, Any]) -> list[tuple[KeyPath, str]]:
         problems.append(((), "a condition needs a 'value' (and usually a 'filter', a substring of tensor names)"))
     flt = cond.get("filter")
     if flt is not None and not isinstance(flt, str):
-        problems.append((("filter",), f"a filter is a substring of tensor names (a string), got {_kind(flt)}"))
+        problems.append((("filter",), f"a filter is a substring of tensor names (a string), got {describe_kind(flt)}"))
     if "value" in cond:
         value = cond["value"]
         if isinstance(value, Mapping) or (isinstance(value, list) and any(isinstance(v, Mapping) for v in value)):
@@ -99,7 +100,7 @@ def _check_condition(cond: Mapping[Any, Any]) -> list[tuple[KeyPath, str]]:
             else:
                 problems += [(("value",) + p, m) for p, m in _check_gradient(value)]
         elif not is_scalar(value):
-            problems.append((("value",), f"expected a scalar or a gradient list, got {_kind(value)}"))
+            problems.append((("value",), f"expected a scalar or a gradient list, got {describe_kind(value)}"))
     return problems
 
 
@@ -119,9 +120,9 @@ def check_setting(value: Any) -> list[tuple[KeyPath, str]]:
             return problems
         if any(isinstance(v, Mapping) for v in value):
             bad = next(i for i, v in enumerate(value) if not isinstance(v, Mapping))
-            return [((bad,), f"a condition list holds only {{filter, value}} mappings, but item {bad} is {_kind(value[bad])}")]
+            return [((bad,), f"a condition list holds only {{filter, value}} mappings, but item {bad} is {describe_kind(value[bad])}")]
         return _check_gradient(value)
-    return [((), f"expected {_WHAT}; got {_kind(value)}")]
+    return [((), f"expected {_WHAT}; got {describe_kind(value)}")]
 
 
 def unreachable_conditions(value: Any) -> list[int]:

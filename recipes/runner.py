@@ -27,8 +27,8 @@ from merge.store import TensorStore, open_store
 from merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from recipes.params import ParamResolver
 from recipes import steps
-from recipes.publish import parse_publish, publish
-from recipes.sections import parse_alignment, parse_evaluate
+from recipes.publish import publish
+from recipes.sections import parse_alignment, parse_evaluate, parse_publish
 from recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,15 @@ class RunResult:
     def summary(self) -> str:
         """A few lines for the terminal."""
         r = self.report
+        if "evaluate" in r and "source" in r:  # a stitch
+            head = (f"stitched {r['source']['model']} (layer {r['source']['layer']}) into {r['target']['model']} "
+                    f"(layer {r['target']['layer']}) with {r['method']} in {r.get('seconds_total', 0):.1f} s")
+            lines = [head, f"output: {self.out_dir}"] + [f"  {name}" for name in sorted(self.files)]
+            lines.append(f"evaluation on {r['evaluate']['data']} ({r['evaluate']['n']} items):")
+            for label, row in r["evaluate"]["results"].items():
+                acc = row.get("accuracy")
+                lines.append(f"  {label:<28} " + (f"accuracy {acc:.4f}" if acc is not None else f"skipped: {row.get('skipped')}"))
+            return "\n".join(lines)
         if r.get("merge_method"):
             head = (f"merged {r.get('tensors', 0)} tensors with {r.get('merge_method')} "
                     f"({r.get('bytes_written', 0) / 1e6:,.1f} MB) in {r.get('seconds_total', 0):.1f} s on {r.get('device')}")
@@ -396,8 +405,8 @@ def run_recipe(
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)
-    if r.stitch:
-        raise RecipeError(f"{r.source}: the `stitch` section is not available in this version")
+    if r.stitch is not None:
+        return _run_stitch(r, out_dir, options, started, progress)
     alignment = parse_alignment(r.alignment, r.where)
     evaluation_section = parse_evaluate(r.evaluate, r.where)
     publish_section = parse_publish(r.publish, r.where)
@@ -478,6 +487,43 @@ def run_recipe(
     result = RunResult(out, files, report)
     if publish_section is not None:
         result.url = publish(out, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
+    return result
+
+
+def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
+    """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
+    from merge.card import write_model_card
+    from stitch.pipeline import run_stitch, validate_stitch_section
+
+    if r.models or r.slices or r.merge_method:
+        raise r.error(("stitch",), "a stitch recipe names its models in the stitch section; drop merge_method/models/slices")
+    section = validate_stitch_section(r.stitch, where=r.where)
+    publish_section = parse_publish(r.publish, r.where)
+    device = resolve_device(options.device)
+    with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
+        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where)
+        report["seconds_total"] = round(time.perf_counter() - started, 3)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "suture_recipe.yml").write_text(r.to_yaml())
+        source, target = r.stitch["source"], r.stitch["target"]
+        evaluation = {k: {m: v for m, v in row.items() if m in ("accuracy", "f1_macro", "skipped")}
+                      for k, row in report["evaluate"]["results"].items()}
+        write_model_card(
+            tmp,
+            inputs=[str(source["model"]), str(target["model"])],
+            method=f"stitch ({section.method})",
+            engine="stitching",
+            recipe_yaml=r.to_yaml(),
+            evaluation=evaluation,
+            plot_path="accuracy.png" if (tmp / "accuracy.png").is_file() else None,
+            stitched={"source": f"{source['model']} up to layer {source.get('layer')}",
+                      "target": f"{target['model']} from layer {target.get('layer')}", "method": section.method},
+            name=r.name,
+        )
+        files = sorted(p.name for p in tmp.iterdir())
+    result = RunResult(Path(out_dir).expanduser().resolve(), files, report)
+    if publish_section is not None:
+        result.url = publish(result.out_dir, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
     return result
 
 

@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from merge.errors import RecipeError
-from recipes.params import check_setting, unreachable_conditions
+from recipes.params import check_setting, describe_kind, unreachable_conditions
 from recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ModelRef(BaseModel):
                 out["lora"] = _split_revision(lora, "LoRA reference")
             return out
         raise _PathError(
-            (), f"expected a model reference (a local path or Hub id, optional @revision), got {_kind(value)}"
+            (), f"expected a model reference (a local path or Hub id, optional @revision), got {describe_kind(value)}"
         )
 
     @classmethod
@@ -195,22 +195,6 @@ class ModelRef(BaseModel):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
 def _check_param_value(value: Any) -> Any:
     problems = check_setting(value)
     if problems:
@@ -240,7 +224,7 @@ DtypeName = Annotated[StrictStr, AfterValidator(_check_dtype)]
 
 def _parse_shard_size(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected a size in bytes or a string like '5GB' or '500MB', got {_kind(value)}")
+        raise ValueError(f"expected a size in bytes or a string like '5GB' or '500MB', got {describe_kind(value)}")
     from merge.writer import parse_size  # imported here: it pulls in torch
 
     try:
@@ -269,7 +253,7 @@ def _tokenizer_source(value: Any) -> Any:
             if isinstance(inner, _PathError):
                 raise _PathError(loc + inner.subpath, inner.message) from None
             raise _PathError(loc, f"{err['msg']} (got {_short(err.get('input'))})") from None
-    raise _PathError((), f"expected 'union', 'base' or a model reference, got {_kind(value)}")
+    raise _PathError((), f"expected 'union', 'base' or a model reference, got {describe_kind(value)}")
 
 
 TokenizerSource = Annotated[Union[Literal["union", "base"], ModelRef], BeforeValidator(_tokenizer_source)]
@@ -825,7 +809,7 @@ def parse_recipe(
         raise RecipeError(f"{source}: the recipe is empty")
     if not isinstance(data, Mapping):
         raise RecipeError(
-            f"{source}: a recipe is a mapping of keys (merge_method, models or slices, ...), got {_kind(data)}"
+            f"{source}: a recipe is a mapping of keys (merge_method, models or slices, ...), got {describe_kind(data)}"
         )
     odd = [k for k in data if not isinstance(k, str)]
     if odd:

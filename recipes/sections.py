@@ -99,6 +99,21 @@ def _validate(model: type[BaseModel], name: str, value: Any, where: Callable[[tu
         raise RecipeError("; ".join(problems)) from None
 
 
+class PublishSection(_Section):
+    """`publish: {repo_id, private, revision, create_pr, commit_message}` (never a token: recipes get shared)."""
+
+    repo_id: StrictStr
+    private: StrictBool = False
+    revision: StrictStr | None = None
+    create_pr: StrictBool = False
+    commit_message: StrictStr | None = None
+
+
+def parse_publish(value: Any, where: Callable[[tuple], str] | None = None) -> PublishSection | None:
+    """Validate the `publish:` section (None when absent)."""
+    return _validate(PublishSection, "publish", value, where)
+
+
 def parse_alignment(value: Any, where: Callable[[tuple], str] | None = None) -> AlignmentSection | None:
     """Validate the `alignment:` section (None when absent)."""
     return _validate(AlignmentSection, "alignment", value, where)

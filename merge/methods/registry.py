@@ -213,15 +213,3 @@ def run_method(method: MergeMethod | str, inputs: MergeInputs) -> torch.Tensor:
     if not dtype.is_floating_point:
         out = torch.round(out)
     return out.to(dtype)
-
-
-__all__ = [
-    "MergeInputs",
-    "MergeMethod",
-    "ParamDef",
-    "get_method",
-    "list_methods",
-    "output_dtype",
-    "register",
-    "run_method",
-]
