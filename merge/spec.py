@@ -13,7 +13,12 @@ allows a head permutation composed with a per-head within-head permutation. Grou
 heads to their KV head with ``Member.repeat``: the member's axis is laid out as ``(n_kv_heads, repeat,
 head_dim)`` and the group's permutation acts on the KV-head and head-dim parts only. ``Member.inner`` says
 the axis is laid out ``(units, inner)``: a Linear reading a flattened ``(C, H, W)`` map sees each channel as a
-block of ``H*W`` columns, so the permutation moves whole blocks.
+block of ``H*W`` columns, so the permutation moves whole blocks. ``Member.outer`` says the axis holds
+``outer`` blocks side by side, each laid out as above, and the same permutation acts inside every block: GPT-2's
+fused ``c_attn`` stores Q, K and V as three blocks of one axis, ``(3, heads * head_dim)``.
+
+The full layout of a member's axis is therefore ``(outer, units, inner)``, with ``units`` read as
+``(kv_heads, repeat, head_dim)`` when ``repeat > 1``; its length is ``outer * size * repeat * inner``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ class Member:
     # The axis is laid out (units, inner): each hidden unit owns `inner` consecutive entries, as when a
     # Linear reads a flattened (C, H, W) feature map and one channel covers H*W columns.
     inner: int = 1
+    # The axis holds `outer` blocks side by side, each laid out as above, and the group's permutation acts
+    # on every block alike: GPT-2's c_attn stores Q, K and V as three blocks of its output axis.
+    outer: int = 1
+
+    def layout(self) -> str:
+        """Short text of the non-default layout fields, e.g. ``"outer=3"`` (empty for a plain axis)."""
+        parts = [f"{k}={v}" for k, v in (("repeat", self.repeat), ("inner", self.inner), ("outer", self.outer)) if v != 1]
+        return " ".join(parts)
+
+
+def axis_length(size: int, member: Member) -> int:
+    """Length of a member's axis for a group of `size` units: outer * size * repeat * inner."""
+    return member.outer * size * member.repeat * member.inner
 
 
 @dataclass
@@ -132,10 +150,10 @@ class PermutationSpec:
                 shape = tuple(shapes[m.tensor])
                 if not -len(shape) <= m.axis < len(shape):
                     raise ValueError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis} (shape {shape})")
-                if shape[m.axis] != group.size * m.repeat * m.inner:
+                if shape[m.axis] != axis_length(group.size, m):
                     raise ValueError(
-                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}, inner {m.inner}) does not fit "
-                        f"tensor {m.tensor!r} axis {m.axis} of length {shape[m.axis]}"
+                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}, inner {m.inner}, outer {m.outer}) "
+                        f"does not fit tensor {m.tensor!r} axis {m.axis} of length {shape[m.axis]}"
                     )
 
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -144,27 +162,38 @@ class PermutationSpec:
         return {g.name: g.random_permutation(gen) for g in self.groups.values()}
 
     def describe(self) -> list[dict]:
-        """Rows for `suture inspect`: name, size, kind, member count, frozen reason."""
+        """Rows for `suture inspect`: name, size, kind, members (with any repeat/inner/outer layout), frozen reason."""
         return [
             {
                 "group": g.name,
                 "size": g.size,
                 "kind": g.kind,
-                "members": [f"{m.tensor}[{m.axis}]{'(in)' if m.role == 'in' else ''}" for m in g.members],
+                "members": [_member_text(m) for m in g.members],
                 "frozen": g.frozen_reason,
             }
             for g in self.groups.values()
         ]
 
 
+def _member_text(m: Member) -> str:
+    """`tensor[axis]`, `(in)` for the reading side, then the layout when it is not a plain axis."""
+    layout = m.layout()
+    return f"{m.tensor}[{m.axis}]{'(in)' if m.role == 'in' else ''}{f' {{{layout}}}' if layout else ''}"
+
+
 def expand_index(perm: torch.Tensor, member: Member, head_dim: int | None) -> torch.Tensor:
-    """Index vector for a member's axis: the group permutation, expanded across GQA repeats and inner blocks."""
+    """Index vector for a member's whole axis: the group permutation, expanded across GQA repeats, inner
+    blocks and outer blocks (block o, entry i -> o * block length + expanded[i])."""
     idx = _expand_repeat(perm, member, head_dim)
-    if member.inner == 1:
+    if member.inner != 1:
+        # layout (..., inner): new (i, j) <- old (idx[i], j)
+        inner = torch.arange(member.inner, device=idx.device)
+        idx = (idx[:, None] * member.inner + inner[None, :]).reshape(-1)
+    if member.outer == 1:
         return idx
-    # layout (..., inner): new (i, j) <- old (idx[i], j)
-    inner = torch.arange(member.inner, device=idx.device)
-    return (idx[:, None] * member.inner + inner[None, :]).reshape(-1)
+    # layout (outer, ...): every block is permuted alike, new (o, i) <- old (o, idx[i])
+    offsets = torch.arange(member.outer, device=idx.device) * idx.numel()
+    return (offsets[:, None] + idx[None, :]).reshape(-1)
 
 
 def _expand_repeat(perm: torch.Tensor, member: Member, head_dim: int | None) -> torch.Tensor:
@@ -185,10 +214,16 @@ def _expand_repeat(perm: torch.Tensor, member: Member, head_dim: int | None) -> 
 def unit_matrix(tensor: torch.Tensor, member: Member, head_dim: int | None = None) -> torch.Tensor:
     """The member's axis as rows of a (group size, everything else) matrix, one row per hidden unit.
 
-    GQA repeats and inner blocks of a unit are folded into its row, so row i always gathers every entry
-    that the group's unit i owns in this tensor.
+    GQA repeats, inner blocks and outer blocks of a unit are folded into its row, so row i always gathers
+    every entry that the group's unit i owns in this tensor.
     """
     t = torch.movedim(tensor, member.axis, 0)
+    if member.outer != 1:
+        if t.shape[0] % member.outer:
+            raise ValueError(f"member {member.tensor!r}: axis length {t.shape[0]} is not {member.outer} equal blocks")
+        # (outer, block, ...) -> (block, outer, ...): each outer block of a unit becomes more of its row
+        t = t.reshape(member.outer, t.shape[0] // member.outer, *t.shape[1:]).movedim(0, 1)
+        t = t.reshape(t.shape[0], -1)
     rest = t.shape[1:]
     if member.repeat > 1:
         if not head_dim:

@@ -39,7 +39,7 @@ from merge.errors import AlignmentError, InputError
 from merge.graph.trace import Tap, trace_module
 from merge.multihead import MultiHeadModel, save_multihead
 from merge.repair import as_input_batches, reset_batchnorm
-from merge.spec import Member, PermGroup, PermutationSpec
+from merge.spec import Member, PermGroup, PermutationSpec, axis_length
 from merge.zipit_match import MATCHERS, ZipMatch, match
 
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
             if name not in st:
                 raise AlignmentError(f"spec tensor {name!r} is missing from model {i}")
             for axis, (group, member) in slots.items():
-                if st[name].shape[axis] != spec.groups[group].size * member.inner:
+                if st[name].shape[axis] != axis_length(spec.groups[group].size, member):
                     raise AlignmentError(f"model {i}: tensor {name!r} axis {axis} does not fit group {group!r}")
 
 
@@ -363,15 +363,23 @@ def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any
 
 
 # ----------------------------------------------------------------------------------------- tensors
-def apply_units(tensor: torch.Tensor, axis: int, inner: int, matrix: torch.Tensor) -> torch.Tensor:
-    """Map the units of `tensor`'s axis (laid out (units, inner)) through `matrix` (new units, old units)."""
+def apply_units(tensor: torch.Tensor, axis: int, inner: int, matrix: torch.Tensor, outer: int = 1) -> torch.Tensor:
+    """Map the units of `tensor`'s axis (laid out (outer, units, inner)) through `matrix` (new units, old units).
+
+    Every one of the `outer` blocks (fused Q/K/V-style axes) is mapped by the same matrix.
+    """
     t = torch.movedim(tensor, axis, 0)
     rest = t.shape[1:]
-    units = t.shape[0] // inner
-    if matrix.shape[1] != units:
-        raise AlignmentError(f"matrix with {matrix.shape[1]} columns cannot act on {units} units")
-    out = matrix.to(t.dtype) @ t.reshape(units, -1)
-    return torch.movedim(out.reshape(matrix.shape[0] * inner, *rest), 0, axis)
+    units = t.shape[0] // (inner * outer)
+    if matrix.shape[1] != units or units * inner * outer != t.shape[0]:
+        raise AlignmentError(
+            f"matrix with {matrix.shape[1]} columns cannot act on an axis of {t.shape[0]} entries "
+            f"laid out as {outer} block(s) of units x {inner}"
+        )
+    # (outer, units, inner, ...) -> (units, outer, inner, ...): the outer blocks ride along as columns
+    x = t.reshape(outer, units, -1).transpose(0, 1).reshape(units, -1)
+    out = (matrix.to(t.dtype) @ x).reshape(matrix.shape[0], outer, -1).transpose(0, 1)
+    return torch.movedim(out.reshape(outer * matrix.shape[0] * inner, *rest), 0, axis)
 
 
 def _zip_tensors(
@@ -402,7 +410,7 @@ def _zip_tensors(
                 t = states[m][name].to(torch.float64)
                 for ax, g, mem in zipped_out:
                     n = spec.groups[g].size
-                    t = apply_units(t, ax, mem.inner, matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64))
+                    t = apply_units(t, ax, mem.inner, matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64), mem.outer)
                 t = _unmerge_inputs(t, ins, spec, matches, m)
                 parts.append(t)
             total = torch.stack(parts).sum(0)
@@ -421,5 +429,5 @@ def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: P
     for ax, g, mem in ins:
         n = spec.groups[g].size
         u = matches[g].unmerge[m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
-        t = apply_units(t, ax, mem.inner, u.T)
+        t = apply_units(t, ax, mem.inner, u.T, mem.outer)
     return t

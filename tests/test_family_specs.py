@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from merge.align.ot import ot_align, transport_state
 from merge.align.weight_matching import weight_matching
 from merge.errors import InputError
 from merge.graph.families import detect_family, spec_from_names, spec_from_store
@@ -167,14 +168,59 @@ def test_free_permutation_of_attention_breaks_bert():
     assert (after - before).abs().max() > 1e-3
 
 
-def test_gpt2_fused_attention_is_frozen_with_reason():
-    model, _ = _tiny("gpt2")
-    spec = spec_from_names(_shapes(model.state_dict()), model.config.to_dict())
-    assert spec.groups["layer0.attn"].frozen and "c_attn" in spec.groups["layer0.attn"].frozen_reason
-    assert {g.name for g in spec.active_groups()} == {"residual", "layer0.mlp", "layer1.mlp"}
-    # Conv1D stores (in, out): the MLP's hidden units are c_fc's columns and mlp.c_proj's rows
+def test_gpt2_fused_attention_groups_permute_every_qkv_block():
+    model, inputs = _tiny("gpt2")
+    state = model.state_dict()
+    spec = spec_from_names(_shapes(state), model.config.to_dict())
+    assert {g.name for g in spec.active_groups()} == {"residual", "layer0.mlp", "layer1.mlp", "layer0.attn", "layer1.attn"}
+    attn = spec.groups["layer0.attn"]
+    assert (attn.kind, attn.head_dim, attn.size) == ("heads_within", 8, 32)  # 4 heads x head_dim 8
+    # Conv1D stores (in, out): c_attn's fused (Q, K, V) output is axis 1, c_proj reads the heads on axis 0
+    layout = {(m.tensor.split(".")[-2] + "." + m.tensor.split(".")[-1], m.axis, m.role, m.outer) for m in attn.members}
+    assert layout == {("c_attn.weight", 1, "out", 3), ("c_attn.bias", 0, "out", 3), ("c_proj.weight", 0, "in", 1)}
+    assert "{outer=3}" in next(r for r in spec.describe() if r["group"] == "layer0.attn")["members"][0]
     axes = {(m.tensor.split(".")[-2], m.axis) for m in spec.groups["layer0.mlp"].members}
     assert axes == {("c_fc", 1), ("c_fc", 0), ("c_proj", 0)}
+
+    # only the attention group moves: unchanged logits, yet every one of Q, K and V was permuted
+    perms = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+    perms["layer0.attn"] = attn.random_permutation(torch.Generator().manual_seed(5))
+    before, after, permuted = _run(model, inputs, spec, perms)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    name, d = "transformer.h.0.attn.c_attn.weight", attn.size
+    for block in range(3):
+        cols = slice(block * d, (block + 1) * d)
+        assert torch.equal(permuted[name][:, cols], state[name][:, cols][:, perms["layer0.attn"]]), block
+
+    # the same permutation applied to the Q block alone (K, V, c_proj left alone) must change the logits
+    wrong = {k: v.clone() for k, v in state.items()}
+    for tensor, axis in ((name, 1), ("transformer.h.0.attn.c_attn.bias", 0)):
+        q = wrong[tensor].narrow(axis, 0, d)
+        q.copy_(torch.index_select(q.clone(), axis, perms["layer0.attn"]))
+    other = copy.deepcopy(model)
+    other.load_state_dict(wrong)
+    with torch.no_grad():
+        assert (other(**inputs)[0] - before).abs().max() > 1e-3
+
+
+def test_gpt2_free_permutation_of_fused_attention_breaks_it():
+    """Heads split c_attn's blocks: a free (not head-structured) permutation changes GPT-2's logits."""
+    model, inputs = _tiny("gpt2")
+    spec = spec_from_names(_shapes(model.state_dict()), model.config.to_dict())
+    perms = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+    perms["layer1.attn"] = _perm_of_kind(spec.groups["layer1.attn"], "free", 4)
+    before, after, _ = _run(model, inputs, spec, perms)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_gpt2_without_config_freezes_attention():
+    model, inputs = _tiny("gpt2")
+    spec = spec_from_names(_shapes(model.state_dict()), None)
+    assert spec.family == "gpt2"
+    assert spec.groups["layer0.attn"].frozen and "n_head" in spec.groups["layer0.attn"].frozen_reason
+    assert {g.name for g in spec.active_groups()} == {"residual", "layer0.mlp", "layer1.mlp"}  # lm_head reads the stream
+    before, after, _ = _run(model, inputs, spec, _draw(spec, 0))
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
 
 def test_tied_mlm_transform_joins_residual_untied_gets_its_own_group():
@@ -435,12 +481,25 @@ def _assert_recovers(spec: PermutationSpec, state: dict[str, torch.Tensor], seed
     assert all(torch.equal(restored[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "bert_mlm", "vit_cls"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "bert_mlm", "vit_cls", "gpt2"])
 def test_weight_matching_recovers_planted_permutation_tiny(name):
     model, _ = _tiny(name)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     spec = spec_from_names(_shapes(state), model.config.to_dict())
     _assert_recovers(spec, state, seed=3)
+
+
+def test_ot_transports_planted_gpt2_back_exactly():
+    """OT's maps handle the fused c_attn layout too: exact plans undo a planted permutation of every group."""
+    model, _ = _tiny("gpt2")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = spec_from_names(_shapes(state), model.config.to_dict())
+    scrambled = permute_state(state, spec, _draw(spec, 4))
+    result = ot_align(spec, spec, state, scrambled)
+    assert {g: s["method"] for g, s in result.stats.items() if g.endswith(".attn")} == {
+        "layer0.attn": "assignment", "layer1.attn": "assignment"}
+    back = transport_state(spec, spec, scrambled, result)
+    assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_weight_matching_recovers_planted_permutation_minilm():

@@ -15,7 +15,9 @@ from merge.align.assignment import assign, solve_lap
 from merge.align.weight_matching import weight_matching
 from merge.errors import AlignmentError
 from merge.graph.trace import spec_from_module
-from merge.spec import Member, PermGroup, PermutationSpec, permute_state
+from merge.align.ot import _sum_units, map_axis
+from merge.spec import Member, PermGroup, PermutationSpec, expand_index, permute_state, unit_matrix
+from merge.zipit import apply_units
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM, _randomize
 
 
@@ -156,6 +158,56 @@ def test_attention_groups_planted_and_structured(kind):
         assert sorted(heads[:, 0].tolist()) == list(range(blocks.shape[0]))
         if kind == "heads":
             assert torch.equal(blocks % d, torch.arange(d).expand_as(blocks))
+
+
+# ------------------------------------------------------------------------------- outer layouts
+@pytest.mark.parametrize("outer, repeat, inner", [(3, 1, 1), (3, 2, 1), (2, 1, 4), (2, 2, 3)])
+def test_outer_blocks_follow_one_permutation_in_every_engine(outer, repeat, inner):
+    """An axis of `outer` blocks (fused Q/K/V): spec indexing, unit rows, OT maps and ZipIt maps agree."""
+    kv, hd, rest = 2, 3, 5
+    size = kv * hd
+    group = PermGroup("g", size, kind="heads_within", head_dim=hd)
+    member = Member("w", 1, "out", repeat=repeat, inner=inner, outer=outer)
+    t = torch.randn(rest, outer * size * repeat * inner, generator=torch.Generator().manual_seed(0))
+    spec = PermutationSpec()
+    spec.add(PermGroup("g", size, [member], kind="heads_within", head_dim=hd))
+    spec.validate({"w": t.shape})
+    with pytest.raises(ValueError, match="outer"):
+        spec.validate({"w": (rest, size * repeat * inner)})
+    perm = group.random_permutation(torch.Generator().manual_seed(1))
+    assert not torch.equal(perm, torch.arange(size))
+
+    # reference: the axis viewed as (outer, kv_head, repeat, head_dim, inner); new (o, h, r, d, i) <- old
+    # (o, old_head[h], r, within[h, d], i) in every block o alike
+    view = t.reshape(rest, outer, kv, repeat, hd, inner)
+    old_head = (perm.view(kv, hd)[:, 0] // hd)[:, None]
+    within = perm.view(kv, hd) % hd
+    expected = view[:, :, old_head, :, within, :]  # advanced indices in front: (kv, hd, rest, outer, repeat, inner)
+    expected = expected.permute(2, 3, 0, 4, 1, 5).reshape(t.shape)
+    idx = expand_index(perm, member, hd)
+    assert torch.equal(torch.index_select(t, 1, idx), expected)
+    assert torch.equal(permute_state({"w": t}, spec, {"g": perm})["w"], expected)
+
+    # unit_matrix: row u gathers every entry unit u owns, in every outer block
+    rows = unit_matrix(t, member, hd)
+    assert rows.shape == (size, rest * outer * repeat * inner)
+    for u in (0, size - 1):
+        h, d = divmod(u, hd)
+        owned = view[:, :, h, :, d, :]
+        assert sorted(rows[u].tolist()) == sorted(owned.reshape(-1).tolist())
+    # permuting the axis permutes the unit rows
+    assert torch.equal(unit_matrix(expected, member, hd), rows[perm])
+
+    # OT's map_axis with the permutation's 0/1 matrix is the same move; summaries are permutation-invariant
+    onehot = torch.zeros(size, size, dtype=torch.float64)
+    onehot[perm, torch.arange(size)] = 1.0  # new unit j <- old unit perm[j]
+    torch.testing.assert_close(map_axis(t, member, hd, onehot), expected, atol=0, rtol=0)
+    torch.testing.assert_close(_sum_units(expected, member), _sum_units(t, member), atol=1e-5, rtol=0)
+    assert _sum_units(t, member).shape[1] == outer * (1 if repeat > 1 else inner)
+    if repeat == 1:  # ZipIt maps free groups (no GQA repeat) through apply_units
+        torch.testing.assert_close(apply_units(t, 1, inner, onehot.T, outer), expected, atol=0, rtol=0)
+        with pytest.raises(AlignmentError, match="block"):
+            apply_units(t, 1, inner, onehot.T, outer + 1)
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -43,7 +43,7 @@ from merge.align.ot_solve import (
 )
 from merge.align.weight_matching import tensor_accessor
 from merge.errors import AlignmentError, InputError
-from merge.spec import Member, PermGroup, PermutationSpec, unit_matrix
+from merge.spec import Member, PermGroup, PermutationSpec, axis_length, unit_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -113,34 +113,42 @@ def group_order(spec: PermutationSpec) -> list[str]:
 
 
 def map_axis(t: torch.Tensor, member: Member, head_dim: int | None, matrix: torch.Tensor) -> torch.Tensor:
-    """Replace the member's unit axis: new[..., j, ...] = sum_i matrix[i, j] old[..., i, ...]."""
+    """Replace the member's unit axis: new[..., j, ...] = sum_i matrix[i, j] old[..., i, ...] (in every outer block)."""
     n_src, n_dst = matrix.shape
     axis = member.axis % t.dim()
-    x = torch.movedim(t, axis, 0)
+    x = torch.movedim(t, axis, 0).double()
     rest = x.shape[1:]
     m = matrix.to(x.device, torch.float64)
+    # outer blocks (fused Q/K/V) are mapped alike: (outer, block, ...) -> (block, outer, ...) lets them ride
+    # along as extra columns, and the reverse move puts them back in front
+    x = x.reshape(member.outer, x.shape[0] // member.outer, -1).transpose(0, 1)
+    cols = x.shape[1:]
     if member.repeat > 1:
         if not head_dim:
             raise AlignmentError(f"member {member.tensor!r} has repeat {member.repeat} but its group has no head_dim")
         kv_src = n_src // head_dim
-        y = x.double().reshape(kv_src, member.repeat, head_dim, member.inner, *rest).transpose(1, 2)
+        y = x.reshape(kv_src, member.repeat, head_dim, member.inner, *cols).transpose(1, 2)
         y = m.T @ y.reshape(n_src, -1)
         kv_dst = n_dst // head_dim
-        y = y.reshape(kv_dst, head_dim, member.repeat, member.inner, *rest).transpose(1, 2)
-        y = y.reshape(kv_dst * member.repeat * head_dim * member.inner, *rest)
+        y = y.reshape(kv_dst, head_dim, member.repeat, member.inner, *cols).transpose(1, 2)
+        y = y.reshape(kv_dst * member.repeat * head_dim * member.inner, *cols)
     else:
-        y = m.T @ x.double().reshape(n_src, -1)
-        y = y.reshape(n_dst * member.inner, *rest)
+        y = m.T @ x.reshape(n_src, -1)
+        y = y.reshape(n_dst * member.inner, *cols)
+    y = y.transpose(0, 1).reshape(-1, *rest)
     return torch.movedim(y, 0, axis).to(t.dtype)
 
 
 def _sum_units(t: torch.Tensor, member: Member) -> torch.Tensor:
-    """Sum a grouped axis over its units (a permutation-invariant summary), keeping inner blocks."""
+    """Sum a grouped axis over its units (a permutation-invariant summary), keeping outer and inner blocks."""
     axis = member.axis % t.dim()
-    if member.repeat > 1 or member.inner == 1:
+    if member.outer == 1 and (member.repeat > 1 or member.inner == 1):
         return t.sum(axis, keepdim=True)
     x = torch.movedim(t, axis, 0)
-    x = x.reshape(x.shape[0] // member.inner, member.inner, *x.shape[1:]).sum(0)
+    rest = x.shape[1:]
+    # with GQA repeats the whole (kv_head, repeat, head_dim, inner) block is summed, as without outer blocks
+    inner = 1 if member.repeat > 1 else member.inner
+    x = x.reshape(member.outer, -1, inner, *rest).sum(1).reshape(member.outer * inner, *rest)
     return torch.movedim(x, 0, axis)
 
 
@@ -236,7 +244,7 @@ def check_compatible(
                              "(different depths need merge.align.depth first)")
     for name, ga in spec_a.groups.items():
         gb = spec_b.groups[name]
-        key = lambda g: sorted((m.tensor, m.axis, m.role, m.inner, m.repeat) for m in g.members)  # noqa: E731
+        key = lambda g: sorted((m.tensor, m.axis, m.role, m.inner, m.repeat, m.outer) for m in g.members)  # noqa: E731
         if key(ga) != key(gb):
             raise AlignmentError(f"group {name!r} ties different tensors in the two models")
         if ga.size == gb.size:
@@ -446,7 +454,7 @@ def _target_shape(spec: PermutationSpec, target_widths: Mapping[str, int] | None
         if g.name in target_widths:
             for m in g.members:
                 if m.tensor == name:
-                    new[m.axis % len(shape)] = target_widths[g.name] * m.repeat * m.inner
+                    new[m.axis % len(shape)] = axis_length(target_widths[g.name], m)
     return tuple(new)
 
 

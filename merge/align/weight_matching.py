@@ -19,7 +19,7 @@ import torch
 from merge.align import MatchResult
 from merge.align.assignment import assignment_score, timed_assign
 from merge.errors import AlignmentError, InputError
-from merge.spec import Member, PermGroup, PermutationSpec, expand_index, unit_matrix
+from merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class WeightCosts:
                 ndim = self.a[m.tensor].dim()
                 if not -ndim <= m.axis < ndim:
                     raise AlignmentError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis}")
-                expected = group.size * m.repeat * m.inner
+                expected = axis_length(group.size, m)
                 if self.a[m.tensor].shape[m.axis] != expected:
                     raise AlignmentError(
                         f"group {group.name!r} (size {group.size}) does not fit tensor {m.tensor!r} axis {m.axis} "

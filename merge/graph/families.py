@@ -34,8 +34,8 @@ Design: every permutation a spec can draw must leave the model's function unchan
   ``heads_within`` for absolute-position families (BERT, ViT), where the within-head permutation is shared
   by Q/K and V/O. Every draw is valid; the V/O within-head freedom independent of Q/K (and permuting the
   Q heads that share one KV head) is given up.
-* GPT-2 fuses Q, K and V side by side in one axis of ``c_attn``; a member spans a whole axis, so its
-  attention groups are frozen (with the reason) until the spec can slice an axis.
+* GPT-2 fuses Q, K and V side by side in one axis of ``c_attn``; its members carry ``Member.outer = 3``
+  (the axis is three blocks, each permuted alike), so its attention groups are ``heads_within`` like BERT's.
 
 Detection: ``config.json``'s ``model_type`` decides when present (an unknown type gives ``None`` rather
 than a guess: its extra tensors could read permuted axes); without it the tensor names decide.

@@ -106,13 +106,14 @@ class SpecBuilder:
         repeat: int = 1,
         inner: int = 1,
         required: bool = False,
+        outer: int = 1,
     ) -> bool:
         """Put axis `axis` of `tensor` into `group` when the checkpoint has it; a missing required tensor raises."""
         if tensor not in self.shapes:
             if required:
                 raise InputError(f"tensor names do not fit family {self.family!r}: missing tensor {tensor!r}")
             return False
-        self._members.setdefault(group, []).append(Member(tensor, axis, role, repeat=repeat, inner=inner))
+        self._members.setdefault(group, []).append(Member(tensor, axis, role, repeat=repeat, inner=inner, outer=outer))
         self._meta.setdefault(group, {})
         self._claimed.add(tensor)
         return True
@@ -194,7 +195,7 @@ class SpecBuilder:
                     f"family {self.family!r}: tensor {m.tensor!r} has no axis {m.axis} (shape {list(shape)})"
                 )
             length = shape[m.axis]
-            unit = m.repeat * m.inner
+            unit = m.outer * m.repeat * m.inner
             if length % unit:
                 raise InputError(
                     f"family {self.family!r}: tensor {m.tensor!r} axis {m.axis} has length {length}, "
