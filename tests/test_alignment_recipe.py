@@ -97,3 +97,25 @@ def test_bad_alignment_keys_fail_before_work(tmp_path):
               "alignment": {"engine": "telepathy"}}
     with pytest.raises(RecipeError, match="alignment.engine"):
         run_recipe(recipe, tmp_path / "out")
+
+
+def test_three_models_align_to_a_chosen_reference(tmp_path, demo_cache):
+    """Two permuted copies and the original, aligned to the original, average back to the original."""
+    from merge.refs import demo_path
+
+    original = demo_path("mlp-seed1")
+    _permuted_copy(original, tmp_path / "p3", seed=3)
+    _permuted_copy(original, tmp_path / "p4", seed=4)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / "p3"), "parameters": {"weight": 1.0}},
+                   {"model": str(original), "parameters": {"weight": 1.0}},
+                   {"model": str(tmp_path / "p4"), "parameters": {"weight": 1.0}}],
+        "alignment": {"engine": "weight_matching", "reference": str(original), "input_shape": [2, 64]},
+    }
+    result = run_recipe(recipe, tmp_path / "out")
+    assert result.report["alignment"]["reference"] == str(original)
+    assert set(result.report["alignment"]["models"]) == {str(tmp_path / "p3"), str(tmp_path / "p4")}
+    merged, ref = open_store(result.out_dir), open_store(original)
+    for name in ref.names():
+        torch.testing.assert_close(merged.get(name), ref.get(name), rtol=1e-6, atol=1e-7)
