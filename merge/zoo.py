@@ -19,8 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from merge.data import CalibrationData, load_dataset
 from merge.errors import InputError, RecipeError
+from merge.threads import single_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -166,17 +166,6 @@ def build_seeded(ref: str | Callable[..., nn.Module], seed: int, **kwargs: Any) 
 
 
 # --- training -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one CPU thread: deterministic training, and faster for many small steps on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(

@@ -9,27 +9,19 @@ the head reads raw features.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from merge.errors import InputError
-from merge.zoo import single_threaded
+from merge.threads import single_threaded_if_small
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HEAD_KINDS", "LinearHead", "head_accuracy", "train_head"]
 
 HEAD_KINDS = ("logistic", "linear")
-
-
-
-
-def small_work(numel: int) -> Any:
-    """merge.zoo.single_threaded() for small problems (< 4M elements), a no-op context otherwise."""
-    return single_threaded() if numel < (1 << 22) else nullcontext()
 
 
 class LinearHead(nn.Linear):
@@ -99,7 +91,7 @@ def train_head(
             loss.backward()
             return loss
 
-        with torch.enable_grad(), small_work(xs32.numel()):
+        with torch.enable_grad(), single_threaded_if_small(xs32.numel()):
             opt.step(closure)
         w, b = w.detach().to(torch.float64), b.detach().to(torch.float64)
     # Fold the standardisation in: w (x - m) / s + b = (w / s) x + (b - w m / s).

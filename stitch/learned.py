@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merge.errors import InputError
-from merge.zoo import single_threaded
+from merge.threads import single_threaded
 
 logger = logging.getLogger(__name__)
 

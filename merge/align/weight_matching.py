@@ -18,6 +18,7 @@ import torch
 
 from merge.align import MatchResult
 from merge.align.assignment import assignment_score, timed_assign
+from merge.threads import single_threaded_if_small
 from merge.errors import AlignmentError, InputError
 from merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
 
@@ -159,6 +160,21 @@ def weight_matching(
     start = time.perf_counter()
     dev = torch.device(device)
     problem = WeightCosts(spec, params_a, params_b, dev)
+    largest = max((t.numel() for t in problem.a.values()), default=0)
+    with single_threaded_if_small(largest, dev):
+        return _coordinate_descent(problem, start, max_iter=max_iter, seed=seed, init_perms=init_perms, progress=progress)
+
+
+def _coordinate_descent(
+    problem: WeightCosts,
+    start: float,
+    *,
+    max_iter: int,
+    seed: int,
+    init_perms: Mapping[str, torch.Tensor] | None,
+    progress: Callable[[int, float], None] | None,
+) -> MatchResult:
+    """Solve one group at a time (random order) until a whole pass improves none."""
     groups = problem.groups
     perms: dict[str, torch.Tensor] = {}
     for group in groups:
