@@ -365,6 +365,13 @@ _TAGS = {_TAG_KIND, _TAG_REF, "[key]"}
 # ---------------------------------------------------------------------------------------------------
 
 
+class ArchitectureRef(_Section):
+    """`architecture: {factory: package.module:factory, kwargs: {...}}`."""
+
+    factory: StrictStr
+    kwargs: dict[StrictStr, Any] | None = None
+
+
 class Recipe(_Section):
     """A validated recipe. Build it with :func:`load_recipe` (YAML) or :func:`parse_recipe` (dict)."""
 
@@ -380,7 +387,8 @@ class Recipe(_Section):
     tokenizer: TokenizerConfig | None = None
     chat_template: StrictStr | None = None
     # Suture's own settings
-    architecture: StrictStr | None = None
+    # the module to trace: "package.module:factory", or {factory: ..., kwargs: {...}}
+    architecture: StrictStr | ArchitectureRef | None = None
     allow_pickle: StrictBool = False
     strict: StrictBool = False
     out_shard_size: ShardSize | None = None

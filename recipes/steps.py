@@ -25,12 +25,16 @@ PLOT_NAME = "interpolation.png"
 ZIP_PLOT_NAME = "stop_sweep.png"
 
 
-def recipe_architecture(architecture: str | None, alignment: AlignmentSection | None) -> Architecture | None:
-    """The recipe's `architecture:` (+ alignment.architecture_kwargs), if any."""
+def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -> Architecture | None:
+    """The recipe's `architecture:` (a factory reference, or {factory, kwargs}; plus alignment.architecture_kwargs)."""
     if architecture is None:
         return None
-    kwargs = (alignment.architecture_kwargs if alignment else None) or {}
-    return parse_architecture({"factory": architecture, "kwargs": kwargs})
+    if isinstance(architecture, str):
+        factory, kwargs = architecture, {}
+    else:
+        factory, kwargs = architecture.factory, dict(architecture.kwargs or {})
+    kwargs.update((alignment.architecture_kwargs if alignment else None) or {})
+    return parse_architecture({"factory": factory, "kwargs": kwargs})
 
 
 def load_data(spec: Any, *, split: str = "train", max_items: int | None = None):

@@ -119,3 +119,29 @@ def test_three_models_align_to_a_chosen_reference(tmp_path, demo_cache):
     merged, ref = open_store(result.out_dir), open_store(original)
     for name in ref.names():
         torch.testing.assert_close(merged.get(name), ref.get(name), rtol=1e-6, atol=1e-7)
+
+
+def test_architecture_named_in_the_recipe_with_kwargs(tmp_path, demo_cache):
+    """Weights without a recorded architecture align once the recipe names the factory and its kwargs."""
+    import shutil
+
+    from merge.refs import demo_path
+
+    for name, seed in (("a", "mlp-seed1"), ("b", "mlp-seed2")):
+        (tmp_path / name).mkdir()
+        shutil.copy(demo_path(seed) / "model.safetensors", tmp_path / name / "model.safetensors")
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 0.5}}],
+        "architecture": {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 512, 512, 512, 10]}},
+        "alignment": {"engine": "activation_matching", "data": "sklearn:digits"},
+        "evaluate": {"data": "sklearn:digits", "plot": False},
+    }
+    result = run_recipe(recipe, tmp_path / "out")
+    ev = result.report["evaluation"]
+    assert ev["barriers"]["aligned"]["loss"] < ev["barriers"]["naive"]["loss"] / 2, ev["barriers"]
+    recipe["architecture"] = {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 32, 10]}}  # weights do not fit
+    from merge.errors import InputError
+
+    with pytest.raises(InputError, match="do not fit"):
+        run_recipe(recipe, tmp_path / "out2")
