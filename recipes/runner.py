@@ -459,7 +459,8 @@ def run_recipe(
             extra["evaluation"] = steps.evaluate_output(
                 tmp, evaluation_section, models.stores, raw_stores, ref_key, architecture, outcome is not None,
                 reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress,
-                fused=outcome is not None and outcome.fused)
+                fused=outcome is not None and outcome.fused,
+                permutation_spec=outcome.spec if outcome is not None and outcome.engine == "ot" else None)
             if "plot" in extra["evaluation"]:
                 files.append(extra["evaluation"]["plot"])
         report = {

@@ -124,8 +124,13 @@ def evaluate_output(
     reset_bn: bool,
     progress=None,
     fused: bool = False,
+    permutation_spec: Any = None,
 ) -> dict[str, Any]:
-    """Endpoints, merged model and interpolation curves (naive, truncated baseline, aligned) on the data."""
+    """Endpoints, merged model and interpolation curves (naive or truncated, aligned) on the data.
+
+    With `permutation_spec` (soft engines on models of equal widths) a weight-matching path is added, so the
+    plot compares naive, permutation and OT curves.
+    """
     from merge.evaluate import barrier, evaluate, interpolation_curve
 
     merged_store = open_store(folder)
@@ -151,6 +156,12 @@ def evaluate_output(
     raw_other = raw_stores[other].state_dict()
     same_shapes = {n: tuple(t.shape) for n, t in raw_other.items()} == shapes
     paths = {"naive" if same_shapes else "truncated": raw_other if same_shapes else _truncated(raw_other, shapes)}
+    if permutation_spec is not None and same_shapes:
+        from merge.align.weight_matching import weight_matching
+        from merge.spec import permute_state
+
+        match = weight_matching(permutation_spec, ref_state, raw_other)
+        paths["permutation"] = permute_state(raw_other, permutation_spec, match.perms)
     if aligned:
         paths["aligned"] = stores[other].state_dict()
     if not same_shapes and tuple(ref_state) and {n: tuple(t.shape) for n, t in ref_state.items()} != shapes:

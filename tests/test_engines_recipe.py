@@ -43,6 +43,9 @@ def test_ot_exact_on_equal_widths_matches_a_permutation(tmp_path, mlps):
     ev = result.report["evaluation"]
     assert ev["barriers"]["aligned"]["loss"] < ev["barriers"]["naive"]["loss"]
     assert ev["midpoint_accuracy"]["aligned"] > ev["midpoint_accuracy"]["naive"]
+    # the exact plan between equal widths is a permutation: OT's path is weight matching's path or close to it
+    assert set(ev["curves"]) == {"naive", "permutation", "aligned"}
+    assert ev["barriers"]["aligned"]["loss"] <= ev["barriers"]["permutation"]["loss"] + 0.1
     groups = result.report["alignment"]["models"][str(mlps["b"])]["per_group"]
     assert all(g["method"] in ("assignment", "linear_assignment", "lap") or g["converged"] for g in groups.values())
 
