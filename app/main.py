@@ -1,8 +1,8 @@
 """Suture workbench (Streamlit): `suture app` or `streamlit run app/main.py -- --workspace DIR`.
 
 The workspace comes from ``--workspace DIR`` (after ``--``), else $SUTURE_WORKSPACE, else
-./suture-workspace. The session opens on the built-in demo models and a TIES recipe, so every page works
-with no setup and no downloads.
+./suture-workspace. The session opens on the quickstart example (Git Re-Basin on two demo MLPs, with the naive vs aligned
+barrier plot); the sidebar loads any other example recipe. Demo models train on first use: no downloads.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ navigation = st.navigation(
 )
 
 with st.sidebar:
-    recipe = st.session_state[state.RECIPE]
-    st.caption("Workspace")
-    st.code(str(workspace.root), language=None)
+    ss = st.session_state
+    recipe = ss[state.RECIPE]
     st.caption("Current recipe")
     inputs = state.referenced_refs(recipe)
-    st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · `{recipe.get('merge_method')}` · {len(inputs)} model(s)")
+    engine = (recipe.get("alignment") or {}).get("engine")
+    what = " · ".join(f"`{x}`" for x in (engine, recipe.get("merge_method")) if x)
+    st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(inputs)} model(s)")
+    st.caption("Workspace")
+    st.code(str(workspace.root), language=None)
 
 navigation.run()

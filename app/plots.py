@@ -70,3 +70,42 @@ def scores(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Figur
         ax.set_xlim(0, 1.08)
     ax.grid(True, axis="x", alpha=0.3)
     return fig
+
+
+def matrix(values: Any, *, title: str = "", kind: str = "transport", xlabel: str = "other model's units",
+           ylabel: str = "reference units") -> Figure:
+    """An alignment matrix (reference units x the other model's units): a permutation or a transport plan."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    fig = Figure(figsize=(5.2, 4.4), layout="constrained")
+    ax = fig.subplots()
+    # a permutation is sparse: black on white shows each matched pair; a plan needs a colour scale
+    image = ax.imshow(data, cmap="Greys" if kind == "permutation" else "viridis", aspect="auto", interpolation="nearest")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if kind != "permutation":
+        fig.colorbar(image, ax=ax, label="transported mass")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return fig
+
+
+def stop_sweep(rows: Sequence[Mapping[str, Any]], ensemble_accuracy: float | None = None,
+               baselines: Mapping[str, Mapping[str, float]] | None = None) -> Figure:
+    """ZipIt joint accuracy against the layer zipping stops at (partial zipping), with ensemble and baselines."""
+    ordered = list(reversed(list(rows)))  # left to right: more layers zipped, the full zip last
+    labels = [str(r["stop_at"]) for r in ordered]
+    fig = Figure(figsize=(5.8, 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(range(len(ordered)), [float(r["accuracy"]) for r in ordered], marker="o", label="zipit")
+    if ensemble_accuracy is not None:
+        ax.axhline(float(ensemble_accuracy), color="#2ca02c", linestyle="--", label="ensemble")
+    for (label, vals), style in zip((baselines or {}).items(), (":", "-.")):
+        ax.axhline(float(vals["accuracy"]), color="#7f7f7f", linestyle=style, label=label)
+    ax.set_xticks(range(len(ordered)), labels=labels)
+    ax.set_xlabel("zipped up to (later layers kept per model)")
+    ax.set_ylabel("joint accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -42,6 +42,20 @@ def resolve(ref: str) -> Path:
     return Path(resolve_ref(ref))
 
 
+def demo_ready(ref: str) -> bool:
+    """Whether a ``demo:`` model is already trained and cached (True for any other reference)."""
+    from merge.refs import DEMO_MODELS, DEMO_PREFIX, cache_dir
+
+    if not ref.startswith(DEMO_PREFIX):
+        return True
+    name = ref[len(DEMO_PREFIX):]
+    if name not in DEMO_MODELS:
+        return True  # resolving it raises the readable error
+    # merge.zoo caches each demo model in <cache>/demo/<name>/ (the fine-tunes' base as finetune-base)
+    folder = cache_dir() / "demo" / ("finetune-base" if name == "base" else name)
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
 def model_stamp(ref: str) -> str:
     """A cache key part that changes when a local model's files change (empty for demo and Hub models)."""
     if not is_local_ref(ref):
@@ -252,6 +266,119 @@ def engines() -> list[dict[str, Any]]:
     return out
 
 
+# Each engine option the form shows: label, widget kind and help (in the papers' terms). Defaults are read
+# from the library functions that run the engine, so the form never disagrees with `suture run`.
+OPTION_TEXT: dict[str, tuple[str, str, str]] = {
+    "max_iter": ("Max iterations", "int", ""),
+    "seed": ("Seed", "int", "Order in which weight matching visits the groups (Git Re-Basin's coordinate descent is order dependent)."),
+    "repair": ("After merging", "choice", "reset_bn: re-estimate BatchNorm statistics on the data; repair: rescale channels to the "
+               "endpoints' statistics (REPAIR, Jordan et al., ICLR 2023). Needs calibration data."),
+    "ground_metric": ("Ground metric", "choice", "What the cost between two units compares: their incoming weights (with the earlier "
+                      "layers already transported), or their activations on calibration data. OTFusion (Singh & Jaggi, "
+                      "NeurIPS 2020) defines both; activations need data."),
+    "distance": ("Distance", "choice", "Cost between two units' feature vectors."),
+    "normalize": ("Normalize features", "bool", "Scale each unit's feature vector to unit norm before computing costs, so that "
+                  "units are compared by direction rather than size."),
+    "solver": ("Solver", "choice", "emd: exact transport (a permutation when widths match and masses are uniform); sinkhorn: "
+               "entropy-regularised transport, a soft plan that spreads each unit over several."),
+    "reg": ("Sinkhorn regularisation", "float", "Entropic regularisation: larger values give a softer, more spread-out plan."),
+    "stop_thr": ("Sinkhorn tolerance", "float", "Sinkhorn stops when the marginals are met to this tolerance."),
+    "marginals": ("Unit masses", "choice", "uniform: every unit carries the same mass; activation: mass proportional to the unit's "
+                  "mean activation on the data (OTFusion's importance weighting)."),
+    "target_widths": ("Target widths", "yaml", "Compress the reference first, e.g. {layers.0: 96}: each listed group gets that many "
+                      "units, then the other model is transported onto the narrower basis (OTFusion's fusion into a "
+                      "smaller model). Empty: keep the reference's widths."),
+    "blend": ("Reference share", "float", "Weight of the reference in the fused average of two models; the transported model "
+              "gets 1 - blend (replaces the models' own weights)."),
+    "alpha": ("alpha (merge decay)", "float", "ZipIt! (Stoica et al., ICLR 2024): after two feature clusters are zipped, their "
+              "similarity to the others is multiplied by alpha, so clusters that already absorbed features become less "
+              "attractive. 1: no decay."),
+    "beta": ("beta (within-model budget)", "float", "Share of each model's merges that may pair features of the same model "
+             "(ZipIt! merges redundant features within a model too). 0: only across models."),
+    "stop_at": ("Zip up to group", "text", "Partial zipping: zip the layers up to and including this permutation group and keep "
+                "the later layers per model (a shared trunk with one branch per model). Empty: zip the whole model."),
+    "matcher": ("Matcher", "choice", "zip: ZipIt!'s greedy matching within and across models; permute: the permutation "
+                "baseline (across models only); identity: naive averaging of unit i with unit i."),
+    "heads": ("Heads", "choice", "concat: keep one output head per model and concatenate their outputs (per-task logits); "
+              "average: average the heads into one."),
+}
+MAX_ITER_HELP = {
+    "weight_matching": "Coordinate-descent passes over the groups; stops earlier when a pass changes no permutation "
+                       "(Git Re-Basin, Ainsworth et al., ICLR 2023).",
+    "ot": "Iteration cap of the transport solver (network simplex for emd, Sinkhorn iterations for sinkhorn).",
+}
+# options that only matter for a particular value of another option
+OPTION_DEPENDS = {"reg": ("solver", "sinkhorn"), "stop_thr": ("solver", "sinkhorn")}
+COMMON_OPTIONS = {"weight_matching": ("seed", "repair"), "activation_matching": ("repair",), "ot": ("repair",), "zipit": ()}
+
+
+def _signature_defaults(func: Callable[..., Any]) -> dict[str, Any]:
+    import inspect
+
+    return {n: p.default for n, p in inspect.signature(func).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def engine_option_defaults(engine: str) -> dict[str, Any]:
+    """The value each option of an engine takes when the recipe leaves it out (read from the library)."""
+    section = alignment_defaults()
+    out: dict[str, Any] = {k: section[k] for k in ("seed", "repair") if k in section}
+    if engine == "weight_matching":
+        from merge.align.weight_matching import weight_matching
+
+        out["max_iter"] = _signature_defaults(weight_matching)["max_iter"]
+    elif engine == "ot":
+        from merge.align.ot import ot_align
+        from merge.align.pipeline import AlignmentSettings
+
+        sig = _signature_defaults(ot_align)
+        out.update({k: sig[k] for k in ("max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr",
+                                        "marginals", "target_widths") if k in sig})
+        out["blend"] = AlignmentSettings.__dataclass_fields__["blend"].default
+    elif engine == "zipit":
+        from merge.zipit import zip_models
+
+        sig = _signature_defaults(zip_models)
+        out.update({k: sig[k] for k in ("alpha", "beta", "stop_at", "matcher", "heads")})
+    return out
+
+
+def _choices(name: str) -> list[Any]:
+    import typing
+
+    from recipes.sections import AlignmentSection
+
+    found: list[Any] = []
+
+    def walk(annotation: Any) -> None:
+        if typing.get_origin(annotation) is typing.Literal:
+            found.extend(typing.get_args(annotation))
+        else:
+            for arg in typing.get_args(annotation):
+                walk(arg)
+
+    walk(AlignmentSection.model_fields[name].annotation)
+    return found
+
+
+def engine_options(engine: str) -> list[dict[str, Any]]:
+    """The options the form shows for an engine: name, label, kind, choices, default, help, and when it applies."""
+    try:
+        from recipes.sections import ENGINE_OPTIONS
+    except ImportError:
+        return []
+    defaults = engine_option_defaults(engine)
+    names = [n for n in OPTION_TEXT if n in ENGINE_OPTIONS.get(engine, set())]
+    names += [n for n in COMMON_OPTIONS.get(engine, ()) if n in defaults and n not in names]
+    out = []
+    for name in names:
+        label, kind, help_text = OPTION_TEXT[name]
+        if name == "max_iter":
+            help_text = MAX_ITER_HELP.get(engine, help_text)
+        out.append({"name": name, "label": label, "kind": kind, "choices": _choices(name) if kind == "choice" else [],
+                    "default": defaults.get(name), "help": help_text, "depends": OPTION_DEPENDS.get(name)})
+    return out
+
+
 def devices() -> list[str]:
     """Devices the merge may run on here."""
     import torch
@@ -364,6 +491,96 @@ def barrier_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             for label, b in (section.get("barriers") or {}).items() if isinstance(b, Mapping)]
 
 
+def transport_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """OT's per-group transport figures (cost, entropy, sizes, convergence) for every transported model."""
+    section = report.get("alignment")
+    if not isinstance(section, Mapping) or not isinstance(section.get("models"), Mapping):
+        return []
+    rows = []
+    for model, entry in section["models"].items():
+        per_group = entry.get("per_group") if isinstance(entry, Mapping) else None
+        if not isinstance(per_group, Mapping):
+            continue
+        for group, stats in per_group.items():
+            if isinstance(stats, Mapping):
+                rows.append({"model": str(model), "group": str(group),
+                             **{k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}})
+    return rows
+
+
+def zipit_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Joint accuracy of the ZipIt output beside its baselines and the ensemble (rows ordered for a table)."""
+    section = evaluation_section(report)
+    if not isinstance(section.get("ensemble"), Mapping):
+        return []
+    rows = [{"model": "zipit (this recipe)", "merged": True, **section["merged"]}]
+    rows += [{"model": label, **vals} for label, vals in (section.get("baselines") or {}).items() if isinstance(vals, Mapping)]
+    rows.append({"model": "ensemble (upper bound)", **section["ensemble"]})
+    return [{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in r.items()} for r in rows]
+
+
+def stop_sweep_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Joint loss/accuracy for each ZipIt stop layer (full zip first), from the report."""
+    sweep = evaluation_section(report).get("stop_sweep")
+    return [dict(r) for r in sweep if isinstance(r, Mapping)] if isinstance(sweep, list) else []
+
+
+def zip_group_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per zipped group: width, merges within each model, mean similarity of the matched features."""
+    groups = (report.get("alignment") or {}).get("groups")
+    if not isinstance(groups, Mapping):
+        return []
+    return [{"group": str(g), "size": v.get("size"), "within-model merges": ", ".join(str(n) for n in v.get("within_merges") or []),
+             "mean similarity": v.get("mean_similarity")} for g, v in groups.items() if isinstance(v, Mapping)]
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") -> dict[str, Any]:
+    """The alignment of a recipe recomputed: per group, reference units x other model's units (permutation or transport).
+
+    Returns ``{"model": key, "reference": key, "kind": "permutation"|"transport", "groups": {group: ndarray}}``.
+    Runs the same library step the recipe runner runs (cached, so a plot option never recomputes it).
+    """
+    import torch
+
+    from merge.plan import resolve_device
+    from recipes.runner import RunOptions, reference_key, load, open_models
+    from recipes.schema import ModelRef
+    from recipes.sections import parse_alignment, parse_evaluate
+    from recipes.steps import recipe_architecture, run_alignment
+
+    recipe = load(recipe_text)
+    section = parse_alignment(recipe.alignment, recipe.where)
+    if section is None or section.engine == "zipit":
+        raise InputError("the recipe has no permutation or transport alignment to show")
+    evaluation = parse_evaluate(recipe.evaluate, recipe.where)
+    models = open_models(recipe, RunOptions(device=device))
+    try:
+        # the same reference the runner aligns to
+        reference = str(ModelRef.parse(section.reference)) if section.reference else reference_key(recipe)
+        outcome = run_alignment(section, models.stores, reference, recipe_architecture(recipe.architecture, section),
+                                resolve_device(device), fallback_data=evaluation.data if evaluation else None)
+        if outcome.fused:
+            raise InputError("the models were fused layer by layer (different depths): there is no one matrix per group")
+        key, result = next(iter(outcome.results.items()))
+        groups: dict[str, Any] = {}
+        if hasattr(result, "plans"):
+            kind = "transport"
+            for name, plan in result.plans.items():
+                groups[name] = plan.detach().double().T.cpu().numpy()  # rows: reference units
+        else:
+            kind = "permutation"
+            for name, perm in result.perms.items():
+                n = int(perm.numel())
+                matrix = torch.zeros(n, n, dtype=torch.float32)
+                matrix[torch.arange(n), perm.cpu().long()] = 1.0  # aligned unit i is the other model's unit perm[i]
+                groups[name] = matrix.numpy()
+        return {"model": key, "reference": outcome.reference, "kind": kind, "groups": groups}
+    finally:
+        for store in models.stores.values():
+            store.close()
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -371,6 +588,11 @@ def runnable(ref_or_path: str) -> bool:
     """Whether the app can rebuild the model as a module (a zoo model: config.json names its architecture)."""
     from merge.zoo import ARCH_KEY
 
+    if ref_or_path.startswith("demo:"):
+        from merge.refs import DEMO_MODELS
+
+        # every demo model is a zoo model: answering must not train it
+        return ref_or_path[len("demo:"):] in DEMO_MODELS
     try:
         path = resolve(ref_or_path) if not Path(ref_or_path).exists() else Path(ref_or_path)
     except SutureError:
@@ -506,6 +728,24 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
             "mean cosine (translated A vs B)": float(cos.mean()), "test samples": float(ya.shape[0])}
 
 
+def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", progress: Progress | None = None,
+               recompute: bool = False) -> dict[str, Any]:
+    """Run a `stitch:` section into outputs/stitch-<hash> (a finished folder is reused); returns out_dir and report."""
+    from stitch.pipeline import run_stitch as execute
+
+    for side in ("source", "target"):
+        ref = (section.get(side) or {}).get("model")
+        if isinstance(ref, str):
+            check_ref(ref, workspace)
+    text = json.dumps(section, sort_keys=True, default=str)
+    digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
+    out = workspace.outputs / f"stitch-{digest}"
+    if (out / "report.json").is_file() and not recompute:
+        return {"out_dir": str(out), "report": json.loads((out / "report.json").read_text()), "cached": True}
+    report = execute(dict(section), out, device=device, progress=progress)
+    return {"out_dir": str(out), "report": report, "cached": False}
+
+
 # ---------------------------------------------------------------------------------------------- publishing
 
 
@@ -547,6 +787,14 @@ def readable(exc: BaseException) -> str:
 
 __all__ = [
     "ENGINES",
+    "alignment_matrices",
+    "demo_ready",
+    "engine_option_defaults",
+    "engine_options",
+    "stop_sweep_rows",
+    "transport_rows",
+    "zip_group_rows",
+    "zipit_rows",
     "MergeOutcome",
     "NOT_AVAILABLE",
     "alignment_objective",
@@ -576,6 +824,7 @@ __all__ = [
     "resolve",
     "runner_engines",
     "run_merge",
+    "run_stitch",
     "runnable",
     "similarity_matrix",
     "split_card",

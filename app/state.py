@@ -27,28 +27,47 @@ WORKSPACE = "workspace"
 DEVICE = "device"
 EVAL_DATA = "eval_data"
 NOTICE = "notice"
+EXAMPLE_NOTICE = "example_notice"
 
-DEMO_LIBRARY = ("demo:base", "demo:finetune-0-4", "demo:finetune-5-9")
+DEMO_LIBRARY = ("demo:mlp-seed1", "demo:mlp-seed2", "demo:base", "demo:finetune-0-4", "demo:finetune-5-9",
+                "demo:task-0-4", "demo:task-5-9")
 DEMO_PREFIX = "demo:"
 DEFAULT_EVAL_DATA = "sklearn:digits"
 # a starting value for required parameters that have no default (the user changes it)
 SUGGESTED = {"weight": 1.0, "t": 0.5}
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "examples"
+DEFAULT_EXAMPLE = "quickstart"
+TIES_EXAMPLE = "ties_finetunes"
+
+
+def example_recipes() -> dict[str, Path]:
+    """The shipped example recipes (recipes/examples/*.yaml) by file stem, the quickstart first."""
+    found = {p.stem: p for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+    return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_EXAMPLE, item[0])))
+
+
+def example_summary(name: str) -> str:
+    """The leading comment of an example recipe (what it shows), or its name."""
+    lines = []
+    for line in example_recipes()[name].read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines) or name
+
+
+def example_recipe(name: str) -> dict[str, Any]:
+    """An example recipe as the validated plain dict (RecipeError for an unknown name)."""
+    examples = example_recipes()
+    if name not in examples:
+        raise RecipeError(f"example recipe {name!r}: expected one of {list(examples)}")
+    return canonical(examples[name].read_text(encoding="utf-8"))
 
 
 def default_recipe() -> dict[str, Any]:
-    """The demo the app opens on: TIES of two digits fine-tunes onto their base (no downloads)."""
-    return {
-        "name": "workbench-demo",
-        "merge_method": "ties",
-        "base_model": "demo:base",
-        "models": [
-            {"model": "demo:finetune-0-4", "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": "demo:finetune-5-9", "parameters": {"weight": 1.0, "density": 0.5}},
-        ],
-        "parameters": {"normalize": True},
-        "dtype": "float32",
-    }
+    """The demo the app opens on: the quickstart Git Re-Basin recipe (two demo MLPs, naive vs aligned barrier)."""
+    return example_recipe(DEFAULT_EXAMPLE)
 
 
 def canonical(recipe: Mapping[str, Any] | str) -> dict[str, Any]:
@@ -145,6 +164,9 @@ def referenced_refs(recipe: Mapping[str, Any]) -> list[str]:
         if sl.get("base_model") is not None:
             refs.append(ref_text(sl["base_model"]))
         refs += [ref_text(src.get("model")) for src in sl.get("sources") or []]
+    stitch = recipe.get("stitch")
+    if isinstance(stitch, Mapping):
+        refs += [ref_text(stitch[side]["model"]) for side in ("source", "target") if isinstance(stitch.get(side), Mapping) and stitch[side].get("model")]
     return list(dict.fromkeys(refs))
 
 
@@ -247,7 +269,7 @@ def keep_or_set(params: Mapping[str, Any], name: str, value: Any, default: Any) 
 def edit_recipe(
     recipe: Mapping[str, Any],
     *,
-    method: str,
+    method: str | None,
     base: str | None,
     models: list[str] | None,
     global_params: Mapping[str, Any],
@@ -262,10 +284,11 @@ def edit_recipe(
 
     ``models=None`` leaves ``models``/``slices`` as they are (slice recipes are edited as YAML).
     Parameters the chosen method does not know (``known_params``) are dropped from the edited sections.
+    ``method=None`` (ZipIt builds the merged model itself) removes ``merge_method``.
     """
     known = set(known_params)
     out = copy.deepcopy(dict(recipe))
-    out["merge_method"] = method
+    _set(out, "merge_method", method)
     _set(out, "name", name or None)
     _set(out, "base_model", base)
     _set(out, "dtype", dtype)

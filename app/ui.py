@@ -58,10 +58,48 @@ def model_kind(ref: str) -> str:
     return "local" if state.is_local_ref(ref) else "hub"
 
 
+def examples_picker(where: str) -> None:
+    """A picker of the shipped example recipes (recipes/examples/*.yaml); loading one replaces the session's recipe."""
+    ss = st.session_state
+    examples = state.example_recipes()
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    pick = c1.selectbox("Example recipe", list(examples), format_func=lambda n: n.replace("_", " "), key=f"{where}.examples.pick",
+                        help="The recipes shipped in recipes/examples/; loading one replaces the current recipe on every page.")
+    if c2.button("Load example", key=f"{where}.examples.load"):
+        try:
+            loaded = state.import_recipe(ss, examples[pick].read_text(encoding="utf-8"), workspace())
+        except Exception as exc:  # shown as one readable line, never a traceback
+            error(exc)
+        else:
+            ss[state.EXAMPLE_NOTICE] = f"Loaded the example {pick}: {loaded.get('name') or '(unnamed)'}. Run it on Align & merge."
+            st.rerun()
+    st.caption(state.example_summary(pick))
+    notice = ss.pop(state.EXAMPLE_NOTICE, None)
+    if notice:
+        st.success(notice)
+
+
+def prepare_demo_models(refs: list[str] | tuple[str, ...]) -> None:
+    """Train the demo models among `refs` that are not cached yet, shown in an st.status box (errors propagate)."""
+    pending = [r for r in dict.fromkeys(refs) if r.startswith(state.DEMO_PREFIX) and not services.demo_ready(r)]
+    if not pending:
+        return
+    label = "Training the demo models on first use (about 10-20 s each, cached afterwards)…"
+    with st.status(label, expanded=True) as status:
+        for i, ref in enumerate(pending, 1):
+            st.write(f"{i}/{len(pending)}: training {model_label(ref)}")
+            try:
+                services.resolve(ref)
+            except Exception:
+                status.update(label=f"Training {ref} failed", state="error")
+                raise
+        status.update(label="Trained on first use: " + ", ".join(pending), state="complete", expanded=False)
+
+
 class ProgressPanel:
     """A progress callback for the runner that drives an st.progress bar inside an st.status box."""
 
-    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "evaluate": "evaluating", "publish": "publishing"}
+    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "zip": "zipping", "evaluate": "evaluating", "publish": "publishing"}
 
     def __init__(self, status: Any) -> None:
         self.status = status
@@ -98,6 +136,11 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
         st.warning("Cancelled: no output was written for the interrupted run.")
         return None
     if not run or valid is None:
+        return None
+    try:
+        prepare_demo_models(state.referenced_refs(valid))
+    except Exception as exc:  # shown as one readable line, never a traceback
+        error(exc)
         return None
     with st.status("Running merge…", expanded=True) as status:
         panel = ProgressPanel(status)

@@ -328,7 +328,8 @@ def _attach_vocab_remaps(tasks: list[TensorTask], vocab: Any, vocab_names: set[s
         task.out_shape = (vocab.vocab_size, *rest)
 
 
-def _reference_key(recipe: Recipe) -> str:
+def reference_key(recipe: Recipe) -> str:
+    """The model whose names, config and tokenizer the output follows: base_model, else the first model."""
     if recipe.base_model is not None:
         return str(recipe.base_model)
     if recipe.models:
@@ -386,7 +387,7 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     """alignment.blend: the reference's weight in a two-model linear merge (the other gets 1 - blend)."""
     if r.merge_method != "linear" or not r.models or len(r.models) != 2:
         raise r.error(("alignment", "blend"), "blend sets the weights of a two-model linear merge; use merge_method: linear with two models")
-    ref = str(ModelRef.parse(reference)) if reference else _reference_key(r)
+    ref = str(ModelRef.parse(reference)) if reference else reference_key(r)
     data = r.to_dict()
     for entry in data["models"]:
         weight = blend if str(ModelRef.parse(entry["model"])) == ref else 1.0 - blend
@@ -418,7 +419,7 @@ def run_recipe(
     models = open_models(r, options, progress)
     if alignment is not None and alignment.engine == "zipit":
         return _run_zipit(r, alignment, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
-    reference = _reference_key(r)
+    reference = reference_key(r)
     raw_stores = dict(models.stores)
     architecture = steps.recipe_architecture(r.architecture, alignment)
     outcome = None
@@ -588,7 +589,7 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
 def _write_card(tmp: Path, r: Recipe, models: OpenedModels, report: dict[str, Any]) -> str:
     from merge.card import write_model_card
 
-    config = models.stores[_reference_key(r)].config or {}
+    config = models.stores[reference_key(r)].config or {}
     library = "transformers" if config.get("architectures") and "suture_architecture" not in config else None
     evaluation = report.get("evaluation")
     write_model_card(

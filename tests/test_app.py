@@ -1,5 +1,6 @@
-"""The Streamlit workbench, driven with streamlit.testing.v1.AppTest: every page, the demo merge, the recipe
-round trip, workspace confinement, readable errors, stitching diagnostics and publishing to a local Hub."""
+"""The Streamlit workbench, driven with streamlit.testing.v1.AppTest: every page, the quickstart demo (Git Re-Basin
+with its barrier plot), the examples picker, OT and ZipIt options and results, the recipe round trip, workspace
+confinement, readable errors, stitching diagnostics and publishing to a local Hub."""
 
 from __future__ import annotations
 
@@ -52,11 +53,32 @@ def click(at: AppTest, key: str) -> AppTest:
     return at
 
 
-def run_demo_merge(at: AppTest) -> dict:
+def load_example(at: AppTest, name: str) -> dict:
+    """Pick and load an example recipe with the picker of the Models or the Recipe page."""
+    where = "recipe" if any(t.value == "Recipe" for t in at.title) else "models"
+    at.selectbox(key=f"{where}.examples.pick").set_value(name).run()
+    click(at, f"{where}.examples.load")
+    assert at.session_state[state.RECIPE] == state.example_recipe(name)
+    assert any(f"Loaded the example {name}" in s.value for s in at.success), [s.value for s in at.success]
+    return at.session_state[state.RECIPE]
+
+
+def run_demo_merge(at: AppTest, example: str | None = None) -> dict:
+    if example:
+        load_example(at, example)
     at.switch_page("pages/align_merge.py").run()
     click(at, "am.run")
     assert not at.error, [e.value for e in at.error]
     return at.session_state[state.LAST_RUN]
+
+
+def frame(at: AppTest, *columns: str):
+    """The first table shown whose columns include all of `columns` (tables carry no keys)."""
+    for df in at.dataframe:
+        value = df.value
+        if set(columns) <= set(value.columns):
+            return value
+    raise AssertionError(f"no table with columns {columns}: {[list(d.value.columns) for d in at.dataframe]}")
 
 
 def tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -151,20 +173,45 @@ def test_edit_keeps_what_the_form_does_not_manage():
 # ---------------------------------------------------------------------------------------------- pages
 
 
-def test_opens_on_the_demo_models(ws):
+def test_opens_on_the_quickstart_demo(ws):
     at = start()
     assert [t.value for t in at.title] == ["Models"]
-    assert at.session_state[state.RECIPE] == state.canonical(state.default_recipe())
+    recipe = at.session_state[state.RECIPE]
+    assert recipe == state.example_recipe("quickstart") == state.default_recipe()
+    assert recipe["alignment"]["engine"] == "weight_matching" and recipe["evaluate"]["data"] == "sklearn:digits"
+    assert state.referenced_refs(recipe) == ["demo:mlp-seed1", "demo:mlp-seed2"]
     listed = at.dataframe[0].value["model"].tolist()
-    assert listed[:3] == list(state.DEMO_LIBRARY)
+    assert listed[:len(state.DEMO_LIBRARY)] == list(state.DEMO_LIBRARY)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Tensors"] == "6"
-    assert int(metrics["Parameters"].replace(",", "")) == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
-    # the recipe's three models share one architecture: every engine applies
+    assert metrics["Tensors"] == "8"
+    assert int(metrics["Parameters"].replace(",", "")) == 64 * 512 + 512 + 2 * (512 * 512 + 512) + 512 * 10 + 10
+    # the two seeds share one architecture: every engine applies
     assert any("same architecture" in s.value for s in at.success)
+    assert not at.status  # the demo models were cached: nothing to train
     at.checkbox(key="models.groups").check().run()
     groups = at.dataframe[-1].value
-    assert groups["group"].tolist() == ["layers.0", "layers.1"] and groups["size"].tolist() == [128, 128]
+    assert groups["group"].tolist() == ["layers.0", "layers.1", "layers.2"] and groups["size"].tolist() == [512] * 3
+    # every example recipe is offered, the quickstart first
+    names = list(state.example_recipes())
+    assert names[0] == "quickstart" and at.selectbox(key="models.examples.pick").options == [n.replace("_", " ") for n in names]
+
+
+def test_demo_models_in_training_are_shown_in_a_status_box(ws, monkeypatch):
+    seen = []
+
+    def not_cached(ref: str) -> bool:
+        seen.append(ref)
+        return False  # as on first use: every demo model has to be built
+
+    monkeypatch.setattr(services, "demo_ready", not_cached)
+    at = start()
+    assert "demo:mlp-seed1" in seen
+    boxes = [s for s in at.status if "Trained on first use" in s.label]
+    assert boxes and all(b.state == "complete" for b in boxes), [(s.label, s.state) for s in at.status]
+    assert "demo:mlp-seed1" in boxes[0].label
+    assert services.demo_ready.__name__ == "not_cached"
+    monkeypatch.undo()
+    assert services.demo_ready("demo:mlp-seed1") and services.demo_ready("demo:base") and services.demo_ready("models/x")
 
 
 def test_hub_ids_are_added_without_downloading(ws):
@@ -208,21 +255,41 @@ def test_models_page_adds_paths_uploads_and_refuses_escapes(ws, tmp_path):
     assert any("different widths" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
-def test_demo_merge_runs_shows_results_and_is_reused(ws):
+def test_demo_merge_shows_the_barrier_plot_and_is_reused(ws):
     at = start()
     last = run_demo_merge(at)
     out = Path(last["out_dir"])
     assert out.parent == ws.outputs and (out / "model.safetensors").is_file()
-    assert last["report"]["merge_method"] == "ties" and last["report"]["tensors"] == 6 and not last["cached"]
-    assert any("Merged 6 tensors with ties" in s.value for s in at.success)
-    assert at.status[0].state == "complete"
-    assert at.progress[0].value == 100
-    table = at.dataframe[-1].value.set_index("model")
-    # TIES of the two half-task fine-tunes beats each fine-tune on all ten digits (they forgot the other half)
-    assert table.loc["merged", "accuracy"] > table.loc["demo:finetune-0-4", "accuracy"] + 0.2
-    assert table.loc["merged", "accuracy"] > table.loc["demo:finetune-5-9", "accuracy"] + 0.2
-    # a plot option reruns the page without touching the merge
+    report = last["report"]
+    assert report["merge_method"] == "linear" and report["tensors"] == 8 and not last["cached"]
+    assert report["alignment"]["engine"] == "weight_matching"
+    assert any("Merged 8 tensors with linear" in s.value for s in at.success)
+    assert at.status[0].state == "complete" and at.progress[0].value == 100
+    # the evidence: aligned interpolation has a far smaller barrier than naive averaging of the two seeds
+    barriers = frame(at, "path", "loss").set_index("path")
+    assert set(barriers.index) == {"naive", "aligned"}
+    assert barriers.loc["aligned", "loss"] < barriers.loc["naive", "loss"] - 0.1
+    assert barriers.loc["aligned", "midpoint accuracy"] > barriers.loc["naive", "midpoint accuracy"]
+    assert set(services.interpolation_curves(report)) == {"naive", "aligned"}
+    objective = services.alignment_objective(report)
+    assert list(objective) == ["demo:mlp-seed2"] and objective["demo:mlp-seed2"][-1] >= objective["demo:mlp-seed2"][0]
+    # objective plot, barrier plot (loss and accuracy panels) and the scores chart
+    assert len(at.get("image")) == 3
+    table = frame(at, "model", "accuracy").set_index("model")
+    assert table.loc["merged", "accuracy"] == pytest.approx(report["evaluation"]["merged"]["accuracy"])
+    assert table.loc["merged", "accuracy"] > 0.9
+    # the permutation of a group, recomputed (cached) for the heatmap, is a permutation matrix
+    at.checkbox(key="am.show_matrix").check().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == 4
+    matrices = services.alignment_matrices((out / "suture_recipe.yml").read_text(), "cpu", last["out_dir"])
+    assert matrices["kind"] == "permutation" and list(matrices["groups"]) == ["layers.0", "layers.1", "layers.2"]
+    perm = torch.as_tensor(matrices["groups"]["layers.1"])
+    assert perm.shape == (512, 512) and torch.equal(perm.sum(0), torch.ones(512)) and torch.equal(perm.sum(1), torch.ones(512))
+    assert not torch.equal(perm, torch.eye(512))  # two seeds: the hidden units really were reordered
+    # plot options rerun the page without touching the merge
     stamp = (out / "model.safetensors").stat().st_mtime_ns
+    at.multiselect(key="am.curve_metrics").set_value(["loss"]).run()
     at.radio(key="am.eval_metric").set_value("loss").run()
     assert not at.exception and at.session_state[state.LAST_RUN] == last
     # the same recipe again: the finished folder is reused
@@ -230,15 +297,12 @@ def test_demo_merge_runs_shows_results_and_is_reused(ws):
     again = at.session_state[state.LAST_RUN]
     assert again["cached"] and again["out_dir"] == last["out_dir"]
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    # recompute on request gives identical tensors
-    at.checkbox(key="am.recompute").check().run()
-    click(at, "am.run")
-    assert not at.session_state[state.LAST_RUN]["cached"]
-    assert all(torch.equal(a, b) for a, b in zip(tensors(out).values(), tensors(last["out_dir"]).values()))
 
 
 def test_form_widgets_edit_the_recipe(ws):
-    at = start("align_merge")
+    at = start()
+    load_example(at, "ties_finetunes")
+    at.switch_page("pages/align_merge.py").run()
     density = [n for n in at.number_input if n.label == "density"][0]
     density.set_value(0.3).run()
     recipe = at.session_state[state.RECIPE]
@@ -259,18 +323,44 @@ def test_form_widgets_edit_the_recipe(ws):
     assert at.session_state[state.RECIPE]["evaluate"] == {"data": "sklearn:digits"}
     at.text_input(key=state.widget_key(at.session_state, "am", "data")).set_value("sklearn:digits").run()
     at.checkbox(key=state.widget_key(at.session_state, "am", "evaluate")).uncheck().run()
-    # an engine this build cannot run is flagged with the reason before anything runs
+    # engines: each shows only its own options, filled with the library's defaults, which stay out of the recipe
+    assert services.runner_engines() == {"weight_matching", "activation_matching", "ot", "zipit"}
     at.selectbox(key=state.widget_key(at.session_state, "am", "method")).set_value("ties").run()
-    at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("weight_matching").run()
+    engine_box = at.selectbox(key=state.widget_key(at.session_state, "am", "engine"))
+    engine_box.set_value("weight_matching").run()
     assert at.session_state[state.RECIPE]["alignment"] == {"engine": "weight_matching"}
-    flagged = any(services.NOT_AVAILABLE in w.value for w in at.warning)
-    assert flagged == ("weight_matching" not in services.runner_engines())
+    assert not any(services.NOT_AVAILABLE in w.value for w in at.warning)
+    labels = {n.label: n.value for n in at.number_input}
+    assert labels["Max iterations"] == 100 and "alpha (merge decay)" not in labels
+    at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("ot").run()
+    recipe = at.session_state[state.RECIPE]
+    assert recipe["alignment"] == {"engine": "ot", "data": "sklearn:digits"} and recipe["merge_method"] == "ties"
+    shown = {w.label for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_input]}
+    assert {"Ground metric", "Distance", "Solver", "Unit masses", "Normalize features", "Target widths", "Reference share"} <= shown
+    assert "Sinkhorn regularisation" not in shown and "Seed" not in shown and "Matcher" not in shown
+    solver = [b for b in at.selectbox if b.label == "Solver"][0]
+    assert solver.value == "emd" and "Singh & Jaggi" in " ".join(c.value for c in at.caption)
+    solver.set_value("sinkhorn").run()
+    reg = [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0]
+    assert reg.value == pytest.approx(0.01)
+    reg.set_value(0.05).run()
+    assert at.session_state[state.RECIPE]["alignment"] == {"engine": "ot", "data": "sklearn:digits", "solver": "sinkhorn", "reg": 0.05}
+    # ZipIt builds the model itself: its options replace the merge method, the OT options are dropped
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("zipit").run()
-    assert any(services.NOT_AVAILABLE in w.value for w in at.warning) == ("zipit" not in services.runner_engines())
+    assert not at.exception, [e.value for e in at.exception]
+    recipe = at.session_state[state.RECIPE]
+    assert recipe["alignment"] == {"engine": "zipit", "data": "sklearn:digits"}, recipe["alignment"]
+    labels = {w.label: w.value for w in [*at.selectbox, *at.number_input, *at.text_input]}
+    assert labels["alpha (merge decay)"] == 0.5 and labels["beta (within-model budget)"] == 1.0
+    assert labels["Matcher"] == "zip" and labels["Heads"] == "concat" and labels["Zip up to group"] == ""
+    assert "Solver" not in labels and "Method" not in labels
+    assert any("Stoica" in c.value for c in at.caption)
 
 
 def test_recipe_round_trip_export_import_identical_state(ws):
-    at = start("align_merge")
+    at = start()
+    load_example(at, "ties_finetunes")
+    at.switch_page("pages/align_merge.py").run()
     [n for n in at.number_input if n.label == "lambda"][0].set_value(0.8).run()
     at.text_input(key=state.widget_key(at.session_state, "am", "name")).set_value("round trip").run()
     at.switch_page("pages/recipe.py").run()
@@ -290,6 +380,28 @@ def test_recipe_round_trip_export_import_identical_state(ws):
     at.switch_page("pages/recipe.py").run()
     assert at.session_state[state.RECIPE] == before
     assert state.recipe_payload(at.session_state[state.RECIPE]) == payload
+
+
+def test_every_example_loads_and_round_trips(ws):
+    at = start("recipe")
+    assert {"quickstart", "resnet_rebasin", "ties_finetunes", "zipit_tasks"} <= set(state.example_recipes())
+    for name in state.example_recipes():
+        expected = load_example(at, name)
+        assert set(state.referenced_refs(expected)) <= set(at.session_state[state.LIBRARY])
+        # the form shows the example without changing it (engine options included)
+        at.switch_page("pages/align_merge.py").run()
+        assert not at.exception and not at.error, (name, [e.value for e in at.error])
+        if "stitch" not in expected:
+            engine = at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value
+            assert engine == (expected.get("alignment") or {}).get("engine", "(none)")
+        assert at.session_state[state.RECIPE] == expected, name
+        # export -> import -> identical state
+        at.switch_page("pages/recipe.py").run()
+        payload = state.recipe_payload(at.session_state[state.RECIPE])
+        at.file_uploader[0].set_value((f"{name}.yaml", payload, "application/x-yaml")).run()
+        click(at, "recipe.use_upload")
+        assert at.session_state[state.RECIPE] == expected, name
+        assert state.recipe_payload(at.session_state[state.RECIPE]) == payload
 
 
 MERGEKIT_STYLE = [
@@ -321,12 +433,12 @@ def test_exported_recipe_gives_the_same_tensors_with_suture_run(ws, tmp_path):
     from recipes.cli import main
 
     at = start()
-    last = run_demo_merge(at)
+    last = run_demo_merge(at)  # the quickstart: weight matching, then linear
     recipe_file = tmp_path / "exported.yaml"
     recipe_file.write_bytes(state.recipe_payload(at.session_state[state.RECIPE]))
     assert main(["run", str(recipe_file), str(tmp_path / "cli-out"), "-q"]) == 0
     app_tensors, cli_tensors = tensors(last["out_dir"]), tensors(tmp_path / "cli-out")
-    assert app_tensors.keys() == cli_tensors.keys() and len(app_tensors) == 6
+    assert app_tensors.keys() == cli_tensors.keys() and len(app_tensors) == 8
     for name in app_tensors:
         assert torch.equal(app_tensors[name], cli_tensors[name]), name
 
@@ -358,35 +470,80 @@ def test_bad_recipes_and_failing_runs_show_readable_errors(ws, tmp_path):
     assert at.status[0].state == "error" and not list(ws.outputs.iterdir())
 
 
-def test_aligned_merge_shows_objective_evaluation_and_barriers(ws):
-    at = start("recipe")
-    aligned = (
-        "name: aligned\nmerge_method: linear\nmodels:\n"
-        "  - model: demo:finetune-0-4\n    parameters: {weight: 0.5}\n"
-        "  - model: demo:finetune-5-9\n    parameters: {weight: 0.5}\n"
-        "alignment: {engine: weight_matching}\nevaluate: {data: sklearn:digits, points: 5}\n"
-    )
-    at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(aligned).run()
-    click(at, "recipe.apply")
+def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
+    at = start()
+    load_example(at, "zipit_tasks")
     at.switch_page("pages/align_merge.py").run()
-    assert at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value == "weight_matching"
-    assert at.checkbox(key=state.widget_key(at.session_state, "am", "evaluate")).value
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("no merge method applies" in i.value for i in at.info)
+    alpha = [n for n in at.number_input if n.label == "alpha (merge decay)"][0]
+    alpha.set_value(0.4).run()
+    recipe = at.session_state[state.RECIPE]
+    assert recipe["alignment"]["alpha"] == 0.4 and "merge_method" not in recipe
     click(at, "am.run")
     assert not at.error, [e.value for e in at.error]
     report = at.session_state[state.LAST_RUN]["report"]
-    assert report["alignment"]["engine"] == "weight_matching"
-    objective = services.alignment_objective(report)
-    assert list(objective) == ["demo:finetune-5-9"] and len(objective["demo:finetune-5-9"]) >= 1
-    assert set(services.interpolation_curves(report)) == {"naive", "aligned"}
-    rows = {r["model"]: r for r in services.evaluation_rows(report)}
-    assert set(rows) == {"demo:finetune-0-4", "demo:finetune-5-9", "merged"}
-    # shown: objective plot, scores bar chart and interpolation plot; evaluation and barrier tables
-    assert len(at.get("image")) == 3
-    shown = at.dataframe[-2].value.set_index("model")
-    assert shown.loc["merged", "accuracy"] == pytest.approx(rows["merged"]["accuracy"])
-    barriers = at.dataframe[-1].value.set_index("path")
-    assert set(barriers.index) == {"naive", "aligned"}
-    assert (barriers["loss"] >= 0).all()
+    assert report["alignment"]["engine"] == "zipit" and report["alignment"]["alpha"] == 0.4
+    assert any("Zipped 2 models with ZipIt!" in s.value for s in at.success)
+    joint = frame(at, "model", "accuracy").set_index("model")
+    assert list(joint.index) == ["zipit (this recipe)", "naive averaging", "permutation", "ensemble (upper bound)"]
+    ev = report["evaluation"]
+    assert joint.loc["zipit (this recipe)", "accuracy"] == pytest.approx(ev["merged"]["accuracy"])
+    # the paper's point on models trained on different tasks: zipping beats averaging and permuting
+    assert joint.loc["zipit (this recipe)", "accuracy"] > joint.loc["naive averaging", "accuracy"] + 0.05
+    assert joint.loc["zipit (this recipe)", "accuracy"] > joint.loc["permutation", "accuracy"] + 0.05
+    sweep = frame(at, "stop_at", "accuracy")
+    assert sweep["stop_at"].tolist() == ["full", "layers.1", "layers.0"]
+    assert sweep["accuracy"].tolist() == pytest.approx([r["accuracy"] for r in ev["stop_sweep"]])
+    # stop-sweep plot and the joint-accuracy chart
+    assert len(at.get("image")) == 2
+    groups = frame(at, "group", "within-model merges")
+    assert groups["group"].tolist() == ["layers.0", "layers.1", "layers.2"] and (groups["size"] == 128).all()
+
+
+def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
+    from merge import zoo
+    from merge.data import load_dataset
+
+    data = load_dataset("sklearn:digits", split="train")
+    for name, widths, seed in (("narrow", [64, 32, 32, 10], 1), ("wide", [64, 48, 48, 10], 2)):
+        module = zoo.build_seeded("merge.zoo:mlp", seed, widths=widths)
+        zoo.train(module, data, epochs=8, seed=seed)
+        zoo.save_module(module, ws.root / "models" / name, "merge.zoo:mlp", {"widths": widths})
+    text = ("name: ot-widths\nmerge_method: linear\nmodels:\n  - model: models/narrow\n    parameters: {weight: 0.5}\n"
+            "  - model: models/wide\n    parameters: {weight: 0.5}\nalignment: {engine: ot, data: sklearn:digits}\n"
+            "evaluate: {data: sklearn:digits, points: 5}\n")
+    at = start("recipe")
+    at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(text).run()
+    click(at, "recipe.apply")
+    at.switch_page("pages/align_merge.py").run()
+    assert at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value == "ot"
+    [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn").run()
+    [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0].set_value(0.05).run()
+    assert at.session_state[state.RECIPE]["alignment"]["solver"] == "sinkhorn"
+    click(at, "am.run")
+    assert not at.error, [e.value for e in at.error]
+    report = at.session_state[state.LAST_RUN]["report"]
+    assert report["alignment"]["engine"] == "ot"
+    # per-group transport figures: B's 48 units onto the reference's 32
+    stats = frame(at, "group", "size_a", "size_b")
+    assert stats["group"].tolist() == ["layers.0", "layers.1"]
+    assert (stats["size_a"] == 32).all() and (stats["size_b"] == 48).all() and stats["converged"].all()
+    barriers = frame(at, "path", "loss").set_index("path")
+    assert set(barriers.index) == {"truncated", "aligned"}
+    mids = report["evaluation"]["midpoint_accuracy"]
+    assert mids["aligned"] > mids["truncated"]  # transport beats cutting the wide model down
+    images = len(at.get("image"))
+    at.checkbox(key="am.show_matrix").check().run()
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == images + 1
+    out = Path(at.session_state[state.LAST_RUN]["out_dir"])
+    matrices = services.alignment_matrices((out / "suture_recipe.yml").read_text(), "cpu", str(out))
+    plan = torch.as_tensor(matrices["groups"]["layers.0"])
+    assert matrices["kind"] == "transport" and plan.shape == (32, 48)
+    # uniform marginals: every reference unit receives 1/32 of the mass, every unit of B sends 1/48
+    assert torch.allclose(plan.sum(1), torch.full((32,), 1 / 32, dtype=plan.dtype), atol=1e-3)
+    assert torch.allclose(plan.sum(0), torch.full((48,), 1 / 48, dtype=plan.dtype), atol=1e-3)
 
 
 def test_cancelled_run_leaves_nothing(ws):
@@ -400,7 +557,7 @@ def test_cancelled_run_leaves_nothing(ws):
             raise RerunException(None)  # what a click on Cancel raises inside the next progress update
 
     with pytest.raises(RerunException):
-        services.run_merge(state.default_recipe(), ws, progress=interrupt)
+        services.run_merge(state.example_recipe("ties_finetunes"), ws, progress=interrupt)
     assert "merge" in seen
     assert list(ws.outputs.iterdir()) == []  # no result and no hidden temporary folder
 
@@ -409,7 +566,7 @@ def test_dry_run_plan_on_the_recipe_page(ws):
     at = start("recipe")
     click(at, "recipe.plan")
     plan = at.dataframe[0].value
-    assert len(plan) == 6 and not at.error
+    assert len(plan) == 8 and not at.error
 
 
 def test_stitch_page_similarity_and_map(ws):
@@ -440,9 +597,36 @@ def test_stitch_page_similarity_and_map(ws):
     assert 0.0 < at.session_state["stitch.scores"]["mean cosine (relative A vs B)"] <= 1.0
 
 
+def test_stitch_page_runs_the_stitch(ws):
+    at = start("stitch")
+    at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
+    at.selectbox(key="stitch.b").set_value("demo:mlp-seed2")
+    at.number_input(key="stitch.run.layer_a").set_value(2)
+    at.number_input(key="stitch.run.layer_b").set_value(2)
+    at.selectbox(key="stitch.run.method").set_value("procrustes")
+    at.checkbox(key="stitch.run.plan").check()
+    click(at, "stitch.run")
+    assert not at.error, [e.value for e in at.error]
+    assert at.status[-1].state == "complete"
+    done = at.session_state["stitch.run.result"]
+    report = done["report"]
+    assert Path(done["out_dir"]).parent == ws.outputs and (Path(done["out_dir"]) / "stitched").is_dir()
+    assert report["source"] == {**report["source"], "model": "demo:mlp-seed1", "layer": 2}
+    results = frame(at, "model", "accuracy").set_index("model")
+    # A's units feed B in another order: the fitted map recovers most of B's accuracy, a naive cut does not
+    assert results.loc["stitch", "accuracy"] > 0.8 and results.loc["naive_absolute", "accuracy"] < 0.5
+    assert results.loc["stitch", "accuracy"] == pytest.approx(report["evaluate"]["results"]["stitch"]["accuracy"])
+    assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity and accuracy plots of the run
+    # the planner's table: every pair of the three hidden layers, CKA highest on the diagonal of equal depths
+    planned = frame(at, "source_layer", "target_layer", "cka")
+    assert len(planned) == 9 and planned["accuracy"].notna().all()
+    same = planned[planned["source_layer"] == planned["target_layer"]]
+    assert same["cka"].min() > planned[planned["source_layer"] != planned["target_layer"]]["cka"].min()
+
+
 def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
     at = start()
-    last = run_demo_merge(at)
+    last = run_demo_merge(at, "ties_finetunes")
     at.switch_page("pages/publish.py").run()
     assert not at.exception
     body = "\n".join(m.value for m in at.markdown)
@@ -471,7 +655,7 @@ def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
 
 def test_publish_reports_a_missing_token(ws, hub_server):
     at = start()
-    run_demo_merge(at)
+    run_demo_merge(at, "ties_finetunes")
     at.switch_page("pages/publish.py").run()
     at.text_input(key=state.widget_key(at.session_state, "publish.repo")).set_value("tester/no-token").run()
     click(at, "publish.push")

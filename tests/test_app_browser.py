@@ -1,5 +1,6 @@
 """The workbench in a real browser: start `streamlit run app/main.py` on a free port, open it in Debian's
-chromium through Playwright, run the demo merge by clicking, and keep a screenshot in test-artifacts/."""
+chromium through Playwright, run the quickstart demo merge (Git Re-Basin on two demo MLPs) by clicking, wait for
+its naive-vs-aligned barrier plot, and keep a screenshot in test-artifacts/app-demo.png."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def app_server(tmp_path: Path, demo_cache: Path):
     """`streamlit run app/main.py -- --workspace DIR` on 127.0.0.1 (demo models come from the session cache)."""
     from merge.refs import resolve_ref
 
-    for ref in ("demo:base", "demo:finetune-0-4", "demo:finetune-5-9"):
-        resolve_ref(ref)  # trained once per session, outside the browser's time budget
+    for ref in ("demo:mlp-seed1", "demo:mlp-seed2"):
+        resolve_ref(ref)  # the quickstart's models: trained once per session, outside the browser's time budget
     workspace = tmp_path / "ws"
     port = free_port()
     log = tmp_path / "streamlit.log"
@@ -102,18 +103,26 @@ def test_demo_merge_by_clicking(app_server):
             page.get_by_test_id("stSidebarNav").get_by_text("Align & merge").click()
             expect(page.get_by_role("heading", name="Align & merge")).to_be_visible(timeout=60_000)
             page.get_by_role("button", name="Run merge").click()
-            success = page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Merged 6 tensors with ties")
-            expect(success).to_be_visible(timeout=180_000)
-            expect(page.get_by_test_id("stImage").first).to_be_visible(timeout=60_000)
-            # Streamlit scrolls inside its own container: a tall viewport puts the whole page in the picture
+            success = page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Merged 8 tensors with linear")
+            expect(success).to_be_visible(timeout=150_000)
+            # the evidence: the interpolation plot (naive vs aligned, loss and accuracy) drawn from the run's report
+            plot = page.locator(".st-key-barrier-plot").get_by_test_id("stImage")
+            expect(plot).to_be_visible(timeout=60_000)
+            barrier_heading = page.get_by_text("Interpolation barrier: naive vs aligned")
+            expect(barrier_heading).to_be_visible()
+            # Streamlit scrolls inside its own container: a tall viewport puts the whole result in the picture
             page.set_viewport_size({"width": 1400, "height": 3400})
-            expect(page.get_by_test_id("stImage").first).to_be_in_viewport(timeout=30_000)
-            page.wait_for_load_state("networkidle")
+            plot.scroll_into_view_if_needed()
+            expect(plot).to_be_in_viewport(timeout=30_000)
+            expect(plot.locator("img")).to_have_js_property("complete", True, timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "app-demo.png"))
             text = success.inner_text()
+            box = plot.bounding_box()
         finally:
             browser.close()
     outputs = [p for p in (workspace / "outputs").iterdir() if not p.name.startswith(".")]
     assert len(outputs) == 1 and (outputs[0] / "model.safetensors").is_file(), log.read_text()
     assert outputs[0].name in text
+    assert (outputs[0] / "interpolation.png").is_file()
+    assert box is not None and box["width"] > 300 and box["height"] > 150  # the two-panel plot, not an empty frame
     assert (ARTIFACTS / "app-demo.png").stat().st_size > 10_000

@@ -13,8 +13,10 @@ ws = ui.workspace()
 st.title("Models")
 st.caption(
     "Models the workbench knows about. The built-in demo models are trained on scikit-learn's digits the first "
-    "time they are used (a few seconds) and cached, so everything works without downloads."
+    "time they are used (about 10-20 s each) and cached, so everything works without downloads."
 )
+
+ui.examples_picker("models")
 
 # ------------------------------------------------------------------------------------------------ add
 with st.expander("Add a model", expanded=False):
@@ -90,7 +92,8 @@ if chosen:
         st.info("Hub models are downloaded only when you ask.")
     else:
         try:
-            with st.spinner(f"Reading {chosen} (demo models train on first use)…"):
+            ui.prepare_demo_models([chosen])
+            with st.spinner(f"Reading {chosen}…"):
                 info = services.inspect_model(chosen, services.model_stamp(chosen), groups)
             if ui.model_kind(chosen) == "hub" and chosen not in fetched:
                 fetched.append(chosen)
@@ -131,6 +134,7 @@ if len(picked) >= 2:
         st.info("Comparing needs the Hub models' headers: press the button to download them.")
     else:
         try:
+            ui.prepare_demo_models(picked)
             with st.spinner("Reading tensor shapes…"):
                 infos = [services.inspect_model(r, services.model_stamp(r)) for r in picked]
             ss["models.fetched"] = list(dict.fromkeys(ss["models.fetched"] + hub))

@@ -34,6 +34,7 @@ else:
     st.error(problem)
 
 st.subheader("Load a recipe")
+ui.examples_picker("recipe")
 c1, c2 = st.columns(2)
 with c1:
     uploaded = st.file_uploader("Upload a recipe (YAML; mergekit recipes work too)", type=["yaml", "yml"],

@@ -85,4 +85,73 @@ else:
     if ss.get("stitch.scores"):
         st.dataframe([{"figure": k, "value": f"{v:.4g}" if isinstance(v, float) else str(v)} for k, v in ss["stitch.scores"].items()],
                      hide_index=True)
+
+
+# ------------------------------------------------------------------------------------------------ run the stitch
+st.subheader("Run the stitch")
+try:
+    from stitch.pipeline import METHODS as STITCH_METHODS
+except ImportError:
     st.info(f"Running a stitched model end to end (A up to the cut, the map, then B) is {services.NOT_AVAILABLE}.")
+    st.stop()
+
+given = ss[state.RECIPE].get("stitch")
+if isinstance(given, dict):
+    st.caption("From the current recipe's `stitch:` section (edit it on the Recipe page):")
+    st.code(state.param_text(given), language="yaml")
+    section = given
+else:
+    st.caption("A's layers up to the cut, a map fitted on anchors, then B's layers after its cut (or a head trained on B's "
+               "features). Layers are counted from 1; blank: the penultimate layer.")
+    r1, r2, r3, r4 = st.columns(4)
+    cut_a = r1.number_input("Cut after layer of A", min_value=1, value=None, step=1, key="stitch.run.layer_a")
+    cut_b = r2.number_input("Cut after layer of B", min_value=1, value=None, step=1, key="stitch.run.layer_b")
+    run_method = r3.selectbox("Stitch", list(STITCH_METHODS), index=list(STITCH_METHODS).index("procrustes")
+                              if "procrustes" in STITCH_METHODS else 0, key="stitch.run.method",
+                              help="relative: relative representations (Moschella et al., ICLR 2023); procrustes / linear / "
+                                   "affine / ortho_linear / ot: latent translation; learned: a trained linear stitch")
+    count = r4.number_input("Anchors", min_value=8, value=256, step=8, key="stitch.run.anchors")
+    use_planner = st.checkbox("Also let the planner score every pair of hidden layers (CKA and stitched accuracy per cut)", key="stitch.run.plan")
+    section = {
+        "source": {"model": ref_a, **({"layer": int(cut_a)} if cut_a is not None else {})},
+        "target": {"model": ref_b, **({"layer": int(cut_b)} if cut_b is not None else {})},
+        "method": run_method,
+        "anchors": {"count": int(count), "data": ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)},
+        "evaluate": {"data": ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)},
+    }
+    if use_planner:
+        from stitch.pipeline import PlanSection
+
+        planner_methods = PlanSection.model_fields["method"].annotation.__args__
+        section["plan"] = {"method": run_method if run_method in planner_methods else "procrustes"}
+if st.button("Run the stitch", type="primary", key="stitch.run"):
+    with st.status("Stitching…", expanded=True) as status:
+        bar = st.progress(0.0, text="starting")
+        try:
+            models = [section.get("source", {}).get("model"), section.get("target", {}).get("model")]
+            ui.prepare_demo_models([m for m in models if isinstance(m, str)])
+            result = services.run_stitch(section, ui.workspace(), progress=lambda stage, done, total, detail="": bar.progress(
+                min(max(done / total, 0.0), 1.0) if total else 0.0, text=f"{stage}: {done}/{total} {detail}"[:120]))
+        except Exception as exc:  # shown as one readable line, never a traceback
+            status.update(label="Stitching failed", state="error")
+            ui.error(exc)
+        else:
+            status.update(label="Stitch finished", state="complete", expanded=False)
+            ss["stitch.run.result"] = result
+done = ss.get("stitch.run.result")
+if done:
+    report = done["report"]
+    st.success(f"Stitched {report['source']['model']} (layer {report['source']['layer']}) into {report['target']['model']} "
+               f"(layer {report['target']['layer']}) with {report['method']}: {ui.workspace().relative(done['out_dir'])}")
+    results = (report.get("evaluate") or {}).get("results") or {}
+    st.dataframe([{"model": k, **{m: v for m, v in r.items() if not isinstance(v, (dict, list))}} for k, r in results.items()],
+                 hide_index=True)
+    plan = report.get("plan")
+    if isinstance(plan, dict) and plan.get("rows"):
+        best = plan.get("best")
+        st.markdown(f"**Planner ({plan.get('method')})**: CKA and stitched accuracy per cut" + (f"; best: {best}" if best else ""))
+        st.dataframe(plan["rows"], hide_index=True)
+    for name in report.get("plots") or []:
+        path = ui.workspace().resolve(done["out_dir"]) / name
+        if path.is_file():
+            st.image(str(path), caption=name)
