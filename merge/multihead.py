@@ -27,6 +27,7 @@ from torch import nn
 
 from merge.errors import InputError
 from merge.evaluate import model_logits
+from merge.store import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -228,10 +229,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise InputError(f"{str(path)!r}: no {MANIFEST_FILE}; expected a folder written by save_multihead")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{str(file)!r}: invalid JSON ({exc})") from exc
+    manifest = read_json(file)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise InputError(f"{str(file)!r}: format {manifest.get('format')!r} v{manifest.get('version')}; expected {FORMAT!r} v{VERSION}")
     if not isinstance(manifest.get("members"), list) or not manifest["members"]:

@@ -299,7 +299,8 @@ class PickleStore(TensorStore):
         return self._tensors[name]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file's content; InputError naming the file when it cannot be read or parsed."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -324,7 +325,7 @@ def open_store(ref: str | Path | Mapping[str, torch.Tensor] | TensorStore, *, al
         raise InputError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
-    config = _read_json(config_file) if config_file.is_file() else None
+    config = read_json(config_file) if config_file.is_file() else None
     source = str(path)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -354,7 +355,7 @@ def open_store(ref: str | Path | Mapping[str, torch.Tensor] | TensorStore, *, al
 
 
 def _open_index(index_path: Path, config: dict | None, strict: bool) -> SafetensorsStore:
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_path}: expected a non-empty 'weight_map' object mapping tensor names to shard files")

@@ -29,6 +29,7 @@ from torch import nn
 
 from merge.data import CalibrationData, load_dataset
 from merge.errors import InputError, RecipeError
+from merge.store import open_store, read_json
 from merge.threads import single_threaded
 
 logger = logging.getLogger(__name__)
@@ -254,10 +255,7 @@ def read_architecture(path: str | Path) -> tuple[str, dict[str, Any]]:
     config_path = folder / CONFIG_FILE if folder.is_dir() else folder
     if not config_path.is_file():
         raise InputError(f"model {str(path)!r}: no {CONFIG_FILE}; expected a folder written by save_module")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{str(config_path)!r}: invalid JSON ({exc})") from exc
+    config = read_json(config_path)
     arch = config.get(ARCH_KEY)
     if not isinstance(arch, Mapping) or not isinstance(arch.get("factory"), str):
         raise InputError(
@@ -268,26 +266,12 @@ def read_architecture(path: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model folder: model.safetensors, a sharded index, or every *.safetensors file."""
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    if folder.is_file():
-        return load_file(str(folder))
-    if (folder / WEIGHTS_FILE).is_file():
-        return load_file(str(folder / WEIGHTS_FILE))
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text(encoding="utf-8")).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"model {str(path)!r}: no safetensors weights found")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
-    return state
+    """All tensors of a model folder or file (one file, a sharded index, or every *.safetensors file)."""
+    store = open_store(path)
+    try:
+        return store.state_dict()
+    finally:
+        store.close()
 
 
 def load_module(path: str | Path, state: Mapping[str, torch.Tensor] | None = None, strict: bool = True) -> nn.Module:

@@ -32,6 +32,7 @@ from torch import nn
 
 from merge.data import CalibrationData, Inputs, inputs_to, iter_batches
 from merge.errors import InputError
+from merge.store import read_json
 from stitch.features import Chain, HFEncoderPrefix, chain_from_module
 from stitch.heads import LinearHead
 from stitch.learned import LinearStitch, pixel_rows
@@ -295,10 +296,7 @@ def load_stitched(path: str | os.PathLike[str]) -> StitchedModel:
     man_path = folder / MANIFEST_FILE
     if not man_path.is_file():
         raise InputError(f"{folder}: no {MANIFEST_FILE}; expected a stitched model folder")
-    try:
-        manifest = json.loads(man_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{man_path}: invalid JSON ({exc})") from exc
+    manifest = read_json(man_path)
     if manifest.get("format") != FORMAT:
         raise InputError(f"{man_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if int(manifest.get("version", 0)) > VERSION:
