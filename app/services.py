@@ -544,7 +544,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     import torch
 
     from merge.plan import resolve_device
-    from recipes.runner import RunOptions, reference_key, load, open_models
+    from recipes.runner import load, open_models, reference_key
     from recipes.schema import ModelRef
     from recipes.sections import parse_alignment, parse_evaluate
     from recipes.steps import recipe_architecture, run_alignment
@@ -554,7 +554,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     if section is None or section.engine == "zipit":
         raise InputError("the recipe has no permutation or transport alignment to show")
     evaluation = parse_evaluate(recipe.evaluate, recipe.where)
-    models = open_models(recipe, RunOptions(device=device))
+    models = open_models(recipe)
     try:
         # the same reference the runner aligns to
         reference = str(ModelRef.parse(section.reference)) if section.reference else reference_key(recipe)

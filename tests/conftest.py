@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.hub_server import hub_server  # noqa: F401 - the local Hub server fixture, for every test module
+
 
 @pytest.fixture(scope="session", autouse=True)
 def suture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

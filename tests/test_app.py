@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import services, state  # noqa: E402
 from app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
-from tests.hub_server import DEFAULT_TOKEN, hub_server  # noqa: E402,F401 - hub_server is a fixture
+from tests.hub_server import DEFAULT_TOKEN  # noqa: E402
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 TIMEOUT = 240  # torch import, first-use demo training and merges on a busy 2-core machine

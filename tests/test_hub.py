@@ -15,12 +15,11 @@ from safetensors.torch import load_file, save_file
 from merge.card import build_model_card, write_model_card
 from merge.errors import InputError
 from merge.hub import hub_cache_dir, is_hub_id, push_folder, resolve_model_ref
-from tests.hub_server import (  # noqa: F401 - hub_server is a fixture
+from tests.hub_server import (
     DEFAULT_TOKEN,
     READ_ONLY_TOKEN,
     closed_port_url,
     enable_lfs,
-    hub_server,
     point_client_at,
 )
 

@@ -9,7 +9,7 @@ from merge.errors import RecipeError
 from merge.store import open_store
 from recipes.cli import main
 from recipes.runner import run_recipe
-from tests.hub_server import DEFAULT_TOKEN, hub_server  # noqa: F401 - fixture
+from tests.hub_server import DEFAULT_TOKEN
 from tests.test_runner_cli import tiny_llama
 
 

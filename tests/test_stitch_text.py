@@ -83,7 +83,7 @@ def test_encoder_matches_sentence_transformers_mean_pooling(encoder, latents) ->
 
 def test_rotated_copy_procrustes_and_relative_are_exact(encoder, latents) -> None:
     xa_tr, xa_te, xb_tr, xb_te = latents["a_tr"][6], latents["a_te"][6], latents["b_tr"], latents["b_te"]
-    y_tr, y_te = latents["train"].labels, latents["test"].labels
+    y_tr = latents["train"].labels
     assert linear_cka(xa_te, xb_te) == pytest.approx(1.0, abs=1e-6)
     anchors = torch.arange(64)
     head_b = train_head(xb_tr, y_tr)
@@ -113,7 +113,7 @@ def test_rotated_copy_procrustes_and_relative_are_exact(encoder, latents) -> Non
 
 
 def test_stitched_encoder_end_to_end_and_round_trip(encoder, latents, tmp_path: Path) -> None:
-    xa_tr, xb_tr, xb_te = latents["a_tr"][6], latents["b_tr"], latents["b_te"]
+    xb_tr, xb_te = latents["b_tr"], latents["b_te"]
     test = latents["test"]
     head_b = train_head(xb_tr, latents["train"].labels)
     target_pred = predict(head_b, xb_te)
@@ -206,7 +206,7 @@ def test_pipeline_token_anchors_make_procrustes_exact(tmp_path: Path) -> None:
     res = report["evaluate"]["results"]
     assert report["anchors"]["token_anchors"] > 384
     assert res["stitch"]["accuracy"] == res["target_only"]["accuracy"] == res["naive_absolute"]["accuracy"]
-    st = load_stitched(tmp_path / "out" / "stitched").stitch.translator.state_dict()["R"]
+    load_stitched(tmp_path / "out" / "stitched")  # the saved artifact loads
     # R is the identity on the span of the data; LayerNorm leaves one direction without variance, where
     # any rotation fits the anchors equally well, so compare on the stitched model's own latents.
     back = load_stitched(tmp_path / "out" / "stitched")
