@@ -278,3 +278,21 @@ def test_tokenizer_union_through_the_runner(tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 8
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model(torch.tensor([[1, 4, 7]])).logits.shape == (1, 3, 8)
+
+
+def test_non_finite_inputs_warn_or_fail_with_strict(tmp_path, pair, capsys, caplog):
+    a, b = pair
+    store = open_store(b)
+    tensors = store.state_dict()
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, b / "model.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 1.0}}]})
+    assert main(["run", str(recipe), str(tmp_path / "strict"), "-q", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "'model.norm.weight' has 1 non-finite value" in err and str(b) in err
+    assert not (tmp_path / "strict").exists()
+    with caplog.at_level("WARNING"):
+        run_recipe(recipe, tmp_path / "lenient")
+    assert "non-finite" in caplog.text
