@@ -88,25 +88,26 @@ def generalized_task_arithmetic(
             delta = _sparsify_delta(inputs, i, delta, sparsification, rescale)
         deltas.append(delta)
     stacked = torch.stack(deltas, dim=0)
+    del deltas  # the stack is the only copy from here on; in-place steps keep peak memory near two stacks
     weights = broadcast_weights([mp["weight"] for mp in inputs.model_params], stacked)
-    weighted = stacked * weights
+    weighted = stacked.mul_(weights)
 
     if consensus is not None:
         mask = sign_consensus_mask(weighted, consensus).to(weighted.dtype)
-        mixed = (weighted * mask).sum(dim=0)
+        mixed = weighted.mul_(mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor = divisor.masked_fill_(divisor == 0, 1.0)
     else:
         mixed = weighted.sum(dim=0)
         divisor = weights.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        divisor = divisor.masked_fill_(divisor.abs() < 1e-8, 1.0)
 
     if inputs.params["normalize"]:
-        mixed = mixed / divisor
+        mixed = mixed.div_(divisor)
     lam = float(inputs.params["lambda"])
     if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
+        mixed = mixed.mul_(lam)
+    return mixed.add_(base)
 
 
 def _make(
