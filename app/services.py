@@ -301,6 +301,10 @@ OPTION_TEXT: dict[str, tuple[str, str, str]] = {
                 "baseline (across models only); identity: naive averaging of unit i with unit i."),
     "heads": ("Heads", "choice", "concat: keep one output head per model and concatenate their outputs (per-task logits); "
               "average: average the heads into one."),
+    "unmerge": ("Unmerge (partial zips)", "choice", "How each branch reads the zipped trunk: copy: the paper's 0/1 unmerge; "
+                "lstsq: least squares from the feature statistics; fit: least squares on the zipped trunk's output."),
+    "match_head_scale": ("Match head scales", "bool", "Rescale each kept head's logits to its source model's spread on the "
+                         "calibration data, so concatenated per-task logits compare fairly (a head's own ranking is unchanged)."),
 }
 MAX_ITER_HELP = {
     "weight_matching": "Coordinate-descent passes over the groups; stops earlier when a pass changes no permutation "
@@ -338,7 +342,7 @@ def engine_option_defaults(engine: str) -> dict[str, Any]:
         from merge.zipit import zip_models
 
         sig = _signature_defaults(zip_models)
-        out.update({k: sig[k] for k in ("alpha", "beta", "stop_at", "matcher", "heads")})
+        out.update({k: sig[k] for k in ("alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale")})
     return out
 
 

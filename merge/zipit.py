@@ -16,6 +16,22 @@ the paper) or averaged (``heads="average"``). Tensors with no output-side group 
 per model under ``heads="concat"``; under ``heads="average"`` a full zip averages them too and yields one
 ordinary model of the input architecture. BatchNorm statistics are recomputed on the calibration data
 after zipping, since averaged units no longer have the recorded statistics.
+
+Branch inputs (``unmerge``). ``"lstsq"`` (the default) feeds each branch through the least-squares unmerge
+(:func:`lstsq_unmerge`): the linear map from the merged features back to that model's own features that
+best reconstructs them on the calibration data. The paper's 0/1 copy ``U`` (``"copy"``) hands every unit
+its cluster's average and loses more where dissimilar units were merged. ``"fit"`` fits the map on the
+zipped trunk's actual output after its BatchNorm reset (one more pass over the data). Inside the trunk
+``U`` is always the copy, so a full zip is the same under every choice.
+
+Head scales (``match_head_scale``, off by default). Measured on digits 0-4 / 5-9 ResNets: a branch behind
+an early stop ranks its own classes about as well as its source model, but its logits' spread drifts
+from the source's by a different factor for every branch (its BatchNorm-renormalised inputs mix in the
+other model's features), so the concatenated heads' argmax hands inputs to the
+sharper head and joint accuracy falls below the full zip's. ``match_head_scale=True`` rescales each
+head's logits to the spread its source model's logits have on the calibration data
+(:func:`match_head_scales`). It is a calibration choice: it leaves every head's ranking unchanged and
+makes the heads comparable the way the source models are in an ensemble.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from merge.activations import unit_features
 from merge.data import Inputs, inputs_to
+from merge.evaluate import model_logits
 from merge.errors import AlignmentError, InputError
 from merge.graph.trace import Tap, trace_module
 from merge.multihead import MultiHeadModel, save_multihead
@@ -45,6 +62,7 @@ from merge.zipit_match import MATCHERS, ZipMatch, match
 logger = logging.getLogger(__name__)
 
 Heads = Literal["concat", "average"]
+Unmerge = Literal["copy", "lstsq", "fit"]
 
 
 @dataclass
@@ -53,7 +71,7 @@ class ZipResult:
 
     module: nn.Module  # MultiHeadModel, or one module of the input architecture (full zip, averaged heads)
     merges: dict[str, torch.Tensor]  # group -> M (n, k*n)
-    unmerges: dict[str, torch.Tensor]  # group -> U (k*n, n)
+    unmerges: dict[str, torch.Tensor]  # group -> U (k*n, n) that the branches read through (the copy U on a full zip)
     zipped_groups: list[str]
     branch_groups: list[str]
     trunk: list[str]  # tensor names shared by every model (merged)
@@ -96,6 +114,8 @@ def zip_models(
     architectures: Sequence[Mapping[str, Any]] | None = None,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    unmerge: Unmerge = "lstsq",
+    match_head_scale: bool = False,
 ) -> ZipResult:
     """Zip k >= 2 models of one architecture on calibration batches; see the module docstring."""
     start = time.perf_counter()
@@ -105,6 +125,8 @@ def zip_models(
         raise InputError(f"alignment.matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
     if heads not in ("concat", "average"):
         raise InputError(f"heads {heads!r}: expected 'concat' or 'average'")
+    if unmerge not in ("copy", "lstsq", "fit"):
+        raise InputError(f"unmerge {unmerge!r}: expected 'copy', 'lstsq' or 'fit'")
     dev = torch.device(device)
     data = as_input_batches(batches, batch_size)
     if max_batches is not None:
@@ -122,7 +144,8 @@ def zip_models(
         raise AlignmentError(f"no place in the model shows the features of group(s) {missing_taps}; cannot zip them")
     logger.info("zipping %d groups (%s), %d kept per model", len(zipped), ", ".join(zipped), len(branch_groups))
     t0 = time.perf_counter()
-    corrs = stacked_correlations(modules, {g: traced.taps[g] for g in zipped}, data, device=dev)
+    stacked = stacked_stats(modules, {g: traced.taps[g] for g in zipped}, data, device=dev)
+    corrs = {g: st.corr() for g, st in stacked.items()}
     stats_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     matches: dict[str, ZipMatch] = {}
@@ -133,7 +156,10 @@ def zip_models(
     match_s = time.perf_counter() - t0
     full = not branch_groups
     average_heads = heads == "average" and full
-    trunk_state, branches = _zip_tensors(spec, states, matches, average_heads=average_heads)
+    branch_unmerges = None
+    if unmerge == "lstsq" and branch_groups:
+        branch_unmerges = {g: lstsq_unmerge(stacked[g].second_moment(), matches[g].merge) for g in zipped}
+    trunk_state, branches = _zip_tensors(spec, states, matches, average_heads=average_heads, branch_unmerges=branch_unmerges)
     if average_heads:
         module = copy.deepcopy(modules[0])
         module.load_state_dict(trunk_state)
@@ -147,6 +173,16 @@ def zip_models(
     module.eval()
     if reset_bn and any(isinstance(m, _BatchNorm) for m in module.modules()):
         reset_batchnorm(module, data)
+    if unmerge == "fit" and branch_groups:
+        branch_unmerges = fitted_unmerges(modules, module.members[0], {g: traced.taps[g] for g in zipped}, data, device=dev)
+        _, branches = _zip_tensors(spec, states, matches, average_heads=False, branch_unmerges=branch_unmerges)
+        for m, member in enumerate(module.members):
+            member.load_state_dict(branches[m], strict=False)
+        if reset_bn and any(isinstance(m, _BatchNorm) for m in module.modules()):
+            reset_batchnorm(module, data)
+    head_scales = None
+    if match_head_scale and isinstance(module, MultiHeadModel) and heads == "concat":
+        head_scales = match_head_scales(module, modules, spec, data)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()} if average_heads else None
     group_stats = {
         name: {
@@ -159,7 +195,7 @@ def zip_models(
     result = ZipResult(
         module=module,
         merges={k: v.merge for k, v in matches.items()},
-        unmerges={k: v.unmerge for k, v in matches.items()},
+        unmerges={k: (branch_unmerges or {}).get(k, v.unmerge) for k, v in matches.items()},
         zipped_groups=list(zipped),
         branch_groups=branch_groups,
         trunk=sorted(trunk_state),
@@ -171,6 +207,8 @@ def zip_models(
             "alpha": alpha,
             "beta": beta,
             "stop_at": stop_at,
+            "unmerge": unmerge,
+            "head_scales": head_scales,
             "models": len(modules),
             "groups": group_stats,
             "stats_time_s": round(stats_s, 4),
@@ -285,6 +323,10 @@ class _StackedStats:
         self.sum += x.sum(0)
         self.gram += x.T @ x
 
+    def second_moment(self) -> torch.Tensor:
+        """E[x x^T] of the stacked features (uncentred: the layers reading them see the raw values)."""
+        return self.gram / self.count
+
     def corr(self, eps: float = 1e-12) -> torch.Tensor:
         mean = self.sum / self.count
         cov = self.gram / self.count - torch.outer(mean, mean)
@@ -305,6 +347,13 @@ def stacked_correlations(
     modules: Sequence[nn.Module], taps: Mapping[str, Sequence[Tap]], batches: Iterable[Inputs], *, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Per group, the (k*n, k*n) correlation of all models' units stacked model by model, on calibration data."""
+    return {g: st.corr() for g, st in stacked_stats(modules, taps, batches, device=device).items()}
+
+
+def stacked_stats(
+    modules: Sequence[nn.Module], taps: Mapping[str, Sequence[Tap]], batches: Iterable[Inputs], *, device: torch.device | str = "cpu"
+) -> dict[str, _StackedStats]:
+    """Per group, running first and second moments of all models' units stacked model by model."""
     dev = torch.device(device)
     stats: dict[str, _StackedStats] = {}
     records: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in modules]
@@ -343,7 +392,38 @@ def stacked_correlations(
     missing = [g for g in taps if g not in stats]
     if missing:
         raise AlignmentError(f"no features were captured for group(s) {missing}")
-    return {g: s.corr() for g, s in stats.items()}
+    return stats
+
+
+def lstsq_unmerge(second_moment: torch.Tensor, merge: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Least-squares unmerge U (k*n, n): the linear map from merged features z = M x back to x, fitted on data.
+
+    Minimises E||x - U M x||^2 over the calibration features, so U = G M^T (M G M^T)^-1 with G = E[x x^T].
+    The 0/1 copy unmerge hands every unit its cluster's average; this one also draws on the other merged
+    units that carry the unit's signal, which matters where a narrow layer merged dissimilar units.
+    """
+    g = second_moment.to(torch.float64)
+    m = merge.to(g.device, torch.float64)
+    gm = g @ m.T  # (k*n, n)
+    a = m @ gm  # (n, n)
+    a = a + ridge * (float(a.diagonal().mean()) + 1e-12) * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a, gm.T).T.to(torch.float32).cpu()
+
+
+def fitted_unmerges(
+    modules: Sequence[nn.Module], zipped: nn.Module, taps: Mapping[str, Sequence[Tap]], batches: Sequence[Inputs], *,
+    device: torch.device | str = "cpu", ridge: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """Per group, U (k*n, n) fitted by least squares from the zipped trunk's actual features to each model's own."""
+    stats = stacked_stats([*modules, zipped], taps, batches, device=device)
+    out = {}
+    for g, st in stats.items():
+        gram = st.second_moment()
+        kn = gram.shape[0] - gram.shape[0] // (len(modules) + 1)
+        gxz, gzz = gram[:kn, kn:], gram[kn:, kn:]
+        gzz = gzz + ridge * (float(gzz.diagonal().mean()) + 1e-12) * torch.eye(gzz.shape[0], dtype=gzz.dtype, device=gzz.device)
+        out[g] = torch.linalg.solve(gzz, gxz.T).T.to(torch.float32).cpu()
+    return out
 
 
 def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any:
@@ -360,6 +440,42 @@ def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any
     if tap.where == "input":
         return sub.register_forward_pre_hook(lambda _m, args: grab(args[0] if args else None))
     return sub.register_forward_hook(lambda _m, _a, out: grab(out))
+
+
+# ----------------------------------------------------------------------------------------- heads
+@torch.no_grad()
+def match_head_scales(module: MultiHeadModel, sources: Sequence[nn.Module], spec: PermutationSpec, batches: Sequence[Inputs]) -> list[float]:
+    """Scale every member's logits so their spread on the calibration data equals its source model's.
+
+    Concatenated heads are compared by argmax, so a head whose logits came out flatter than its source's
+    loses inputs to the other heads even when it ranks its own classes correctly. The factor
+    ``std(source logits) / std(member logits)`` is folded into the member's output layer (its tensors
+    with no output-side group, e.g. a classifier's weight and bias), which scales the logits exactly.
+    This is a calibration choice, off by default: it equalises confidence, it does not restore features.
+    """
+    axes = spec.axes_of()
+    heads = [n for n in module.branch_names(0) if not any(m.role == "out" for _, m in axes.get(n, {}).values())]
+    heads = [n for n in heads if module.members[0].state_dict()[n].is_floating_point()]
+    if not heads:
+        raise AlignmentError("match_head_scale: no per-model output layer to scale (every branch tensor feeds a group)")
+    member_logits: list[list[torch.Tensor]] = [[] for _ in sources]
+    source_logits: list[list[torch.Tensor]] = [[] for _ in sources]
+    for inputs in batches:
+        for m, out in enumerate(module.member_outputs(inputs_to(inputs, next(module.parameters()).device))):
+            member_logits[m].append(out.detach().double().cpu())
+        for m, src in enumerate(sources):
+            src.eval()
+            x = inputs_to(inputs, next((p.device for p in src.parameters()), torch.device("cpu")))
+            source_logits[m].append(model_logits(src(x)).detach().double().cpu())
+    scales = []
+    for m, member in enumerate(module.members):
+        ratio = float(torch.cat(source_logits[m]).std() / torch.cat(member_logits[m]).std().clamp_min(1e-12))
+        state = member.state_dict()  # shares storage with the parameters: scaling it scales them
+        for name in heads:
+            state[name].mul_(ratio)
+        scales.append(round(ratio, 6))
+    logger.info("head logit scales matched to the source models: %s", scales)
+    return scales
 
 
 # ----------------------------------------------------------------------------------------- tensors
@@ -388,8 +504,13 @@ def _zip_tensors(
     matches: Mapping[str, ZipMatch],
     *,
     average_heads: bool,
+    branch_unmerges: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Split every tensor into the merged trunk or per-model branches (with U folded into their inputs)."""
+    """Split every tensor into the merged trunk or per-model branches (with U folded into their inputs).
+
+    ``branch_unmerges`` (group -> U) replaces the matcher's U where a branch reads a zipped group.
+    """
+    branch_u = {g: branch_unmerges.get(g, mt.unmerge) for g, mt in matches.items()} if branch_unmerges else None
     axes = spec.axes_of()
     k = len(states)
     trunk: dict[str, torch.Tensor] = {}
@@ -411,7 +532,7 @@ def _zip_tensors(
                 for ax, g, mem in zipped_out:
                     n = spec.groups[g].size
                     t = apply_units(t, ax, mem.inner, matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64), mem.outer)
-                t = _unmerge_inputs(t, ins, spec, matches, m)
+                t = _unmerge_inputs(t, ins, spec, {g: mt.unmerge for g, mt in matches.items()}, m)
                 parts.append(t)
             total = torch.stack(parts).sum(0)
             if not zipped_out:
@@ -419,15 +540,16 @@ def _zip_tensors(
             trunk[name] = total.to(ref.dtype)
         else:
             for m in range(k):
-                t = _unmerge_inputs(states[m][name].to(torch.float64), ins, spec, matches, m)
+                unmerges = branch_u or {g: mt.unmerge for g, mt in matches.items()}
+                t = _unmerge_inputs(states[m][name].to(torch.float64), ins, spec, unmerges, m)
                 branches[m][name] = t.to(ref.dtype)
     return trunk, branches
 
 
-def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: PermutationSpec, matches: Mapping[str, ZipMatch], m: int) -> torch.Tensor:
+def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: PermutationSpec, unmerges: Mapping[str, torch.Tensor], m: int) -> torch.Tensor:
     """Fold model m's block of U into the axes of `t` that read zipped groups."""
     for ax, g, mem in ins:
         n = spec.groups[g].size
-        u = matches[g].unmerge[m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
+        u = unmerges[g][m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
         t = apply_units(t, ax, mem.inner, u.T, mem.outer)
     return t

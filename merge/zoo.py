@@ -475,3 +475,35 @@ def demo_tasks(cache_dir: str | Path) -> dict[str, Path]:
         out[task] = folder
     return out
 
+
+
+TASK_RESNET_SETTINGS: dict[str, Any] = {
+    # the ZipIt task split on the BatchNorm ResNet; width 32 (at width 16 the stem is too narrow to zip well)
+    "factory": FACTORY_REFS["resnet"],
+    "kwargs": {"width": 32, "num_classes": 5},
+    "epochs": 20,
+    "lr": 1e-3,
+    "batch_size": 64,
+}
+TASKS_RESNET = {
+    "0-4": ("sklearn:digits?classes=0-4&relabel=true&shape=image", 10),
+    "5-9": ("sklearn:digits?classes=5-9&relabel=true&shape=image", 11),
+}
+
+
+def demo_tasks_resnet(cache_dir: str | Path) -> dict[str, Path]:
+    """Two width-32 ResNets trained on digits 0-4 and 5-9 (labels 0..4 each) from different seeds.
+
+    Returns ``{"0-4": ..., "5-9": ...}`` folders under ``<cache>/task-resnet-*``; the ResNet counterpart of
+    :func:`demo_tasks` for zipping models with BatchNorm and residual streams.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for task, (spec, seed) in TASKS_RESNET.items():
+        entry = _demo_entry(TASK_RESNET_SETTINGS, seed, spec)
+        folder = cache / f"task-resnet-{task}"
+        if not _cached(folder, entry):
+            _train_and_save(folder, entry, train_data=spec, eval_specs={"task": spec})
+        out[task] = folder
+    return out

@@ -50,6 +50,8 @@ class AlignmentSection(_Section):
     stop_at: StrictStr | None = None
     matcher: Literal["zip", "permute", "identity"] | None = None
     heads: Literal["concat", "average"] | None = None
+    unmerge: Literal["copy", "lstsq", "fit"] | None = None
+    match_head_scale: StrictBool | None = None
 
     @model_validator(mode="after")
     def _options_fit_engine(self) -> "AlignmentSection":
@@ -65,12 +67,12 @@ class AlignmentSection(_Section):
 
 
 ENGINE_ONLY = ("ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths",
-               "blend", "alpha", "beta", "stop_at", "matcher", "heads")
+               "blend", "alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale")
 ENGINE_OPTIONS: dict[str, set[str]] = {
     "weight_matching": {"max_iter"},
     "activation_matching": set(),
     "ot": {"max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths", "blend"},
-    "zipit": {"alpha", "beta", "stop_at", "matcher", "heads"},
+    "zipit": {"alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale"},
 }
 
 

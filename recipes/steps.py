@@ -233,7 +233,8 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
     arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
     options = {"alpha": section.alpha if section.alpha is not None else 0.5,
                "beta": section.beta if section.beta is not None else 1.0,
-               "matcher": section.matcher or "zip", "heads": section.heads or "concat"}
+               "matcher": section.matcher or "zip", "heads": section.heads or "concat",
+               "unmerge": section.unmerge or "lstsq", "match_head_scale": bool(section.match_head_scale)}
 
     def zip_at(stop_at: str | None, matcher: str | None = None):
         chosen = {**options, "matcher": matcher or options["matcher"]}

@@ -28,3 +28,11 @@ def suture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_cache(suture_cache: Path) -> Path:
     """The folder `demo:` model references are built in (shared by every test module)."""
     return suture_cache / "demo"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Every test starts from the same global RNG state, so a test that draws unseeded data cannot flake."""
+    import torch
+
+    torch.manual_seed(0)

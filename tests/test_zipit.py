@@ -16,7 +16,7 @@ from merge.errors import AlignmentError, InputError
 from merge.graph.trace import spec_from_module
 from merge.multihead import MultiHeadModel, is_multihead, load_multihead, read_manifest
 from merge.spec import permute_state
-from merge.zipit import apply_units, resolve_stop, save_zip_result, zip_models
+from merge.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
 from merge.zipit_match import identity_match, permute_match, zip_match
 from merge.zoo import build_seeded, load_module, train
 
@@ -109,6 +109,28 @@ def test_apply_units_handles_inner_blocks():
     assert torch.equal(out[:, :4], t[:, 8:]) and torch.equal(out[:, 8:], t[:, :4])
 
 
+def test_lstsq_unmerge_reconstructs_better_than_the_copy():
+    # model A has 4 independent units; model B's units are mixtures of A's signals, so no one-to-one match
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4000, 4, generator=g)
+    mix = torch.tensor([[1.0, 0.8, 0, 0], [0, 1.0, 0.8, 0], [0, 0, 1.0, 0.8], [0.8, 0, 0, 1.0]])
+    x = torch.cat([a, a @ mix.T], 1)
+    zipped = zip_match(torch.corrcoef(x.T), 2, alpha=0.5, beta=1.0)
+    u = lstsq_unmerge(x.T.double() @ x.double() / len(x), zipped.merge)
+    z = x @ zipped.merge.T
+
+    def error(unmerge: torch.Tensor) -> float:
+        return float(((x - z @ unmerge.T) ** 2).mean())
+
+    assert u.shape == zipped.unmerge.shape
+    assert error(u) < 0.9 * error(zipped.unmerge)
+    # exact twins: the copy U already reconstructs perfectly, and least squares finds it
+    twins = torch.cat([a, a], 1)
+    same = zip_match(torch.corrcoef(twins.T), 2, beta=0.0)
+    u_twin = lstsq_unmerge(twins.T.double() @ twins.double() / len(twins), same.merge)
+    assert torch.allclose(u_twin, same.unmerge, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- exactness
 def _randomized_resnet(seed: int) -> nn.Module:
     model = build_seeded(RESNET_ARCH["factory"], seed, **RESNET_ARCH["kwargs"])
@@ -123,18 +145,18 @@ def _randomized_resnet(seed: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["mlp", "resnet"])
-@pytest.mark.parametrize("stop_at", [None, "first"])
-def test_zipping_a_permuted_copy_reproduces_the_model(arch, stop_at):
+@pytest.mark.parametrize("stop_at, unmerge", [(None, "lstsq"), ("first", "lstsq"), ("first", "copy"), ("first", "fit")])
+def test_zipping_a_permuted_copy_reproduces_the_model(arch, stop_at, unmerge):
     if arch == "mlp":
         model = build_seeded(MLP_ARCH["factory"], 3, **MLP_ARCH["kwargs"]).eval()
     else:
         model = _randomized_resnet(3)
-    x = torch.randn(200, 64)  # centred inputs leave few ReLUs dead in an untrained network
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(11))  # centred: few dead ReLUs untrained
     spec = spec_from_module(model, x[:2])
     twin = copy.deepcopy(model)
     twin.load_state_dict(permute_state(model.state_dict(), spec, spec.random_permutations(seed=5)))
     first = next(iter(spec.groups)) if stop_at else None
-    result = zip_models(spec, [model, twin], [x[:100], x[100:]], stop_at=first, reset_bn=False)
+    result = zip_models(spec, [model, twin], [x[:100], x[100:]], stop_at=first, reset_bn=False, unmerge=unmerge)
     assert result.multihead
     with torch.no_grad():
         expected = model(x)
@@ -153,7 +175,7 @@ def test_zipping_a_permuted_copy_reproduces_the_model(arch, stop_at):
 
 def test_average_heads_full_zip_gives_a_plain_model(tmp_path):
     model = build_seeded(MLP_ARCH["factory"], 4, **MLP_ARCH["kwargs"]).eval()
-    x = torch.rand(200, 64)
+    x = torch.rand(200, 64, generator=torch.Generator().manual_seed(12))
     result = zip_models(None, [model, copy.deepcopy(model)], [x], heads="average")
     assert not result.multihead and result.state is not None
     with torch.no_grad():
@@ -251,20 +273,27 @@ class _Ensemble(nn.Module):
 
 @pytest.fixture(scope="session")
 def five_plus_five():
-    """Per architecture: two models trained on digits 0-4 and 5-9 from different seeds, and the data."""
+    """Per architecture: two models trained on digits 0-4 and 5-9 from different seeds, and the data.
+
+    The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.zoo.TASK_RESNET_SETTINGS).
+    """
+    from merge.zoo import TASK_RESNET_SETTINGS, TASKS_RESNET
+
     train_sets = [_half("0-4", "train", 0), _half("5-9", "train", 5)]
     test = load_dataset("sklearn:digits", split="test")
     calib = torch.cat([d.inputs for d in train_sets])
     calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))[:512]]  # both tasks mixed
     batches = [calib[:256], calib[256:]]
-    trained = {}
-    for key, arch, epochs in (("mlp", MLP_ARCH, 40), ("resnet", RESNET_ARCH, 15)):
-        models = []
-        for i, data in enumerate(train_sets):
-            model = build_seeded(arch["factory"], 10 + i, **arch["kwargs"])
-            train(model, data, epochs, lr=3e-3, seed=i)
-            models.append(model.eval())
-        trained[key] = models
+    trained = {"mlp": [], "resnet": []}
+    for i, data in enumerate(train_sets):
+        model = build_seeded(MLP_ARCH["factory"], 10 + i, **MLP_ARCH["kwargs"])
+        train(model, data, 40, lr=3e-3, seed=i)
+        trained["mlp"].append(model.eval())
+    s = TASK_RESNET_SETTINGS
+    for data, (_, seed) in zip(train_sets, TASKS_RESNET.values()):
+        model = build_seeded(s["factory"], seed, **s["kwargs"])
+        train(model, data, s["epochs"], lr=s["lr"], batch_size=s["batch_size"], seed=seed)
+        trained["resnet"].append(model.eval())
     return trained, batches, test
 
 
@@ -281,8 +310,11 @@ def _accuracies(module: nn.Module, test: CalibrationData) -> tuple[float, float]
     return joint, sum(per_task) / 2
 
 
-def _table(models, batches, test, depths):
-    """Joint and per-task accuracy of every method on the digits 5+5 split."""
+def _table(models, batches, test, depths, copy_depths=(), scaled_depths=()):
+    """Joint and per-task accuracy of every method on the digits 5+5 split.
+
+    ``copy_depths``: stops also zipped with the copy unmerge; ``scaled_depths``: also with matched head scales.
+    """
     acc = lambda module: _accuracies(module, test)  # noqa: E731
     spec = spec_from_module(models[0], batches[0][:2])
     wm = weight_matching(spec, models[0].state_dict(), models[1].state_dict())
@@ -296,6 +328,12 @@ def _table(models, batches, test, depths):
     }
     for depth in depths:
         rows[f"zipit_stop_{depth}"] = acc(zip_models(spec, models, batches, alpha=0.5, beta=1.0, stop_at=depth).module)
+    for depth in copy_depths:
+        rows[f"zipit_stop_{depth}_copy"] = acc(zip_models(spec, models, batches, stop_at=depth, unmerge="copy").module)
+    if scaled_depths:
+        rows["zipit_full_scaled"] = acc(zip_models(spec, models, batches, match_head_scale=True).module)
+    for depth in scaled_depths:
+        rows[f"zipit_stop_{depth}_scaled"] = acc(zip_models(spec, models, batches, stop_at=depth, match_head_scale=True).module)
     rows["ensemble"] = acc(_Ensemble(models))
     table = {k: (round(j, 4), round(p, 4)) for k, (j, p) in rows.items()}
     logger.info("digits 5+5, (joint accuracy, mean per-task accuracy): %s", table)
@@ -306,7 +344,7 @@ def _table(models, batches, test, depths):
 def test_digits_5_plus_5_mlp(five_plus_five):
     trained, batches, test = five_plus_five
     mid, early = "layers.1", "layers.0"
-    joint, per_task = _table(trained["mlp"], batches, test, [mid, early])
+    joint, per_task = _table(trained["mlp"], batches, test, [mid, early], copy_depths=[early])
     best_baseline = max(joint["weight_matching"], joint["permute"], joint["average"])
     assert joint["zipit_full"] >= best_baseline + 0.05
     # zipping less moves toward the ensemble
@@ -314,16 +352,55 @@ def test_digits_5_plus_5_mlp(five_plus_five):
     assert joint[f"zipit_stop_{mid}"] >= joint["zipit_full"] - 0.01
     assert joint["ensemble"] >= joint[f"zipit_stop_{early}"] - 0.01
     assert per_task["zipit_full"] > max(per_task["weight_matching"], per_task["permute"], per_task["average"])
+    # branches reading the least-squares unmerge do at least as well as with the copy U
+    assert joint[f"zipit_stop_{early}"] >= joint[f"zipit_stop_{early}_copy"]
 
 
 def test_digits_5_plus_5_resnet(five_plus_five):
     trained, batches, test = five_plus_five
+    models = trained["resnet"]
     mid, early = "layer3.conv1", "layer1.conv1"
-    joint, per_task = _table(trained["resnet"], batches, test, [mid, early])
+    depths = [mid, "layer2.conv1", early]
+    joint, per_task = _table(models, batches, test, depths, copy_depths=depths, scaled_depths=depths)
     assert joint["zipit_full"] >= max(joint["weight_matching"], joint["permute"], joint["average"]) + 0.05
     assert per_task["zipit_full"] > max(per_task["weight_matching"], per_task["permute"], per_task["average"])
-    # Measured: with BatchNorm reset the heads' accuracy within their task stays level as less is zipped,
-    # while the joint (concatenated-logit) accuracy depends on how the heads' logit scales compare and does
-    # not rise monotonically here; assert what holds: per-task accuracy does not drop, the ensemble bounds all.
-    assert per_task[f"zipit_stop_{early}"] >= per_task["zipit_full"] - 0.01
-    assert joint["ensemble"] >= max(v for k, v in joint.items() if k != "ensemble")
+    assert joint["ensemble"] >= max(v for k, v in joint.items() if k != "ensemble") - 0.005
+    # Within its own task every head gets better as less is zipped...
+    assert per_task[f"zipit_stop_{early}"] >= per_task["zipit_full"] + 0.005
+    # ...but the branches' logits come out flatter than their source models' by different factors, so the
+    # concatenated heads' joint accuracy falls below the full zip's (measured; what this test documents)
+    assert joint[f"zipit_stop_{early}"] <= joint["zipit_full"] - 0.05
+    # the least-squares unmerge of the branch inputs does at least as well as the paper's copy U at every stop
+    for depth in depths:
+        assert joint[f"zipit_stop_{depth}"] >= joint[f"zipit_stop_{depth}_copy"], depth
+    # matching each head's logit spread to its source model's restores the move toward the ensemble
+    for depth in depths:
+        assert per_task[f"zipit_stop_{depth}_scaled"] == pytest.approx(per_task[f"zipit_stop_{depth}"])  # ranking within a head kept
+    assert joint[f"zipit_stop_{mid}_scaled"] >= joint["zipit_full"] - 0.01
+    assert joint["zipit_stop_layer2.conv1_scaled"] >= joint["zipit_full"] + 0.02
+    assert joint[f"zipit_stop_{early}_scaled"] >= joint["zipit_full"] + 0.02
+    assert joint[f"zipit_stop_{early}_scaled"] >= joint[f"zipit_stop_{early}"] + 0.2
+
+
+def test_matched_head_scales_equal_the_source_models_spread(five_plus_five):
+    trained, batches, test = five_plus_five
+    models = trained["resnet"]
+    spec = spec_from_module(models[0], batches[0][:2])
+    calib = torch.cat(batches)
+    plain = zip_models(spec, models, batches, stop_at="layer1.conv1")
+    scaled = zip_models(spec, models, batches, stop_at="layer1.conv1", match_head_scale=True)
+    with torch.no_grad():
+        spread = [float(o.std()) for o in plain.module.member_outputs(calib)]
+        source = [float(m(calib).std()) for m in models]
+        matched = [float(o.std()) for o in scaled.module.member_outputs(calib)]
+    ratios = [a / b for a, b in zip(spread, source)]
+    assert max(ratios) > 1.25 * min(ratios), ratios  # the heads' scales drifted apart
+    assert matched == pytest.approx(source, rel=1e-4)
+    assert scaled.stats["head_scales"] == pytest.approx([b / a for a, b in zip(spread, source)], rel=1e-4)
+    assert plain.stats["head_scales"] is None
+
+
+def test_unknown_unmerge_is_refused():
+    model = build_seeded(MLP_ARCH["factory"], 4, **MLP_ARCH["kwargs"]).eval()
+    with pytest.raises(InputError, match="unmerge"):
+        zip_models(None, [model, copy.deepcopy(model)], [torch.rand(50, 64)], stop_at="layers.0", unmerge="pinv")
