@@ -30,20 +30,11 @@ def _finetune(key: str) -> Callable[[Path], Path]:
     return build
 
 
-def _task(key: str) -> Callable[[Path], Path]:
+def _task(key: str, kind: str = "mlp") -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
         from merge.zoo import demo_tasks
 
-        return demo_tasks(cache / "demo")[key]
-
-    return build
-
-
-def _task_resnet(key: str) -> Callable[[Path], Path]:
-    def build(cache: Path) -> Path:
-        from merge.zoo import demo_tasks_resnet
-
-        return demo_tasks_resnet(cache / "demo")[key]
+        return demo_tasks(cache / "demo", kind)[key]
 
     return build
 
@@ -67,8 +58,8 @@ DEMO_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "resnet-seed2": (_seeded("resnet", 2), "small ResNet with BatchNorm trained on digits, seed 2"),
     "task-0-4": (_task("0-4"), "MLP with a 5-class head trained on digits 0-4 only"),
     "task-5-9": (_task("5-9"), "MLP with a 5-class head trained on digits 5-9 only (another initialization)"),
-    "task-resnet-0-4": (_task_resnet("0-4"), "width-32 ResNet with a 5-class head trained on digits 0-4 only"),
-    "task-resnet-5-9": (_task_resnet("5-9"), "width-32 ResNet with a 5-class head trained on digits 5-9 only (another initialization)"),
+    "task-resnet-0-4": (_task("0-4", "resnet"), "width-32 ResNet with a 5-class head trained on digits 0-4 only"),
+    "task-resnet-5-9": (_task("5-9", "resnet"), "width-32 ResNet with a 5-class head trained on digits 5-9 only (another initialization)"),
 }
 
 

@@ -447,62 +447,31 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
 
 
-TASK_SETTINGS: dict[str, Any] = {
+TASK_TRAINING: dict[str, dict[str, Any]] = {
     # ZipIt's setting: one model per half of the classes, different initializations, 5-class heads
-    "factory": FACTORY_REFS["mlp"],
-    "kwargs": {"widths": [64, 128, 128, 128, 5]},
-    "epochs": 40,
-    "lr": 1e-3,
-    "batch_size": 64,
+    "mlp": {"factory": FACTORY_REFS["mlp"], "kwargs": {"widths": [64, 128, 128, 128, 5]}, "epochs": 40, "lr": 1e-3, "batch_size": 64},
+    # the BatchNorm ResNet at width 32 (at width 16 the stem is too narrow to zip well)
+    "resnet": {"factory": FACTORY_REFS["resnet"], "kwargs": {"width": 32, "num_classes": 5}, "epochs": 20, "lr": 1e-3, "batch_size": 64},
 }
-TASKS = {"0-4": ("sklearn:digits?classes=0-4&relabel=true", 10), "5-9": ("sklearn:digits?classes=5-9&relabel=true", 11)}
+TASK_DATA = {"0-4": ("sklearn:digits?classes=0-4&relabel=true", 10), "5-9": ("sklearn:digits?classes=5-9&relabel=true", 11)}
 
 
-def demo_tasks(cache_dir: str | Path) -> dict[str, Path]:
-    """Two MLPs trained on different tasks (digits 0-4 and 5-9, labels 0..4 each) from different seeds.
+def demo_tasks(cache_dir: str | Path, kind: str = "mlp") -> dict[str, Path]:
+    """Two models trained on different tasks (digits 0-4 and 5-9, labels 0..4 each) from different seeds.
 
-    Returns ``{"0-4": ..., "5-9": ...}`` folders under ``<cache>/task-*``; concatenating their logits gives
-    a 10-class classifier, the joint accuracy ZipIt reports.
+    Returns ``{"0-4": ..., "5-9": ...}`` folders under ``<cache>/task-*`` (``task-resnet-*`` for the ResNet);
+    concatenating their logits gives a 10-class classifier, the joint accuracy ZipIt reports.
     """
+    if kind not in TASK_TRAINING:
+        raise InputError(f"task demo kind {kind!r}: expected one of {sorted(TASK_TRAINING)}")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
-    for task, (spec, seed) in TASKS.items():
-        entry = _demo_entry(TASK_SETTINGS, seed, spec)
-        folder = cache / f"task-{task}"
-        if not _cached(folder, entry):
-            _train_and_save(folder, entry, train_data=spec, eval_specs={"task": spec})
-        out[task] = folder
-    return out
-
-
-
-TASK_RESNET_SETTINGS: dict[str, Any] = {
-    # the ZipIt task split on the BatchNorm ResNet; width 32 (at width 16 the stem is too narrow to zip well)
-    "factory": FACTORY_REFS["resnet"],
-    "kwargs": {"width": 32, "num_classes": 5},
-    "epochs": 20,
-    "lr": 1e-3,
-    "batch_size": 64,
-}
-TASKS_RESNET = {
-    "0-4": ("sklearn:digits?classes=0-4&relabel=true&shape=image", 10),
-    "5-9": ("sklearn:digits?classes=5-9&relabel=true&shape=image", 11),
-}
-
-
-def demo_tasks_resnet(cache_dir: str | Path) -> dict[str, Path]:
-    """Two width-32 ResNets trained on digits 0-4 and 5-9 (labels 0..4 each) from different seeds.
-
-    Returns ``{"0-4": ..., "5-9": ...}`` folders under ``<cache>/task-resnet-*``; the ResNet counterpart of
-    :func:`demo_tasks` for zipping models with BatchNorm and residual streams.
-    """
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for task, (spec, seed) in TASKS_RESNET.items():
-        entry = _demo_entry(TASK_RESNET_SETTINGS, seed, spec)
-        folder = cache / f"task-resnet-{task}"
+    for task, (spec, seed) in TASK_DATA.items():
+        if kind == "resnet":
+            spec += "&shape=image"
+        entry = _demo_entry(TASK_TRAINING[kind], seed, spec)
+        folder = cache / (f"task-{task}" if kind == "mlp" else f"task-{kind}-{task}")
         if not _cached(folder, entry):
             _train_and_save(folder, entry, train_data=spec, eval_specs={"task": spec})
         out[task] = folder

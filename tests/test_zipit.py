@@ -275,9 +275,9 @@ class _Ensemble(nn.Module):
 def five_plus_five():
     """Per architecture: two models trained on digits 0-4 and 5-9 from different seeds, and the data.
 
-    The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.zoo.TASK_RESNET_SETTINGS).
+    The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.zoo.TASK_TRAINING["resnet"]).
     """
-    from merge.zoo import TASK_RESNET_SETTINGS, TASKS_RESNET
+    from merge.zoo import TASK_DATA, TASK_TRAINING
 
     train_sets = [_half("0-4", "train", 0), _half("5-9", "train", 5)]
     test = load_dataset("sklearn:digits", split="test")
@@ -289,8 +289,8 @@ def five_plus_five():
         model = build_seeded(MLP_ARCH["factory"], 10 + i, **MLP_ARCH["kwargs"])
         train(model, data, 40, lr=3e-3, seed=i)
         trained["mlp"].append(model.eval())
-    s = TASK_RESNET_SETTINGS
-    for data, (_, seed) in zip(train_sets, TASKS_RESNET.values()):
+    s = TASK_TRAINING["resnet"]
+    for data, (_, seed) in zip(train_sets, TASK_DATA.values()):
         model = build_seeded(s["factory"], seed, **s["kwargs"])
         train(model, data, s["epochs"], lr=s["lr"], batch_size=s["batch_size"], seed=seed)
         trained["resnet"].append(model.eval())
