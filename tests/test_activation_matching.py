@@ -12,8 +12,10 @@ from torch import nn
 from merge.activations import FeatureStats, collect_stats, group_taps, unit_features
 from merge.align.activation_matching import activation_matching
 from merge.align.weight_matching import weight_matching
+from merge.data import CalibrationData
 from merge.errors import AlignmentError, InputError
 from merge.graph.trace import Tap, spec_from_module
+from merge.zoo import train
 from merge.spec import permute_state
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM
 from tests.test_weight_matching import GQAttention, attention_spec
@@ -167,16 +169,7 @@ def test_errors():
 def _train(seed, x, y, epochs=15):
     torch.manual_seed(seed)
     model = MLP(widths=(64, 128, 128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train(model, CalibrationData(x, y), epochs, seed=seed)  # the library's seeded Adam loop, batch 64
     return model.eval()
 
 

@@ -15,22 +15,14 @@ from stitch.anchors import (
     stratified_anchors,
 )
 from stitch.relative import NORMALIZATIONS, SIMILARITIES, RelativeProjector, relative_projection
+from tests._linalg import gen, random_orthogonal
 from tests._digits import digits_data, train_linear_head, train_mlp
 
 F64 = torch.float64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _random_orthogonal(d: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=_gen(seed), dtype=F64))
-    return q * torch.sign(torch.diagonal(r))
-
-
 def _latent(n: int, d: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, d, generator=_gen(seed), dtype=F64) * torch.linspace(0.3, 2.0, d, dtype=F64) + 0.4
+    return torch.randn(n, d, generator=gen(seed), dtype=F64) * torch.linspace(0.3, 2.0, d, dtype=F64) + 0.4
 
 
 def _same(anchors_a, x_a, anchors_b, x_b, **kwargs) -> bool:
@@ -46,7 +38,7 @@ def _same(anchors_a, x_a, anchors_b, x_b, **kwargs) -> bool:
 def test_cosine_relative_is_invariant_to_rotation_and_rescaling(normalization: str) -> None:
     x = _latent(100, 20, 1)
     anchors = x[:15]
-    q = _random_orthogonal(20, 2)
+    q = random_orthogonal(20, 2)
     x2 = 3.3 * x @ q
     assert _same(anchors, x, x2[:15], x2, normalization=normalization)
     # a translation breaks plain cosine similarity but not the anchor-centred variant
@@ -58,9 +50,9 @@ def test_cosine_relative_is_invariant_to_rotation_and_rescaling(normalization: s
 def test_each_similarity_has_its_own_invariance_class() -> None:
     x = _latent(80, 12, 3)
     anchors = x[:10]
-    q = _random_orthogonal(12, 4)
-    perm = torch.randperm(12, generator=_gen(5))
-    signs = torch.where(torch.rand(12, generator=_gen(6)) < 0.5, -1.0, 1.0).to(F64)
+    q = random_orthogonal(12, 4)
+    perm = torch.randperm(12, generator=gen(5))
+    signs = torch.where(torch.rand(12, generator=gen(6)) < 0.5, -1.0, 1.0).to(F64)
     rotated_shifted = x @ q + 2.0
     permuted_flipped_shifted = x[:, perm] * signs - 1.0
     scaled = 4.0 * x
@@ -151,7 +143,7 @@ def test_relative_zero_shot_stitching_far_above_chance(digits_pair: dict, config
 
 def test_relative_vectors_of_rotated_digits_latents_are_identical(digits_pair: dict) -> None:
     za = digits_pair["za_test"]
-    rotated = 0.1 * za @ _random_orthogonal(za.shape[1], 8).float()
+    rotated = 0.1 * za @ random_orthogonal(za.shape[1], 8).float()
     ra = RelativeProjector().fit(za[:50]).transform(za)
     rb = RelativeProjector().fit(rotated[:50]).transform(rotated)
     assert torch.allclose(ra, rb, atol=1e-5)
@@ -180,7 +172,7 @@ def test_errors() -> None:
         RelativeProjector(aggregation="attention")
     with pytest.raises(SutureError, match="not fitted"):
         RelativeProjector().transform(torch.zeros(2, 3))
-    proj = RelativeProjector().fit(torch.randn(5, 4, generator=_gen(0)))
+    proj = RelativeProjector().fit(torch.randn(5, 4, generator=gen(0)))
     with pytest.raises(InputError, match="X has 3 features; the anchors have 4"):
         proj.transform(torch.zeros(2, 3))
     with pytest.raises(InputError, match="NaN"):
@@ -201,7 +193,7 @@ def test_zero_vectors_give_finite_relative_vectors() -> None:
 
 
 def _blobs(per: int = 30, k: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _gen(seed)
+    g = gen(seed)
     centres = torch.randn(k, 6, generator=g) * 20
     x = torch.cat([centres[i] + torch.randn(per, 6, generator=g) for i in range(k)])
     return x, torch.arange(k).repeat_interleave(per)

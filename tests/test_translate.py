@@ -20,22 +20,14 @@ from stitch.translate import (
     Translator,
     load_translator,
 )
+from tests._linalg import gen, random_orthogonal
 from tests._digits import digits_data, train_mlp
 
 F64 = torch.float64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _random_orthogonal(d: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=_gen(seed), dtype=F64))
-    return q * torch.sign(torch.diagonal(r))
-
-
 def _latent(n: int, d: int, seed: int) -> torch.Tensor:
-    g = _gen(seed)
+    g = gen(seed)
     return torch.randn(n, d, generator=g, dtype=F64) * torch.linspace(0.2, 2.0, d, dtype=F64) + 0.5
 
 
@@ -71,7 +63,7 @@ def test_procrustes_stitch_matches_b_and_absolute_stitch_is_chance(digits_pair: 
     n = digits_pair["za_train"].shape[0]
     stitched = []
     for seed in range(3):  # three draws of 64 anchors: 64 anchors leave a little variance per draw
-        idx = torch.randperm(n, generator=_gen(seed))[:64]
+        idx = torch.randperm(n, generator=gen(seed))[:64]
         tr = Procrustes().fit(digits_pair["za_train"][idx], digits_pair["zb_train"][idx])
         stitched.append(b.accuracy_from_latents(tr.transform(digits_pair["za_test"]), data.y_test))
     assert sum(stitched) / 3 >= acc_b - 0.015, (stitched, acc_b)
@@ -81,7 +73,7 @@ def test_procrustes_stitch_matches_b_and_absolute_stitch_is_chance(digits_pair: 
 @pytest.mark.parametrize("translator", _all_translators(), ids=repr)
 def test_every_translator_stitches_far_above_chance(digits_pair: dict, translator: Translator) -> None:
     data, b = digits_pair["data"], digits_pair["B"]
-    idx = torch.randperm(digits_pair["za_train"].shape[0], generator=_gen(0))[:64]
+    idx = torch.randperm(digits_pair["za_train"].shape[0], generator=gen(0))[:64]
     translator.fit(digits_pair["za_train"][idx], digits_pair["zb_train"][idx])
     out = translator.transform(digits_pair["za_test"])
     assert out.shape == digits_pair["zb_test"].shape and out.dtype == torch.float32
@@ -93,8 +85,8 @@ def test_every_translator_stitches_far_above_chance(digits_pair: dict, translato
 
 def test_procrustes_exact_on_rotated_rescaled_translated_copy() -> None:
     x = _latent(300, 24, 1)
-    q = _random_orthogonal(24, 2)
-    shift = torch.randn(24, generator=_gen(3), dtype=F64)
+    q = random_orthogonal(24, 2)
+    shift = torch.randn(24, generator=gen(3), dtype=F64)
     y = 2.5 * x @ q + shift
     x_new = _latent(50, 24, 4)
     tr = Procrustes(scale="global").fit(x[:40], y[:40])
@@ -108,7 +100,7 @@ def test_procrustes_exact_on_rotated_rescaled_translated_copy() -> None:
 
 def test_per_feature_scaling_exact_on_permuted_and_scaled_units() -> None:
     x = _latent(200, 16, 5)
-    g = _gen(6)
+    g = gen(6)
     perm = torch.randperm(16, generator=g)
     scales = torch.rand(16, generator=g, dtype=F64) * 3 + 0.2
     f = lambda z: z[:, perm] * scales - 1.0  # noqa: E731
@@ -120,7 +112,7 @@ def test_per_feature_scaling_exact_on_permuted_and_scaled_units() -> None:
 
 def test_ot_translator_recovers_planted_unit_permutation_of_digits_latents(digits_pair: dict) -> None:
     za = digits_pair["za_train"].double()
-    g = _gen(8)
+    g = gen(8)
     perm = torch.randperm(za.shape[1], generator=g)
     f = lambda z: z[:, perm] * 2.0 + 0.3  # noqa: E731
     ot = OTTranslator().fit(za[:300], f(za[:300]))
@@ -131,8 +123,8 @@ def test_ot_translator_recovers_planted_unit_permutation_of_digits_latents(digit
 
 def test_least_squares_and_affine_exact_on_linear_maps() -> None:
     x = _latent(100, 10, 9)
-    w = torch.randn(10, 7, generator=_gen(10), dtype=F64)
-    bias = torch.randn(7, generator=_gen(11), dtype=F64)
+    w = torch.randn(10, 7, generator=gen(10), dtype=F64)
+    bias = torch.randn(7, generator=gen(11), dtype=F64)
     x_new = _latent(20, 10, 12)
     ls = LeastSquares().fit(x, x @ w + bias)
     assert torch.allclose(ls.transform(x_new), x_new @ w + bias, atol=1e-8)
@@ -164,7 +156,7 @@ def test_padding_equals_explicit_zero_padding(dx: int, dy: int) -> None:
 
 def test_narrow_to_wide_isometric_embedding_is_exact() -> None:
     x = _latent(60, 5, 15)
-    emb = _random_orthogonal(9, 16)[:5]  # 5 x 9, orthonormal rows
+    emb = random_orthogonal(9, 16)[:5]  # 5 x 9, orthonormal rows
     y = x @ emb + 1.0
     for tr in (Procrustes(scale=False), OrthogonalizedLeastSquares(scale=False)):
         assert torch.allclose(tr.fit(x, y).transform(x), y, atol=1e-9)
@@ -183,7 +175,7 @@ def test_padding_refused_when_not_allowed() -> None:
 
 @pytest.mark.parametrize("translator", _all_translators(), ids=repr)
 def test_rank_deficient_anchors_give_finite_output(translator: Translator) -> None:
-    g = _gen(19)
+    g = gen(19)
     x = torch.randn(20, 3, generator=g) @ torch.randn(3, 48, generator=g)  # 20 anchors, rank 3, 48-d
     x[:, 5] = 1.0  # a constant unit
     y = torch.relu(torch.randn(20, 32, generator=g))

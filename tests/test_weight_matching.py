@@ -13,9 +13,11 @@ from torch import nn
 
 from merge.align.assignment import assign, solve_lap
 from merge.align.weight_matching import weight_matching
+from merge.data import CalibrationData
 from merge.errors import AlignmentError
 from merge.graph.trace import spec_from_module
 from merge.align.ot import _sum_units, map_axis
+from merge.zoo import train
 from merge.spec import Member, PermGroup, PermutationSpec, expand_index, permute_state, unit_matrix
 from merge.zipit import apply_units
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM, _randomize
@@ -238,16 +240,7 @@ def _digits():
 def _train(seed, x, y, epochs):
     torch.manual_seed(seed)
     model = MLP(widths=(64, 512, 512, 512, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train(model, CalibrationData(x, y), epochs, seed=seed)  # the library's seeded Adam loop, batch 64
     return model.eval()
 
 
