@@ -1,0 +1,1 @@
+"""Robustness suites: malformed inputs, hostile metadata, kills and concurrent writers."""
