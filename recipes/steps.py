@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from merge.derive import Architecture, architecture_of, load_module, parse_architecture
-from merge.errors import AlignmentError, RecipeError
+from merge.errors import AlignmentError, RecipeError, SutureError
 from merge.store import TensorStore, open_store
 from recipes.sections import AlignmentSection, EvaluateSection
 
@@ -144,34 +144,47 @@ def evaluate_output(
     merged_store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": merged, "models": {}}
+    notes: list[str] = []
     for key, store in raw_stores.items():
         own = architecture_of(store) or (architecture if store.shapes() == shapes else None)
-        if own is not None:
+        if own is None:
+            notes.append(f"model {key}: not evaluated (no runnable architecture fits its tensors)")
+            continue
+        try:
             result["models"][key] = evaluate(load_module(store, own), data, batch_size=section.batch_size)
+        except SutureError as exc:
+            notes.append(f"model {key}: not evaluated ({exc})")
     others = [k for k in stores if k != reference]
     if len(others) != 1 or fused:
-        return result  # interpolation paths are defined between two models in one basis
+        return _with_notes(result, notes)  # interpolation paths are defined between two models in one basis
     other = others[0]
     ref_state = stores[reference].state_dict()
     raw_other = raw_stores[other].state_dict()
     same_shapes = {n: tuple(t.shape) for n, t in raw_other.items()} == shapes
+    ref_shapes = {n: tuple(t.shape) for n, t in ref_state.items()}
+    if ref_shapes != shapes:
+        notes.append("interpolation paths skipped: the reference's tensors do not have the merged model's shapes")
+        return _with_notes(result, notes)
     paths = {"naive" if same_shapes else "truncated": raw_other if same_shapes else _truncated(raw_other, shapes)}
     if permutation_spec is not None and same_shapes:
-        from merge.align.weight_matching import weight_matching
-        from merge.spec import permute_state
-
-        match = weight_matching(permutation_spec, ref_state, raw_other)
-        paths["permutation"] = permute_state(raw_other, permutation_spec, match.perms)
+        try:
+            paths["permutation"] = _permutation_path(permutation_spec, stores[reference], ref_state, raw_other, arch, data)
+        except (SutureError, ValueError) as exc:
+            notes.append(f"permutation path skipped: {exc}")
     if aligned:
         paths["aligned"] = stores[other].state_dict()
-    if not same_shapes and tuple(ref_state) and {n: tuple(t.shape) for n, t in ref_state.items()} != shapes:
-        return result  # the reference itself was compressed: no path between the raw models
     curves = {}
     for i, (label, other_state) in enumerate(paths.items()):
         if progress:
             progress("evaluate", i, len(paths), f"{label} path")
-        curves[label] = interpolation_curve(arch.build, ref_state, other_state, data, points=section.points,
-                                            reset_bn_data=calib, batch_size=section.batch_size)
+        try:
+            curves[label] = interpolation_curve(arch.build, ref_state, other_state, data, points=section.points,
+                                                reset_bn_data=calib, batch_size=section.batch_size)
+        except SutureError as exc:
+            notes.append(f"{label} path skipped: {exc}")
+    _with_notes(result, notes)
+    if not curves:
+        return result
     if progress:
         progress("evaluate", len(paths), len(paths), "")
     result["curves"] = curves
@@ -192,6 +205,30 @@ def evaluate_output(
         plot_interpolation(curves, folder / PLOT_NAME, title=f"{reference} → {other}")
         result["plot"] = PLOT_NAME
     return result
+
+
+def _with_notes(result: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Record what evaluation had to leave out (report.json `evaluation.notes`), so a finished merge is never lost."""
+    for note in notes:
+        logger.warning("evaluate: %s", note)
+    if notes:
+        result["notes"] = list(notes)
+    return result
+
+
+def _permutation_path(spec: Any, ref_store: TensorStore, ref_state: dict, other_state: dict, arch: Architecture, data: Any) -> dict:
+    """The other model weight-matched onto the reference (the spec re-derived when compression changed the widths)."""
+    from merge.align.weight_matching import weight_matching
+    from merge.derive import derive_spec
+    from merge.spec import permute_state
+
+    shapes = {n: tuple(t.shape) for n, t in ref_state.items()}
+    try:
+        spec.validate(shapes)
+    except ValueError:
+        spec, _ = derive_spec(ref_store, architecture=arch, data=data)
+    match = weight_matching(spec, ref_state, other_state)
+    return permute_state(other_state, spec, match.perms)
 
 
 def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:

@@ -69,6 +69,20 @@ def test_ot_compresses_to_target_widths(tmp_path, mlps):
     assert result.report["evaluation"]["merged"]["accuracy"] > 0.85
 
 
+def test_ot_target_width_equal_to_the_other_model_still_evaluates(tmp_path, mlps):
+    # the reference (192) is compressed to the other model's own width (128): every path has the merged shapes
+    recipe = _recipe(mlps["wide"], mlps["a"], target_widths={"layers.0": 128, "layers.1": 128})
+    result = run_recipe(recipe, tmp_path / "out")
+    assert open_store(result.out_dir).shape("layers.0.weight") == (128, 64)
+    ev = result.report["evaluation"]
+    assert set(ev["models"]) == {str(mlps["wide"]), str(mlps["a"])}
+    assert ev["merged"]["accuracy"] > 0.85
+    assert {"naive", "permutation", "aligned"} <= set(ev["curves"]), ev.get("notes")
+    # the weight-matching path uses a spec of the compressed widths, so it is a real alignment
+    assert ev["barriers"]["permutation"]["loss"] < ev["barriers"]["naive"]["loss"]
+    assert json.loads((result.out_dir / "report.json").read_text())["evaluation"]["merged"] == ev["merged"]
+
+
 def test_ot_fuses_different_depths(tmp_path, mlps):
     result = run_recipe(_recipe(mlps["a"], mlps["deep"]), tmp_path / "out")
     assert result.report["alignment"]["fused"] is True
