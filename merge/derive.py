@@ -8,11 +8,15 @@ Two routes, tried in this order:
 2. tensor names + ``config.json`` for known families (llama/mistral/qwen2, gpt2, bert/roberta, vit,
    plain chains), with no model code.
 
-The runnable module is what activation matching, BatchNorm reset, REPAIR and evaluation need.
+A Hugging Face folder (``config.json`` with a ``model_type``) takes both: its spec from names + config, its
+runnable module from transformers (:mod:`merge.hf_module`, never remote code). The runnable module is what
+activation matching, BatchNorm reset, REPAIR and evaluation need.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from merge.store import TensorStore
 logger = logging.getLogger(__name__)
 
 ModuleFactory = Callable[[], nn.Module]
+DEFAULT_SPATIAL = 32  # image side assumed for a Conv's input when `suture inspect` is given no input shape
 
 
 @dataclass
@@ -64,6 +69,10 @@ def architecture_of(store: TensorStore, explicit: Architecture | None = None) ->
     arch = (store.config or {}).get(ARCH_KEY)
     if isinstance(arch, Mapping) and isinstance(arch.get("factory"), str):
         return Architecture(arch["factory"], dict(arch.get("kwargs") or {}))
+    from merge.hf_module import hf_architecture, is_hf_config
+
+    if is_hf_config(store.config):  # a Hugging Face folder: transformers builds it from config.json
+        return hf_architecture(store)
     return None
 
 
@@ -97,13 +106,18 @@ def derive_spec(
 ) -> tuple[PermutationSpec, Architecture | None]:
     """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
     arch = architecture_of(store, architecture)
-    if arch is not None:
-        from merge.graph.trace import spec_from_module
+    from merge.hf_module import HFArchitecture
 
+    if isinstance(arch, HFArchitecture):  # the spec from names + config, the module from transformers
+        return _family_spec(store), arch
+    if arch is not None:
         module = load_module(store, arch)
-        spec = spec_from_module(module, example_input(data, input_shape))
-        spec.validate(store.shapes())
-        return spec, arch
+        return _trace_spec(store, module, example_input(data, input_shape), arch, hint="alignment.input_shape"), arch
+    return _family_spec(store), None
+
+
+def _family_spec(store: TensorStore) -> PermutationSpec:
+    """The spec from tensor names + config.json for a family Suture knows (no model code)."""
     from merge.graph.families import detect_family, spec_from_names
 
     family = detect_family(store.names(), store.config)
@@ -114,16 +128,67 @@ def derive_spec(
         )
     spec = spec_from_names(store.shapes(), store.config, family)
     spec.validate(store.shapes())
-    return spec, None
+    return spec
 
 
-def spec_for_store(store: TensorStore) -> PermutationSpec:
-    """The spec for `suture inspect --groups` (traced on zeros for zoo models, else from names + config)."""
+def spec_for_store(store: TensorStore, input_shape: Sequence[int] | None = None) -> PermutationSpec:
+    """The spec for `suture inspect --groups`: traced on zeros for runnable models, else from names + config.
+
+    Without `input_shape` the shape comes from the model's first layer in forward order (a Linear's
+    in_features, or a Conv's in_channels at a 32-pixel spatial size); when that cannot be told or tracing
+    fails, the error asks for the shape.
+    """
+    from merge.hf_module import HFArchitecture
+
     arch = architecture_of(store)
-    shape = None
-    if arch is not None:
-        first = next(n for n in store.names() if n.endswith("weight"))
-        w = store.shape(first)
-        shape = (2, *w[1:]) if len(w) == 2 else (2, w[1], 8, 8)
-    spec, _ = derive_spec(store, input_shape=shape)
+    if arch is None or isinstance(arch, HFArchitecture):
+        return _family_spec(store)
+    module = load_module(store, arch)
+    shape = tuple(int(d) for d in input_shape) if input_shape else first_layer_input_shape(module)
+    if shape is None:
+        raise InputError(f"{store.source}: cannot tell the input shape of {arch.factory} (no Linear or Conv layer found); "
+                         "give it, e.g. `suture inspect --groups --input-shape 1,3,32,32`")
+    return _trace_spec(store, module, torch.zeros(shape), arch, hint="--input-shape")
+
+
+def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -> tuple[int, ...] | None:
+    """A two-item input for the first Linear/Conv the forward pass reaches (torch.fx order, else registration order)."""
+    try:
+        import torch.fx
+
+        graph = torch.fx.symbolic_trace(module).graph
+        mods = dict(module.named_modules())
+        order = [mods[str(n.target)] for n in graph.nodes if n.op == "call_module" and str(n.target) in mods]
+    except Exception:  # noqa: BLE001 - untraceable forward: registration order is the next best guess
+        order = list(module.modules())
+    for mod in order:
+        if isinstance(mod, nn.Linear):
+            return (2, mod.in_features)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(mod), len(mod.kernel_size))
+            return (2, mod.in_channels, *([spatial] * dims))
+    return None
+
+
+def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture, hint: str) -> PermutationSpec:
+    """spec_from_module with one clear line (factory, input shape, what to give instead) when tracing fails."""
+    from merge.errors import SutureError
+    from merge.graph.trace import spec_from_module
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # shape propagation prints the traceback it then raises
+            spec = spec_from_module(module, example)
+    except Exception as exc:  # noqa: BLE001 - torch.fx / shape propagation errors carry graph dumps, not user messages
+        if isinstance(exc, SutureError) and "\n" not in str(exc):
+            raise
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise InputError(f"{store.source}: tracing {arch.factory} on an input of shape {list(example.shape)} failed "
+                         f"({first}); give the model's input shape ({hint})") from None
+    try:
+        spec.validate(store.shapes())
+    except ValueError as exc:
+        raise AlignmentError(f"{store.source}: the traced spec does not fit the stored tensors ({exc})") from None
     return spec

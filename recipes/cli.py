@@ -36,7 +36,20 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--groups", action="store_true", help="also derive and list permutation groups")
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                   help="input shape to trace a runnable model with for --groups, e.g. 1,3,32,32 (default: from its first layer)")
     _add_verbosity(p)
+
+
+def _shape(text: str) -> list[int]:
+    """`1,3,32,32` -> [1, 3, 32, 32] (argparse reports a bad value as a one-line usage error)."""
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 1,3,32,32") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers, e.g. 1,3,32,32")
+    return dims
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """`suture inspect`: describe a model without loading its weights."""
     from recipes.inspect import inspect_model, format_inspection
 
-    info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups)
+    info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups, input_shape=args.input_shape)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 

@@ -22,7 +22,7 @@ def detect_family(names: list[str], config: dict | None) -> str | None:
     return None
 
 
-def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False) -> dict[str, Any]:
+def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False, input_shape: list[int] | None = None) -> dict[str, Any]:
     """A JSON-friendly description of a model reference (local path or Hub id)."""
     from merge.refs import resolve_ref
     from merge.store import open_store
@@ -42,17 +42,17 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False)
         "family": detect_family(names, store.config),
     }
     if groups:
-        info["groups"] = derive_groups(store)
+        info["groups"] = derive_groups(store, input_shape)
     return info
 
 
-def derive_groups(store) -> list[dict[str, Any]] | dict[str, str]:
-    """Permutation groups derived from names + config (or from the zoo architecture recorded in config)."""
+def derive_groups(store, input_shape: list[int] | None = None) -> list[dict[str, Any]] | dict[str, str]:
+    """Permutation groups derived from names + config, or traced (on zeros of `input_shape`) for runnable models."""
     from merge.derive import spec_for_store
     from merge.errors import SutureError
 
     try:
-        spec = spec_for_store(store)
+        spec = spec_for_store(store, input_shape)
     except SutureError as exc:
         return {"error": str(exc)}
     return spec.describe()

@@ -1,0 +1,267 @@
+"""A runnable module for a Hugging Face model folder, built from its ``config.json`` with transformers.
+
+Activation matching, REPAIR, evaluation and the other engines that run models need an ``nn.Module``; a Hub
+folder has no Suture architecture entry, but ``config.json`` names its transformers class. The module is
+built with ``AutoConfig`` + the class named in ``config.architectures`` (else ``AutoModel``) and never runs
+code shipped with the model: a config whose ``auto_map`` points at custom code is refused unless the caller
+opts in with ``trust_remote_code``. Random initial weights are then replaced by the store's tensors.
+
+The built module's ``state_dict()`` has exactly the store's tensor names, so every loader in the project
+(``merge.zoo.load_into``, ``load_state_dict``, interpolation paths, the REPAIR rewrite) works unchanged:
+
+* a checkpoint saved with the base model's prefix (``bert.``, ``model.``, ``transformer.``) around a headless
+  class gets a wrapper holding the model under that prefix; a head class whose checkpoint lacks the prefix
+  falls back to the class's base model;
+* tied weights the checkpoint leaves out (``lm_head.weight`` tied to the input embedding) are dropped from
+  ``state_dict()`` and not reported missing when loading;
+* non-persistent buffers the checkpoint still carries (old BERT checkpoints' ``embeddings.position_ids``) are
+  exposed under their names and ignored when loading.
+
+Anything else missing or unexpected is an error that names the tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from merge.derive import Architecture
+from merge.errors import AlignmentError, InputError
+from merge.spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+_SUTURE_ARCH_KEY = "suture_architecture"
+
+
+def is_hf_config(config: Mapping[str, Any] | None) -> bool:
+    """True for a transformers config.json (a `model_type`, no Suture architecture entry)."""
+    return isinstance(config, Mapping) and isinstance(config.get("model_type"), str) and _SUTURE_ARCH_KEY not in config
+
+
+@dataclass
+class HFArchitecture(Architecture):
+    """A transformers class built from a config (no remote code) whose state names are the store's names."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    source: str = "model"
+    path: str | None = None
+    trust_remote_code: bool = False
+
+    def build(self) -> nn.Module:
+        """A fresh module (random weights) in eval mode whose state_dict() names are exactly `names`."""
+        model = _instantiate(self.config, self.source, self.path, self.trust_remote_code)
+        module = _fit_names(model, set(self.names), self.source)
+        return module.eval()
+
+
+def hf_architecture(store: Any, *, trust_remote_code: bool = False) -> HFArchitecture:
+    """The transformers architecture of a store whose config.json is a Hugging Face config."""
+    config = dict(store.config or {})
+    return HFArchitecture(
+        factory=f"transformers:{_class_name(config)}",
+        kwargs={},
+        config=config,
+        names=tuple(store.names()),
+        source=str(store.source),
+        path=str(store.path) if getattr(store, "path", None) is not None else None,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def tokenizer_folder(store: Any) -> str | None:
+    """The model folder when it holds tokenizer files (text data is encoded with them), else None."""
+    path = getattr(store, "path", None)
+    if path is None:
+        return None
+    folder = Path(path)
+    folder = folder if folder.is_dir() else folder.parent
+    return str(folder) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def _class_name(config: Mapping[str, Any]) -> str:
+    """The transformers class config.architectures names, when transformers has it; else AutoModel."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return str(name)
+    return "AutoModel"
+
+
+def _instantiate(config: Mapping[str, Any], source: str, path: str | None, trust_remote_code: bool) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if config.get("auto_map") and not trust_remote_code:
+        raise InputError(
+            f"{source}: config.json maps to custom model code (auto_map {sorted(config['auto_map'])}); Suture does not run "
+            "code shipped with a model unless you opt in with trust_remote_code"
+        )
+    values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "_name_or_path", "auto_map")}
+    try:
+        if trust_remote_code and config.get("auto_map"):
+            if path is None:
+                raise InputError(f"{source}: custom model code needs the model folder")
+            folder = Path(path) if Path(path).is_dir() else Path(path).parent
+            cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+            return AutoModel.from_config(cfg, trust_remote_code=True)
+        cfg = AutoConfig.for_model(str(config["model_type"]), **values)
+        name = _class_name(config)
+        if name == "AutoModel":
+            return AutoModel.from_config(cfg, trust_remote_code=False)
+        return getattr(transformers, name)(cfg)
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
+        raise InputError(f"{source}: transformers cannot build model_type {config.get('model_type')!r} from config.json ({exc})") from None
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """State names grouped by the tensor they share (tied weights), each name mapped to its aliases."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(tensor), []).append(name)
+    return {name: [n for n in names if n != name] for names in by_id.values() for name in names}
+
+
+def _candidates(model: nn.Module) -> Iterable[tuple[nn.Module, str]]:
+    """(module, prefix to wrap it under): the model as is, under its base prefix, or its headless base model."""
+    yield model, ""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        yield getattr(model, prefix), ""
+    elif prefix:
+        yield model, prefix
+
+
+def _fit_names(model: nn.Module, names: set[str], source: str) -> nn.Module:
+    """The module (maybe wrapped or headless) whose state names best match `names`, with the name hooks attached."""
+    best, best_score, inner = model, None, model
+    for candidate, prefix in _candidates(model):
+        module = _Prefixed(prefix, candidate) if prefix else candidate
+        own = set(module.state_dict())
+        score = len(own & names) - len(own - names)
+        if best_score is None or score > best_score:
+            best, best_score, inner = module, score, candidate
+    _attach_name_hooks(best, names)
+    best.suture_objective = _objective(inner)  # how merge.evaluate scores token logits
+    return best
+
+
+class _Prefixed(nn.Module):
+    """A model held under its checkpoint's prefix (`bert.`, `model.`, `transformer.`) so state names match."""
+
+    def __init__(self, prefix: str, model: nn.Module) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.add_module(prefix, model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.prefix)(*args, **kwargs)
+
+
+def _attach_name_hooks(module: nn.Module, names: set[str]) -> None:
+    """Make state_dict() report exactly `names` where tied weights or non-persistent buffers differ."""
+    aliases = _tied_aliases(module)
+    own = set(aliases)
+    tied_absent = {n for n in own - names if any(a in names for a in aliases[n])}
+    buffers = dict(module.named_buffers())
+    extra_buffers = {n for n in names - own if n in buffers}
+
+    def on_save(mod: nn.Module, state: dict, prefix: str, _meta: Any) -> None:
+        if prefix:
+            return
+        for name in tied_absent:
+            state.pop(name, None)
+        for name in extra_buffers:
+            state[name] = mod.get_buffer(name).detach()
+
+    def on_load(_mod: nn.Module, keys: Any) -> None:
+        keys.missing_keys[:] = [k for k in keys.missing_keys if k not in tied_absent]
+        keys.unexpected_keys[:] = [k for k in keys.unexpected_keys if k not in extra_buffers]
+
+    module.register_state_dict_post_hook(on_save)
+    module.register_load_state_dict_post_hook(on_load)
+
+
+def _objective(module: nn.Module) -> str | None:
+    """'masked' for masked-LM heads (each token scored at its own position), 'causal' for LM heads, else None."""
+    name = type(module).__name__
+    if name.endswith("ForMaskedLM"):
+        return "masked"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    return None
+
+
+# --- observing groups ----------------------------------------------------------------------------
+
+
+def hf_taps(spec: PermutationSpec, module: nn.Module) -> dict[str, list[Any]]:
+    """Where each spec group's units can be observed in a transformers module, from the groups' members.
+
+    A member on a norm's weight, a Linear's rows, GPT-2's Conv1D columns or an embedding's columns means the
+    module's output carries the group on its last axis; a Linear's columns (Conv1D rows) mean its input does.
+    Norm outputs are preferred (the residual stream, normalised), then other outputs, then inputs. Members
+    with a fused (`outer`) or grouped-query (`repeat`) layout are not observed directly.
+    """
+    from merge.graph.trace import Tap
+
+    modules = dict(module.named_modules())
+    taps: dict[str, list[Tap]] = {}
+    for group in spec.active_groups():
+        tiers: list[list[Tap]] = [[], [], []]
+        seen: set[tuple[str, str]] = set()
+        for m in group.members:
+            if m.outer != 1 or m.repeat != 1 or not m.tensor.endswith(".weight"):
+                continue
+            owner = m.tensor.removesuffix(".weight")
+            mod = modules.get(owner)
+            if mod is None:
+                continue
+            where, tier = _observed(mod, m.axis, m.role)
+            if where is None or (owner, where) in seen:
+                continue
+            seen.add((owner, where))
+            tiers[tier].append(Tap(group.name, owner, where, axis=-1, inner=m.inner))
+        chosen = next((t for t in tiers if t), [])
+        if chosen:
+            taps[group.name] = chosen
+    return taps
+
+
+def _observed(mod: nn.Module, axis: int, role: str) -> tuple[str | None, int]:
+    """('output' or 'input' or None, preference tier) for a weight member of `mod`."""
+    kind = type(mod).__name__
+    weight = getattr(mod, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None, 0
+    axis = axis % weight.dim()
+    if weight.dim() == 1 and "Norm" in kind:
+        return "output", 0
+    if isinstance(mod, nn.Linear):
+        return ("output", 1) if axis == 0 else ("input", 2)
+    if kind == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
+        return ("output", 1) if axis == 1 else ("input", 2)
+    if isinstance(mod, nn.Embedding) and axis == 1:
+        return "output", 1
+    return None, 0
+
+
+def refuse_hf(architecture: Architecture | None, what: str, why: str) -> None:
+    """Raise one AlignmentError line when an engine cannot run on a transformers model."""
+    if isinstance(architecture, HFArchitecture):
+        raise AlignmentError(f"{what} does not apply to the transformers model {architecture.source}: {why}")
