@@ -2,7 +2,8 @@
 
 Tasks are picked from the data: with labels it is classification (mean cross-entropy, top-1 accuracy on
 the logits); without labels and with token inputs it is causal language modelling (mean next-token
-cross-entropy over attended positions, next-token accuracy). Models may return a tensor, a tuple (first
+cross-entropy over attended positions, next-token accuracy), or for masked-LM heads the same scores of each
+token at its own position. Models may return a tensor, a tuple (first
 item) or an object with ``.logits`` (Hugging Face outputs).
 """
 
@@ -35,6 +36,10 @@ def model_logits(output: Any) -> torch.Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
+    if hasattr(output, "last_hidden_state"):
+        raise InputError(f"model output of type {type(output).__name__} has hidden states but no logits: a model without an "
+                         "output head (e.g. transformers' BertModel) has no loss to evaluate; evaluate a head class "
+                         "(config.json `architectures`, e.g. BertForMaskedLM, GPT2LMHeadModel)")
     raise InputError(f"model output of type {type(output).__name__} has no logits; expected a tensor, a tuple or .logits")
 
 
@@ -43,8 +48,13 @@ def run_module(module: nn.Module, inputs: Inputs) -> Any:
     return module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
 
 
-def _batch_sums(logits: torch.Tensor, inputs: Inputs, labels: torch.Tensor | None, name: str) -> tuple[float, float, int]:
-    """(sum of losses, number correct, number of scored items) for one batch."""
+def _batch_sums(logits: torch.Tensor, inputs: Inputs, labels: torch.Tensor | None, name: str,
+                shift: int = 1) -> tuple[float, float, int]:
+    """(sum of losses, number correct, number of scored items) for one batch.
+
+    Token logits are scored against the next token (`shift=1`, causal LM) or against the token at the same
+    position (`shift=0`, a masked-LM head read without masking: how well it reconstructs its input).
+    """
     if labels is not None:
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
             raise InputError(f"data {name!r}: model logits of shape {tuple(logits.shape)} do not fit {labels.shape[0]} class labels")
@@ -56,8 +66,9 @@ def _batch_sums(logits: torch.Tensor, inputs: Inputs, labels: torch.Tensor | Non
     if isinstance(inputs, Mapping) and "input_ids" in inputs and logits.dim() == 3:
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
-        shift_logits, target = logits[:, :-1].float(), ids[:, 1:]
-        scored = mask[:, 1:].bool() & mask[:, :-1].bool()
+        end = logits.shape[1] - shift
+        shift_logits, target = logits[:, :end].float(), ids[:, shift:]
+        scored = mask[:, shift:].bool() & mask[:, :end].bool()
         losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), target.reshape(-1), reduction="none")
         flat = scored.reshape(-1)
         correct = (shift_logits.argmax(-1) == target).reshape(-1) & flat
@@ -77,11 +88,12 @@ def evaluate(
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     total_loss, total_correct, total_n = 0.0, 0.0, 0
+    shift = 0 if getattr(module, "suture_objective", None) == "masked" else 1  # set by merge.hf_module
     try:
         for inputs, labels in iter_batches(dataset, batch_size):
             inputs = inputs_to(inputs, device)
             labels = None if labels is None else labels.to(device)
-            loss, correct, n = _batch_sums(model_logits(run_module(module, inputs)), inputs, labels, dataset.name)
+            loss, correct, n = _batch_sums(model_logits(run_module(module, inputs)), inputs, labels, dataset.name, shift)
             total_loss, total_correct, total_n = total_loss + loss, total_correct + correct, total_n + n
     finally:
         module.train(was_training)

@@ -306,7 +306,8 @@ def _run_zipit(r: Recipe, alignment, evaluation_section, publish_section, models
                device: torch.device, started: float, progress: Progress | None) -> RunResult:
     """ZipIt recipes build the output model themselves: zipped weights (or a multi-head model), report, card."""
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress)
+        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress,
+                                 architecture=steps.recipe_architecture(r.architecture, alignment))
         evaluation = zipped.pop("evaluation", None)
         (tmp / "suture_recipe.yml").write_text(r.to_yaml())
         report = {"suture_version": __version__, "merge_method": None, "models": list(models.refs), "device": str(device),

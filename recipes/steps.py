@@ -37,11 +37,12 @@ def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -
     return parse_architecture({"factory": factory, "kwargs": kwargs})
 
 
-def load_data(spec: Any, *, split: str = "train", max_items: int | None = None):
-    """Calibration/evaluation data from a recipe data spec."""
+def load_data(spec: Any, *, split: str = "train", max_items: int | None = None, store: TensorStore | None = None):
+    """Calibration/evaluation data from a recipe data spec (text encoded with `store`'s tokenizer files, if any)."""
     from merge.data import load_dataset
+    from merge.hf_module import tokenizer_folder
 
-    return load_dataset(spec, split=split, max_items=max_items)
+    return load_dataset(spec, split=split, max_items=max_items, tokenizer=tokenizer_folder(store) if store is not None else None)
 
 
 def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], reference: str, architecture: Architecture | None,
@@ -54,14 +55,16 @@ def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], ref
     from merge.align.pipeline import AlignmentSettings, align_models
 
     spec = section.data if section.data is not None else fallback_data
-    data = load_data(spec, split="train", max_items=section.max_items) if spec is not None else None
+    data = load_data(spec, split="train", max_items=section.max_items, store=stores.get(reference)) if spec is not None else None
     settings = AlignmentSettings(
         engine=section.engine, reference=reference, max_iter=section.max_iter, seed=section.seed, data=section.data,
         batch_size=section.batch_size, max_items=section.max_items, input_shape=section.input_shape, repair=section.repair,
         ot_options=section.ot_options() if section.engine == "ot" else {},
         blend=section.blend if section.blend is not None else 0.5,
     )
-    return align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
+    outcome = align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
+    check_repair(section, outcome.architecture)
+    return outcome
 
 
 def interpolation_weight(model_params: list[dict], keys: list[str], reference: str) -> float:
@@ -73,13 +76,25 @@ def interpolation_weight(model_params: list[dict], keys: list[str], reference: s
     return float(weights[other]) / float(sum(weights))
 
 
+def check_repair(section: AlignmentSection, architecture: Architecture | None) -> None:
+    """Refuse `repair:` (before anything is merged) where it cannot run: no runnable module, or a transformers model."""
+    from merge.hf_module import refuse_hf
+
+    if section.repair == "none":
+        return
+    if architecture is None:
+        raise AlignmentError(f"alignment.repair: {section.repair} needs a runnable architecture (`architecture:` in the recipe)")
+    refuse_hf(architecture, f"alignment.repair: {section.repair}",
+              "it re-estimates BatchNorm statistics / rescales channels found by tracing a MLP or CNN, and transformers "
+              "models (LayerNorm, no BatchNorm; not traceable by torch.fx) have neither; use repair: none")
+
+
 def repair_output(folder: Path, section: AlignmentSection, outcome, t: float) -> dict[str, Any]:
     """Reset BatchNorm statistics or apply REPAIR to the merged weights in `folder`, rewriting them in place."""
     from merge.repair import repair, reset_batchnorm
     from merge.writer import save_tensors
 
-    if outcome.architecture is None:
-        raise AlignmentError(f"alignment.repair: {section.repair} needs a runnable architecture (`architecture:` in the recipe)")
+    check_repair(section, outcome.architecture)
     if section.data is None:
         raise RecipeError(f"alignment.repair: {section.repair} needs calibration data (alignment.data)")
     data = load_data(section.data, split="train", max_items=section.max_items)
@@ -137,7 +152,7 @@ def evaluate_output(
     arch = architecture_of(merged_store) or architecture
     if arch is None:
         raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, or models saved by Suture's zoo)")
-    data = load_data(section.data, split=section.split, max_items=section.max_items)
+    data = load_data(section.data, split=section.split, max_items=section.max_items, store=raw_stores.get(reference))
     calib = load_data(section.data, split="train", max_items=section.max_items) if reset_bn else None
     merged = evaluate(load_module(merged_store, arch), data, batch_size=section.batch_size)
     shapes = merged_store.shapes()
@@ -254,15 +269,22 @@ class _Ensemble(torch.nn.Module):
 
 
 def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStore], evaluate: EvaluateSection | None,
-              device: torch.device, progress=None) -> dict[str, Any]:
-    """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep."""
+              device: torch.device, progress=None, architecture: Architecture | None = None) -> dict[str, Any]:
+    """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep.
+
+    Each model runs as the recipe's `architecture:` when given, else as the architecture its config.json records.
+    """
+    from merge.hf_module import refuse_hf
     from merge.zipit import save_zip_result, zip_models
 
-    archs = {key: architecture_of(store) for key, store in stores.items()}
+    archs = {key: architecture_of(store, architecture) for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
     if missing:
         raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
-                             "(models saved by Suture's zoo record one in config.json)")
+                             "(name it in the recipe as `architecture: package.module:factory`)")
+    for arch in archs.values():
+        refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
+                  "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
     if section.data is None:
         raise RecipeError("alignment.data: zipit needs calibration data (e.g. sklearn:digits)")
     data = load_data(section.data, split="train", max_items=section.max_items)
@@ -290,11 +312,11 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
         progress("zip", 1, 1, "")
     report: dict[str, Any] = {"engine": "zipit", **result.summary()}
     if evaluate is not None:
-        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress)
+        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress, archs[next(iter(stores))])
     return report
 
 
-def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress) -> dict[str, Any]:
+def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress, architecture: Architecture) -> dict[str, Any]:
     """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
     from merge.evaluate import evaluate
     from merge.graph.trace import spec_from_module
@@ -303,7 +325,7 @@ def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progr
 
     data = load_data(section.data, split=section.split, max_items=section.max_items)
     store = open_store(folder)
-    output = load_multihead(folder) if is_multihead(folder) else load_module(store, architecture_of(store))
+    output = load_multihead(folder) if is_multihead(folder) else load_module(store, architecture)
     store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),

@@ -157,8 +157,13 @@ def align_models(
             from merge.align.activation_matching import activation_matching
             from merge.data import iter_batches
 
+            from merge.hf_module import HFArchitecture, hf_taps
+
             batches = (x for x, _ in iter_batches(data, settings.batch_size))
-            result = activation_matching(spec, load_module(ref_store, arch), load_module(stores[key], arch), batches,
+            module_a = load_module(ref_store, arch)
+            # transformers models are not traced: the family spec's members say where each group shows
+            taps = hf_taps(spec, module_a) if isinstance(arch, HFArchitecture) else None
+            result = activation_matching(spec, module_a, load_module(stores[key], arch), batches, taps=taps,
                                          device=device, progress=step)
         outcome.results[key] = result
         outcome.stores[key] = PermutedStore(stores[key], spec, result.perms)
@@ -194,6 +199,7 @@ def _align_ot(
     """OT fusion (OTFusion): transport every model into the reference's basis, whatever its widths or depth."""
     from merge.align.ot import align_with_ot
     from merge.derive import architecture_of, example_input
+    from merge.hf_module import refuse_hf
     from merge.store import DictStore
 
     ref_store = stores[reference]
@@ -207,12 +213,20 @@ def _align_ot(
         if progress:
             progress("align", i, len(others), key)
         store = stores[key]
-        arch_b = architecture_of(store) or (architecture if architecture is not None and arch_ref is None else None)
+        # the recipe's architecture runs this model too when it has the reference's shapes (it has no record of its own)
+        fits = architecture is not None and (arch_ref is None or store.shapes() == ref_store.shapes())
+        arch_b = architecture_of(store) or (architecture if fits else None)
         spec_b, arch_b = derive_spec(store, architecture=arch_b, data=data, input_shape=settings.input_shape)
         if len(spec_b.groups) != len(spec_ref.groups):
+            refuse_hf(arch_ref, "fusing models of different depths", "layer alignment runs MLP layers, not transformer blocks")
             return _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome)
         modules = {}
-        if arch_ref is not None and arch_b is not None:
+        needs_modules = settings.ot_options.get("ground_metric") == "activations" or settings.ot_options.get("marginals") == "activation"
+        if needs_modules:
+            refuse_hf(arch_ref, "alignment.ground_metric: activations",
+                      "OT's activation features come from torch.fx tracing, which transformers models do not support; "
+                      "use ground_metric: weights or engine: activation_matching")
+        if needs_modules and arch_ref is not None and arch_b is not None:
             modules = {"module_a": load_module(ref_store, arch_ref), "module_b": load_module(store, arch_b)}
         batches = None
         if data is not None:
