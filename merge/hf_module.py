@@ -59,7 +59,7 @@ class HFArchitecture(Architecture):
     def build(self) -> nn.Module:
         """A fresh module (random weights) in eval mode whose state_dict() names are exactly `names`."""
         model = _instantiate(self.config, self.source, self.path, self.trust_remote_code)
-        module = _fit_names(model, set(self.names), self.source)
+        module = _fit_names(model, set(self.names))
         return module.eval()
 
 
@@ -147,7 +147,7 @@ def _candidates(model: nn.Module) -> Iterable[tuple[nn.Module, str]]:
         yield model, prefix
 
 
-def _fit_names(model: nn.Module, names: set[str], source: str) -> nn.Module:
+def _fit_names(model: nn.Module, names: set[str]) -> nn.Module:
     """The module (maybe wrapped or headless) whose state names best match `names`, with the name hooks attached."""
     best, best_score, inner = model, None, model
     for candidate, prefix in _candidates(model):

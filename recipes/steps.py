@@ -151,7 +151,7 @@ def evaluate_output(
     merged_store = open_store(folder)
     arch = architecture_of(merged_store) or architecture
     if arch is None:
-        raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, or models saved by Suture's zoo)")
+        raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, a model saved by Suture's zoo, or a Hugging Face folder)")
     data = load_data(section.data, split=section.split, max_items=section.max_items, store=raw_stores.get(reference))
     calib = load_data(section.data, split="train", max_items=section.max_items) if reset_bn else None
     merged = evaluate(load_module(merged_store, arch), data, batch_size=section.batch_size)

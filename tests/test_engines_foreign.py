@@ -268,3 +268,8 @@ def test_minilm_activation_matching_undoes_a_permutation():
     restored = outcome.stores["b"].state_dict()
     for name, tensor in ref.state_dict().items():
         assert torch.equal(restored[name], tensor), name
+    # a headless encoder gives hidden states: evaluation says why it has no loss instead of guessing one
+    from merge.evaluate import evaluate
+
+    with pytest.raises(InputError, match="without an output head"):
+        evaluate(load_module(ref, arch), data)
