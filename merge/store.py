@@ -229,11 +229,11 @@ def _parse_json(raw: bytes | str, path: Path, what: str) -> object:
     try:
         return json.loads(raw, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
-        raise InputError(f"{path}: corrupt {what} (key {_short(exc.key)} appears twice)") from None
+        raise InputError(f"{path}: {what} names key {_short(exc.key)} twice") from None
     except RecursionError:
-        raise InputError(f"{path}: corrupt {what} (JSON nested too deeply)") from None
+        raise InputError(f"{path}: {what} nests JSON too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, integers too long to convert
-        raise InputError(f"{path}: corrupt {what} (not valid JSON: {_one_line(exc, 160)})") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({_one_line(exc, 160)})") from None
 
 
 def _explain_header(header: object, data_len: int) -> str | None:
@@ -312,13 +312,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         with safe_open(str(path), framework="pt"):
             pass
     except SafetensorError as exc:
-        try:
-            reason = _explain_header(_parse_json(raw, path, "safetensors header"), data_len)
-        except InputError as parse_error:
-            reason = str(parse_error).removeprefix(f"{path}: ")
+        reason = _explain_header(_parse_json(raw, path, "safetensors header"), data_len)
         if reason is None:
             reason = str(exc).removeprefix("Error while deserializing header: ")
-        raise InputError(f"{path}: invalid safetensors file: {_one_line(reason)}") from None
+        raise InputError(f"{path}: invalid safetensors header: {_one_line(reason)}") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({_one_line(exc.strerror or exc)})") from exc
     header = _parse_json(raw, path, "safetensors header")  # safetensors accepted it: bounded depth, sound types
@@ -431,7 +428,7 @@ def read_json(path: Path) -> dict:
             raw = fh.read(MAX_JSON_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{path}: cannot read JSON ({_one_line(exc.strerror or exc)})") from exc
-    data = _parse_json(raw, path, "JSON file")
+    data = _parse_json(raw, path, "content")
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -501,6 +498,8 @@ def _open_index(index_path: Path, config: dict | None, strict: bool) -> Safetens
     checked: dict[str, Path] = {}
     files: dict[str, Path] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(f"{index_path}: weight_map entry {_short(name)} -> {_short(shard)}: expected a shard file name (a non-empty string)")
         if shard not in checked:
             checked[shard] = _confined_shard(index_path, name, shard, folder, roots)
         files[name] = checked[shard]
@@ -518,13 +517,11 @@ def _allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def _confined_shard(index_path: Path, name: str, shard: object, folder: Path, roots: list[Path]) -> Path:
+def _confined_shard(index_path: Path, name: str, shard: str, folder: Path, roots: list[Path]) -> Path:
     """The shard file an index entry names, refused unless it is a regular file inside the model folder."""
     def refuse(reason: str) -> InputError:
         return InputError(f"{index_path}: weight_map entry {_short(name)} -> {_short(shard)}: {reason}")
 
-    if not isinstance(shard, str) or not shard:
-        raise refuse("expected a shard file name (a non-empty string)")
     if "\0" in shard:
         raise refuse("file name contains a NUL byte")
     if PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or PureWindowsPath(shard).drive:
