@@ -5,8 +5,10 @@ tensor at a time with :meth:`TensorStore.get`. Backends: a single ``.safetensors
 with ``*.safetensors.index.json``, a folder holding ``.safetensors`` files, an in-memory dict, and, only
 when the user opts in, pickle checkpoints (``.bin``/``.pt``) loaded with ``weights_only=True``.
 
-Safetensors headers are parsed and checked here before any data is read, so a truncated file or a header
-that lies about sizes fails with a message naming the file and tensor instead of a crash deep in a merge.
+Safetensors headers are validated by the `safetensors` library before any data is read, and refusals are
+explained in one line naming the file and the field, so a truncated or crafted file fails here instead of
+crashing deep in a merge. Data is then read with positioned reads (memory stays near one tensor). Index
+entries must name regular files inside the model folder, and nothing that is not a regular file is opened.
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ def open_regular(path: Path) -> BinaryIO:
     kind = _kind_of(os.fstat(fd).st_mode)
     if kind is not None:
         os.close(fd)
-        raise InputError(f"{path}: is {kind}, not a model file")
+        raise InputError(f"{path}: is {kind}, not a regular file")
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
@@ -224,10 +226,15 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
-def _parse_json(raw: bytes | str, path: Path, what: str) -> object:
-    """Parse JSON that came from a file, as one InputError line for every way it can be bad."""
+def _parse_json(raw: bytes, path: Path, what: str, *, unique_keys: bool = True) -> object:
+    """Parse JSON that came from a file, as one InputError line for every way it can be bad.
+
+    Strict UTF-8 (as the safetensors format requires; `json.loads` would otherwise guess UTF-16/32 from
+    the first bytes). With `unique_keys`, a key given twice is refused instead of "last one wins", which
+    could hide a tensor or a shard entry.
+    """
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique_keys else None)
     except _DuplicateKey as exc:
         raise InputError(f"{path}: {what} names key {_short(exc.key)} twice") from None
     except RecursionError:
@@ -418,8 +425,11 @@ class PickleStore(TensorStore):
 MAX_JSON_BYTES = 64 * 1024 * 1024  # far above any real config or index (a 1T-parameter index is a few MB)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; InputError naming the file when it cannot be read, parsed, or is not an object."""
+def read_json(path: Path, *, unique_keys: bool = False) -> dict:
+    """A JSON object from a file; InputError naming the file when it cannot be read, parsed, or is not an object.
+
+    Only regular files are opened (a FIFO would block) and only up to MAX_JSON_BYTES.
+    """
     with open_regular(path) as fh:
         try:
             size = os.fstat(fh.fileno()).st_size
@@ -428,7 +438,7 @@ def read_json(path: Path) -> dict:
             raw = fh.read(MAX_JSON_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{path}: cannot read JSON ({_one_line(exc.strerror or exc)})") from exc
-    data = _parse_json(raw, path, "content")
+    data = _parse_json(raw, path, "content", unique_keys=unique_keys)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -489,7 +499,7 @@ def open_store(ref: str | Path | Mapping[str, torch.Tensor] | TensorStore, *, al
 
 
 def _open_index(index_path: Path, config: dict | None, strict: bool) -> SafetensorsStore:
-    index = read_json(index_path)
+    index = read_json(index_path, unique_keys=True)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_path}: expected a non-empty 'weight_map' object mapping tensor names to shard files, found {_short(weight_map)}")

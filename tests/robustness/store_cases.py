@@ -178,6 +178,8 @@ def _header_cases(b: _Builder) -> None:
     b.add_file("top.huge_integer", _pack(b.header_raw.rstrip()[:-1] + b',"n":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}', b.data))
     b.add_file("top.trailing_garbage", _pack(b.header_raw.rstrip() + b"garbage", b.data))
     b.add_file("top.two_objects", _pack(b.header_raw.rstrip() + b.header_raw.rstrip(), b.data))
+    b.add_file("top.utf16", _pack(b.header_raw.decode().encode("utf-16"), b.data))
+    b.add_file("top.utf32_no_bom", _pack(b.header_raw.decode().encode("utf-32-le"), b.data))
     b.add_file("top.lone_surrogate", _pack(b.header_raw.replace(b'"pt"', b'"\\ud800"'), b.data))
     # duplicate tensor names: last-one-wins would hide a tensor (refused by Suture's policy)
     first = next(n for n in b.header if n != "__metadata__")
