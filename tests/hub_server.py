@@ -13,10 +13,12 @@ exception types (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) and a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,6 +92,9 @@ class LocalHub:
         self.lfs_objects: set[str] = set()  # sha256 of objects uploaded and verified over git-LFS
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, authenticated); never headers
         self.validated: list[str] = []  # README contents sent to /api/validate-yaml
+        # a careless server: every answer repeats the request's Authorization header (a header and, on errors,
+        # the message), so tests can prove the client side never shows it
+        self.echo_auth = False
         self.lock = threading.RLock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -302,6 +307,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if self.hub.echo_auth and self.headers.get("Authorization"):
+            self.send_header("X-Echo-Authorization", self.headers["Authorization"])
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         if "Content-Length" not in (headers or {}):
@@ -353,6 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._route(method, segs, query, body)
         except HubError as err:
             headers = dict(err.headers)
+            if self.hub.echo_auth:
+                err.message = f"{err.message} (you sent Authorization: {self.headers.get('Authorization')})"
+                err.body = {**(err.body or {}), "error": err.message}
             headers["X-Error-Message"] = err.message
             if err.code:
                 headers["X-Error-Code"] = err.code
@@ -634,6 +644,15 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def silent_server_url() -> Iterator[str]:
+    """An http URL on 127.0.0.1 that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: Path) -> None:
