@@ -21,7 +21,7 @@ TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "req
 MASK = "***"
 _SHAPES = (
     # an Authorization header's value, whatever the scheme (also as httpcore's bytes tuples: b'authorization', b'...')
-    re.compile(r"(?i)(authorization['\"]?\s*[:,=]\s*(?:b?['\"])?)((?:bearer|basic|token)\s+)?[^\s'\",;)\]}]+"),
+    re.compile(r"(?i)(authorization['\"]?\s*[:,=]\s*(?:b?['\"])?)[^'\"\r\n,;)\]}]+"),
     re.compile(r"(?i)\b(bearer)(\s+)[^\s'\",;)\]}]+"),
     re.compile(r"\bhf_[A-Za-z0-9]{8,}"),  # the shape of Hugging Face user/org tokens
     re.compile(r"\bapi_org_[A-Za-z0-9]{8,}"),
@@ -55,7 +55,7 @@ def redact(text: str, extra: str | None = None) -> str:
     secrets = known_secrets() + ([extra] if extra else [])
     for secret in secrets:
         text = text.replace(secret, MASK)
-    text = _SHAPES[0].sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{MASK}", text)
+    text = _SHAPES[0].sub(lambda m: f"{m.group(1)}{MASK}", text)
     text = _SHAPES[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     for shape in _SHAPES[2:]:
         text = shape.sub(MASK, text)

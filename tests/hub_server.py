@@ -95,6 +95,9 @@ class LocalHub:
         # a careless server: every answer repeats the request's Authorization header (a header and, on errors,
         # the message), so tests can prove the client side never shows it
         self.echo_auth = False
+        # requests whose path contains this text get no answer until the server stops (a Hub that stalls mid-push)
+        self.stall_on: str | None = None
+        self._stopping = threading.Event()
         self.lock = threading.RLock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -121,6 +124,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -355,6 +359,10 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body() if method in ("POST", "PUT") else b""
         with self.hub.lock:
             self.hub.requests.append((method, parts.path, self.headers.get("Authorization") is not None))
+        if self.hub.stall_on and self.hub.stall_on in parts.path:
+            self.hub._stopping.wait()
+            self.close_connection = True
+            return
         try:
             with self.hub.lock:
                 self._route(method, segs, query, body)
