@@ -96,11 +96,12 @@ def install_log_redaction() -> None:
         register_secret(get_token())
     except Exception:  # no huggingface_hub, or an unreadable token file: nothing to register
         pass
-    # huggingface_hub prints through its own handler too; cover it and the root's
-    for logger in (logging.getLogger(), logging.getLogger("huggingface_hub")):
-        for handler in logger.handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+    # huggingface_hub prints through its own handler too; cover it, the root's, and the handler logging
+    # falls back to when no handler is configured (as under Streamlit)
+    handlers = [h for name in ("", "huggingface_hub") for h in logging.getLogger(name).handlers]
+    for handler in [*handlers, logging.lastResort]:
+        if handler is not None and _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
 
 
 __all__ = ["TRANSPORT_LOGGERS", "register_secret", "known_secrets", "redact", "RedactingFilter", "install_log_redaction"]

@@ -132,3 +132,20 @@ def test_scan_finds_the_token_at_every_offset_across_chunk_edges(tmp_path, monke
         assert hub_module._stream_contains(path, [needle]), offset
     path.write_bytes(needle[:-1] + b"-" + needle[1:])  # near misses only
     assert not hub_module._stream_contains(path, [needle])
+
+
+def test_app_error_lines_and_fallback_logging_mask_tokens(capsys):
+    from app import services
+
+    assert CANARY not in services.readable(RuntimeError(f"HTTP 500 for Authorization: Bearer {CANARY}"))
+    assert CANARY not in services.readable(InputError(f"bad {CANARY}"))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()  # as under Streamlit: records reach logging's last-resort handler
+    try:
+        install_log_redaction()
+        logging.getLogger("app.ui").warning("unexpected error for %s", CANARY)
+    finally:
+        root.handlers[:] = saved
+    err = capsys.readouterr().err
+    assert "unexpected error for ***" in err and CANARY not in err
