@@ -32,6 +32,22 @@ class HubTimeout(Exception):
         self.seconds = seconds
 
 
+class _BoundedStream(httpx2.SyncByteStream):
+    """A response body whose read timeouts become :class:`HubTimeout` too."""
+
+    def __init__(self, inner: httpx2.SyncByteStream, url: str, seconds: float) -> None:
+        self.inner, self.url, self.seconds = inner, url, seconds
+
+    def __iter__(self):
+        try:
+            yield from self.inner
+        except httpx2.TimeoutException as exc:
+            raise HubTimeout(self.url, self.seconds) from exc
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _BoundedTransport(httpx2.BaseTransport):
     """Gives time-limit-less requests the current limit and turns their timeouts into :class:`HubTimeout`."""
 
@@ -44,11 +60,14 @@ class _BoundedTransport(httpx2.BaseTransport):
             return self.inner.handle_request(request)
         seconds = _state["seconds"]
         request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
+        url = f"{request.url.scheme}://{request.url.netloc.decode('ascii', 'replace')}{request.url.path}"
         try:
-            return self.inner.handle_request(request)
+            response = self.inner.handle_request(request)
         except httpx2.TimeoutException as exc:
-            url = f"{request.url.scheme}://{request.url.netloc.decode('ascii', 'replace')}{request.url.path}"
             raise HubTimeout(url, seconds) from exc
+        # the body is read after this returns: a server that stalls after its headers must end the same way
+        response.stream = _BoundedStream(response.stream, url, seconds)
+        return response
 
     def close(self) -> None:
         self.inner.close()

@@ -95,8 +95,10 @@ class LocalHub:
         # a careless server: every answer repeats the request's Authorization header (a header and, on errors,
         # the message), so tests can prove the client side never shows it
         self.echo_auth = False
-        # requests whose path contains this text get no answer until the server stops (a Hub that stalls mid-push)
+        # requests whose path contains this text get no answer until the server stops (a Hub that stalls mid-push);
+        # with stall_after_headers the status line and headers go out first, then the body never comes
         self.stall_on: str | None = None
+        self.stall_after_headers = False
         self._stopping = threading.Event()
         self.lock = threading.RLock()
         self._commit_counter = 0
@@ -360,6 +362,13 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             self.hub.requests.append((method, parts.path, self.headers.get("Authorization") is not None))
         if self.hub.stall_on and self.hub.stall_on in parts.path:
+            if self.hub.stall_after_headers:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"objects": [')
+                self.wfile.flush()
             self.hub._stopping.wait()
             self.close_connection = True
             return

@@ -47,9 +47,11 @@ def test_verbose_push_in_a_real_process_never_prints_the_token(hub_server, tmp_p
     assert all(CANARY.encode() not in data for data in hub_server.blobs.values())
 
 
-def test_a_hub_that_stalls_mid_push_fails_once_not_after_retries(hub_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("after_headers", [False, True], ids=["no-answer", "headers-then-nothing"])
+def test_a_hub_that_stalls_mid_push_fails_once_not_after_retries(hub_server, tmp_path, monkeypatch, after_headers):
     enable_lfs(hub_server, monkeypatch, threshold=16)  # the weights go through the LFS batch call (retried on timeouts)
     hub_server.stall_on = "/info/lfs/objects/batch"
+    hub_server.stall_after_headers = after_headers
     folder = make_folder(tmp_path / "out")
 
     start = time.monotonic()
