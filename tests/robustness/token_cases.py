@@ -7,10 +7,11 @@ counts the robustness benchmark prints; the tests assert on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,20 @@ def _escaped_metadata_file(path: Path) -> None:
     header = ('{"__metadata__":{"note":"' + escaped + '"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}').encode()
     header += b" " * (-len(header) % 8)
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+
+
+@contextlib.contextmanager
+def _canary_hub(hf_home: Path) -> Iterator[LocalHub]:
+    """A running stand-in Hub that accepts the canary as a write token, with the client and HF_TOKEN on it."""
+    with pytest.MonkeyPatch.context() as mp:
+        hub = LocalHub().start()
+        try:
+            point_client_at(mp, hub.url, hf_home)
+            mp.setenv("HF_TOKEN", CANARY)
+            hub.tokens[CANARY] = {"user": "tester", "write": True}
+            yield hub
+        finally:
+            hub.stop()
 
 
 @dataclass
@@ -91,29 +106,22 @@ def token_canary_counts(workdir: str | Path) -> dict:
             wrong = f"{wrong}; canary seen in {', '.join(places)}".lstrip("; ")
         results.append(_Result(case_id, bool(places), outcome.hang, wrong))
 
-    with pytest.MonkeyPatch.context() as mp:
-        hub = LocalHub().start()
-        try:
-            point_client_at(mp, hub.url, hf_home)
-            mp.setenv("HF_TOKEN", CANARY)
-            hub.tokens[CANARY] = {"user": "tester", "write": True}
-            hub.echo_auth = True
-            folder = make_folder(work / "out")
+    with _canary_hub(hf_home) as hub:
+        hub.echo_auth = True
+        folder = make_folder(work / "out")
 
-            ok = lambda o, _t: "" if o.exit_code == 0 and "published:" in o.stdout else f"push failed: {o.describe()}"  # noqa: E731
-            run("push -v, server echoes the token", ["push", str(folder), "tester/canary", "-v"], ok, hub=hub)
-            run("push -v to a branch, echoing server", ["push", str(folder), "tester/canary", "--revision", "dev", "-v"], ok, hub=hub)
-            for name in ("tester/private", "tester/private2"):
-                hub.add_repo(name, {"model.safetensors": (folder / "model.safetensors").read_bytes(), "config.json": b"{}"}, private=True)
-            run("inspect -v of a private Hub model, echoing server", ["inspect", "tester/private", "-v"],
-                lambda o, _t: "" if o.exit_code == 0 and "layer.weight" in o.stdout else f"inspect failed: {o.describe()}", hub=hub)
+        ok = lambda o, _t: "" if o.exit_code == 0 and "published:" in o.stdout else f"push failed: {o.describe()}"  # noqa: E731
+        run("push -v, server echoes the token", ["push", str(folder), "tester/canary", "-v"], ok, hub=hub)
+        run("push -v to a branch, echoing server", ["push", str(folder), "tester/canary", "--revision", "dev", "-v"], ok, hub=hub)
+        for name in ("tester/private", "tester/private2"):
+            hub.add_repo(name, {"model.safetensors": (folder / "model.safetensors").read_bytes(), "config.json": b"{}"}, private=True)
+        run("inspect -v of a private Hub model, echoing server", ["inspect", "tester/private", "-v"],
+            lambda o, _t: "" if o.exit_code == 0 and "layer.weight" in o.stdout else f"inspect failed: {o.describe()}", hub=hub)
 
-            del hub.tokens[CANARY]  # now the server rejects the canary and quotes it in its error message
-            rejected = lambda o, _t: "" if o.clean and "401" in o.error_lines[0] else f"expected one 401 line: {o.describe()}"  # noqa: E731
-            run("push -v, server rejects and quotes the token", ["push", str(folder), "tester/canary", "-v"], rejected, hub=hub)
-            run("inspect -v, server rejects and quotes the token", ["inspect", "tester/private2", "-v"], rejected, hub=hub)
-        finally:
-            hub.stop()
+        del hub.tokens[CANARY]  # now the server rejects the canary and quotes it in its error message
+        rejected = lambda o, _t: "" if o.clean and "401" in o.error_lines[0] else f"expected one 401 line: {o.describe()}"  # noqa: E731
+        run("push -v, server rejects and quotes the token", ["push", str(folder), "tester/canary", "-v"], rejected, hub=hub)
+        run("inspect -v, server rejects and quotes the token", ["inspect", "tester/private2", "-v"], rejected, hub=hub)
 
     refusals: list[tuple[str, str, Callable[[Path], Path]]] = [
         ("README.md", "token in README.md", lambda f: _write(f / "README.md", f"# model\nHF_TOKEN={CANARY}\n")),
@@ -127,18 +135,10 @@ def token_canary_counts(workdir: str | Path) -> dict:
         ("vocab.txt", "token in a UTF-16 text file", lambda f: _write(f / "vocab.txt", f"a\nb\n{CANARY}\n", "utf-16")),
     ]
     for index, (name, case_id, plant) in enumerate(refusals):
-        with pytest.MonkeyPatch.context() as mp:
-            hub = LocalHub().start()
-            try:
-                point_client_at(mp, hub.url, hf_home)
-                mp.setenv("HF_TOKEN", CANARY)
-                hub.tokens[CANARY] = {"user": "tester", "write": True}
-                folder = make_folder(work / f"planted{index}")
-                planted.add(plant(folder))
-                run(case_id, ["push", str(folder), "tester/planted", "-v"], lambda o, _t, n=name, h=hub: _expect_refusal(o, n, h),
-                    hub=hub)
-            finally:
-                hub.stop()
+        with _canary_hub(hf_home) as hub:
+            folder = make_folder(work / f"planted{index}")
+            planted.add(plant(folder))
+            run(case_id, ["push", str(folder), "tester/planted", "-v"], lambda o, _t, n=name, h=hub: _expect_refusal(o, n, h), hub=hub)
 
     silent = [
         ("silent server, --timeout", ["--timeout", f"{TIMEOUT_S:g}"], None),
