@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_canary_cases_have_no_leak_and_no_hang(tmp_path):
     counts = token_canary_counts(tmp_path)
     assert counts["cases"] >= 14
-    assert (counts["leaks"], counts["hangs"], counts["wrong"]) == (0, 0, 0), counts["failures"]
+    assert (counts["leaks"], counts["hangs"], counts["tracebacks"], counts["wrong"]) == (0, 0, 0, 0), counts["failures"]
 
 
 def test_verbose_push_in_a_real_process_never_prints_the_token(hub_server, tmp_path):

@@ -64,6 +64,7 @@ class _Result:
     case_id: str
     leak: bool
     hang: bool
+    traceback: bool
     wrong: str  # "" when the case behaved as expected
 
 
@@ -88,7 +89,12 @@ def _expect_refusal(outcome: Outcome, name: str, hub: LocalHub) -> str:
 
 
 def token_canary_counts(workdir: str | Path) -> dict:
-    """Run every token case under `workdir`; counts of cases tried, leaks, hangs and wrong outcomes."""
+    """Run every token case under `workdir`: counts of cases tried, leaks, hangs, tracebacks and wrong outcomes.
+
+    A case leaks when the canary shows in stdout/stderr (logs included), in a file under `workdir` it did not
+    plant, or in what the server stored; it is wrong when it did not end as expected (published, one 401
+    line, a refusal naming the file before any request, or one "timed out" line within the bound).
+    """
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     hf_home = work / "hf_home"
@@ -104,7 +110,7 @@ def token_canary_counts(workdir: str | Path) -> dict:
         wrong = judge(outcome, elapsed)
         if places:
             wrong = f"{wrong}; canary seen in {', '.join(places)}".lstrip("; ")
-        results.append(_Result(case_id, bool(places), outcome.hang, wrong))
+        results.append(_Result(case_id, bool(places), outcome.hang, outcome.traceback, wrong))
 
     with _canary_hub(hf_home) as hub:
         hub.echo_auth = True
@@ -165,6 +171,7 @@ def token_canary_counts(workdir: str | Path) -> dict:
         "cases": len(results),
         "leaks": sum(r.leak for r in results),
         "hangs": sum(r.hang for r in results),
+        "tracebacks": sum(r.traceback for r in results),
         "wrong": sum(bool(r.wrong) for r in results),
         "failures": [f"{r.case_id}: {r.wrong}" for r in results if r.wrong],
     }
