@@ -16,7 +16,7 @@ T = torch.tensor
 ALL_METHODS = {
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
-    "nearswap", "passthrough",
+    "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl",
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
