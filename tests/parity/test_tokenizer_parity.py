@@ -80,3 +80,30 @@ def test_tokenizer_source_matches_mergekit(method: str, source: str, family: str
         again = run_suture(recipe, tmp_path / "suture-again")
         assert vocabulary(again) == v_su
         assert all(torch.equal(load_dir(again)[k], ours[k]) for k in ours)
+
+
+def test_tokenizer_tokens_and_padding_match_mergekit(zoo: Zoo, tmp_path: Path) -> None:
+    """``tokenizer:`` with per-token embedding sources (a model, a model's token, zero, forced) and padding."""
+    b, f1, f2 = (zoo.path("llama", n, tokenizer=True) for n in ("base", "ft1", "ft2"))
+    recipe = {
+        "merge_method": "ties", "dtype": "float32", "base_model": b,
+        "models": [{"model": f1, "parameters": {"weight": 0.5, "density": 0.6}},
+                   {"model": f2, "parameters": {"weight": 0.5, "density": 0.6}}],
+        "tokenizer": {
+            "source": "union", "pad_to_multiple_of": 8,
+            "tokens": {
+                "ft1_x0": {"source": f1},
+                "ft2_x1": {"source": {"kind": "model_token", "model": f2, "token": "w3"}},
+                "shared_0": {"source": {"kind": "zero"}},
+                "w5": {"source": f2, "force": True},
+            },
+        },
+    }
+    mk = run_mergekit(recipe, tmp_path / "mergekit")
+    su = run_suture(recipe, tmp_path / "suture")
+    v_mk, v_su = vocabulary(mk), vocabulary(su)
+    assert sorted(v_su) == sorted(v_mk)
+    ours, theirs = load_dir(su), load_dir(mk)
+    assert ours["model.embed_tokens.weight"].shape == theirs["model.embed_tokens.weight"].shape
+    assert ours["model.embed_tokens.weight"].shape[0] % 8 == 0
+    compare(by_token(ours, v_su), by_token(theirs, v_mk))
