@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file  # noqa: F401 (load_file is shared with the tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("mergekit", reason="the parity suite needs the parity extra: pip install -e '.[parity]'")
@@ -138,7 +138,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("parity-models"))
 
 
-def run_mergekit(recipe: dict, out: Path) -> Path:
+def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> Path:
     """Run a recipe through mergekit's own code path (what ``mergekit-yaml`` calls) in this process."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -146,7 +146,7 @@ def run_mergekit(recipe: dict, out: Path) -> Path:
 
     config = MergeConfiguration.model_validate(recipe)
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False,
-                           random_seed=recipe.get("_seed"))
+                           random_seed=seed)
     run_merge(config, str(out), options=options)
     return out
 
