@@ -211,3 +211,20 @@ def test_half_precision_merges(method: str, dtype: str, zoo: Zoo, tmp_path: Path
         assert {t.dtype for t in theirs.values()} == {torch.float32}
         theirs = {k: v.to(want) for k, v in theirs.items()}
     compare(ours, theirs)
+
+
+def test_slices_edges_follow_first_and_last_slice(zoo: Zoo, tmp_path: Path) -> None:
+    """Embeddings merge the first slice's models, the final norm and head the last slice's, both at t = 0;
+    a per-source filter matches the source's own tensor name, a slice-level one the output name."""
+    b, f1, f2, f3 = (zoo.path("llama", n) for n in ("base", "ft1", "ft2", "ft3"))
+    r = {
+        "merge_method": "linear", "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 2], "parameters": {"weight": [0.9, 0.1]}},
+                         {"model": f2, "layer_range": [2, 4], "parameters": {"weight": [{"filter": "layers.3.", "value": 5.0}, {"value": 0.5}]}}]},
+            {"sources": [{"model": f3, "layer_range": [1, 4], "parameters": {"weight": [0.2, 0.8, 0.4]}},
+                         {"model": b, "layer_range": [0, 3]}],
+             "parameters": {"weight": [{"filter": "layers.4.", "value": 3.0}, {"value": [0.7, 0.1]}]}},
+        ],
+    }
+    _run_both(r, tmp_path)
