@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.parity.conftest import Zoo, compare, load_dir, run_mergekit, run_suture
+from tests.parity.conftest import NEEDS_MERGEKIT, Zoo, compare, load_dir, run_mergekit, run_suture
+
+pytest.importorskip("mergekit", reason=NEEDS_MERGEKIT)
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 

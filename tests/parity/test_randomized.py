@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.parity.conftest import Zoo, load_file, load_dir, run_mergekit, run_suture
+from tests.parity.conftest import NEEDS_MERGEKIT, Zoo, load_dir, run_mergekit, run_suture
+
+pytest.importorskip("mergekit", reason=NEEDS_MERGEKIT)
 
 DENSITY = 0.3
 

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.parity.conftest import Zoo, compare, config_of, load_dir, run_mergekit, run_suture
+from tests.parity.conftest import NEEDS_MERGEKIT, Zoo, compare, config_of, load_dir, run_mergekit, run_suture
+
+pytest.importorskip("mergekit", reason=NEEDS_MERGEKIT)
 
 VOCAB_TENSORS = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "wte.weight"}
 
