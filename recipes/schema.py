@@ -608,10 +608,10 @@ def _known_method_names(known_methods: Any) -> set[str] | None:
 # Methods of mergekit's catalogue that cannot run without a base model (used when the registry cannot say).
 BASE_REQUIRED_METHODS = frozenset({
     "slerp", "nearswap", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "arcee_fusion",
+    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "arcee_fusion", "ram", "ramplus_tl",
 })
 # base model + exactly one other model
-_PAIR_WITH_BASE = frozenset({"slerp", "nearswap"})
+_PAIR_WITH_BASE = frozenset({"slerp", "nearswap", "arcee_fusion"})
 
 
 def _needs_base(method: str, requires_base: Any) -> bool:
