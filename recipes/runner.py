@@ -206,6 +206,8 @@ def run_recipe(
     shard_size = _shard_size(options.out_shard_size, r.out_shard_size)
     seed = options.seed if options.seed is not None else (r.seed or 0)
     models = open_models(r, allow_pickle=options.allow_pickle, strict=options.strict, progress=progress)
+    if alignment is not None or evaluation_section is not None:  # these build modules from the models' configs
+        steps.check_trust(models.stores, steps.recipe_architecture(r.architecture, alignment), _trusts(r, options))
     if alignment is not None and alignment.engine == "zipit":
         return _run_zipit(r, alignment, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
     reference = reference_key(r)

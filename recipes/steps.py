@@ -37,6 +37,16 @@ def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -
     return parse_architecture({"factory": factory, "kwargs": kwargs})
 
 
+def check_trust(stores: dict[str, TensorStore], architecture: Architecture | None, trust_remote_code: bool) -> None:
+    """Refuse up front (naming the model's config.json) a recorded factory that alignment or evaluation would build."""
+    from merge.zoo import check_factory_trust
+
+    for store in stores.values():
+        arch = architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
+        if arch is not None:
+            check_factory_trust(arch.factory, source=arch.source, trust_remote_code=trust_remote_code)
+
+
 def load_data(spec: Any, *, split: str = "train", max_items: int | None = None):
     """Calibration/evaluation data from a recipe data spec."""
     from merge.data import load_dataset
