@@ -159,6 +159,9 @@ def recipe_cases(workdir: Path) -> list[Case]:
     cases: list[Case] = []
 
     def add(case_id: str, text: str | bytes | None = None, *, path: Path | None = None, extra_args: list[str] | None = None) -> None:
+        taken = {c.case_id for c in cases}
+        if case_id in taken:  # a second wrong value for the same key
+            case_id = next(f"{case_id}-{n}" for n in range(2, 100) if f"{case_id}-{n}" not in taken)
         if path is None:
             path = recipes / f"{len(cases):03d}-{case_id}.yml"
             if isinstance(text, bytes):
