@@ -870,10 +870,12 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None,
 
 
 def readable(exc: BaseException) -> str:
-    """One line for st.error: library errors as they are, other failures with their type."""
+    """One line for st.error: library errors as they are, other failures with their type (tokens masked)."""
+    from merge.redact import redact
+
     if isinstance(exc, (SutureError, WorkspaceError, RecipeError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return redact(str(exc))
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 __all__ = [

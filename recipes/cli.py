@@ -49,6 +49,8 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="branch to push to (created when missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for any answer from the Hub before giving up (default: SUTURE_PUSH_TIMEOUT or 60)")
     _add_verbosity(p)
 
 
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from merge.redact import install_log_redaction  # tokens never reach a log line, even at -v
+
+    install_log_redaction()
 
 
 def _sigterm_as_interrupt() -> None:
@@ -160,7 +165,8 @@ def cmd_push(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message[-40:], refresh=True)
 
         url = push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
-                          create_pr=args.create_pr, commit_message=args.commit_message, progress=progress)
+                          create_pr=args.create_pr, commit_message=args.commit_message, progress=progress,
+                          timeout=args.timeout)
     print(f"published: {url}")
     return 0
 
@@ -202,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SutureError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from merge.redact import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
