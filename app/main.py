@@ -52,5 +52,8 @@ with st.sidebar:
     st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(inputs)} model(s)")
     st.caption("Workspace")
     st.code(str(workspace.root), language=None)
+    from app import ui
+
+    ui.trust_toggle()
 
 navigation.run()
