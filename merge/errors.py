@@ -22,3 +22,7 @@ class RecipeError(SutureError, ValueError):
 
 class AlignmentError(SutureError, ValueError):
     """Models cannot be aligned with the chosen engine (e.g. different widths for permutation matching)."""
+
+
+class UntrustedCodeError(InputError):
+    """A model's metadata names code outside Suture's zoo and the user has not opted in to running it."""

@@ -50,15 +50,16 @@ def is_hf_config(config: Mapping[str, Any] | None) -> bool:
 class HFArchitecture(Architecture):
     """A transformers class built from a config (no remote code) whose state names are the store's names."""
 
+    # `source` stays None: a transformers class is library code, not code the model ships (that is `auto_map`,
+    # refused in build() unless `trust_remote_code`)
     config: dict[str, Any] = field(default_factory=dict)
     names: tuple[str, ...] = ()
-    source: str = "model"
+    label: str = "model"
     path: str | None = None
-    trust_remote_code: bool = False
 
     def build(self) -> nn.Module:
         """A fresh module (random weights) in eval mode whose state_dict() names are exactly `names`."""
-        model = _instantiate(self.config, self.source, self.path, self.trust_remote_code)
+        model = _instantiate(self.config, self.label, self.path, self.trust_remote_code)
         module = _fit_names(model, set(self.names))
         return module.eval()
 
@@ -71,7 +72,7 @@ def hf_architecture(store: Any, *, trust_remote_code: bool = False) -> HFArchite
         kwargs={},
         config=config,
         names=tuple(store.names()),
-        source=str(store.source),
+        label=str(store.source),
         path=str(store.path) if getattr(store, "path", None) is not None else None,
         trust_remote_code=trust_remote_code,
     )
@@ -101,15 +102,23 @@ def _class_name(config: Mapping[str, Any]) -> str:
     return "AutoModel"
 
 
+def check_remote_code(config: Mapping[str, Any], source: str, trust_remote_code: bool) -> None:
+    """Refuse a config whose `auto_map` points at code shipped with the model, unless the user opted in."""
+    if config.get("auto_map") and not trust_remote_code:
+        from merge.errors import UntrustedCodeError
+        from merge.zoo import TRUST_HINT
+
+        raise UntrustedCodeError(
+            f"{source}: config.json maps to custom model code (auto_map {sorted(config['auto_map'])}) and building it "
+            f"would run that code; {TRUST_HINT}"
+        )
+
+
 def _instantiate(config: Mapping[str, Any], source: str, path: str | None, trust_remote_code: bool) -> nn.Module:
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    if config.get("auto_map") and not trust_remote_code:
-        raise InputError(
-            f"{source}: config.json maps to custom model code (auto_map {sorted(config['auto_map'])}); Suture does not run "
-            "code shipped with a model unless you opt in with trust_remote_code"
-        )
+    check_remote_code(config, source, trust_remote_code)
     values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "_name_or_path", "auto_map")}
     try:
         if trust_remote_code and config.get("auto_map"):
@@ -264,4 +273,4 @@ def _observed(mod: nn.Module, axis: int, role: str) -> tuple[str | None, int]:
 def refuse_hf(architecture: Architecture | None, what: str, why: str) -> None:
     """Raise one AlignmentError line when an engine cannot run on a transformers model."""
     if isinstance(architecture, HFArchitecture):
-        raise AlignmentError(f"{what} does not apply to the transformers model {architecture.source}: {why}")
+        raise AlignmentError(f"{what} does not apply to the transformers model {architecture.label}: {why}")

@@ -37,6 +37,19 @@ def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -
     return parse_architecture({"factory": factory, "kwargs": kwargs})
 
 
+def check_trust(stores: dict[str, TensorStore], architecture: Architecture | None, trust_remote_code: bool) -> None:
+    """Refuse up front (naming the model's config.json) a recorded factory that alignment or evaluation would build."""
+    from merge.hf_module import HFArchitecture, check_remote_code
+    from merge.zoo import check_factory_trust
+
+    for store in stores.values():
+        arch = architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
+        if isinstance(arch, HFArchitecture):
+            check_remote_code(arch.config, arch.label, trust_remote_code)
+        elif arch is not None:
+            check_factory_trust(arch.factory, source=arch.source, trust_remote_code=trust_remote_code)
+
+
 def load_data(spec: Any, *, split: str = "train", max_items: int | None = None, store: TensorStore | None = None):
     """Calibration/evaluation data from a recipe data spec (text encoded with `store`'s tokenizer files, if any)."""
     from merge.data import load_dataset
@@ -46,11 +59,12 @@ def load_data(spec: Any, *, split: str = "train", max_items: int | None = None, 
 
 
 def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], reference: str, architecture: Architecture | None,
-                  device: torch.device, progress=None, fallback_data: Any = None):
+                  device: torch.device, progress=None, fallback_data: Any = None, trust_remote_code: bool = False):
     """Align every store to the reference; returns the AlignmentOutcome (its stores replace the originals).
 
     `fallback_data` (the evaluate section's data) only supplies an example input for tracing when the
-    alignment section names no data of its own.
+    alignment section names no data of its own. `trust_remote_code` lets a model's config.json name an
+    architecture outside Suture's zoo.
     """
     from merge.align.pipeline import AlignmentSettings, align_models
 
@@ -60,7 +74,7 @@ def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], ref
         engine=section.engine, reference=reference, max_iter=section.max_iter, seed=section.seed, data=section.data,
         batch_size=section.batch_size, max_items=section.max_items, input_shape=section.input_shape, repair=section.repair,
         ot_options=section.ot_options() if section.engine == "ot" else {},
-        blend=section.blend if section.blend is not None else 0.5,
+        blend=section.blend if section.blend is not None else 0.5, trust_remote_code=trust_remote_code,
     )
     outcome = align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
     check_repair(section, outcome.architecture)
@@ -140,6 +154,7 @@ def evaluate_output(
     progress=None,
     fused: bool = False,
     permutation_spec: Any = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Endpoints, merged model and interpolation curves (naive or truncated, aligned) on the data.
 
@@ -149,7 +164,7 @@ def evaluate_output(
     from merge.evaluate import barrier, evaluate, interpolation_curve
 
     merged_store = open_store(folder)
-    arch = architecture_of(merged_store) or architecture
+    arch = architecture_of(merged_store, trust_remote_code=trust_remote_code, chosen=architecture) or architecture
     if arch is None:
         raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, a model saved by Suture's zoo, or a Hugging Face folder)")
     data = load_data(section.data, split=section.split, max_items=section.max_items, store=raw_stores.get(reference))
@@ -161,7 +176,8 @@ def evaluate_output(
                               "items": len(data), "merged": merged, "models": {}}
     notes: list[str] = []
     for key, store in raw_stores.items():
-        own = architecture_of(store) or (architecture if store.shapes() == shapes else None)
+        own = (architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
+               or (architecture if store.shapes() == shapes else None))
         if own is None:
             notes.append(f"model {key}: not evaluated (no runnable architecture fits its tensors)")
             continue
@@ -269,7 +285,8 @@ class _Ensemble(torch.nn.Module):
 
 
 def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStore], evaluate: EvaluateSection | None,
-              device: torch.device, progress=None, architecture: Architecture | None = None) -> dict[str, Any]:
+              device: torch.device, progress=None, trust_remote_code: bool = False,
+              architecture: Architecture | None = None) -> dict[str, Any]:
     """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep.
 
     Each model runs as the recipe's `architecture:` when given, else as the architecture its config.json records.
@@ -277,7 +294,7 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
     from merge.hf_module import refuse_hf
     from merge.zipit import save_zip_result, zip_models
 
-    archs = {key: architecture_of(store, architecture) for key, store in stores.items()}
+    archs = {key: architecture_of(store, architecture, trust_remote_code=trust_remote_code) for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
     if missing:
         raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
@@ -325,7 +342,8 @@ def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progr
 
     data = load_data(section.data, split=section.split, max_items=section.max_items)
     store = open_store(folder)
-    output = load_multihead(folder) if is_multihead(folder) else load_module(store, architecture)
+    # the output's factories are the ones built (and trust-checked) above to zip the models
+    output = load_multihead(folder, trust_remote_code=True) if is_multihead(folder) else load_module(store, architecture)
     store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),

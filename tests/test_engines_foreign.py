@@ -116,12 +116,14 @@ def user_cnn(tmp_path_factory):
 
 def test_inspect_groups_traces_a_cnn_from_its_first_layer(user_cnn):
     # the alphabetically first weight is the Linear head: the input shape must come from the first conv instead
-    groups = {g.name: g for g in spec_for_store(open_store(user_cnn)).active_groups()}
+    # the CNN's config.json names the user's own factory: building it is opted into, as a user would
+    groups = {g.name: g for g in spec_for_store(open_store(user_cnn), trust_remote_code=True).active_groups()}
     assert groups["z_stem"].size == 8 and groups["mid"].size == 16
 
 
 def test_inspect_groups_with_a_bad_input_shape_is_one_line(user_cnn):
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "inspect", str(user_cnn), "--groups", "--input-shape", "1,5,9,9"],
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "inspect", str(user_cnn), "--groups", "--input-shape", "1,5,9,9",
+                           "--trust-remote-code"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and proc.stderr.strip() == ""
@@ -129,7 +131,7 @@ def test_inspect_groups_with_a_bad_input_shape_is_one_line(user_cnn):
     assert "[1, 5, 9, 9]" in line and "--input-shape" in line and "expected input" in line
     from recipes.inspect import inspect_model
 
-    good = inspect_model(str(user_cnn), groups=True, input_shape=[1, 3, 16, 16])
+    good = inspect_model(str(user_cnn), groups=True, input_shape=[1, 3, 16, 16], trust_remote_code=True)
     assert [g["group"] for g in good["groups"]] == ["z_stem", "mid"]
 
 
