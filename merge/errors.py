@@ -22,3 +22,7 @@ class RecipeError(SutureError, ValueError):
 
 class AlignmentError(SutureError, ValueError):
     """Models cannot be aligned with the chosen engine (e.g. different widths for permutation matching)."""
+
+
+class OutputError(SutureError):
+    """The output cannot be written: folder not writable, disk full, file too large, or another run holds it."""
