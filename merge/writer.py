@@ -331,10 +331,14 @@ def _owner_alive(name: str, out: Path) -> bool | None:
 @contextlib.contextmanager
 def _output_lock(out: Path) -> Iterator[None]:
     """Hold ``.OUT.lock`` beside OUT, or refuse at once when another run holds it."""
-    lock = FileLock(out.parent / f".{out.name}{LOCK_SUFFIX}", timeout=0)
+    path = out.parent / f".{out.name}{LOCK_SUFFIX}"
+    lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
     except Timeout:
+        if not path.exists():  # not contention: the lock file cannot be made (e.g. under /proc); say why
+            path.open("a").close()
+            raise OutputError(f"{path}: cannot create the output's lock file") from None
         pids = sorted({str(owner[0]) for p in out.parent.glob(f".{out.name}{TMP_MARK}*")
                        if (owner := _recorded_owner(p.name, out)) and _owner_alive(p.name, out)})
         who = f" (pid {', '.join(pids)})" if pids else ""
