@@ -279,6 +279,20 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     logger.info("wrote %s", out)
 
 
+def recover_output(out_dir: str | Path) -> None:
+    """Clean up after killed writers of `out_dir` now (every writer also does it first): a killed --overwrite's
+    old folder is restored when OUT is missing; dead owners' temporaries are deleted. Raises OutputError
+    when another run holds OUT."""
+    out = Path(out_dir).expanduser().resolve()
+    if not out.parent.is_dir():
+        return
+    try:
+        with _output_lock(out):
+            _recover(out)
+    except OSError as exc:
+        raise _output_error(exc, out, None) from exc
+
+
 def _output_error(exc: OSError, out: Path, tmp: Path | None) -> OutputError | InputError:
     """One line naming the path and the cause; paths inside the temporary folder are shown under OUT."""
     name = str(exc.filename) if exc.filename is not None else None
