@@ -264,7 +264,9 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
         if out.parent.exists() and not out.parent.is_dir():
             raise OutputError(f"{out}: cannot write the output: {out.parent} is a file, not a folder")
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _output_lock(out):
+        # a folder written inside this process's own temporary folder (e.g. repaired weights) is already
+        # private: no lock file is left inside the output
+        with contextlib.nullcontext() if _inside_own_temporary(out) else _output_lock(out):
             _recover(out)
             _check_replaceable(out, overwrite)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{_owner()}-", dir=out.parent))
@@ -319,6 +321,11 @@ def _owner() -> str:
     return f"{os.getpid()}@{host}"
 
 
+def _inside_own_temporary(out: Path) -> bool:
+    m = re.search(rf"{re.escape(TMP_MARK)}(\d+)@", out.parent.name)
+    return m is not None and int(m.group(1)) == os.getpid()
+
+
 def _recorded_owner(name: str, out: Path) -> tuple[int, str] | None:
     """(pid, host) from a temporary/backup folder name beside OUT, or None for any other name."""
     m = re.match(rf"\.{re.escape(out.name)}\.suture-(?:tmp|old)-(\d+)@([A-Za-z0-9_.]+)-", name)
@@ -353,7 +360,7 @@ def _output_lock(out: Path) -> Iterator[None]:
         if not path.exists():  # not contention: the lock file cannot be made (e.g. under /proc); say why
             path.open("a").close()
             raise OutputError(f"{path}: cannot create the output's lock file") from None
-        pids = sorted({str(owner[0]) for p in out.parent.glob(f".{out.name}{TMP_MARK}*")
+        pids = sorted({str(owner[0]) for p in out.parent.iterdir()
                        if (owner := _recorded_owner(p.name, out)) and _owner_alive(p.name, out)})
         who = f" (pid {', '.join(pids)})" if pids else ""
         raise OutputError(f"{out}: is being written by another suture run{who}; wait for it to finish") from None
@@ -365,7 +372,8 @@ def _output_lock(out: Path) -> Iterator[None]:
 
 def _recover(out: Path) -> None:
     """Undo what dead owners left for OUT: restore a backup when OUT is missing, delete the rest."""
-    leftovers = sorted(out.parent.glob(f".{out.name}.suture-*"), key=lambda p: OLD_MARK not in p.name)
+    mine = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.suture-")]  # no glob: OUT may hold [*?
+    leftovers = sorted(mine, key=lambda p: OLD_MARK not in p.name)
     for path in leftovers:  # backups first, so a missing OUT is restored before its temporaries go
         if _owner_alive(path.name, out) is not False:
             continue

@@ -270,3 +270,17 @@ def test_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, mo
             (tmp / "weights.txt").write_text("new")
     assert (out / "weights.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_folders_written_inside_a_running_output_get_no_lock_file(tmp_path):
+    """Repair and ZipIt write a sub-folder inside the output's temporary folder: nothing extra may end up in OUT."""
+    from merge.writer import save_tensors
+
+    out = tmp_path / "out [1]"  # glob characters in the name are plain characters
+    with atomic_output_dir(out) as tmp:
+        save_tensors({"w": torch.ones(2)}, tmp / ".repaired", overwrite=True)
+        for item in (tmp / ".repaired").iterdir():
+            item.replace(tmp / item.name)
+        (tmp / ".repaired").rmdir()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out [1].lock", "out [1]"]
