@@ -388,7 +388,11 @@ def _discard(path: Path, out: Path) -> None:
     """Delete a folder after renaming it to a temporary name (a half-deleted backup is never restored)."""
     if OLD_MARK in path.name:
         trash = out.parent / f".{out.name}{TMP_MARK}{_owner()}-{secrets.token_hex(4)}"
-        os.replace(path, trash)
+        try:
+            os.replace(path, trash)
+        except OSError as exc:  # OUT is in place either way; a later run deletes the backup once we are gone
+            logger.warning("%s: could not remove the previous folder's backup %s (%s)", out, path.name, exc.strerror or exc)
+            return
         path = trash
     shutil.rmtree(path, ignore_errors=True)
 
