@@ -18,10 +18,12 @@ import streamlit as st  # noqa: E402
 
 from app import state  # noqa: E402
 from app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+from merge.redact import install_log_redaction  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
 st.set_page_config(page_title="Suture workbench", page_icon=":material/merge:", layout="wide")
+install_log_redaction()  # Hub tokens never reach a log line
 
 try:
     workspace = Workspace.open(st.session_state.get(state.WORKSPACE) or workspace_from_args(sys.argv[1:]))
@@ -50,5 +52,8 @@ with st.sidebar:
     st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(inputs)} model(s)")
     st.caption("Workspace")
     st.code(str(workspace.root), language=None)
+    from app import ui
+
+    ui.trust_toggle()
 
 navigation.run()

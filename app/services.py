@@ -81,14 +81,93 @@ def confine_data(spec: Any, workspace: Workspace) -> Any:
     return workspace.confine_data(spec, must_exist=True)
 
 
-def check_recipe_paths(recipe: Mapping[str, Any], workspace: Workspace) -> None:
-    """Refuse a recipe whose models or data files lie outside the workspace."""
-    for ref in referenced_refs(recipe):
-        check_ref(ref, workspace)
-    for section in ("alignment", "evaluate"):
-        data = (recipe.get(section) or {}).get("data")
-        if data is not None:
-            confine_data(data, workspace)
+TRUST_TOGGLE = "Trust code named by models (trust_remote_code)"
+# (section, sub-section) of every data spec a recipe reads; None: the section itself holds `data`
+_DATA_KEYS = (("alignment", None), ("evaluate", None), ("stitch", "anchors"), ("stitch", "head"), ("stitch", "evaluate"))
+
+
+def _model_paths(recipe: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, reference) of every model a recipe reads: models, base models, slices, tokenizer sources, LoRA, stitch."""
+    from recipes.runner import load
+    from recipes.schema import ModelRef
+
+    r = load(dict(recipe))
+    found: list[tuple[str, ModelRef]] = [("models", ref) for ref in r.referenced_models()]
+    if isinstance(r.tokenizer_source, ModelRef):
+        found.append(("tokenizer_source", r.tokenizer_source))
+    if r.tokenizer is not None:
+        if isinstance(r.tokenizer.source, ModelRef):
+            found.append(("tokenizer.source", r.tokenizer.source))
+        for token, setting in (r.tokenizer.tokens or {}).items():
+            src = getattr(setting, "source", None)
+            ref = src if isinstance(src, ModelRef) else getattr(src, "model", None)
+            if isinstance(ref, ModelRef):
+                found.append((f"tokenizer.tokens[{token!r}].source", ref))
+    out = [(key, ref.path) for key, ref in found] + [(f"{key} (LoRA)", ref.lora.path) for key, ref in found if ref.lora is not None]
+    stitch = recipe.get("stitch")
+    if isinstance(stitch, Mapping):
+        out += [(f"stitch.{side}.model", str(stitch[side]["model"])) for side in ("source", "target")
+                if isinstance(stitch.get(side), Mapping) and stitch[side].get("model")]
+    return out
+
+
+def _data_specs(recipe: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(key, spec) of every data set a recipe reads (alignment, evaluate, stitch anchors/head/evaluate)."""
+    out = []
+    for section, sub in _DATA_KEYS:
+        node = recipe.get(section)
+        if sub is not None:
+            node = node.get(sub) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and node.get("data") is not None:
+            out.append((f"{section}.{sub}.data" if sub else f"{section}.data", node["data"]))
+    return out
+
+
+def workspace_module(ref: str, workspace: Workspace) -> bool:
+    """Whether a factory reference's module file lies inside the workspace (found without importing it)."""
+    import importlib.util
+    import sys
+
+    top = str(ref).partition(":")[0].split(".")[0]
+    if not top.isidentifier():
+        return False
+    try:
+        # a top-level name is located by the import finders without running any of its code
+        spec = sys.modules[top].__spec__ if top in sys.modules else importlib.util.find_spec(top)
+    except (ImportError, ValueError, AttributeError):
+        return False
+    if spec is None:
+        return False
+    places = [spec.origin] if spec.origin and spec.origin not in ("built-in", "frozen") else list(spec.submodule_search_locations or [])
+    return bool(places) and all(workspace.contains(p) for p in places)
+
+
+def check_architecture(recipe: Mapping[str, Any], workspace: Workspace, *, trust_remote_code: bool = False) -> None:
+    """Refuse, before anything is imported, a recipe architecture outside the zoo and the workspace (unless trusted)."""
+    from merge.errors import UntrustedCodeError
+    from merge.zoo import TRUST_HINT, is_zoo_factory
+
+    if recipe.get("trust_remote_code") and not trust_remote_code:
+        raise UntrustedCodeError(f"recipe key trust_remote_code: the app runs code named by models only with the toggle "
+                                 f"{TRUST_TOGGLE!r}")
+    arch = recipe.get("architecture")
+    factory = arch.get("factory") if isinstance(arch, Mapping) else arch
+    if factory is None or trust_remote_code or is_zoo_factory(factory) or workspace_module(factory, workspace):
+        return
+    raise UntrustedCodeError(f"recipe key architecture: factory {factory!r} is neither one of Suture's zoo factories nor a "
+                             f"module in the workspace {workspace.root}; turn on {TRUST_TOGGLE!r} if you trust it")
+
+
+def check_recipe_paths(recipe: Mapping[str, Any], workspace: Workspace, *, trust_remote_code: bool = False) -> None:
+    """Refuse a recipe that reads a model, data file or module outside the workspace (each error names its key)."""
+    checks = [(key, lambda ref=ref: check_ref(ref, workspace)) for key, ref in _model_paths(recipe)]
+    checks += [(key, lambda spec=spec: confine_data(spec, workspace)) for key, spec in _data_specs(recipe)]
+    for key, check in checks:
+        try:
+            check()
+        except WorkspaceError as exc:
+            raise WorkspaceError(f"recipe key {key}: {exc}") from None
+    check_architecture(recipe, workspace, trust_remote_code=trust_remote_code)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -430,19 +509,24 @@ def run_merge(
     device: str = "auto",
     progress: Progress | None = None,
     recompute: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeOutcome:
-    """Run the recipe into the workspace (publishing is left to the Publish page); reuse a finished result."""
+    """Run the recipe into the workspace (publishing is left to the Publish page); reuse a finished result.
+
+    `trust_remote_code` is the app's explicit toggle; a recipe's own `trust_remote_code: true` never grants it.
+    """
     from recipes.runner import RunOptions, run_recipe
 
     data = canonical(recipe)
-    check_recipe_paths(data, workspace)
+    check_recipe_paths(data, workspace, trust_remote_code=trust_remote_code)
     data.pop("publish", None)  # the Publish page pushes explicitly, with the token the user gives there
     out = output_dir_for(data, workspace, device)
     if (out / "report.json").is_file() and not recompute:
         logger.info("reusing %s", out)
         files = sorted(p.name for p in out.iterdir() if p.is_file())
         return MergeOutcome(out, files, json.loads((out / "report.json").read_text()), cached=True)
-    result = run_recipe(data, out, RunOptions(device=device, overwrite=out.exists()), progress=progress)
+    options = RunOptions(device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code)
+    result = run_recipe(data, out, options, progress=progress)
     return MergeOutcome(result.out_dir, sorted(result.files), result.report, cached=False)
 
 
@@ -617,11 +701,14 @@ def runnable(ref_or_path: str) -> bool:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def module(path: str, stamp: str = ""):
-    """A model rebuilt from its folder (architecture from config.json), in eval mode."""
+def module(path: str, stamp: str = "", trust_remote_code: bool = False):
+    """A model rebuilt from its folder (architecture from config.json), in eval mode.
+
+    A factory outside Suture's zoo is refused unless the app's trust toggle is on.
+    """
     from merge.zoo import load_module
 
-    return load_module(path)
+    return load_module(path, trust_remote_code=trust_remote_code)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -633,12 +720,12 @@ def dataset(spec: str, split: str = "test", max_items: int | None = None):
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def evaluate(ref_or_path: str, data_spec: str, stamp: str = "") -> dict[str, float]:
+def evaluate(ref_or_path: str, data_spec: str, stamp: str = "", trust_remote_code: bool = False) -> dict[str, float]:
     """Loss and accuracy of a runnable model on the test split of a dataset."""
     from merge.evaluate import evaluate as run_eval
 
     path = Path(ref_or_path) if Path(ref_or_path).exists() else resolve(ref_or_path)
-    return run_eval(module(str(path), stamp), dataset(data_spec, "test"))
+    return run_eval(module(str(path), stamp, trust_remote_code), dataset(data_spec, "test"))
 
 
 # ---------------------------------------------------------------------------------------------- stitching
@@ -741,20 +828,20 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
 
 
 def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", progress: Progress | None = None,
-               recompute: bool = False) -> dict[str, Any]:
-    """Run a `stitch:` section into outputs/stitch-<hash> (a finished folder is reused); returns out_dir and report."""
+               recompute: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Run a `stitch:` section into outputs/stitch-<hash> (a finished folder is reused); returns out_dir and report.
+
+    Its models and data files must lie in the workspace (or be demo/Hub models and bundled data).
+    """
     from stitch.pipeline import run_stitch as execute
 
-    for side in ("source", "target"):
-        ref = (section.get(side) or {}).get("model")
-        if isinstance(ref, str):
-            check_ref(ref, workspace)
+    check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
     text = json.dumps(section, sort_keys=True, default=str)
     digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
     out = workspace.outputs / f"stitch-{digest}"
     if (out / "report.json").is_file() and not recompute:
         return {"out_dir": str(out), "report": json.loads((out / "report.json").read_text()), "cached": True}
-    report = execute(dict(section), out, device=device, progress=progress)
+    report = execute(dict(section), out, device=device, progress=progress, trust_remote_code=trust_remote_code)
     return {"out_dir": str(out), "report": report, "cached": False}
 
 
@@ -791,10 +878,12 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None,
 
 
 def readable(exc: BaseException) -> str:
-    """One line for st.error: library errors as they are, other failures with their type."""
+    """One line for st.error: library errors as they are, other failures with their type (tokens masked)."""
+    from merge.redact import redact
+
     if isinstance(exc, (SutureError, WorkspaceError, RecipeError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return redact(str(exc))
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 __all__ = [

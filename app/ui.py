@@ -21,6 +21,21 @@ def workspace() -> Workspace:
     return Workspace(Path(st.session_state[state.WORKSPACE]))
 
 
+TRUST_KEY = "trust_remote_code"
+
+
+def trust_toggle() -> None:
+    """The explicit opt-in (off by default) to build architectures that models' files or recipes name outside
+    Suture's zoo and the workspace: building one imports and runs its code."""
+    st.toggle(services.TRUST_TOGGLE, value=False, key=TRUST_KEY,
+              help="Off: only Suture's zoo architectures and modules inside the workspace are built.")
+
+
+def trusted() -> bool:
+    """Whether this session turned the trust toggle on."""
+    return bool(st.session_state.get(TRUST_KEY, False))
+
+
 def error(exc: BaseException) -> None:
     """Show an error as a readable message, never a traceback (unexpected ones keep theirs in the log)."""
     if isinstance(exc, SutureError):
@@ -145,7 +160,8 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     with st.status("Running merge…", expanded=True) as status:
         panel = ProgressPanel(status)
         try:
-            outcome = services.run_merge(valid, workspace(), device=device, progress=panel, recompute=recompute)
+            outcome = services.run_merge(valid, workspace(), device=device, progress=panel, recompute=recompute,
+                                         trust_remote_code=trusted())
         except Exception as exc:  # library errors, and e.g. out of memory or a full disk: one readable line
             status.update(label="Merge failed", state="error")
             error(exc)

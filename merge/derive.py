@@ -32,15 +32,22 @@ ModuleFactory = Callable[[], nn.Module]
 
 @dataclass
 class Architecture:
-    """How to build an empty module of the model's architecture (factory reference + kwargs)."""
+    """How to build an empty module of the model's architecture (factory reference + kwargs).
+
+    `source` is the config.json that named the factory (None: the user named it in a recipe); a factory
+    from model metadata outside Suture's zoo is built only with `trust_remote_code`.
+    """
 
     factory: str
     kwargs: dict[str, Any]
+    source: str | None = None
+    trust_remote_code: bool = False
 
     def build(self) -> nn.Module:
-        """A fresh module (random weights) in eval mode."""
-        from merge.zoo import build_architecture
+        """A fresh module (random weights) in eval mode; refused before any import when not trusted."""
+        from merge.zoo import build_architecture, check_factory_trust
 
+        check_factory_trust(self.factory, source=self.source, trust_remote_code=self.trust_remote_code)
         return build_architecture(self.factory, **self.kwargs).eval()
 
 
@@ -55,16 +62,39 @@ def parse_architecture(value: str | Mapping[str, Any] | None) -> Architecture | 
     raise InputError(f"architecture {value!r}: expected 'package.module:factory' or {{factory: ..., kwargs: {{...}}}}")
 
 
-def architecture_of(store: TensorStore, explicit: Architecture | None = None) -> Architecture | None:
-    """The explicit architecture, else the one a zoo-written config.json records, else None."""
+def architecture_of(store: TensorStore, explicit: Architecture | None = None, *, trust_remote_code: bool = False,
+                    chosen: Architecture | None = None) -> Architecture | None:
+    """The explicit architecture, else the one a config.json records (marked with its source), else None.
+
+    A recorded factory equal to `chosen`'s (the user's own, e.g. written into a merged folder by this run)
+    counts as the user's choice; any other outside the zoo needs `trust_remote_code` to be built.
+    """
     if explicit is not None:
         return explicit
-    from merge.zoo import ARCH_KEY
+    from merge.zoo import ARCH_KEY, CONFIG_FILE
 
     arch = (store.config or {}).get(ARCH_KEY)
     if isinstance(arch, Mapping) and isinstance(arch.get("factory"), str):
-        return Architecture(arch["factory"], dict(arch.get("kwargs") or {}))
+        kwargs = arch.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise InputError(f"{store.source}: {ARCH_KEY}.kwargs in {CONFIG_FILE} must be a mapping, got {type(kwargs).__name__}")
+        own = chosen is not None and chosen.source is None and chosen.factory == arch["factory"]
+        source = None if own else _config_source(store)
+        return Architecture(arch["factory"], dict(kwargs), source=source, trust_remote_code=trust_remote_code)
     return None
+
+
+def _config_source(store: TensorStore) -> str:
+    """The config.json path of a store, for refusals (its source when it has no folder)."""
+    from merge.zoo import CONFIG_FILE
+
+    path = getattr(store, "path", None)
+    if path is None:
+        return f"{store.source} {CONFIG_FILE}"
+    from pathlib import Path
+
+    folder = Path(path)
+    return str((folder if folder.is_dir() else folder.parent) / CONFIG_FILE)
 
 
 def load_module(store: TensorStore, architecture: Architecture) -> nn.Module:
@@ -94,9 +124,10 @@ def derive_spec(
     architecture: Architecture | None = None,
     data: Any = None,
     input_shape: Sequence[int] | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PermutationSpec, Architecture | None]:
     """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
-    arch = architecture_of(store, architecture)
+    arch = architecture_of(store, architecture, trust_remote_code=trust_remote_code)
     if arch is not None:
         from merge.graph.trace import spec_from_module
 
@@ -117,13 +148,13 @@ def derive_spec(
     return spec, None
 
 
-def spec_for_store(store: TensorStore) -> PermutationSpec:
+def spec_for_store(store: TensorStore, *, trust_remote_code: bool = False) -> PermutationSpec:
     """The spec for `suture inspect --groups` (traced on zeros for zoo models, else from names + config)."""
-    arch = architecture_of(store)
+    arch = architecture_of(store, trust_remote_code=trust_remote_code)
     shape = None
     if arch is not None:
         first = next(n for n in store.names() if n.endswith("weight"))
         w = store.shape(first)
         shape = (2, *w[1:]) if len(w) == 2 else (2, w[1], 8, 8)
-    spec, _ = derive_spec(store, input_shape=shape)
+    spec, _ = derive_spec(store, architecture=arch, input_shape=shape)
     return spec

@@ -24,5 +24,9 @@ class AlignmentError(SutureError, ValueError):
     """Models cannot be aligned with the chosen engine (e.g. different widths for permutation matching)."""
 
 
+class UntrustedCodeError(InputError):
+    """A model's metadata names code outside Suture's zoo and the user has not opted in to running it."""
+
+
 class OutputError(SutureError):
     """The output cannot be written: folder not writable, disk full, file too large, or another run holds it."""

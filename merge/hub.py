@@ -12,7 +12,9 @@ logged, printed, written to a file, or left in an error message.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from merge.errors import InputError
+from merge.redact import known_secrets, redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,6 @@ _SKIP_DIRS = {"__pycache__"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".yaml", ".yml", ".npz", ".onnx")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 _HUB_PREFIX = "hf://"
 _NETWORK_ERROR_NAMES = {
     "ConnectError",
@@ -148,26 +150,31 @@ def is_offline() -> bool:
 
 
 def _resolve_token(token: str | None) -> str | None:
-    """Explicit token, else ``HF_TOKEN``, else the one saved by `hf auth login` (None when there is none)."""
-    if token:
-        return token.strip()
-    env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if env and env.strip():
-        return env.strip()
-    try:
-        from huggingface_hub import get_token
+    """Explicit token, else ``HF_TOKEN``, else the one saved by `hf auth login` (None when there is none).
 
-        return get_token()
-    except Exception:  # a broken token file must not hide the real problem
-        logger.debug("could not read a saved Hugging Face token", exc_info=False)
-        return None
+    The token found is registered with :mod:`merge.redact`, so no log record or error line shows it.
+    """
+    found: str | None = None
+    if token:
+        found = token.strip()
+    else:
+        env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        if env and env.strip():
+            found = env.strip()
+        else:
+            try:
+                from huggingface_hub import get_token
+
+                found = get_token()
+            except Exception:  # a broken token file must not hide the real problem
+                logger.debug("could not read a saved Hugging Face token", exc_info=False)
+    register_secret(found)
+    return found
 
 
 def _scrub(text: str, token: str | None) -> str:
-    """Remove the token (and anything shaped like a Hub token) from `text`."""
-    if token:
-        text = text.replace(token, "***")
-    return _TOKEN_RE.sub("hf_***", text)
+    """Remove the token (and every known or token-shaped secret) from `text`."""
+    return redact(text, token)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -384,16 +391,75 @@ def _files_to_push(out_dir: Path) -> list[Path]:
     return files
 
 
+_SCAN_CHUNK = 1 << 20
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on a header
+
+
+def _stream_contains(path: Path, needles: list[bytes]) -> bool:
+    """True when any needle occurs in the file, read in chunks that overlap by a needle's length."""
+    overlap = max(len(n) for n in needles) - 1
+    tail = b""
+    with path.open("rb") as fh:
+        while chunk := fh.read(_SCAN_CHUNK):
+            window = tail + chunk
+            if any(n in window for n in needles):
+                return True
+            tail = window[-overlap:] if overlap > 0 else b""
+    return False
+
+
+def _header_contains(path: Path, secrets: list[str]) -> bool:
+    """True when a safetensors header (tensor names, ``__metadata__``) holds a secret; the weights are not read."""
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            return False
+        header = fh.read(min(int.from_bytes(prefix, "little"), _MAX_HEADER))
+    if any(s.encode() in header for s in secrets):
+        return True
+    try:  # JSON escapes (\u0068f_...) would hide a token from the byte search
+        text = json.dumps(json.loads(header), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return False
+    return any(s in text for s in secrets)
+
+
 def _refuse_token_in_files(files: list[Path], out_dir: Path, token: str) -> None:
-    """Refuse to publish a folder whose small text files contain the token (e.g. a recipe that embeds it)."""
-    needle = token.encode()
+    """Refuse to publish a folder that carries a token: in a safetensors header, or anywhere in another file.
+
+    Every file but the weights is searched whole (README, config, recipe, report, tokenizer files of any
+    size), as UTF-8 and UTF-16; of a .safetensors file only the header, where metadata strings live.
+    """
+    secrets = sorted({token, *known_secrets()}, key=len, reverse=True)
+    needles = [s.encode(enc) for s in secrets for enc in ("utf-8", "utf-16-le", "utf-16-be")]
     for path in files:
-        if path.suffix == ".safetensors" or path.stat().st_size > 16 * 1024 * 1024:
-            continue
-        if needle in path.read_bytes():
-            raise InputError(
-                f"{path.relative_to(out_dir)}: contains your Hugging Face token; remove it before publishing the folder"
-            )
+        if path.suffix == ".safetensors":
+            found, where = _header_contains(path, secrets), " (in its safetensors metadata)"
+        else:
+            found, where = _stream_contains(path, needles), ""
+        if found:
+            raise InputError(_scrub(
+                f"{path.relative_to(out_dir)}: contains a Hugging Face token{where}; remove it before publishing the folder",
+                token,
+            ))
+
+
+def push_timeout(value: float | str | None = None) -> float:
+    """Seconds a push waits for any one answer from the Hub: `value`, else ``SUTURE_PUSH_TIMEOUT``, else 60."""
+    from merge.hub_http import DEFAULT_SECONDS
+
+    source = "timeout"
+    if value is None:
+        value, source = os.environ.get("SUTURE_PUSH_TIMEOUT", "").strip() or None, "SUTURE_PUSH_TIMEOUT"
+        if value is None:
+            return DEFAULT_SECONDS
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"{source}={value!r}: expected a positive number of seconds")
+    return seconds
 
 
 def push_folder(
@@ -407,8 +473,13 @@ def push_folder(
     token: str | None = None,
     progress: ProgressFn | None = None,
     endpoint: str | None = None,
+    timeout: float | None = None,
 ) -> str:
-    """Publish an output folder (shards, index, config, tokenizer, recipe, report, card) to a Hub model repo."""
+    """Publish an output folder (shards, index, config, tokenizer, recipe, report, card) to a Hub model repo.
+
+    `timeout` (default ``SUTURE_PUSH_TIMEOUT`` or 60 s) bounds each wait for the Hub: a server that stops
+    answering fails the push after that long instead of hanging (see :mod:`merge.hub_http`).
+    """
     folder = Path(out_dir)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder to publish")
@@ -420,6 +491,7 @@ def push_folder(
     revision = revision or ref_revision
     if revision is not None and not _REVISION_RE.match(revision):
         raise InputError(f"{revision!r}: not a valid branch name")
+    seconds = push_timeout(timeout)
     files = _files_to_push(folder)
     if not files:
         raise InputError(f"{folder}: the folder is empty; nothing to publish")
@@ -441,7 +513,9 @@ def push_folder(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     from merge import __version__
+    from merge.hub_http import HubTimeout, bound_hub_requests
 
+    bound_hub_requests(seconds)
     api = HfApi(endpoint=endpoint, token=token, library_name="suture", library_version=__version__)
     target = f"{repo_id}@{revision}" if revision else repo_id
     step = "cannot create repository"
@@ -468,6 +542,10 @@ def push_folder(
         raise
     except Exception as exc:  # every Hub/network failure becomes one readable line
         logger.debug("push to %s failed: %s", repo_id, _scrub(repr(exc), token))
+        if any(isinstance(item, HubTimeout) for item in _chain(exc)):
+            raise InputError(_scrub(
+                f"push to {endpoint}/{repo_id} timed out after {seconds:g} s: the Hub sent no answer "
+                "(raise --timeout or SUTURE_PUSH_TIMEOUT on a slow link)", token)) from None
         raise _hub_error(exc, action=step, repo_id=repo_id, revision=revision, endpoint=endpoint, token=token, writing=True) from None
 
     if create_pr and getattr(info, "pr_url", None):
@@ -490,5 +568,6 @@ __all__ = [
     "hub_cache_dir",
     "is_offline",
     "resolve_model_ref",
+    "push_timeout",
     "push_folder",
 ]

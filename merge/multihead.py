@@ -237,9 +237,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_multihead(path: str | Path, device: str | torch.device = "cpu") -> MultiHeadModel:
-    """Rebuild a runnable MultiHeadModel (eval mode) from a folder written by save_multihead."""
-    from merge.zoo import build_architecture, load_into, load_state
+def load_multihead(path: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False) -> MultiHeadModel:
+    """Rebuild a runnable MultiHeadModel (eval mode) from a folder written by save_multihead.
+
+    Member factories outside Suture's zoo are built only with `trust_remote_code` (they import code).
+    """
+    from merge.zoo import build_architecture, check_factory_trust, load_into, load_state
 
     manifest = read_manifest(path)
     tensors = load_state(path)
@@ -247,6 +250,7 @@ def load_multihead(path: str | Path, device: str | torch.device = "cpu") -> Mult
     members = []
     for i, entry in enumerate(manifest["members"]):
         arch = entry.get("architecture") or {}
+        check_factory_trust(arch.get("factory"), source=f"{Path(path) / MANIFEST_FILE} member {i}", trust_remote_code=trust_remote_code)
         module = build_architecture(arch.get("factory"), **(arch.get("kwargs") or {}))
         state: dict[str, torch.Tensor] = {}
         for name in trunk:

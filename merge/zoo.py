@@ -3,7 +3,9 @@
 A saved zoo model is a folder with ``model.safetensors`` and ``config.json``; the config's
 ``"suture_architecture": {"factory": "merge.zoo:mlp", "kwargs": {...}}`` lets :func:`load_module` rebuild
 the ``nn.Module`` so that merged weights can be evaluated. The same ``factory`` string is what a recipe's
-``architecture:`` key holds. Importing a factory runs that module's code: only name code you trust.
+``architecture:`` key holds. Importing a factory runs that module's code, so a factory named by a model's
+own ``config.json`` is built only when it is one of the zoo's (:func:`check_factory_trust`) or the user
+opted in with ``trust_remote_code`` (the convention of ``transformers``).
 
 Training is bit-reproducible: the model is initialised under ``torch.manual_seed(seed)``, batches are drawn
 from a generator seeded with ``seed``, and training runs single-threaded (multi-threaded CPU reductions
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merge.data import CalibrationData, load_dataset
-from merge.errors import InputError, RecipeError
+from merge.errors import InputError, RecipeError, UntrustedCodeError
 from merge.store import open_store, read_json
 from merge.threads import single_threaded
 
@@ -118,6 +120,30 @@ def resnet_small(width: int = 16, num_classes: int = 10) -> ResNetSmall:
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "resnet": resnet_small}
 FACTORY_REFS = {"mlp": "merge.zoo:mlp", "resnet": "merge.zoo:resnet_small"}
+
+
+TRUST_HINT = "pass --trust-remote-code (recipe: `trust_remote_code: true`; app: the trust toggle) if you trust it"
+
+
+def is_zoo_factory(ref: Any) -> bool:
+    """Whether `ref` names one of Suture's own architectures ('mlp', 'merge.zoo:mlp', ...)."""
+    trusted = set(ARCHITECTURES) | set(FACTORY_REFS.values()) | {f"{__name__}:{f.__name__}" for f in ARCHITECTURES.values()}
+    return isinstance(ref, str) and ref.strip() in trusted
+
+
+def check_factory_trust(ref: Any, *, source: str | None, trust_remote_code: bool = False) -> None:
+    """Refuse, before anything is imported, a factory that model metadata names outside the zoo.
+
+    `source` is the file that named the factory (a config.json); None means the user chose it (a recipe's
+    `architecture:`), which is trusted as their own code. Importing a module runs it, so the check must
+    come first.
+    """
+    if source is None or trust_remote_code or callable(ref) or is_zoo_factory(ref):
+        return
+    raise UntrustedCodeError(
+        f"{source}: architecture factory {ref!r} is not one of Suture's zoo factories and building it would run "
+        f"its code; {TRUST_HINT}"
+    )
 
 
 def resolve_factory(ref: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -249,17 +275,22 @@ def save_module(
     return out
 
 
+def config_path(path: str | Path) -> Path:
+    """The config.json of a model folder (or the file itself)."""
+    folder = Path(path)
+    return folder / CONFIG_FILE if folder.is_dir() else folder
+
+
 def read_architecture(path: str | Path) -> tuple[str, dict[str, Any]]:
     """The (factory, kwargs) recorded in a model folder's config.json."""
-    folder = Path(path)
-    config_path = folder / CONFIG_FILE if folder.is_dir() else folder
-    if not config_path.is_file():
+    config_file = config_path(path)
+    if not config_file.is_file():
         raise InputError(f"model {str(path)!r}: no {CONFIG_FILE}; expected a folder written by save_module")
-    config = read_json(config_path)
-    arch = config.get(ARCH_KEY)
-    if not isinstance(arch, Mapping) or not isinstance(arch.get("factory"), str):
+    config = read_json(config_file)
+    arch = config.get(ARCH_KEY) if isinstance(config, Mapping) else None
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("factory"), str) or not isinstance(arch.get("kwargs") or {}, Mapping):
         raise InputError(
-            f"{str(config_path)!r}: no {ARCH_KEY!r} entry; expected {{\"factory\": \"pkg.module:factory\", \"kwargs\": {{...}}}} "
+            f"{str(config_file)!r}: no {ARCH_KEY!r} entry (with a factory string and a kwargs mapping); expected {{\"factory\": \"pkg.module:factory\", \"kwargs\": {{...}}}} "
             "(or name the architecture in the recipe)"
         )
     return arch["factory"], dict(arch.get("kwargs") or {})
@@ -274,9 +305,14 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         store.close()
 
 
-def load_module(path: str | Path, state: Mapping[str, torch.Tensor] | None = None, strict: bool = True) -> nn.Module:
-    """Rebuild a module from a zoo-style folder (config.json architecture + weights) in eval mode."""
+def load_module(path: str | Path, state: Mapping[str, torch.Tensor] | None = None, strict: bool = True, *,
+                trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a module from a zoo-style folder (config.json architecture + weights) in eval mode.
+
+    A factory outside the zoo is refused unless `trust_remote_code` (see :func:`check_factory_trust`).
+    """
     factory, kwargs = read_architecture(path)
+    check_factory_trust(factory, source=str(config_path(path)), trust_remote_code=trust_remote_code)
     module = build_architecture(factory, **kwargs)
     weights = load_state(path) if state is None else dict(state)
     load_into(module, weights, source=str(path), strict=strict)

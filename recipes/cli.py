@@ -27,6 +27,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True); refused by default")
     p.add_argument("--strict", action="store_true", help="treat non-finite (NaN/Inf) input or output values as errors instead of warnings")
     p.add_argument("--seed", type=int, default=None, help="seed for randomized methods and alignment (overrides the recipe)")
+    _add_trust(p)
     _add_verbosity(p)
 
 
@@ -36,6 +37,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--groups", action="store_true", help="also derive and list permutation groups")
+    _add_trust(p)
     _add_verbosity(p)
 
 
@@ -47,6 +49,8 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="branch to push to (created when missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for any answer from the Hub before giving up (default: SUTURE_PUSH_TIMEOUT or 60)")
     _add_verbosity(p)
 
 
@@ -55,6 +59,11 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     p.add_argument("--workspace", default=None, help="folder the app may read and write (default ./suture-workspace)")
     _add_verbosity(p)
+
+
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="build architectures that a model's config.json names outside Suture's zoo (runs that code)")
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -78,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from merge.redact import install_log_redaction  # tokens never reach a log line, even at -v
+
+    install_log_redaction()
 
 
 def _sigterm_as_interrupt() -> None:
@@ -90,6 +102,8 @@ def _sigterm_as_interrupt() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`suture run`: execute a recipe with a tqdm progress bar."""
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from recipes.runner import RunOptions, dry_run, run_recipe
@@ -101,9 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         strict=args.strict,
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
+    recipe = Path(args.recipe)  # always a file: never read the argument itself as YAML text
     if args.dry_run:
-        plan = dry_run(args.recipe, options)
+        plan = dry_run(recipe, options)
         print(json.dumps(plan, indent=2))
         return 0
     bars: dict[str, tqdm] = {}
@@ -119,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(detail[-40:], refresh=True)
 
     try:
-        result = run_recipe(args.recipe, args.out_dir, options, progress=progress)
+        result = run_recipe(recipe, args.out_dir, options, progress=progress)
     finally:
         for bar in bars.values():
             bar.close()
@@ -131,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """`suture inspect`: describe a model without loading its weights."""
     from recipes.inspect import inspect_model, format_inspection
 
-    info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups)
+    info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups, trust_remote_code=args.trust_remote_code)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
@@ -149,7 +165,8 @@ def cmd_push(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message[-40:], refresh=True)
 
         url = push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
-                          create_pr=args.create_pr, commit_message=args.commit_message, progress=progress)
+                          create_pr=args.create_pr, commit_message=args.commit_message, progress=progress,
+                          timeout=args.timeout)
     print(f"published: {url}")
     return 0
 
@@ -191,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SutureError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from merge.redact import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)

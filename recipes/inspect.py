@@ -22,8 +22,12 @@ def detect_family(names: list[str], config: dict | None) -> str | None:
     return None
 
 
-def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False) -> dict[str, Any]:
-    """A JSON-friendly description of a model reference (local path or Hub id)."""
+def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """A JSON-friendly description of a model reference (local path or Hub id).
+
+    Groups of a model whose config.json names an architecture outside Suture's zoo are derived only with
+    `trust_remote_code` (tracing builds the module, which runs its code); otherwise UntrustedCodeError.
+    """
     from merge.refs import resolve_ref
     from merge.store import open_store
 
@@ -42,17 +46,19 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False)
         "family": detect_family(names, store.config),
     }
     if groups:
-        info["groups"] = derive_groups(store)
+        info["groups"] = derive_groups(store, trust_remote_code=trust_remote_code)
     return info
 
 
-def derive_groups(store) -> list[dict[str, Any]] | dict[str, str]:
+def derive_groups(store, *, trust_remote_code: bool = False) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups derived from names + config (or from the zoo architecture recorded in config)."""
     from merge.derive import spec_for_store
-    from merge.errors import SutureError
+    from merge.errors import SutureError, UntrustedCodeError
 
     try:
-        spec = spec_for_store(store)
+        spec = spec_for_store(store, trust_remote_code=trust_remote_code)
+    except UntrustedCodeError:
+        raise  # a refusal, not a missing feature: the command fails with the opt-in to use
     except SutureError as exc:
         return {"error": str(exc)}
     return spec.describe()

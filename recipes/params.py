@@ -13,8 +13,9 @@ A parameter value is one of
 
 Positions: a layer tensor at index i of a gradient span of n layers sits at ``t = i / (n - 1)`` (``t = 1``
 when n == 1). For ``models:`` recipes the span is the whole model; for ``slices:`` recipes each output
-slice is its own span. Tensors outside the blocks sit at t = 0 (embeddings, before the blocks) or t = 1
-(final norm and heads, after them).
+slice is its own span. Every tensor outside the blocks (embeddings before them, final norm and heads
+after them) sits at t = 0, as in mergekit 0.1.5's ``plan_module``; pre-block tensors take their sources and
+slice-level parameters from the first slice, post-block tensors from the last.
 
 Lookup precedence (first level whose value is set wins): slice source > slice > model (``models[i]``) >
 global ``parameters``. A method's global parameters skip the per-model/per-source level.
@@ -147,8 +148,12 @@ def layer_position(layer_index: int, num_layers: int | None) -> float:
 
 
 def edge_position(tensor_name: str) -> float:
-    """Gradient position of a tensor outside the blocks: 0 before them (embeddings), 1 after them (heads)."""
-    return 0.0 if tensor_section(tensor_name) == "pre" else 1.0
+    """Gradient position of a tensor outside the blocks: always 0, before (embeddings) or after (heads) them.
+
+    mergekit 0.1.5 reads pre- and post-block weights through one ``ConfigReader(t=0)``, so a gradient
+    ``[0.2, 0.9]`` gives ``lm_head`` 0.2, not 0.9.
+    """
+    return 0.0
 
 
 def evaluate_setting(value: Any, tensor_name: str | None, t: float) -> Any:
@@ -266,7 +271,7 @@ class ParamResolver:
                 )
             pre = tensor_section(tensor_name) == "pre"
             s = slice_index if slice_index is not None else (0 if pre else len(self.layout.ranges) - 1)
-            return s, 0.0 if pre else 1.0
+            return s, edge_position(tensor_name)
         slot = self.layout.slot(layer_index)
         if slice_index is not None and slice_index != slot.slice_index:
             raise ValueError(f"output layer {layer_index} belongs to slice {slot.slice_index}, not slice {slice_index}")

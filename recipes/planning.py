@@ -86,12 +86,19 @@ class _Planner:
         self.vocab_names = vocab_names or set()
         self.out_dtype = torch_dtype(recipe.out_dtype or recipe.dtype)
 
-    def _params(self, resolver: ParamResolver, tensor: str, layer: int | None, n_layers: int | None, sources: list[ModelRef], slice_index: int | None) -> tuple[list[dict], dict]:
+    def _params(self, resolver: ParamResolver, tensor: str, layer: int | None, n_layers: int | None, sources: list[ModelRef], slice_index: int | None,
+                source_names: list[str] | None = None) -> tuple[list[dict], dict]:
+        """Per-model and method-wide parameters of one output tensor.
+
+        As in mergekit 0.1.5, a per-model ``filter`` is matched against that model's own tensor name (in a
+        slice, its source layer number) and a method-wide one against the output name.
+        """
         model_params = []
-        for ref in sources:
+        for i, ref in enumerate(sources):
             values = {}
+            name = source_names[i] if source_names is not None else tensor
             for p in self.method.model_params:
-                values[p.name] = resolver.get(p.name, tensor, layer, n_layers, model=ref, slice_index=slice_index, default=p.default, required=p.required)
+                values[p.name] = resolver.get(p.name, name, layer, n_layers, model=ref, slice_index=slice_index, default=p.default, required=p.required)
             model_params.append(values)
         params = {
             p.name: resolver.get(p.name, tensor, layer, n_layers, slice_index=slice_index, default=p.default, required=p.required)
@@ -184,7 +191,7 @@ class _Planner:
                 out_name = rename_layer(name, slot.out_index)
                 feed = [(ref, rename_layer(name, src_layer.get(str(ref), src_layer[str(first.model)]))) for ref in feed_refs]
                 base_name = (base, rename_layer(name, src_layer.get(str(base), src_layer[str(first.model)]))) if base else None
-                model_params, params = self._params(resolver, out_name, slot.out_index, None, feed_refs, slot.slice_index)
+                model_params, params = self._params(resolver, out_name, slot.out_index, None, feed_refs, slot.slice_index, [n for _, n in feed])
                 tasks.append(self._task(out_name, feed, base_name, model_params, params))
         non_layer("post", len(slices) - 1)
         return tasks, layout.num_layers

@@ -46,6 +46,7 @@ class RunOptions:
     allow_pickle: bool = False
     strict: bool = False
     seed: int | None = None
+    trust_remote_code: bool = False  # run architecture code that a model's config.json names outside the zoo
 
 
 @dataclass
@@ -172,6 +173,20 @@ def dry_run(recipe: str | Path | Mapping[str, Any] | Recipe, options: RunOptions
     }
 
 
+def _trusts(r: Recipe, options: RunOptions) -> bool:
+    """Whether models' own files may name architecture code outside the zoo (--trust-remote-code or the recipe)."""
+    return options.trust_remote_code or r.trust_remote_code
+
+
+def _shard_size(option: int | str | None, recipe_value: int | None) -> int:
+    """--out-shard-size, else the recipe's out_shard_size, else the default; 0 or below is refused."""
+    chosen = next((v for v in (option, recipe_value) if v is not None), DEFAULT_SHARD_SIZE)
+    size = parse_size(chosen)
+    if size <= 0:
+        raise RecipeError(f"out_shard_size {chosen!r}: must be a positive size such as 5GB or 500MB")
+    return size
+
+
 def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     """alignment.blend: the reference's weight in a two-model linear merge (the other gets 1 - blend)."""
     if r.merge_method != "linear" or not r.models or len(r.models) != 2:
@@ -203,9 +218,11 @@ def run_recipe(
     if alignment is not None and alignment.blend is not None:
         r = _apply_blend(r, alignment.blend, alignment.reference)
     device = resolve_device(options.device)
-    shard_size = parse_size(options.out_shard_size or r.out_shard_size or DEFAULT_SHARD_SIZE)
+    shard_size = _shard_size(options.out_shard_size, r.out_shard_size)
     seed = options.seed if options.seed is not None else (r.seed or 0)
     models = open_models(r, allow_pickle=options.allow_pickle, strict=options.strict, progress=progress)
+    if alignment is not None or evaluation_section is not None:  # these build modules from the models' configs
+        steps.check_trust(models.stores, steps.recipe_architecture(r.architecture, alignment), _trusts(r, options))
     if alignment is not None and alignment.engine == "zipit":
         return _run_zipit(r, alignment, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
     reference = reference_key(r)
@@ -215,7 +232,8 @@ def run_recipe(
     if alignment is not None:
         align_ref = str(ModelRef.parse(alignment.reference)) if alignment.reference else reference
         outcome = steps.run_alignment(alignment, models.stores, align_ref, architecture, device, progress,
-                                      fallback_data=evaluation_section.data if evaluation_section else None)
+                                      fallback_data=evaluation_section.data if evaluation_section else None,
+                                      trust_remote_code=_trusts(r, options))
         models.stores = outcome.stores
         architecture = architecture or outcome.architecture
     tasks, n_layers, vocab = build(r, models)
@@ -251,7 +269,8 @@ def run_recipe(
                 tmp, evaluation_section, models.stores, raw_stores, ref_key, architecture, outcome is not None,
                 reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress,
                 fused=outcome is not None and outcome.fused,
-                permutation_spec=outcome.spec if outcome is not None and outcome.engine == "ot" else None)
+                permutation_spec=outcome.spec if outcome is not None and outcome.engine == "ot" else None,
+                trust_remote_code=_trusts(r, options))
             if "plot" in extra["evaluation"]:
                 files.append(extra["evaluation"]["plot"])
         report = {
@@ -293,7 +312,7 @@ def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progres
     publish_section = parse_publish(r.publish, r.where)
     device = resolve_device(options.device)
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where)
+        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options))
         report["seconds_total"] = round(time.perf_counter() - started, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "suture_recipe.yml").write_text(r.to_yaml())
@@ -323,7 +342,7 @@ def _run_zipit(r: Recipe, alignment, evaluation_section, publish_section, models
                device: torch.device, started: float, progress: Progress | None) -> RunResult:
     """ZipIt recipes build the output model themselves: zipped weights (or a multi-head model), report, card."""
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress)
+        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress, _trusts(r, options))
         evaluation = zipped.pop("evaluation", None)
         (tmp / "suture_recipe.yml").write_text(r.to_yaml())
         report = {"suture_version": __version__, "merge_method": None, "models": list(models.refs), "device": str(device),

@@ -3,7 +3,7 @@
 A recipe names a ``merge_method`` and either ``models`` (whole models to merge) or ``slices`` (layer ranges
 to merge or stack), with optional ``base_model``, ``parameters`` (see :mod:`recipes.params`), ``dtype``,
 ``out_dtype``, ``tokenizer_source`` / ``tokenizer`` and ``chat_template``, exactly as mergekit reads them.
-Suture adds ``name``, ``architecture``, ``allow_pickle``, ``strict``, ``out_shard_size``, ``seed`` and the
+Suture adds ``name``, ``architecture``, ``allow_pickle``, ``trust_remote_code``, ``strict``, ``out_shard_size``, ``seed`` and the
 sections ``alignment``, ``stitch``, ``evaluate`` and ``publish``.
 
 Everything is checked before any tensor is read: unknown keys, wrong types and impossible combinations raise
@@ -41,7 +41,7 @@ from pydantic import (
 
 from merge.errors import RecipeError
 from recipes.params import check_setting, describe_kind, unreachable_conditions
-from recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line
+from recipes.yaml_lines import MAX_DOCUMENT_BYTES, KeyPath, format_path, load_yaml_with_lines, nearest_line
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,12 @@ def _parse_shard_size(value: Any) -> Any:
     from merge.writer import parse_size  # imported here: it pulls in torch
 
     try:
-        return parse_size(value)
+        size = parse_size(value)
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+    if size <= 0:  # parse_size passes integers through; 0 or -1 would mean no shards or one per tensor
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
 
 
 ShardSize = Annotated[StrictInt, BeforeValidator(_parse_shard_size)]
@@ -390,6 +393,8 @@ class Recipe(_Section):
     # the module to trace: "package.module:factory", or {factory: ..., kwargs: {...}}
     architecture: StrictStr | ArchitectureRef | None = None
     allow_pickle: StrictBool = False
+    # run architecture factories that a model's config.json names outside Suture's zoo (imports their code)
+    trust_remote_code: StrictBool = False
     strict: StrictBool = False
     out_shard_size: ShardSize | None = None
     seed: StrictInt | None = None
@@ -608,10 +613,10 @@ def _known_method_names(known_methods: Any) -> set[str] | None:
 # Methods of mergekit's catalogue that cannot run without a base model (used when the registry cannot say).
 BASE_REQUIRED_METHODS = frozenset({
     "slerp", "nearswap", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "arcee_fusion",
+    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "arcee_fusion", "ram", "ramplus_tl",
 })
 # base model + exactly one other model
-_PAIR_WITH_BASE = frozenset({"slerp", "nearswap"})
+_PAIR_WITH_BASE = frozenset({"slerp", "nearswap", "arcee_fusion"})
 
 
 def _needs_base(method: str, requires_base: Any) -> bool:
@@ -754,6 +759,39 @@ def _warn_parameters(r: Recipe) -> None:
             logger.warning("%s: condition %d can never match: an earlier condition has no filter", _where(r, path), k)
 
 
+def _param_leaves(value: Any) -> list[tuple[KeyPath, Any]]:
+    """The plain values inside a parameter setting (a scalar, a gradient's items, each condition's value)."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, Mapping) for v in value):
+            return [((i, "value") + p, v) for i, cond in enumerate(value) for p, v in _param_leaves(cond.get("value"))]
+        return [((i,), v) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return [(("value",) + p, v) for p, v in _param_leaves(value.get("value"))]
+    return [] if value is None else [((), value)]
+
+
+def _check_param_values(r: Recipe, issues: _Issues) -> None:
+    """Values of the wrong type for the merge method's parameters (`weight: half`, `.nan`, `normalize: 'yes'`)."""
+    try:
+        from merge.methods import get_method
+        from merge.methods.registry import value_problem
+
+        method = get_method(r.merge_method) if r.merge_method is not None else None
+    except (ImportError, RecipeError):
+        return
+    if method is None:
+        return
+    for path, value in _all_params(r):
+        pdef = method.global_param(str(path[-1])) or method.model_param(str(path[-1]))
+        if pdef is None:
+            continue  # unknown names are warned about by _warn_parameters
+        for sub, leaf in _param_leaves(value):
+            problem = value_problem(pdef, leaf)
+            if problem:
+                issues.add(path + sub, f"parameter {pdef.name!r} of merge method {method.name!r} {problem}")
+                break
+
+
 def _semantic_issues(
     r: Recipe, data: Mapping[str, Any], lines: Mapping[KeyPath, int] | None, known_methods: Any, requires_base: Any
 ) -> list[RecipeIssue]:
@@ -763,6 +801,7 @@ def _semantic_issues(
     _check_inputs(r, data, issues)
     _check_method_inputs(r, issues, requires_base)
     _check_tokenizer(r, issues)
+    _check_param_values(r, issues)
     _warn_parameters(r)
     return list(issues)
 
@@ -848,9 +887,14 @@ def load_recipe(
     ):
         path = Path(path_or_text).expanduser()
         source = str(path)
+        if path.is_dir():
+            raise RecipeError(f"{source}: is a folder; expected a recipe YAML file")
         if not path.is_file():
             raise RecipeError(f"recipe file {source} not found")
         try:
+            size = path.stat().st_size
+            if size > MAX_DOCUMENT_BYTES:
+                raise RecipeError(f"{source}: {size:,} bytes is over the recipe size limit of {MAX_DOCUMENT_BYTES:,} bytes")
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise RecipeError(f"{source}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None

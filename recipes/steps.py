@@ -37,6 +37,16 @@ def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -
     return parse_architecture({"factory": factory, "kwargs": kwargs})
 
 
+def check_trust(stores: dict[str, TensorStore], architecture: Architecture | None, trust_remote_code: bool) -> None:
+    """Refuse up front (naming the model's config.json) a recorded factory that alignment or evaluation would build."""
+    from merge.zoo import check_factory_trust
+
+    for store in stores.values():
+        arch = architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
+        if arch is not None:
+            check_factory_trust(arch.factory, source=arch.source, trust_remote_code=trust_remote_code)
+
+
 def load_data(spec: Any, *, split: str = "train", max_items: int | None = None):
     """Calibration/evaluation data from a recipe data spec."""
     from merge.data import load_dataset
@@ -45,11 +55,12 @@ def load_data(spec: Any, *, split: str = "train", max_items: int | None = None):
 
 
 def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], reference: str, architecture: Architecture | None,
-                  device: torch.device, progress=None, fallback_data: Any = None):
+                  device: torch.device, progress=None, fallback_data: Any = None, trust_remote_code: bool = False):
     """Align every store to the reference; returns the AlignmentOutcome (its stores replace the originals).
 
     `fallback_data` (the evaluate section's data) only supplies an example input for tracing when the
-    alignment section names no data of its own.
+    alignment section names no data of its own. `trust_remote_code` lets a model's config.json name an
+    architecture outside Suture's zoo.
     """
     from merge.align.pipeline import AlignmentSettings, align_models
 
@@ -59,7 +70,7 @@ def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], ref
         engine=section.engine, reference=reference, max_iter=section.max_iter, seed=section.seed, data=section.data,
         batch_size=section.batch_size, max_items=section.max_items, input_shape=section.input_shape, repair=section.repair,
         ot_options=section.ot_options() if section.engine == "ot" else {},
-        blend=section.blend if section.blend is not None else 0.5,
+        blend=section.blend if section.blend is not None else 0.5, trust_remote_code=trust_remote_code,
     )
     return align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
 
@@ -125,6 +136,7 @@ def evaluate_output(
     progress=None,
     fused: bool = False,
     permutation_spec: Any = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Endpoints, merged model and interpolation curves (naive or truncated, aligned) on the data.
 
@@ -134,7 +146,7 @@ def evaluate_output(
     from merge.evaluate import barrier, evaluate, interpolation_curve
 
     merged_store = open_store(folder)
-    arch = architecture_of(merged_store) or architecture
+    arch = architecture_of(merged_store, trust_remote_code=trust_remote_code, chosen=architecture) or architecture
     if arch is None:
         raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, or models saved by Suture's zoo)")
     data = load_data(section.data, split=section.split, max_items=section.max_items)
@@ -145,7 +157,8 @@ def evaluate_output(
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": merged, "models": {}}
     for key, store in raw_stores.items():
-        own = architecture_of(store) or (architecture if store.shapes() == shapes else None)
+        own = (architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
+               or (architecture if store.shapes() == shapes else None))
         if own is not None:
             result["models"][key] = evaluate(load_module(store, own), data, batch_size=section.batch_size)
     others = [k for k in stores if k != reference]
@@ -217,11 +230,11 @@ class _Ensemble(torch.nn.Module):
 
 
 def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStore], evaluate: EvaluateSection | None,
-              device: torch.device, progress=None) -> dict[str, Any]:
+              device: torch.device, progress=None, trust_remote_code: bool = False) -> dict[str, Any]:
     """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep."""
     from merge.zipit import save_zip_result, zip_models
 
-    archs = {key: architecture_of(store) for key, store in stores.items()}
+    archs = {key: architecture_of(store, trust_remote_code=trust_remote_code) for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
     if missing:
         raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
@@ -253,11 +266,11 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
         progress("zip", 1, 1, "")
     report: dict[str, Any] = {"engine": "zipit", **result.summary()}
     if evaluate is not None:
-        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress)
+        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress, trust_remote_code)
     return report
 
 
-def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress) -> dict[str, Any]:
+def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress, trust_remote_code: bool = False) -> dict[str, Any]:
     """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
     from merge.evaluate import evaluate
     from merge.graph.trace import spec_from_module
@@ -266,7 +279,8 @@ def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progr
 
     data = load_data(section.data, split=section.split, max_items=section.max_items)
     store = open_store(folder)
-    output = load_multihead(folder) if is_multihead(folder) else load_module(store, architecture_of(store))
+    output = (load_multihead(folder, trust_remote_code=trust_remote_code) if is_multihead(folder)
+              else load_module(store, architecture_of(store, trust_remote_code=trust_remote_code)))
     store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
                               "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),

@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 KeyPath = tuple[Any, ...]
 LineMap = dict[KeyPath, int]
 
+# Bounds that keep a hostile recipe from exhausting memory or the stack. A real recipe is a few KiB with
+# a handful of anchors; a "billion laughs" document multiplies nodes through nested aliases instead.
+MAX_DOCUMENT_BYTES = 1024 * 1024
+MAX_ALIAS_EXPANSIONS = 100_000
+MAX_DEPTH = 64
+
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -60,11 +66,24 @@ class _Builder:
         self.source = source
         self.lines: LineMap = {}
         self._active: set[int] = set()
+        self._built: set[int] = set()
+        self._expanded = 0  # nodes built a second time or more: what aliases multiply
+
+    def _count(self, node: yaml.Node, path: KeyPath) -> None:
+        if len(path) > MAX_DEPTH:
+            raise self._fail(node, f"the recipe nests deeper than {MAX_DEPTH} levels")
+        if id(node) in self._built:
+            self._expanded += 1
+            if self._expanded > MAX_ALIAS_EXPANSIONS:
+                raise self._fail(node, f"YAML aliases expand to more than {MAX_ALIAS_EXPANSIONS:,} values (an alias bomb?)")
+        else:
+            self._built.add(id(node))
 
     def _fail(self, node: yaml.Node, message: str) -> RecipeError:
         return RecipeError(f"{self.source} line {node.start_mark.line + 1}: {message}")
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
+        self._count(node, path)
         self.lines.setdefault(path, node.start_mark.line + 1)
         if id(node) in self._active:
             raise self._fail(node, "a YAML alias refers to the structure that contains it (recursive alias)")
@@ -122,11 +141,23 @@ class _Builder:
 
 
 def load_yaml_with_lines(text: str, source: str = "<string>") -> tuple[Any, LineMap]:
-    """Parse one YAML document safely; return the data and a map of key path -> 1-based line."""
-    loader = yaml.SafeLoader(text)
+    """Parse one YAML document safely; return the data and a map of key path -> 1-based line.
+
+    Documents over :data:`MAX_DOCUMENT_BYTES`, nested deeper than :data:`MAX_DEPTH` or whose aliases expand
+    to more than :data:`MAX_ALIAS_EXPANSIONS` values are refused.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        raise RecipeError(f"{source}: {size:,} bytes is over the recipe size limit of {MAX_DOCUMENT_BYTES:,} bytes")
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters before any parsing
+        raise RecipeError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
     try:
         try:
             node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeError(f"{source}: the recipe nests deeper than {MAX_DEPTH} levels") from None
         except yaml.composer.ComposerError as exc:
             if "single document" in f"{exc.context} {exc.problem}":
                 line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
@@ -137,11 +168,14 @@ def load_yaml_with_lines(text: str, source: str = "<string>") -> tuple[Any, Line
         except yaml.MarkedYAMLError as exc:
             raise _syntax_error(exc, source) from None
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML ({exc})") from None
+            raise RecipeError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
         if node is None:
             return None, {}
         builder = _Builder(loader, source)
-        data = builder.build(node, ())
+        try:
+            data = builder.build(node, ())
+        except RecursionError:  # a tagged collection (!!omap, !!set) nested past the stack
+            raise RecipeError(f"{source}: the recipe nests deeper than {MAX_DEPTH} levels") from None
         return data, builder.lines
     finally:
         loader.dispose()
@@ -154,4 +188,4 @@ def _syntax_error(exc: yaml.MarkedYAMLError, source: str) -> RecipeError:
     return RecipeError(f"{where}: YAML syntax error: {what or exc}")
 
 
-__all__ = ["KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line"]
+__all__ = ["MAX_ALIAS_EXPANSIONS", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line"]

@@ -322,8 +322,11 @@ def chain_from_hf(model: nn.Module, tokenizer: Any = None, pooling: str = "mean"
     )
 
 
-def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128) -> Chain:
-    """A chain for a model reference: a zoo folder (config.json with suture_architecture) or an HF encoder folder."""
+def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128, trust_remote_code: bool = False) -> Chain:
+    """A chain for a model reference: a zoo folder (config.json with suture_architecture) or an HF encoder folder.
+
+    Code named by the model's files (a factory outside Suture's zoo, HF remote code) runs only with `trust_remote_code`.
+    """
     from merge.refs import resolve_ref
 
     path = Path(resolve_ref(str(ref)))
@@ -331,7 +334,7 @@ def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128)
         from transformers import AutoModel, AutoTokenizer
 
         try:
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise InputError(f"model {ref!r}: could not load a Hugging Face encoder from {path} ({exc})") from exc
@@ -339,7 +342,7 @@ def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128)
     else:
         from merge.zoo import load_module, read_architecture
 
-        chain = chain_from_module(load_module(path), architecture=read_architecture(path))
+        chain = chain_from_module(load_module(path, trust_remote_code=trust_remote_code), architecture=read_architecture(path))
     chain.source = str(ref)
     logger.info("loaded %s chain for %s (%d layers)", chain.kind, ref, chain.num_layers)
     return chain

@@ -283,8 +283,12 @@ def run_stitch(
     device: str = "cpu",
     progress: Progress | None = None,
     where: Where | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Execute a `stitch:` section: write <out>/stitched/, <out>/report.json and plots; return the report."""
+    """Execute a `stitch:` section: write <out>/stitched/, <out>/report.json and plots; return the report.
+
+    `trust_remote_code` lets the models' own files name architecture code outside Suture's zoo.
+    """
     cfg = section if isinstance(section, StitchSection) else validate_stitch_section(section, where)
     out = Path(out_dir)
     t0 = time.perf_counter()
@@ -299,7 +303,7 @@ def run_stitch(
     chains = []
     for side, spec in (("source", cfg.source), ("target", cfg.target)):
         try:
-            chains.append(load_chain(spec.model, pooling=spec.pooling, max_length=spec.max_length))
+            chains.append(load_chain(spec.model, pooling=spec.pooling, max_length=spec.max_length, trust_remote_code=trust_remote_code))
         except (InputError, RecipeError) as exc:
             raise _error(("stitch", side, "model"), str(exc), where) from None
     A, B = chains

@@ -254,20 +254,22 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
     module.load_state_dict(state)
 
 
-def _rebuild_torch(meta: Mapping[str, Any], where: str) -> Chain:
-    from merge.zoo import build_architecture
+def _rebuild_torch(meta: Mapping[str, Any], where: str, trust_remote_code: bool = False) -> Chain:
+    from merge.zoo import build_architecture, check_factory_trust
 
     arch = meta.get("architecture") or {}
     if not isinstance(arch.get("factory"), str):
         raise InputError(f"{where}: no architecture factory in the manifest")
+    check_factory_trust(arch["factory"], source=where, trust_remote_code=trust_remote_code)
     module = build_architecture(arch["factory"], **dict(arch.get("kwargs") or {}))
     return chain_from_module(module, architecture=(arch["factory"], dict(arch.get("kwargs") or {})))
 
 
-def _rebuild_part(meta: Mapping[str, Any], state: dict[str, torch.Tensor], side: str, where: str) -> nn.Module:
+def _rebuild_part(meta: Mapping[str, Any], state: dict[str, torch.Tensor], side: str, where: str,
+                  trust_remote_code: bool = False) -> nn.Module:
     kind = meta.get("kind")
     if kind == "torch":
-        chain = _rebuild_torch(meta, where)
+        chain = _rebuild_torch(meta, where, trust_remote_code)
         layer = int(meta["layer"])
         mod = chain.prefix(layer) if side == "source" else chain.suffix(layer)
     elif kind == "hf" and side == "source":
@@ -288,8 +290,11 @@ def _rebuild_part(meta: Mapping[str, Any], state: dict[str, torch.Tensor], side:
     return mod.eval()
 
 
-def load_stitched(path: str | os.PathLike[str]) -> StitchedModel:
-    """Rebuild a StitchedModel from a folder written by StitchedModel.save (no original models needed)."""
+def load_stitched(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> StitchedModel:
+    """Rebuild a StitchedModel from a folder written by StitchedModel.save (no original models needed).
+
+    A manifest naming an architecture factory outside Suture's zoo needs `trust_remote_code`.
+    """
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -305,9 +310,9 @@ def load_stitched(path: str | os.PathLike[str]) -> StitchedModel:
         raise InputError(f"{folder}: no {WEIGHTS_FILE}")
     tensors = load_file(str(folder / WEIGHTS_FILE))
     where = str(man_path)
-    source = _rebuild_part(manifest["source"], _split(tensors, "source."), "source", where)
+    source = _rebuild_part(manifest["source"], _split(tensors, "source."), "source", where, trust_remote_code)
     stitch = _stitch_from_state(manifest["stitch"], _split(tensors, "stitch."), where)
-    target = _rebuild_part(manifest["target"], _split(tensors, "target."), "target", where)
+    target = _rebuild_part(manifest["target"], _split(tensors, "target."), "target", where, trust_remote_code)
     model = StitchedModel(source, stitch, target, {k: v for k, v in manifest.items() if k not in ("format", "version", "stitch")})
     model.manifest["stitch"] = manifest["stitch"]
     if (folder / TOKENIZER_DIR).is_dir():

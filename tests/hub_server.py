@@ -13,10 +13,12 @@ exception types (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) and a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,6 +92,14 @@ class LocalHub:
         self.lfs_objects: set[str] = set()  # sha256 of objects uploaded and verified over git-LFS
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, authenticated); never headers
         self.validated: list[str] = []  # README contents sent to /api/validate-yaml
+        # a careless server: every answer repeats the request's Authorization header (a header and, on errors,
+        # the message), so tests can prove the client side never shows it
+        self.echo_auth = False
+        # requests whose path contains this text get no answer until the server stops (a Hub that stalls mid-push);
+        # with stall_after_headers the status line and headers go out first, then the body never comes
+        self.stall_on: str | None = None
+        self.stall_after_headers = False
+        self._stopping = threading.Event()
         self.lock = threading.RLock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -116,6 +126,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -302,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if self.hub.echo_auth and self.headers.get("Authorization"):
+            self.send_header("X-Echo-Authorization", self.headers["Authorization"])
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         if "Content-Length" not in (headers or {}):
@@ -348,11 +361,25 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body() if method in ("POST", "PUT") else b""
         with self.hub.lock:
             self.hub.requests.append((method, parts.path, self.headers.get("Authorization") is not None))
+        if self.hub.stall_on and self.hub.stall_on in parts.path:
+            if self.hub.stall_after_headers:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"objects": [')
+                self.wfile.flush()
+            self.hub._stopping.wait()
+            self.close_connection = True
+            return
         try:
             with self.hub.lock:
                 self._route(method, segs, query, body)
         except HubError as err:
             headers = dict(err.headers)
+            if self.hub.echo_auth:
+                err.message = f"{err.message} (you sent Authorization: {self.headers.get('Authorization')})"
+                err.body = {**(err.body or {}), "error": err.message}
             headers["X-Error-Message"] = err.message
             if err.code:
                 headers["X-Error-Code"] = err.code
@@ -634,6 +661,15 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def silent_server_url() -> Iterator[str]:
+    """An http URL on 127.0.0.1 that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: Path) -> None:

@@ -77,12 +77,13 @@ def test_non_numeric_gradients_step() -> None:
     assert evaluate_setting([True, False], "x", 0.99) is True
 
 
-def test_edge_tensors_sit_at_zero_and_one() -> None:
+def test_edge_tensors_sit_at_zero() -> None:
+    # mergekit 0.1.5 reads pre- and post-block weights alike through ConfigReader(t=0)
     grad = [0.1, 0.9]
     assert resolve_param(grad, "model.embed_tokens.weight") == pytest.approx(0.1)
     assert resolve_param(grad, "transformer.wte.weight") == pytest.approx(0.1)
-    assert resolve_param(grad, "lm_head.weight") == pytest.approx(0.9)
-    assert resolve_param(grad, "model.norm.weight") == pytest.approx(0.9)
+    assert resolve_param(grad, "lm_head.weight") == pytest.approx(0.1)
+    assert resolve_param(grad, "model.norm.weight") == pytest.approx(0.1)
     assert resolve_param(grad, "model.norm.weight", t=0.25) == pytest.approx(0.3)
     # a layer name without layer_index: taken from the name, which then needs num_layers
     assert resolve_param(grad, "model.layers.2.mlp.weight", num_layers=5) == pytest.approx(0.5)
@@ -177,7 +178,7 @@ def test_models_precedence_model_over_global() -> None:
         "normalize": True, "epsilon": 0.1,
     }
     assert r.model_params("org/a", "model.embed_tokens.weight") == {"weight": 1.0, "density": 0.9, "normalize": True}
-    assert r.model_params("org/a", "lm_head.weight")["weight"] == 0.0
+    assert r.model_params("org/a", "lm_head.weight")["weight"] == 1.0  # t = 0 after the blocks too, as in mergekit
 
 
 def test_required_parameter_missing_names_the_places() -> None:
@@ -234,11 +235,11 @@ def test_slices_precedence_source_over_slice_over_global() -> None:
     # source_index picks one source even when models repeat
     assert r.get("t", "model.layers.0.mlp.w", 0, source_index=0) == 0.9
     assert r.get("t", "model.layers.0.mlp.w", 0, source_index=1) == 0.0
-    # embeddings use the first slice at t = 0, heads the last slice at t = 1
+    # embeddings use the first slice, heads the last; both sit at t = 0 (mergekit's ConfigReader(t=0))
     assert r.locate("model.embed_tokens.weight") == (0, 0.0)
-    assert r.locate("lm_head.weight") == (1, 1.0)
+    assert r.locate("lm_head.weight") == (1, 0.0)
     assert r.get("t", "model.embed_tokens.weight", model="org/b") == 0.0
-    assert r.get("t", "lm_head.weight", model="org/b") == 1.0
+    assert r.get("t", "lm_head.weight", model="org/b") == 0.0
     assert r.lookup("t", "model.embed_tokens.weight", model="org/a") == (0.9, "slices[0].sources[0].parameters.t")
     # a layer tensor of a slices recipe needs its output layer number
     with pytest.raises(ValueError):

@@ -347,8 +347,9 @@ if last and Path(last["out_dir"]).is_dir():
             eval_spec = st.text_input("Evaluate on", value=ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA), key="am.eval_data")
             try:
                 eval_spec = services.confine_data(eval_spec, ws)
-                rows = [{"model": r, **services.evaluate(r, eval_spec, services.model_stamp(r))} for r in inputs]
-                rows.append({"model": "merged", "merged": True, **services.evaluate(str(out_dir), eval_spec, last["out_dir"])})
+                trust = ui.trusted()
+                rows = [{"model": r, **services.evaluate(r, eval_spec, services.model_stamp(r), trust)} for r in inputs]
+                rows.append({"model": "merged", "merged": True, **services.evaluate(str(out_dir), eval_spec, last["out_dir"], trust)})
             except Exception as exc:  # shown as one readable line, never a traceback
                 ui.error(exc)
                 rows = []

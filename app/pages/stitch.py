@@ -130,7 +130,7 @@ if st.button("Run the stitch", type="primary", key="stitch.run"):
         try:
             models = [section.get("source", {}).get("model"), section.get("target", {}).get("model")]
             ui.prepare_demo_models([m for m in models if isinstance(m, str)])
-            result = services.run_stitch(section, ui.workspace(), progress=lambda stage, done, total, detail="": bar.progress(
+            result = services.run_stitch(section, ui.workspace(), trust_remote_code=ui.trusted(), progress=lambda stage, done, total, detail="": bar.progress(
                 min(max(done / total, 0.0), 1.0) if total else 0.0, text=f"{stage}: {done}/{total} {detail}"[:120]))
         except Exception as exc:  # shown as one readable line, never a traceback
             status.update(label="Stitching failed", state="error")

@@ -59,6 +59,7 @@ class AlignmentSettings:
     repair: Literal["none", "reset_bn", "repair"] = "none"
     ot_options: dict[str, Any] = field(default_factory=dict)
     blend: float = 0.5
+    trust_remote_code: bool = False  # build architectures that a model's config.json names outside the zoo
 
 
 @dataclass
@@ -130,7 +131,8 @@ def align_models(
         return _align_ot(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
     _check_same_shapes(stores, reference)
     ref_store = stores[reference]
-    spec, arch = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape)
+    spec, arch = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape,
+                             trust_remote_code=settings.trust_remote_code)
     if not spec.active_groups():
         raise AlignmentError(f"{ref_store.source}: the derived spec has no permutable group; nothing to align")
     outcome = AlignmentOutcome(reference, spec, {reference: ref_store}, architecture=arch)
@@ -197,7 +199,9 @@ def _align_ot(
     from merge.store import DictStore
 
     ref_store = stores[reference]
-    spec_ref, arch_ref = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape)
+    trust = settings.trust_remote_code
+    spec_ref, arch_ref = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape,
+                                     trust_remote_code=trust)
     outcome = AlignmentOutcome(reference, spec_ref, {reference: ref_store}, architecture=arch_ref, engine="ot")
     others = [k for k in stores if k != reference]
     if settings.ot_options.get("target_widths") and len(others) != 1:
@@ -207,8 +211,9 @@ def _align_ot(
         if progress:
             progress("align", i, len(others), key)
         store = stores[key]
-        arch_b = architecture_of(store) or (architecture if architecture is not None and arch_ref is None else None)
-        spec_b, arch_b = derive_spec(store, architecture=arch_b, data=data, input_shape=settings.input_shape)
+        arch_b = (architecture_of(store, trust_remote_code=trust, chosen=architecture)
+                  or (architecture if architecture is not None and arch_ref is None else None))
+        spec_b, arch_b = derive_spec(store, architecture=arch_b, data=data, input_shape=settings.input_shape, trust_remote_code=trust)
         if len(spec_b.groups) != len(spec_ref.groups):
             return _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome)
         modules = {}
@@ -227,7 +232,7 @@ def _align_ot(
             config = _with_widths(config, arch_ref, narrow)
             outcome.stores[reference] = DictStore(narrow, source=f"{ref_store.source} (compressed)", config=config)
             if arch_ref is not None and config is not None:
-                outcome.architecture = architecture_of(outcome.stores[reference])
+                outcome.architecture = architecture_of(outcome.stores[reference], trust_remote_code=trust, chosen=arch_ref)
         outcome.stores[key] = DictStore(aligned, source=f"{store.source} (transported)", config=config)
         outcome.results[key] = result
         logger.info("transported %s onto %s: %s", key, reference, result.summary())
@@ -238,8 +243,9 @@ def _align_ot(
 
 def _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome) -> AlignmentOutcome:
     """Models of different depths: CLAFusion-style layer alignment, identity insertion, then OT fusion."""
+    from dataclasses import replace
+
     from merge.align.depth import fuse_depths
-    from merge.derive import Architecture
     from merge.store import DictStore
 
     if len(stores) != 2 or arch_ref is None or arch_b is None:
@@ -250,7 +256,7 @@ def _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outco
     fused = fuse_depths(load_module(stores[reference], arch_ref), load_module(stores[key], arch_b), data,
                         blend=settings.blend, **options)
     state = {k: v.detach().contiguous() for k, v in fused.module.state_dict().items()}
-    arch = Architecture(arch_ref.factory, {**arch_ref.kwargs, "widths": list(fused.widths)})
+    arch = replace(arch_ref, kwargs={**arch_ref.kwargs, "widths": list(fused.widths)})  # keeps its source and trust
     config = _with_widths(stores[reference].config, arch, state)
     fused_store = DictStore(state, source="fused", config=config)
     outcome.stores = {reference: fused_store, key: fused_store}

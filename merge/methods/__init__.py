@@ -2,7 +2,7 @@
 
 Importing this package registers every built-in method: linear, slerp, nuslerp, multislerp, karcher,
 task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-model_stock, sce, nearswap and passthrough. Use ``run_method(name, MergeInputs(...))`` to merge one
+model_stock, sce, nearswap, passthrough, arcee_fusion, ram and ramplus_tl. Use ``run_method(name, MergeInputs(...))`` to merge one
 tensor; it fills defaults and checks the inputs first.
 """
 
@@ -20,10 +20,12 @@ from merge.methods.registry import (
 )
 
 # imported for their side effect: each module registers its methods
+from merge.methods import arcee_fusion as _arcee_fusion  # noqa: E402,F401
 from merge.methods import linear as _linear  # noqa: E402,F401
 from merge.methods import model_stock as _model_stock  # noqa: E402,F401
 from merge.methods import nearswap as _nearswap  # noqa: E402,F401
 from merge.methods import passthrough as _passthrough  # noqa: E402,F401
+from merge.methods import ram as _ram  # noqa: E402,F401
 from merge.methods import sce as _sce  # noqa: E402,F401
 from merge.methods import spherical as _spherical  # noqa: E402,F401
 from merge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401

@@ -15,9 +15,22 @@ def work_dtype(inputs: MergeInputs) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def work_tensors(inputs: MergeInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The model tensors and the base (if any) upcast to the working precision."""
-    dt = work_dtype(inputs)
+def native_dtype(inputs: MergeInputs) -> torch.dtype:
+    """The inputs' promoted dtype: the precision mergekit merges in when a method does not upcast."""
+    tensors = inputs.tensors + ([inputs.base] if inputs.base is not None else [])
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def work_tensors(inputs: MergeInputs, *, native: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The model tensors and the base (if any) upcast to the working precision.
+
+    ``native``: stay in the inputs' own (promoted) dtype instead, as mergekit 0.1.5 does for the task
+    arithmetic family, so that a ``dtype: bfloat16`` merge rounds exactly where mergekit's does.
+    """
+    dt = native_dtype(inputs) if native else work_dtype(inputs)
     base = inputs.base.to(dt) if inputs.base is not None else None
     return [t.to(dt) for t in inputs.tensors], base
 

@@ -18,13 +18,15 @@ from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 def model_stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
     """Interpolation ratio t = N cos / (1 + (N - 1) cos); 0 where the denominator vanishes."""
     denom = 1 + (n - 1) * cos_theta
-    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return torch.where(denom == 0, torch.zeros_like(cos_theta), n * cos_theta / safe)
+    # mergekit 0.1.5 treats |denominator| < 1e-6 as the singularity and keeps the base there
+    singular = denom.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denom), denom)
+    return torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / safe)
 
 
 def _model_stock(inputs: MergeInputs) -> torch.Tensor:
     """Model Stock over all non-base models; one angle per tensor, or per row when ``filter_wise``."""
-    ws, w0 = work_tensors(inputs)
+    ws, w0 = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
     assert w0 is not None
     shape = w0.shape
     if inputs.params["filter_wise"]:

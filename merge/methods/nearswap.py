@@ -18,8 +18,8 @@ from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 def nearswap_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Interpolate from v0 (base) towards v1 with per-entry weight clamp(t / |v0 - v1|, 0, 1)."""
-    w = t / (v0 - v1).abs()
-    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp(0.0, 1.0)
+    # differences below 1e-6 count as 1e-6 (mergekit 0.1.5), so equal entries take weight min(1, t / 1e-6)
+    w = (t / (v0 - v1).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
     return w * v1 + (1 - w) * v0
 
 
@@ -28,7 +28,7 @@ def _nearswap(inputs: MergeInputs) -> torch.Tensor:
     t = float(inputs.params["t"])
     if t <= 0:
         raise RecipeError(f"tensor {inputs.name!r}: nearswap threshold t must be > 0, got {t}")
-    (other,), base = work_tensors(inputs)
+    (other,), base = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
     assert base is not None
     return nearswap_tensors(t, base, other)
 

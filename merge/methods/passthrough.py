@@ -17,7 +17,7 @@ def _passthrough(inputs: MergeInputs) -> torch.Tensor:
     scale = inputs.model_params[0].get("scale")
     if scale is None:
         return tensor.clone()
-    return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32) * float(scale)
+    return tensor * float(scale)  # in the tensor's own dtype, as mergekit does
 
 
 PASSTHROUGH = register(

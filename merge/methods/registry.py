@@ -98,27 +98,31 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def value_problem(pdef: ParamDef, value: Any) -> str | None:
+    """Why a non-null value does not fit the parameter (type inferred from its default), or None when it does."""
+    if isinstance(pdef.default, bool):
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    # every other parameter of the built-in methods is numeric (required ones have no default to infer from)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number, got {value!r}"
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return f"must be a finite number, got an integer of {len(str(value))} digits"
+    return None if finite else f"must be finite, got {value!r}"
+
+
 def _check_value(method: str, where: str, pdef: ParamDef, value: Any) -> Any:
-    """Type-check one resolved parameter value against its definition (type inferred from the default)."""
+    """Type-check one resolved parameter value against its definition."""
     if value is None:
         if pdef.required:
             raise RecipeError(f"{where}: parameter {pdef.name!r} of merge method {method!r} must not be null")
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(pdef.default, bool):
-        if not isinstance(value, bool):
-            raise RecipeError(
-                f"{where}: parameter {pdef.name!r} of merge method {method!r} must be true or false, got {value!r}"
-            )
-        return value
-    # every other parameter of the built-in methods is numeric (required ones have no default to infer from)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RecipeError(
-            f"{where}: parameter {pdef.name!r} of merge method {method!r} must be a number, got {value!r}"
-        )
-    if not math.isfinite(float(value)):
-        raise RecipeError(f"{where}: parameter {pdef.name!r} of merge method {method!r} must be finite, got {value!r}")
+    problem = value_problem(pdef, value)
+    if problem:
+        raise RecipeError(f"{where}: parameter {pdef.name!r} of merge method {method!r} {problem}")
     return value
 
 

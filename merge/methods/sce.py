@@ -29,23 +29,26 @@ def sce_select_mask(deltas: torch.Tensor, density: float) -> torch.Tensor:
     mask = torch.zeros_like(var)
     if k == 0:
         return mask
-    idx = torch.topk(var.reshape(-1), k=k, largest=True, sorted=False).indices
+    idx = torch.topk(var.abs().reshape(-1), k=k, largest=True).indices  # mergekit's call: ties break alike
     mask.view(-1)[idx] = 1
     return mask
 
 
 def sce_weights(deltas: torch.Tensor) -> torch.Tensor:
-    """Per-model weights: mean square of each task vector, normalized to sum 1 (uniform if all are zero)."""
+    """Per-model weights: mean square of each task vector, normalized to sum 1.
+
+    Uniform when the energies sum below 1e-6, mergekit 0.1.5's cut-off (tiny task vectors count as equal).
+    """
     energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
     total = float(energy.sum())
-    if total == 0.0 or not torch.isfinite(energy.sum()):
+    if abs(total) < 1e-6 or not torch.isfinite(energy.sum()):
         return torch.full_like(energy, 1.0 / energy.shape[0])
     return energy / total
 
 
 def _sce(inputs: MergeInputs) -> torch.Tensor:
     """SCE merge of all non-base models onto the base."""
-    tensors, base = work_tensors(inputs)
+    tensors, base = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
     assert base is not None
     deltas = torch.stack([t - base for t in tensors], dim=0)
     topk = float(inputs.params["select_topk"])

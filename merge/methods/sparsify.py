@@ -57,19 +57,25 @@ def _check_density(density: float) -> None:
         raise ValueError(f"density must be in [0, 1], got {density}")
 
 
+def _magnitude_order(tensor: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Flat indices by magnitude, ranked in float32 with mergekit's sort so that ties break identically."""
+    return torch.argsort(tensor.abs().reshape(-1).float(), descending=descending)
+
+
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES trim)."""
+    """Keep the ``density`` fraction of entries with the largest magnitude (TIES trim).
+
+    A positive density keeps at least one entry, as in mergekit 0.1.5.
+    """
     _check_density(density)
     if density >= 1:
         return tensor
-    k = int(density * tensor.numel())
-    if k <= 0:
-        # nothing survives; mergekit refuses this case, an all-zero task vector is the consistent answer
+    if density <= 0 or tensor.numel() == 0:
         logger.debug("magnitude sparsification keeps 0 of %d entries", tensor.numel())
         return torch.zeros_like(tensor)
-    flat = tensor.abs().reshape(-1)
-    idx = torch.topk(flat, k, sorted=False).indices
-    mask = torch.zeros_like(flat)
+    k = max(1, int(density * tensor.numel()))
+    idx = _magnitude_order(tensor, descending=True)[:k]
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     mask[idx] = 1
     return _finish(tensor, mask.view(tensor.shape), rescale)
 
@@ -92,11 +98,11 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float = 0.01
         n_top = n - keep
     if keep <= 0:
         return torch.zeros_like(tensor)
-    flat = tensor.abs().reshape(-1)
-    # descending order: the first n_top are the outliers, the next `keep` survive
-    order = torch.topk(flat, n_top + keep, sorted=True).indices
-    mask = torch.zeros_like(flat)
-    mask[order[n_top:]] = 1
+    # ascending order: skip the n - keep - n_top smallest, keep the next `keep`, the rest are outliers
+    order = _magnitude_order(tensor, descending=False)
+    n_bot = n - keep - n_top
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[n_bot:n_bot + keep]] = 1
     return _finish(tensor, mask.view(tensor.shape), rescale)
 
 

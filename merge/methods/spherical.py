@@ -16,7 +16,6 @@ tensor from shrinking the way a plain average of diverging vectors does.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -38,21 +37,22 @@ def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 def slerp_tensors(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors (treated as flat vectors), lerp when nearly colinear."""
-    n0 = float(torch.linalg.vector_norm(v0))
-    n1 = float(torch.linalg.vector_norm(v1))
+    """Spherical interpolation of two whole tensors (treated as flat vectors), lerp when nearly colinear.
+
+    Angle and coefficients are tensors of the inputs' dtype, computed as mergekit 0.1.5 computes them
+    (sin((1 - t) theta) / sin theta, sin(t theta) / sin theta), so results agree to the last bit.
+    """
+    n0 = torch.linalg.vector_norm(v0)
+    n1 = torch.linalg.vector_norm(v1)
     # a (near) zero vector has no direction; it is used as is, which gives cos = 0 below
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = float((u0 * u1).sum())
-    if abs(dot) > dot_threshold:
+    n0 = torch.where(n0 > eps, n0, 1)
+    n1 = torch.where(n1 > eps, n1, 1)
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    if float(dot.abs()) > dot_threshold:
         return lerp(t, v0, v1)
-    theta0 = math.acos(dot)
-    sin0 = math.sin(theta0)
-    theta_t = theta0 * t
-    s0 = math.sin(theta0 - theta_t) / sin0
-    s1 = math.sin(theta_t) / sin0
-    return s0 * v0 + s1 * v1
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / sin_theta) * v0 + (torch.sin(t * theta) / sin_theta) * v1
 
 
 def _slerp(inputs: MergeInputs) -> torch.Tensor:
@@ -85,7 +85,7 @@ def nuslerp_tensors(
 
 def _nuslerp(inputs: MergeInputs) -> torch.Tensor:
     """NuSLERP of two models with t = w_1 / (w_0 + w_1), on task vectors when a base is given."""
-    (a, b), base = work_tensors(inputs)
+    (a, b), base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
     w0, w1 = (float(w) for w in per_model(inputs, "weight"))
     # an arbitrary but sane choice for weights that cancel out
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
@@ -138,7 +138,7 @@ def multislerp_tensors(
 
 def _multislerp(inputs: MergeInputs) -> torch.Tensor:
     """Multi-SLERP of all models, about the base when one is given."""
-    tensors, base = work_tensors(inputs)
+    tensors, base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
     return multislerp_tensors(
         tensors,
         per_model(inputs, "weight"),
@@ -152,45 +152,52 @@ def _multislerp(inputs: MergeInputs) -> torch.Tensor:
 def karcher_mean_tensors(
     tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5
 ) -> torch.Tensor:
-    """Weighted Karcher (Riemannian) mean of the tensors' directions, scaled by the weighted mean norm."""
+    """Weighted Karcher (Riemannian) mean of the tensors' directions, scaled by the weighted mean norm.
+
+    The running mean stays in the inputs' dtype and norms are taken in float32 (float64 for float64
+    inputs), as mergekit 0.1.5 does, so half-precision merges round where mergekit's do.
+    """
     if len(tensors) == 1:
         return tensors[0]
     shape = tensors[0].shape
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     flats = [t.reshape(-1) for t in tensors]
-    norms = [float(torch.linalg.vector_norm(f)) for f in flats]
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    norms = [torch.linalg.vector_norm(f.to(acc)) for f in flats]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
-    units = [flats[i] / norms[i] for i in valid]
+    units = [(flats[i] / norms[i]).to(flats[i].dtype) for i in valid]
 
-    u = sum(a * x for a, x in zip(weights, units))
-    u_norm = float(torch.linalg.vector_norm(u))
-    u = units[0].clone() if u_norm < tol else u / u_norm
+    u = torch.zeros_like(units[0])
+    for a, x in zip(weights, units):
+        u += a * x
+    u_norm = torch.linalg.vector_norm(u.to(acc))
+    u = units[0].clone() if u_norm.item() < tol else (u / u_norm).to(u.dtype)
     for _ in range(max_iter):
         # Riemannian gradient step: weighted mean of the log maps of every point at the current estimate
         tangent = torch.zeros_like(u)
         for a, x in zip(weights, units):
-            dot = float(torch.dot(u, x).clamp(-1.0, 1.0))
-            theta = math.acos(dot)
-            if theta < tol or math.sin(theta) < 1e-12:
+            dot = torch.dot(u, x).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
                 continue
-            tangent += a * (theta / math.sin(theta)) * (x - dot * u)
-        t_norm = float(torch.linalg.vector_norm(tangent))
-        if t_norm < tol:
+            tangent += a * (theta / torch.sin(theta)) * (x - dot * u)
+        t_norm = torch.linalg.vector_norm(tangent.to(acc))
+        if t_norm.item() < tol:
             break
-        u = math.cos(t_norm) * u + math.sin(t_norm) * (tangent / t_norm)
-        n = float(torch.linalg.vector_norm(u))
-        if n > tol:
-            u = u / n
+        u = (torch.cos(t_norm) * u + torch.sin(t_norm) * (tangent / t_norm)).to(u.dtype)
+        n = torch.linalg.vector_norm(u.to(acc))
+        if n.item() > tol:
+            u = (u / n).to(u.dtype)
     scale = sum(a * n for a, n in zip(alphas, norms))
     return (scale * u).reshape(shape)
 
 
 def _karcher(inputs: MergeInputs) -> torch.Tensor:
     """Equal-weight Karcher mean of every model's tensor (the base, if listed, is just one of them)."""
-    tensors, _ = work_tensors(inputs)
+    tensors, _ = work_tensors(inputs, native=True)
     n = len(tensors)
     return karcher_mean_tensors(
         tensors, [1.0 / n] * n, max_iter=int(inputs.params["max_iter"]), tol=float(inputs.params["tol"])

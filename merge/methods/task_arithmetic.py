@@ -77,8 +77,11 @@ def _sparsify_delta(
 def generalized_task_arithmetic(
     inputs: MergeInputs, consensus: Consensus | None, sparsification: Sparsifier | None
 ) -> torch.Tensor:
-    """Sparsify, weight, elect signs, sum, normalize and scale the task vectors; add the base back."""
-    tensors, base = work_tensors(inputs)
+    """Sparsify, weight, elect signs, sum, normalize and scale the task vectors; add the base back.
+
+    Computed in the inputs' dtype (the recipe's ``dtype``), step for step as mergekit 0.1.5 does.
+    """
+    tensors, base = work_tensors(inputs, native=True)
     assert base is not None  # run_method enforces requires_base
     rescale = bool(inputs.params["rescale"])
     deltas = []

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class CaseHang(Exception):
-    """Raised by the alarm when a case runs past its time limit."""
+class CaseHang(BaseException):
+    """Raised by the alarm when a case runs past its time limit (BaseException: no `except Exception` swallows it)."""
 
 
 @dataclass
