@@ -481,9 +481,17 @@ class MergeOutcome:
     report: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
 
+    @property
+    def problem(self) -> str | None:
+        """Why the finished folder is not a good result (NaN/Inf output tensors), or None: shown as a failure."""
+        from recipes.runner import non_finite_problem
+
+        return non_finite_problem(self.report)
+
     def as_dict(self) -> dict[str, Any]:
         """Plain data for session state."""
-        return {"out_dir": str(self.out_dir), "files": list(self.files), "report": dict(self.report), "cached": self.cached}
+        return {"out_dir": str(self.out_dir), "files": list(self.files), "report": dict(self.report), "cached": self.cached,
+                "problem": self.problem}
 
 
 def output_dir_for(recipe: Mapping[str, Any], workspace: Workspace, device: str) -> Path:

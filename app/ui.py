@@ -166,6 +166,11 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
             status.update(label="Merge failed", state="error")
             error(exc)
             return None
+        if outcome.problem:  # a folder was written, but its weights are not usable: never shown as a success
+            status.update(label="Merge failed: non-finite output", state="error")
+            st.error(outcome.problem)
+            ss.pop(state.LAST_RUN, None)
+            return None
         panel.bar.progress(1.0, text="done" if not outcome.cached else "reused the earlier result")
         status.update(label="Merge finished" if not outcome.cached else "Merge reused from an earlier run", state="complete", expanded=False)
     ss[state.LAST_RUN] = outcome.as_dict()

@@ -26,3 +26,7 @@ class AlignmentError(SutureError, ValueError):
 
 class UntrustedCodeError(InputError):
     """A model's metadata names code outside Suture's zoo and the user has not opted in to running it."""
+
+
+class OutputError(SutureError):
+    """The output cannot be written: folder not writable, disk full, file too large, or another run holds it."""

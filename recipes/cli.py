@@ -25,7 +25,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-shard-size", default=None, help="largest output shard, e.g. 5GB (default) or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True); refused by default")
-    p.add_argument("--strict", action="store_true", help="treat non-finite input values as errors instead of warnings")
+    p.add_argument("--strict", action="store_true", help="treat non-finite (NaN/Inf) input or output values as errors instead of warnings")
     p.add_argument("--seed", type=int, default=None, help="seed for randomized methods and alignment (overrides the recipe)")
     _add_trust(p)
     _add_verbosity(p)

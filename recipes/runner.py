@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+NON_FINITE_LISTED = 100  # tensor names kept in report.json's non_finite section (the count is exact)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class RunResult:
             head = f"{r.get('alignment', {}).get('engine', 'built')}: {len(r.get('models', []))} models in {r.get('seconds_total', 0):.1f} s on {r.get('device')}"
         lines = [head, f"output: {self.out_dir}"]
         lines += [f"  {name}" for name in sorted(self.files)]
+        problem = non_finite_problem(r)
+        if problem:
+            lines.append(f"warning: {problem}")
         evaluation = r.get("evaluation")
         if evaluation:
             lines.append(f"evaluation on {evaluation['data']} ({evaluation['split']}, {evaluation['items']} items):")
@@ -96,6 +100,17 @@ class RunResult:
         if self.url:
             lines.append(f"published: {self.url}")
         return "\n".join(lines)
+
+
+def non_finite_problem(report: Mapping[str, Any]) -> str | None:
+    """One line when report.json records output tensors with NaN/Inf (such a result must not pass as good)."""
+    section = report.get("non_finite") or {}
+    if not section.get("count"):
+        return None
+    from merge.writer import non_finite_summary
+
+    return (f"{section['count']} output tensor(s) contain NaN/Inf after the cast to the output dtype: "
+            f"{non_finite_summary(section.get('tensors', []), section['count'])}; rerun with --strict to refuse such output")
 
 
 def _known_methods() -> list[str]:
@@ -230,7 +245,8 @@ def run_recipe(
             progress("merge", done, total, name)
 
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        writer = ShardedWriter(tmp, entries, max_shard_size=shard_size, metadata={"format": "pt", "suture_version": __version__, "merge_method": r.merge_method or ""})
+        writer = ShardedWriter(tmp, entries, max_shard_size=shard_size, metadata={"format": "pt", "suture_version": __version__, "merge_method": r.merge_method or ""},
+                              strict=options.strict)
         try:
             stats = execute_plan(tasks, models.stores, writer, device=device, compute_dtype=torch_dtype(r.dtype), seed=seed, progress=merge_progress)
             shards = writer.finish()
@@ -270,6 +286,7 @@ def run_recipe(
             "seconds_merging": round(stats.seconds_merging, 3),
             "seconds_writing": round(stats.seconds_writing, 3),
             "seed": seed,
+            "non_finite": {"tensors": writer.non_finite[:NON_FINITE_LISTED], "count": len(writer.non_finite)},
             **extra,
             "seconds_total": round(time.perf_counter() - started, 3),  # after evaluation, which can dominate
         }

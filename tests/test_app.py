@@ -470,6 +470,23 @@ def test_bad_recipes_and_failing_runs_show_readable_errors(ws, tmp_path):
     assert at.status[0].state == "error" and not list(ws.outputs.iterdir())
 
 
+def test_non_finite_merge_is_shown_as_failed_not_as_a_success(ws):
+    """Weights of 1e5 merged into float16 overflow to inf: the folder is written, but the page shows an error."""
+    (ws.root / "models").mkdir(parents=True, exist_ok=True)
+    save_file({"layers.0.weight": torch.full((4, 4), 1e5), "layers.0.bias": torch.ones(4)}, str(ws.root / "models" / "big.safetensors"))
+    text = "merge_method: linear\nout_dtype: float16\nmodels:\n  - model: models/big.safetensors\n    parameters: {weight: 1.0}\n"
+    at = start("recipe")
+    at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(text).run()
+    click(at, "recipe.apply")
+    click(at, "recipe.run")
+    assert any("NaN/Inf" in e.value and "layers.0.weight" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.status[0].state == "error"
+    assert state.LAST_RUN not in at.session_state
+    outcome = services.run_merge(at.session_state[state.RECIPE], ws)  # reused: still flagged
+    assert outcome.cached and outcome.report["non_finite"] == {"tensors": ["layers.0.weight"], "count": 1}
+    assert outcome.problem and outcome.as_dict()["problem"] == outcome.problem
+
+
 def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
     at = start()
     load_example(at, "zipit_tasks")
@@ -559,7 +576,8 @@ def test_cancelled_run_leaves_nothing(ws):
     with pytest.raises(RerunException):
         services.run_merge(state.example_recipe("ties_finetunes"), ws, progress=interrupt)
     assert "merge" in seen
-    assert list(ws.outputs.iterdir()) == []  # no result and no hidden temporary folder
+    # no result and no hidden temporary folder: only the output's empty lock file
+    assert [p.name for p in ws.outputs.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_dry_run_plan_on_the_recipe_page(ws):

@@ -61,7 +61,7 @@ def test_signal_mid_write_removes_everything(tmp_path, slow_recipe, sig, code):
     assert proc.returncode == code, err
     assert "no output was written" in err
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]  # only the (empty) lock file stays
 
 
 def test_sigkill_leaves_only_a_hidden_temporary_that_the_next_run_removes(tmp_path, slow_recipe):
@@ -71,9 +71,9 @@ def test_sigkill_leaves_only_a_hidden_temporary_that_the_next_run_removes(tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert not out.exists()
-    leftovers = list(tmp_path.iterdir())
-    assert leftovers and all(p.name.startswith(".out.suture-tmp-") for p in leftovers)
+    leftovers = [p for p in tmp_path.iterdir() if p.name != ".out.lock"]
+    assert leftovers and all(p.name.startswith(f".out.suture-tmp-{proc.pid}@") for p in leftovers)
     done = subprocess.run([sys.executable, "-m", "recipes.cli", "run", str(slow_recipe), str(out), "-q"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]

@@ -189,7 +189,7 @@ def test_failure_mid_run_leaves_no_output(tmp_path, pair, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out") and p.name != ".out.lock"]
 
 
 def test_cli_run_and_errors(tmp_path, pair, capsys):
