@@ -4,14 +4,19 @@ Each suite builds its cases in a temporary folder and runs every one with `run_c
 per suite and in total, cases tried, clean errors, tracebacks, hangs, silent wrong results (exit 0 on input
 that must be refused) and output folders left behind. The floor is 0 for all but the first two.
 Suites: `store` (malformed safetensors files and sharded indexes, each through `suture inspect` and a
-linear merge) and, when present, `recipe` (mutated recipes, `tests/robustness/recipe_cases.py`).
+linear merge), `recipe` (mutated recipes, run offline with the case folder importable, so that a missing
+trust check would really run the planted module: `code_executions` counts its marker file), `tokens`
+(a canary token through `-v` pushes, planted files and a server that never answers: leaks, hangs) and
+`processes` (SIGKILL at seeded random moments and two concurrent writers on real `suture run`s: outputs
+lost, non-identical re-runs).
 
-    python benchmarks/robustness.py [--workdir DIR] [--timeout 10] [--suites store recipe]
+    python benchmarks/robustness.py [--workdir DIR] [--timeout 10] [--suites store recipe tokens processes]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -25,11 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code and its tests package, not an installed copy
 
-# suite name -> (module, function returning list[Case] for a work folder)
+# suite name -> (module, function): case suites return list[Case] for a work folder, count suites a dict
 SUITES = {
     "store": ("tests.robustness.store_cases", "store_cases"),
     "recipe": ("tests.robustness.recipe_cases", "recipe_cases"),
+    "tokens": ("tests.robustness.token_cases", "token_canary_counts"),
+    "processes": ("tests.robustness.process_cases", "kill_and_concurrency_counts"),
 }
+COUNT_SUITES = {"tokens", "processes"}
 
 
 def load_suite(name: str) -> Callable[[Path], list] | None:
@@ -44,20 +52,48 @@ def load_suite(name: str) -> Callable[[Path], list] | None:
     return getattr(module, function)
 
 
+@contextlib.contextmanager
+def hostile_environment(workdir: Path):
+    """Offline Hub, and the case folder first on sys.path: a planted module is importable if anything tries."""
+    saved_offline, saved_cwd = os.environ.get("HF_HUB_OFFLINE"), Path.cwd()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, str(workdir))
+    os.chdir(workdir)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.path.remove(str(workdir))
+        if saved_offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_offline
+
+
 def run_suite(make_cases: Callable[[Path], list], workdir: Path, timeout: float) -> dict:
     """Build and run one suite's cases; its tally plus timing and the ids of any case that was not clean."""
     from tests.robustness.harness import run_cli_case, tally
 
     start = time.perf_counter()
-    cases = make_cases(workdir)
-    built = time.perf_counter()
-    outcomes = [run_cli_case(case, timeout=timeout) for case in cases]
+    with hostile_environment(workdir):
+        cases = make_cases(workdir)
+        built = time.perf_counter()
+        outcomes = [run_cli_case(case, timeout=timeout) for case in cases]
+    markers = sum(1 for _ in workdir.rglob("MARKER"))  # written only if code named by model metadata ran
     return {
         **tally(outcomes),
+        "code_executions": markers,
         "not_clean": [o.case_id for o in outcomes if not o.clean][:20],
         "build_s": round(built - start, 2),
         "run_s": round(time.perf_counter() - built, 2),
     }
+
+
+def run_counts(count: Callable[[Path], dict], workdir: Path) -> dict:
+    """A suite that judges its own cases (real processes, a stand-in Hub): its counts plus timing."""
+    start = time.perf_counter()
+    counts = count(workdir)
+    return {**counts, "run_s": round(time.perf_counter() - start, 2)}
 
 
 def main() -> int:
@@ -80,9 +116,12 @@ def main() -> int:
                 continue
             workdir = base / name
             workdir.mkdir(parents=True, exist_ok=True)
-            report["suites"][name] = run_suite(make_cases, workdir, args.timeout)
-    ran = [s for s in report["suites"].values() if "cases" in s]
-    keys = ("cases", "clean_errors", "tracebacks", "hangs", "silent_wrong", "outputs_left")
+            if name in COUNT_SUITES:
+                report["suites"][name] = run_counts(make_cases, workdir)
+            else:
+                report["suites"][name] = run_suite(make_cases, workdir, args.timeout)
+    ran = [s for n, s in report["suites"].items() if "cases" in s and n not in COUNT_SUITES]
+    keys = ("cases", "clean_errors", "tracebacks", "hangs", "silent_wrong", "outputs_left", "code_executions")
     report["total"] = {k: sum(s[k] for s in ran) for k in keys}
     print(json.dumps(report, indent=2))
     return 0
