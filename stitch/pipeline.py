@@ -203,15 +203,6 @@ def _load_data(spec: Any, split: str, max_items: int | None, tokenizer: Any, key
     return data
 
 
-def _subset(data: CalibrationData, idx: torch.Tensor) -> CalibrationData:
-    """data.subset(idx), with the raw texts (which encoders re-tokenize) subset too."""
-    sub = data.subset(idx)
-    texts = data.meta.get("texts")
-    if texts is not None:
-        sub.meta["texts"] = [texts[int(k)] for k in idx]
-    return sub
-
-
 def _tokenizer(*chains: Chain) -> Any:
     for c in chains:
         if c.kind == "hf" and c.hf.get("tokenizer") is not None:
@@ -375,7 +366,7 @@ def run_stitch(
     if cfg.anchors.tokens:
         # Every token of the chosen anchor texts is a parallel anchor (both encoders must tokenize alike);
         # relative representations keep the pooled anchors (thousands of anchors would be the vector).
-        sub = _subset(anchors_data, idx)
+        sub = anchors_data.subset(idx)
         ta = A.features(sub, i, batch_size=bs, device=device, tokens=True)[i]
         tb = B.features(sub, j, batch_size=bs, device=device, tokens=True)[j]
         if ta.shape[0] != tb.shape[0]:
