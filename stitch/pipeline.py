@@ -9,7 +9,7 @@ Section shape (validated with pydantic before any model or data is touched; erro
       method: procrustes    # relative | procrustes | linear | ortho_linear | affine | ot | learned
       options: {}           # constructor options of the method (translator / RelativeProjector / learned ridge)
       anchors: {count: 256, selection: random, data: sklearn:digits, split: train, seed: 0, tokens: false}
-      head: {kind: auto}    # auto | model | logistic | linear; data/split (default: the anchors' data)
+      head: {kind: auto, weight_decay: auto}   # auto | model | logistic | linear; data/split (default: the anchors' data)
       learned: {epochs: 0, lr: 0.001, batch_size: 64}    # fine-tuning of the learned stitch (A, B frozen)
       evaluate: {data: sklearn:digits, split: test, compare: [relative, learned], similarity: true, plot: true}
       plan: {method: learned, pairs: [[1, 1], [2, 2]]}   # optional: score (i, j) cut pairs
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from merge.data import CalibrationData, load_dataset
 from merge.errors import InputError, RecipeError
@@ -93,13 +93,24 @@ class AnchorsSection(_S):
 
 
 class HeadSection(_S):
-    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features."""
+    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features.
+
+    ``weight_decay: auto`` picks the L2 strength by cross-validation on the head's training features; every
+    trained head of the run (target, source-only baseline, relative) is fitted with the same setting.
+    """
 
     kind: Literal["auto", "model", "logistic", "linear"] = "auto"
     data: DataSpec | None = None
     split: Literal["train", "test", "all"] = "train"
     max_items: StrictInt | None = Field(None, ge=1)
-    weight_decay: StrictFloat | StrictInt = Field(1e-3, ge=0)
+    weight_decay: StrictFloat | StrictInt | StrictStr = "auto"
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, value: float | int | str) -> float | int | str:
+        if value == "auto" or (not isinstance(value, str) and value >= 0):
+            return value
+        raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
 
 
 class LearnedSection(_S):
@@ -385,12 +396,16 @@ def run_stitch(
 
     # -- the target side: own suffix or a trained head ----------------------------------------------
     t2 = time.perf_counter()
+    # One head setting for every trained head, so the baselines are read exactly like the stitch.
+    head_wd: float | str = cfg.head.weight_decay if cfg.head.weight_decay == "auto" else float(cfg.head.weight_decay)
+    head_choices: dict[str, float] = {}
     if head_kind == "model":
         suffix = B.suffix(j)
         head = None
     else:
-        head = train_head(fb_head, head_data.labels, kind=head_kind, weight_decay=float(cfg.head.weight_decay))
+        head = train_head(fb_head, head_data.labels, kind=head_kind, weight_decay=head_wd)
         suffix = head
+        head_choices["target"] = head.weight_decay
     labels = eval_data.labels
 
     def score(fn: Callable[[Any], torch.Tensor], x: Any) -> dict[str, Any]:
@@ -401,7 +416,9 @@ def run_stitch(
     if A.has_head:
         results["source_only"] = score(A.suffix(i), ea[i])
     else:
-        results["source_only"] = score(train_head(fa_head, head_data.labels, kind="logistic" if head_kind == "model" else head_kind), ea[i])
+        source_head = train_head(fa_head, head_data.labels, kind="logistic" if head_kind == "model" else head_kind, weight_decay=head_wd)
+        head_choices["source_only"] = source_head.weight_decay
+        results["source_only"] = score(source_head, ea[i])
     results["target_only"] = score(suffix, eb[j])
     if tuple(ea[i].shape[1:]) == tuple(eb[j].shape[1:]):
         results["naive_absolute"] = score(suffix, ea[i])
@@ -421,7 +438,8 @@ def run_stitch(
                 proj_a = RelativeProjector(**opts).fit(flatten_features(xa))
                 proj_b = RelativeProjector(**opts).fit(flatten_features(xb))
                 rel_kind = head_kind if head_kind != "model" else "logistic"
-                rel_head = train_head(proj_b.transform(flatten_features(fb_head)), head_data.labels, kind=rel_kind, weight_decay=float(cfg.head.weight_decay))
+                rel_head = train_head(proj_b.transform(flatten_features(fb_head)), head_data.labels, kind=rel_kind, weight_decay=head_wd)
+                head_choices["relative"] = rel_head.weight_decay
                 model = make_stitched(A, i, RelativeStitch(proj_a), target=B, target_layer=j, head=rel_head, info=info)
                 results["target_relative"] = score(rel_head, proj_b.transform(flatten_features(eb[j])))
             else:
@@ -451,6 +469,7 @@ def run_stitch(
         "method": cfg.method,
         "source": {"model": cfg.source.model, "layer": i, "num_layers": A.num_layers, "width": _width(flatten_features(ea[i][:1]))},
         "target": {"model": cfg.target.model, "layer": j, "num_layers": B.num_layers, "width": _width(flatten_features(eb[j][:1])), "head": head_kind},
+        "heads": {"weight_decay": cfg.head.weight_decay, "chosen": head_choices},
         "anchors": {
             "count": cfg.anchors.count, "selection": sel, "seed": cfg.anchors.seed, "data": anchors_data.name,
             "token_anchors": None if token_anchors is None else int(token_anchors[0].shape[0]),

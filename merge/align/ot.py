@@ -35,6 +35,7 @@ from merge.align.ot_solve import (
     Distance,
     Solver,
     cost_from_moments,
+    normalize_cost,
     normalize_mass,
     pairwise_cost,
     plan_cost,
@@ -356,8 +357,8 @@ def ot_align(
             cost = cost_from_moments(mom.sq_a.to(dev), mom.sq_b.to(dev), mom.cross.to(dev), mom.count, distance)
         if not bool(torch.isfinite(cost).all()):
             raise AlignmentError(f"group {name!r}: the ground metric has NaN or infinite entries (are the weights finite?)")
-        if normalize and float(cost.max()) > 0:
-            cost = cost / cost.max()  # one scale for every layer, so `reg` means the same everywhere
+        if normalize:
+            cost = normalize_cost(cost)  # one scale for every layer and width, so `reg` means the same everywhere
         if marginals == "activation":
             mass_b, mass_a = normalize_mass(activations[name].rms_b.to(dev)), normalize_mass(activations[name].rms_a.to(dev))
         else:
@@ -510,9 +511,7 @@ def compress_reference(
         mass_dst = torch.full((k,), 1.0 / k, dtype=torch.float64, device=dev)
         plan = None
         for _ in range(max(1, iterations)):
-            cost = pairwise_cost(centres, feats, distance)
-            if float(cost.max()) > 0:
-                cost = cost / cost.max()
+            cost = normalize_cost(pairwise_cost(centres, feats, distance))
             plan, info = solve_plan(cost, mass_src, mass_dst, solver=solver, reg=reg, max_iter=max_iter,
                                     stop_thr=stop_thr, uniform=True)
             plan = plan.to(dev, torch.float64)

@@ -68,6 +68,25 @@ def cost_from_moments(
     raise AlignmentError(f"distance {distance!r}: expected 'euclidean' or 'cosine'")
 
 
+def normalize_cost(cost: torch.Tensor) -> torch.Tensor:
+    """The cost divided by its typical matching gap, so one Sinkhorn ``reg`` means the same at every width and scale.
+
+    Sinkhorn's plan is exp(-M/reg) rescaled by row and column factors, so adding a constant to a row or
+    column changes nothing; what decides how soft the plan is, is how far a unit's best match lies below
+    the others, measured in units of ``reg``. Dividing by max(M) does not measure that: distances between
+    d-dimensional units concentrate around a common value as d grows, and the share of the spread in the
+    max changes with width and scale. Here the scale is the median over rows of (row median - row min):
+    a typical unit's gap between its best and a typical partner becomes 1.
+    """
+    if cost.numel() == 0:
+        return cost
+    gap = (cost.median(dim=1).values - cost.min(dim=1).values).median()
+    scale = float(gap)
+    if not scale > 0:
+        scale = float(cost.max())
+    return cost / scale if scale > 0 else cost
+
+
 def normalize_mass(weights: torch.Tensor) -> torch.Tensor:
     """A probability vector proportional to `weights` (floored so no unit gets zero mass)."""
     w = weights.double().clamp_min(0.0)
