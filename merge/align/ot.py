@@ -35,6 +35,7 @@ from merge.align.ot_solve import (
     Distance,
     Solver,
     cost_from_moments,
+    DEFAULT_REG,
     normalize_cost,
     normalize_mass,
     pairwise_cost,
@@ -289,7 +290,7 @@ def ot_align(
     distance: Distance = "euclidean",
     normalize: bool = True,
     solver: Solver = "emd",
-    reg: float = 0.01,
+    reg: float = DEFAULT_REG,
     max_iter: int = 1000,
     stop_thr: float = 1e-6,
     marginals: Marginals = "uniform",
@@ -477,7 +478,7 @@ def compress_reference(
     *,
     distance: Distance = "euclidean",
     solver: Solver = "emd",
-    reg: float = 0.01,
+    reg: float = DEFAULT_REG,
     max_iter: int = 1000,
     stop_thr: float = 1e-6,
     iterations: int = 5,
@@ -560,7 +561,7 @@ def align_with_ot(
             raise InputError("alignment.ground_metric: activations / marginals: activation need calibration data (alignment.data)")
         # validate everything else before running the models
         _check_options(options.get("ground_metric", "weights"), options.get("distance", "euclidean"),
-                       options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", 0.01),
+                       options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", DEFAULT_REG),
                        options.get("max_iter", 1000), options.get("stop_thr", 1e-6))
         activations = collect_unit_moments(module_a, module_b, batches, example_input=example_input, device=device)
     result = ot_align(spec_a, spec_b, params_a, params_b, activations=activations, device=device, **options)

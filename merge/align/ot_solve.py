@@ -30,6 +30,11 @@ Solver = Literal["emd", "sinkhorn"]
 EMD_CAPS = (1_000_000, 10_000_000, 100_000_000)
 _EMD_OPTIMAL = 1
 _MASS_FLOOR = 1e-8
+# Sinkhorn's entropic regularisation on costs scaled by normalize_cost. Fused digits MLP pairs of widths 32,
+# 128 and 512 scored within 0.6 points of their best reg over 0.003..1 at this value, and Sinkhorn converges
+# in a few hundred iterations (0.03 needed over 2000 on one layer). On max-normalised costs the good range
+# moved with width: 0.05 lost 1.7 points at width 32 and 1.1 at 128, 0.1 lost 8 at 128.
+DEFAULT_REG = 0.05
 
 
 @dataclass
