@@ -7,8 +7,9 @@ recipe tests/recipes/stitch_text.yaml and default head settings.
 
 Runs:
 - `cold`: an empty feature cache (every text encoded by both models). Floor: <= 60 s on a quiet 2-core CPU.
-- `warm`: the same recipe with only the translator (linear) and the head (weight_decay 0.01) changed, so
-  every feature comes from the cache. Floor: <= 10 s.
+- `warm_head` / `warm_translator`: the same recipe with only the head (weight_decay 0.001, the former fixed
+  default, instead of cross-validation) or only the translator (linear) changed, so every feature comes
+  from the cache. Floor: <= 10 s each.
 Floor on accuracy: the stitch within 1 point of the target encoder alone. The machine's load average
 before and after each run is reported beside the times (other work on the machine inflates them).
 
@@ -18,6 +19,7 @@ before and after each run is reported beside the times (other work on the machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -69,7 +71,10 @@ def main() -> None:
         anchors=min(args.anchors, args.train))
     runs = {
         "cold": text,
-        "warm": text.replace("method: procrustes", "method: linear").replace("  evaluate:", "  head: {weight_decay: 0.01}\n  evaluate:"),
+        # only the head changed: the former fixed default weight decay (0.001) instead of cross-validation
+        "warm_head": text.replace("  evaluate:", "  head: {weight_decay: 0.001}\n  evaluate:"),
+        # only the translator changed
+        "warm_translator": text.replace("method: procrustes", "method: linear"),
     }
     out: dict = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -82,8 +87,11 @@ def main() -> None:
         path.write_text(recipe, encoding="utf-8")
         load_before = _load()
         t = time.perf_counter()
-        code = cli(["run", str(path), str(work / name), "-q"])
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+            code = cli(["run", str(path), str(work / name), "-q", "--overwrite"])
         wall = time.perf_counter() - t
+        if code != 0:
+            raise SystemExit(f"suture run {path} failed with exit code {code}")
         report = json.loads((work / name / "report.json").read_text())
         res = report["evaluate"]["results"]
         out[name] = {
@@ -93,7 +101,8 @@ def main() -> None:
         }
     cold = out["cold"]["accuracy"]
     out["floors"] = {
-        "cold_le_60s": out["cold"]["wall_s"] <= 60, "warm_le_10s": out["warm"]["wall_s"] <= 10,
+        "cold_le_60s": out["cold"]["wall_s"] <= 60,
+        "warm_le_10s": max(out["warm_head"]["wall_s"], out["warm_translator"]["wall_s"]) <= 10,
         "stitch_within_1pt_of_target": cold["stitch"] >= cold["target_only"] - 0.01,
     }
     print(json.dumps(out, indent=2))

@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 POOLINGS = ("mean", "cls")
+# Padded token positions per encoder batch on a CPU: a small BERT reads reviews about twice as fast in
+# batches of 16 x 128 tokens as in batches of 256 texts (attention scores of big batches leave the cache).
+ENCODER_BATCH_TOKENS = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,8 +459,7 @@ def _capture(
         n = int(order.numel())
         pooled: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
         per_item: dict[int, list[torch.Tensor | None]] = {i: [None] * n for i in wanted}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _token_batches(order, widths, batch_size, ENCODER_BATCH_TOKENS if dev.type == "cpu" else None):
             batch = inputs_to(_trimmed(inputs, idx, int(widths[idx].max())), dev)
             res = model(**batch, output_hidden_states=True)
             mask = batch.get("attention_mask")
@@ -511,6 +513,16 @@ def _length_order(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     right_padded = bool((mask.bool() == (torch.arange(full).unsqueeze(0) < lengths.unsqueeze(1))).all())
     widths = lengths.clamp_min(1) if right_padded else torch.full((n,), full)
     return torch.argsort(widths, descending=True, stable=True), widths
+
+
+def _token_batches(order: torch.Tensor, widths: torch.Tensor, batch_size: int, max_tokens: int | None) -> Iterable[torch.Tensor]:
+    """Consecutive runs of ``order`` of at most batch_size items and (if given) max_tokens padded positions."""
+    start, n = 0, int(order.numel())
+    while start < n:
+        width = max(int(widths[order[start]]), 1)  # the longest item of the run comes first
+        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // width))
+        yield order[start : start + size]
+        start += size
 
 
 def _trimmed(inputs: Mapping[str, torch.Tensor], idx: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
