@@ -413,7 +413,7 @@ def capture_features(
         hit = load_features(key, wanted)
         if hit is not None:
             if progress:
-                progress(len(data))
+                progress(len(data if isinstance(data, CalibrationData) else CalibrationData(data)))
             return {i: flatten_features(v) for i, v in hit.items()} if flatten else hit
         if not tokens:
             wanted = list(range(chain.num_layers + 1))
@@ -466,9 +466,8 @@ def _capture(
             for i in wanted:
                 h = res.hidden_states[i]
                 if tokens:
-                    lengths = mask.sum(dim=1).tolist() if mask is not None else [h.shape[1]] * h.shape[0]
                     for r, k in enumerate(idx.tolist()):
-                        per_item[i][k] = h[r, : int(lengths[r])].float().cpu()
+                        per_item[i][k] = (h[r] if mask is None else h[r][mask[r].bool()]).float().cpu()
                 else:
                     pooled[i].append(pool_hidden(h, mask, pooling).float().cpu())
             done += int(idx.numel())
