@@ -356,8 +356,8 @@ OPTION_TEXT: dict[str, tuple[str, str, str]] = {
                       "layers already transported), or their activations on calibration data. OTFusion (Singh & Jaggi, "
                       "NeurIPS 2020) defines both; activations need data."),
     "distance": ("Distance", "choice", "Cost between two units' feature vectors."),
-    "normalize": ("Normalize features", "bool", "Scale each unit's feature vector to unit norm before computing costs, so that "
-                  "units are compared by direction rather than size."),
+    "normalize": ("Normalize features", "bool", "Divide each layer's cost matrix by its typical matching gap (median over units of "
+                  "median minus minimum cost), so one Sinkhorn regularisation means the same at every width and weight scale."),
     "solver": ("Solver", "choice", "emd: exact transport (a permutation when widths match and masses are uniform); sinkhorn: "
                "entropy-regularised transport, a soft plan that spreads each unit over several."),
     "reg": ("Sinkhorn regularisation", "float", "Entropic regularisation: larger values give a softer, more spread-out plan."),

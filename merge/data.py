@@ -79,9 +79,18 @@ class CalibrationData:
         return int(self.labels.max().item()) + 1
 
     def subset(self, index: torch.Tensor | slice) -> CalibrationData:
-        """A new dataset holding only the selected items."""
+        """A new dataset holding only the selected items (raw ``meta["texts"]``, which encoders re-tokenize, too)."""
         inputs, labels = self[index]
-        return CalibrationData(inputs, labels, self.name, self.label_names, dict(self.meta))
+        meta = dict(self.meta)
+        texts = meta.get("texts")
+        if texts is not None:
+            if isinstance(index, slice):
+                meta["texts"] = list(texts[index])
+            else:
+                idx = torch.as_tensor(index)
+                idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.reshape(-1)
+                meta["texts"] = [texts[int(k)] for k in idx]
+        return CalibrationData(inputs, labels, self.name, self.label_names, meta)
 
     def take(self, n: int | None) -> CalibrationData:
         """The first ``n`` items (all when n is None)."""

@@ -790,8 +790,32 @@ def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
             shutil.copyfile(src_dir / name, out_dir / name)
             copied.append(name)
     if not copied:
-        logger.warning("%s has no tokenizer files to copy", src_dir)
+        _report_no_tokenizer(src_dir)
     return copied
+
+
+_NO_TOKENIZER_REPORTED: set[str] = set()
+
+
+def _report_no_tokenizer(src_dir: Path) -> None:
+    """Say once per folder that it has no tokenizer files: a warning only where config.json declares a vocabulary.
+
+    Vision and MLP checkpoints never had a tokenizer, so for them the fact is a debug note, not a warning
+    repeated on every merge.
+    """
+    key = str(src_dir.resolve())
+    if key in _NO_TOKENIZER_REPORTED:
+        return
+    _NO_TOKENIZER_REPORTED.add(key)
+    try:
+        config = _read_config(src_dir)
+    except InputError:
+        config = None
+    rows = config_vocab_size(config) if isinstance(config, Mapping) else None
+    if rows is not None:
+        logger.warning("%s declares a %d-token vocabulary but has no tokenizer files to copy", src_dir, rows)
+    else:
+        logger.debug("%s has no tokenizer files to copy (no vocabulary declared)", src_dir)
 
 
 def _merge_parts(entry: Any) -> tuple[str, str] | None:

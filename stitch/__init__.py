@@ -4,6 +4,6 @@ Submodules: `similarity` (CKA, SVCCA/PWCCA, Procrustes, shape metrics), `transla
 translators), `relative` (relative representations), `anchors` (anchor selection), `features` (cut models
 into stages, capture per-layer features, Hugging Face encoders too), `learned` (closed-form and fine-tuned
 stitching layers), `heads` (linear/logistic heads on frozen features), `stitched` (the stitched-model
-artifact), `planner` (score candidate cuts), `pipeline` (the recipe's `stitch:` section). Import them
+artifact), `planner` (score candidate cuts), `pipeline` (the recipe's `stitch:` section), `feature_cache` (encoder features kept on disk). Import them
 directly; this package imports nothing heavy on its own.
 """

@@ -9,7 +9,7 @@ Section shape (validated with pydantic before any model or data is touched; erro
       method: procrustes    # relative | procrustes | linear | ortho_linear | affine | ot | learned
       options: {}           # constructor options of the method (translator / RelativeProjector / learned ridge)
       anchors: {count: 256, selection: random, data: sklearn:digits, split: train, seed: 0, tokens: false}
-      head: {kind: auto}    # auto | model | logistic | linear; data/split (default: the anchors' data)
+      head: {kind: auto, weight_decay: auto}   # auto | model | logistic | linear; data/split (default: the anchors' data)
       learned: {epochs: 0, lr: 0.001, batch_size: 64}    # fine-tuning of the learned stitch (A, B frozen)
       evaluate: {data: sklearn:digits, split: test, compare: [relative, learned], similarity: true, plot: true}
       plan: {method: learned, pairs: [[1, 1], [2, 2]]}   # optional: score (i, j) cut pairs
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from merge.data import CalibrationData, load_dataset
 from merge.errors import InputError, RecipeError
@@ -93,13 +93,24 @@ class AnchorsSection(_S):
 
 
 class HeadSection(_S):
-    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features."""
+    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features.
+
+    ``weight_decay: auto`` picks the L2 strength by cross-validation on the head's training features; every
+    trained head of the run (target, source-only baseline, relative) is fitted with the same setting.
+    """
 
     kind: Literal["auto", "model", "logistic", "linear"] = "auto"
     data: DataSpec | None = None
     split: Literal["train", "test", "all"] = "train"
     max_items: StrictInt | None = Field(None, ge=1)
-    weight_decay: StrictFloat | StrictInt = Field(1e-3, ge=0)
+    weight_decay: StrictFloat | StrictInt | StrictStr = "auto"
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, value: float | int | str) -> float | int | str:
+        if value == "auto" or (not isinstance(value, str) and value >= 0):
+            return value
+        raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
 
 
 class LearnedSection(_S):
@@ -201,15 +212,6 @@ def _load_data(spec: Any, split: str, max_items: int | None, tokenizer: Any, key
     except InputError as exc:
         raise _error(key, str(exc), where) from None
     return data
-
-
-def _subset(data: CalibrationData, idx: torch.Tensor) -> CalibrationData:
-    """data.subset(idx), with the raw texts (which encoders re-tokenize) subset too."""
-    sub = data.subset(idx)
-    texts = data.meta.get("texts")
-    if texts is not None:
-        sub.meta["texts"] = [texts[int(k)] for k in idx]
-    return sub
 
 
 def _tokenizer(*chains: Chain) -> Any:
@@ -379,7 +381,7 @@ def run_stitch(
     if cfg.anchors.tokens:
         # Every token of the chosen anchor texts is a parallel anchor (both encoders must tokenize alike);
         # relative representations keep the pooled anchors (thousands of anchors would be the vector).
-        sub = _subset(anchors_data, idx)
+        sub = anchors_data.subset(idx)
         ta = A.features(sub, i, batch_size=bs, device=device, tokens=True)[i]
         tb = B.features(sub, j, batch_size=bs, device=device, tokens=True)[j]
         if ta.shape[0] != tb.shape[0]:
@@ -398,12 +400,16 @@ def run_stitch(
 
     # -- the target side: own suffix or a trained head ----------------------------------------------
     t2 = time.perf_counter()
+    # One head setting for every trained head, so the baselines are read exactly like the stitch.
+    head_wd: float | str = cfg.head.weight_decay if cfg.head.weight_decay == "auto" else float(cfg.head.weight_decay)
+    head_choices: dict[str, float] = {}
     if head_kind == "model":
         suffix = B.suffix(j)
         head = None
     else:
-        head = train_head(fb_head, head_data.labels, kind=head_kind, weight_decay=float(cfg.head.weight_decay))
+        head = train_head(fb_head, head_data.labels, kind=head_kind, weight_decay=head_wd)
         suffix = head
+        head_choices["target"] = head.weight_decay
     labels = eval_data.labels
 
     def score(fn: Callable[[Any], torch.Tensor], x: Any) -> dict[str, Any]:
@@ -414,7 +420,9 @@ def run_stitch(
     if A.has_head:
         results["source_only"] = score(A.suffix(i), ea[i])
     else:
-        results["source_only"] = score(train_head(fa_head, head_data.labels, kind="logistic" if head_kind == "model" else head_kind), ea[i])
+        source_head = train_head(fa_head, head_data.labels, kind="logistic" if head_kind == "model" else head_kind, weight_decay=head_wd)
+        head_choices["source_only"] = source_head.weight_decay
+        results["source_only"] = score(source_head, ea[i])
     results["target_only"] = score(suffix, eb[j])
     if tuple(ea[i].shape[1:]) == tuple(eb[j].shape[1:]):
         results["naive_absolute"] = score(suffix, ea[i])
@@ -434,7 +442,8 @@ def run_stitch(
                 proj_a = RelativeProjector(**opts).fit(flatten_features(xa))
                 proj_b = RelativeProjector(**opts).fit(flatten_features(xb))
                 rel_kind = head_kind if head_kind != "model" else "logistic"
-                rel_head = train_head(proj_b.transform(flatten_features(fb_head)), head_data.labels, kind=rel_kind, weight_decay=float(cfg.head.weight_decay))
+                rel_head = train_head(proj_b.transform(flatten_features(fb_head)), head_data.labels, kind=rel_kind, weight_decay=head_wd)
+                head_choices["relative"] = rel_head.weight_decay
                 model = make_stitched(A, i, RelativeStitch(proj_a), target=B, target_layer=j, head=rel_head, info=info)
                 results["target_relative"] = score(rel_head, proj_b.transform(flatten_features(eb[j])))
             else:
@@ -464,6 +473,7 @@ def run_stitch(
         "method": cfg.method,
         "source": {"model": cfg.source.model, "layer": i, "num_layers": A.num_layers, "width": _width(flatten_features(ea[i][:1]))},
         "target": {"model": cfg.target.model, "layer": j, "num_layers": B.num_layers, "width": _width(flatten_features(eb[j][:1])), "head": head_kind},
+        "heads": {"weight_decay": cfg.head.weight_decay, "chosen": head_choices},
         "anchors": {
             "count": cfg.anchors.count, "selection": sel, "seed": cfg.anchors.seed, "data": anchors_data.name,
             "token_anchors": None if token_anchors is None else int(token_anchors[0].shape[0]),

@@ -342,9 +342,9 @@ def test_form_widgets_edit_the_recipe(ws):
     assert solver.value == "emd" and "Singh & Jaggi" in " ".join(c.value for c in at.caption)
     solver.set_value("sinkhorn").run()
     reg = [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0]
-    assert reg.value == pytest.approx(0.01)
-    reg.set_value(0.05).run()
-    assert at.session_state[state.RECIPE]["alignment"] == {"engine": "ot", "data": "sklearn:digits", "solver": "sinkhorn", "reg": 0.05}
+    assert reg.value == pytest.approx(0.05)
+    reg.set_value(0.1).run()
+    assert at.session_state[state.RECIPE]["alignment"] == {"engine": "ot", "data": "sklearn:digits", "solver": "sinkhorn", "reg": 0.1}
     # ZipIt builds the model itself: its options replace the merge method, the OT options are dropped
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("zipit").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -170,6 +170,12 @@ def test_text_lines_with_string_labels(tmp_path, word_tokenizer):
     assert data.inputs["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
     short = load_dataset({"path": str(path), "max_length": 1}, tokenizer=word_tokenizer)
     assert short.inputs["input_ids"].shape == (3, 1)
+    # max_items keeps the raw texts (which encoders re-tokenize) in step with inputs and labels
+    two = load_dataset(str(path), tokenizer=word_tokenizer, max_items=2)
+    assert two.meta["texts"] == ["good food", "very bad service"] and two.labels.tolist() == [1, 0]
+    picked = data.subset(torch.tensor([2, 0]))
+    assert picked.meta["texts"] == ["food", "good food"] and data.meta["texts"][1] == "very bad service"
+    assert data.subset(data.labels == 0).meta["texts"] == ["very bad service"]
 
 
 def test_text_lines_integer_labels_and_unlabelled(tmp_path, word_tokenizer):

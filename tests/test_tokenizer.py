@@ -21,6 +21,7 @@ from merge.tokenizer import (
     BUILTIN_CHAT_TEMPLATES,
     VocabPlan,
     apply_chat_template,
+    copy_tokenizer_files,
     embedding_remaps,
     embedding_tensor_names,
     load_vocab,
@@ -574,3 +575,18 @@ def test_end_to_end_average_of_two_llamas_loads_and_runs(three, tmp_path):
     assert torch.allclose(emb[6], bird_m1)
     assert torch.allclose(emb[4], states["base"]["model.embed_tokens.weight"][4])  # m1 lacks "cat": base row
     assert torch.allclose(emb[10:], emb[:10].mean(0).expand(6, 8), atol=1e-6)  # padding rows
+
+
+def test_missing_tokenizer_files_are_reported_once_and_warned_only_for_text_models(tmp_path, caplog):
+    vision, text = tmp_path / "vision", tmp_path / "text"
+    vision.mkdir()
+    text.mkdir()
+    (vision / "config.json").write_text(json.dumps({"suture_architecture": "mlp"}))
+    (text / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
+    with caplog.at_level(logging.DEBUG, logger="merge.tokenizer"):
+        for _ in range(3):
+            assert copy_tokenizer_files(vision, tmp_path / "out1") == []
+            assert copy_tokenizer_files(text, tmp_path / "out2") == []
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "no tokenizer files to copy" in r.getMessage()]
+    assert [lvl for lvl, msg in said if str(vision) in msg] == [logging.DEBUG]
+    assert [lvl for lvl, msg in said if str(text) in msg] == [logging.WARNING]

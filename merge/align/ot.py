@@ -35,6 +35,8 @@ from merge.align.ot_solve import (
     Distance,
     Solver,
     cost_from_moments,
+    DEFAULT_REG,
+    normalize_cost,
     normalize_mass,
     pairwise_cost,
     plan_cost,
@@ -288,7 +290,7 @@ def ot_align(
     distance: Distance = "euclidean",
     normalize: bool = True,
     solver: Solver = "emd",
-    reg: float = 0.01,
+    reg: float = DEFAULT_REG,
     max_iter: int = 1000,
     stop_thr: float = 1e-6,
     marginals: Marginals = "uniform",
@@ -356,8 +358,8 @@ def ot_align(
             cost = cost_from_moments(mom.sq_a.to(dev), mom.sq_b.to(dev), mom.cross.to(dev), mom.count, distance)
         if not bool(torch.isfinite(cost).all()):
             raise AlignmentError(f"group {name!r}: the ground metric has NaN or infinite entries (are the weights finite?)")
-        if normalize and float(cost.max()) > 0:
-            cost = cost / cost.max()  # one scale for every layer, so `reg` means the same everywhere
+        if normalize:
+            cost = normalize_cost(cost)  # one scale for every layer and width, so `reg` means the same everywhere
         if marginals == "activation":
             mass_b, mass_a = normalize_mass(activations[name].rms_b.to(dev)), normalize_mass(activations[name].rms_a.to(dev))
         else:
@@ -476,7 +478,7 @@ def compress_reference(
     *,
     distance: Distance = "euclidean",
     solver: Solver = "emd",
-    reg: float = 0.01,
+    reg: float = DEFAULT_REG,
     max_iter: int = 1000,
     stop_thr: float = 1e-6,
     iterations: int = 5,
@@ -510,9 +512,7 @@ def compress_reference(
         mass_dst = torch.full((k,), 1.0 / k, dtype=torch.float64, device=dev)
         plan = None
         for _ in range(max(1, iterations)):
-            cost = pairwise_cost(centres, feats, distance)
-            if float(cost.max()) > 0:
-                cost = cost / cost.max()
+            cost = normalize_cost(pairwise_cost(centres, feats, distance))
             plan, info = solve_plan(cost, mass_src, mass_dst, solver=solver, reg=reg, max_iter=max_iter,
                                     stop_thr=stop_thr, uniform=True)
             plan = plan.to(dev, torch.float64)
@@ -561,7 +561,7 @@ def align_with_ot(
             raise InputError("alignment.ground_metric: activations / marginals: activation need calibration data (alignment.data)")
         # validate everything else before running the models
         _check_options(options.get("ground_metric", "weights"), options.get("distance", "euclidean"),
-                       options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", 0.01),
+                       options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", DEFAULT_REG),
                        options.get("max_iter", 1000), options.get("stop_thr", 1e-6))
         activations = collect_unit_moments(module_a, module_b, batches, example_input=example_input, device=device)
     result = ot_align(spec_a, spec_b, params_a, params_b, activations=activations, device=device, **options)

@@ -30,6 +30,11 @@ Solver = Literal["emd", "sinkhorn"]
 EMD_CAPS = (1_000_000, 10_000_000, 100_000_000)
 _EMD_OPTIMAL = 1
 _MASS_FLOOR = 1e-8
+# Sinkhorn's entropic regularisation on costs scaled by normalize_cost. Fused digits MLP pairs of widths 32,
+# 128 and 512 scored within 0.6 points of their best reg over 0.003..1 at this value, and Sinkhorn converges
+# in a few hundred iterations (0.03 needed over 2000 on one layer). On max-normalised costs the good range
+# moved with width: 0.05 lost 1.7 points at width 32 and 1.1 at 128, 0.1 lost 8 at 128.
+DEFAULT_REG = 0.05
 
 
 @dataclass
@@ -66,6 +71,25 @@ def cost_from_moments(
         denom = (sq_b[:, None] * sq_a[None, :]).sqrt().clamp_min(1e-12)
         return (1.0 - cross.T / denom).clamp_min(0.0)
     raise AlignmentError(f"distance {distance!r}: expected 'euclidean' or 'cosine'")
+
+
+def normalize_cost(cost: torch.Tensor) -> torch.Tensor:
+    """The cost divided by its typical matching gap, so one Sinkhorn ``reg`` means the same at every width and scale.
+
+    Sinkhorn's plan is exp(-M/reg) rescaled by row and column factors, so adding a constant to a row or
+    column changes nothing; what decides how soft the plan is, is how far a unit's best match lies below
+    the others, measured in units of ``reg``. Dividing by max(M) does not measure that: distances between
+    d-dimensional units concentrate around a common value as d grows, and the share of the spread in the
+    max changes with width and scale. Here the scale is the median over rows of (row median - row min):
+    a typical unit's gap between its best and a typical partner becomes 1.
+    """
+    if cost.numel() == 0:
+        return cost
+    gap = (cost.median(dim=1).values - cost.min(dim=1).values).median()
+    scale = float(gap)
+    if not scale > 0:
+        scale = float(cost.max())
+    return cost / scale if scale > 0 else cost
 
 
 def normalize_mass(weights: torch.Tensor) -> torch.Tensor:
