@@ -16,9 +16,9 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 
 import streamlit as st  # noqa: E402
 
-from app import state  # noqa: E402
-from app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
-from merge.redact import install_log_redaction  # noqa: E402
+from suture.app import state  # noqa: E402
+from suture.app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+from suture.merge.redact import install_log_redaction  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
@@ -52,7 +52,7 @@ with st.sidebar:
     st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(inputs)} model(s)")
     st.caption("Workspace")
     st.code(str(workspace.root), language=None)
-    from app import ui
+    from suture.app import ui
 
     ui.trust_toggle()
 

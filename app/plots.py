@@ -50,7 +50,7 @@ def objective(series: Mapping[str, Sequence[float]], *, title: str = "alignment 
 
 def interpolation(curves: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str] = ("loss", "accuracy")) -> Figure:
     """Loss/accuracy along interpolation paths (one line per labelled curve)."""
-    from merge.plot import interpolation_figure
+    from suture.merge.plot import interpolation_figure
 
     return interpolation_figure(curves, list(metrics))
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import streamlit as st
 
-from app.state import canonical, is_local_ref, recipe_yaml, referenced_refs, slug
-from app.workspace import Workspace, WorkspaceError
-from merge.errors import InputError, RecipeError, SutureError
+from suture.app.state import canonical, is_local_ref, recipe_yaml, referenced_refs, slug
+from suture.app.workspace import Workspace, WorkspaceError
+from suture.merge.errors import InputError, RecipeError, SutureError
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ NOT_AVAILABLE = "not available in this build"
 
 def resolve(ref: str) -> Path:
     """A local path for a model reference (demo models are trained once and cached, Hub ids downloaded)."""
-    from merge.refs import resolve_ref
+    from suture.merge.refs import resolve_ref
 
     return Path(resolve_ref(ref))
 
 
 def demo_ready(ref: str) -> bool:
     """Whether a ``demo:`` model is already trained and cached (True for any other reference)."""
-    from merge.refs import DEMO_MODELS, DEMO_PREFIX, cache_dir
+    from suture.merge.refs import DEMO_MODELS, DEMO_PREFIX, cache_dir
 
     if not ref.startswith(DEMO_PREFIX):
         return True
@@ -88,8 +88,8 @@ _DATA_KEYS = (("alignment", None), ("evaluate", None), ("stitch", "anchors"), ("
 
 def _model_paths(recipe: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, reference) of every model a recipe reads: models, base models, slices, tokenizer sources, LoRA, stitch."""
-    from recipes.runner import load
-    from recipes.schema import ModelRef
+    from suture.recipes.runner import load
+    from suture.recipes.schema import ModelRef
 
     r = load(dict(recipe))
     found: list[tuple[str, ModelRef]] = [("models", ref) for ref in r.referenced_models()]
@@ -144,8 +144,8 @@ def workspace_module(ref: str, workspace: Workspace) -> bool:
 
 def check_architecture(recipe: Mapping[str, Any], workspace: Workspace, *, trust_remote_code: bool = False) -> None:
     """Refuse, before anything is imported, a recipe architecture outside the zoo and the workspace (unless trusted)."""
-    from merge.errors import UntrustedCodeError
-    from merge.zoo import TRUST_HINT, is_zoo_factory
+    from suture.merge.errors import UntrustedCodeError
+    from suture.merge.zoo import TRUST_HINT, is_zoo_factory
 
     if recipe.get("trust_remote_code") and not trust_remote_code:
         raise UntrustedCodeError(f"recipe key trust_remote_code: the app runs code named by models only with the toggle "
@@ -173,7 +173,7 @@ def check_recipe_paths(recipe: Mapping[str, Any], workspace: Workspace, *, trust
 @st.cache_data(show_spinner=False, max_entries=64)
 def inspect_model(ref: str, stamp: str = "", groups: bool = False) -> dict[str, Any]:
     """Tensors, size, dtype mix and family of a model (and its permutation groups when asked)."""
-    from recipes.inspect import inspect_model as describe
+    from suture.recipes.inspect import inspect_model as describe
 
     info = describe(str(resolve(ref)), groups=False)
     info["model"] = ref
@@ -184,11 +184,11 @@ def inspect_model(ref: str, stamp: str = "", groups: bool = False) -> dict[str, 
 
 def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups of a stored model, or {"error": why} when they cannot be derived here."""
-    from merge.store import open_store
+    from suture.merge.store import open_store
 
     store = open_store(path)
     spec_for_store = None
-    for module_name in ("merge.derive", "merge.graph"):
+    for module_name in ("suture.merge.derive", "suture.merge.graph"):
         try:
             spec_for_store = getattr(importlib.import_module(module_name), "spec_for_store", None)
         except ImportError:
@@ -198,7 +198,7 @@ def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
     try:
         if spec_for_store is not None:
             return spec_for_store(store).describe()
-        from merge.graph.families import spec_from_names
+        from suture.merge.graph.families import spec_from_names
 
         return spec_from_names({n: store.shape(n) for n in store.names()}, store.config).describe()
     except ImportError:
@@ -235,7 +235,7 @@ def compatibility(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "engines": ["ot (soft alignment across widths)", "stitching"],
             "differences": differences,
         }
-    from merge.layers import num_layers
+    from suture.merge.layers import num_layers
 
     depths = [num_layers(list(s), None) for s in shapes]
     kind = "depths" if len(set(depths)) > 1 else "architectures"
@@ -257,7 +257,7 @@ def compatibility(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 @st.cache_data(show_spinner=False)
 def methods() -> dict[str, dict[str, Any]]:
     """The merge-method registry as plain data: parameters (name, default, required, help), paper, summary."""
-    from merge.methods import get_method, list_methods
+    from suture.merge.methods import get_method, list_methods
 
     out = {}
     for name in list_methods():
@@ -291,10 +291,10 @@ class Engine:
 
 
 ENGINES = (
-    Engine("weight_matching", "Weight matching (Git Re-Basin)", ("merge.align.weight_matching",), False, ("same",)),
-    Engine("activation_matching", "Activation matching (Git Re-Basin)", ("merge.align.activation_matching",), True, ("same",)),
-    Engine("ot", "Optimal transport (OTFusion)", ("merge.align.ot", "merge.align.otfusion", "merge.align.optimal_transport"), True, ("same", "widths")),
-    Engine("zipit", "ZipIt (feature zipping)", ("merge.align.zipit",), True, ("same",)),
+    Engine("weight_matching", "Weight matching (Git Re-Basin)", ("suture.merge.align.weight_matching",), False, ("same",)),
+    Engine("activation_matching", "Activation matching (Git Re-Basin)", ("suture.merge.align.activation_matching",), True, ("same",)),
+    Engine("ot", "Optimal transport (OTFusion)", ("suture.merge.align.ot", "suture.merge.align.otfusion", "suture.merge.align.optimal_transport"), True, ("same", "widths")),
+    Engine("zipit", "ZipIt (feature zipping)", ("suture.merge.align.zipit",), True, ("same",)),
 )
 
 
@@ -310,7 +310,7 @@ def runner_engines() -> set[str]:
     import typing
 
     try:
-        from recipes.sections import AlignmentSection
+        from suture.recipes.sections import AlignmentSection
     except ImportError:  # a runner without the alignment section
         return set()
     annotation = AlignmentSection.model_fields["engine"].annotation
@@ -320,7 +320,7 @@ def runner_engines() -> set[str]:
 def alignment_defaults() -> dict[str, Any]:
     """Default values of the `alignment:` section's settings (empty when the runner has no such section)."""
     try:
-        from recipes.sections import AlignmentSection
+        from suture.recipes.sections import AlignmentSection
     except ImportError:
         return {}
     return {name: f.default for name, f in AlignmentSection.model_fields.items()}
@@ -328,7 +328,7 @@ def alignment_defaults() -> dict[str, Any]:
 
 def engines() -> list[dict[str, Any]]:
     """Every engine with whether it can run here and why not."""
-    from merge.card import engine_papers
+    from suture.merge.card import engine_papers
 
     accepted = runner_engines()
     out = []
@@ -406,19 +406,19 @@ def engine_option_defaults(engine: str) -> dict[str, Any]:
     section = alignment_defaults()
     out: dict[str, Any] = {k: section[k] for k in ("seed", "repair") if k in section}
     if engine == "weight_matching":
-        from merge.align.weight_matching import weight_matching
+        from suture.merge.align.weight_matching import weight_matching
 
         out["max_iter"] = _signature_defaults(weight_matching)["max_iter"]
     elif engine == "ot":
-        from merge.align.ot import ot_align
-        from merge.align.pipeline import AlignmentSettings
+        from suture.merge.align.ot import ot_align
+        from suture.merge.align.pipeline import AlignmentSettings
 
         sig = _signature_defaults(ot_align)
         out.update({k: sig[k] for k in ("max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr",
                                         "marginals", "target_widths") if k in sig})
         out["blend"] = AlignmentSettings.__dataclass_fields__["blend"].default
     elif engine == "zipit":
-        from merge.zipit import zip_models
+        from suture.merge.zipit import zip_models
 
         sig = _signature_defaults(zip_models)
         out.update({k: sig[k] for k in ("alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale")})
@@ -428,7 +428,7 @@ def engine_option_defaults(engine: str) -> dict[str, Any]:
 def _choices(name: str) -> list[Any]:
     import typing
 
-    from recipes.sections import AlignmentSection
+    from suture.recipes.sections import AlignmentSection
 
     found: list[Any] = []
 
@@ -446,7 +446,7 @@ def _choices(name: str) -> list[Any]:
 def engine_options(engine: str) -> list[dict[str, Any]]:
     """The options the form shows for an engine: name, label, kind, choices, default, help, and when it applies."""
     try:
-        from recipes.sections import ENGINE_OPTIONS
+        from suture.recipes.sections import ENGINE_OPTIONS
     except ImportError:
         return []
     defaults = engine_option_defaults(engine)
@@ -484,7 +484,7 @@ class MergeOutcome:
     @property
     def problem(self) -> str | None:
         """Why the finished folder is not a good result (NaN/Inf output tensors), or None: shown as a failure."""
-        from recipes.runner import non_finite_problem
+        from suture.recipes.runner import non_finite_problem
 
         return non_finite_problem(self.report)
 
@@ -515,7 +515,7 @@ def run_merge(
 
     `trust_remote_code` is the app's explicit toggle; a recipe's own `trust_remote_code: true` never grants it.
     """
-    from recipes.runner import RunOptions, run_recipe
+    from suture.recipes.runner import RunOptions, run_recipe
 
     data = canonical(recipe)
     check_recipe_paths(data, workspace, trust_remote_code=trust_remote_code)
@@ -639,11 +639,11 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     """
     import torch
 
-    from merge.plan import resolve_device
-    from recipes.runner import load, open_models, reference_key
-    from recipes.schema import ModelRef
-    from recipes.sections import parse_alignment, parse_evaluate
-    from recipes.steps import recipe_architecture, run_alignment
+    from suture.merge.plan import resolve_device
+    from suture.recipes.runner import load, open_models, reference_key
+    from suture.recipes.schema import ModelRef
+    from suture.recipes.sections import parse_alignment, parse_evaluate
+    from suture.recipes.steps import recipe_architecture, run_alignment
 
     recipe = load(recipe_text)
     section = parse_alignment(recipe.alignment, recipe.where)
@@ -682,10 +682,10 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
 
 def runnable(ref_or_path: str) -> bool:
     """Whether the app can rebuild the model as a module (a zoo model: config.json names its architecture)."""
-    from merge.zoo import ARCH_KEY
+    from suture.merge.zoo import ARCH_KEY
 
     if ref_or_path.startswith("demo:"):
-        from merge.refs import DEMO_MODELS
+        from suture.merge.refs import DEMO_MODELS
 
         # every demo model is a zoo model: answering must not train it
         return ref_or_path[len("demo:"):] in DEMO_MODELS
@@ -706,7 +706,7 @@ def module(path: str, stamp: str = "", trust_remote_code: bool = False):
 
     A factory outside Suture's zoo is refused unless the app's trust toggle is on.
     """
-    from merge.zoo import load_module
+    from suture.merge.zoo import load_module
 
     return load_module(path, trust_remote_code=trust_remote_code)
 
@@ -714,7 +714,7 @@ def module(path: str, stamp: str = "", trust_remote_code: bool = False):
 @st.cache_data(show_spinner=False, max_entries=32)
 def dataset(spec: str, split: str = "test", max_items: int | None = None):
     """Evaluation/calibration data from a spec (e.g. sklearn:digits, sklearn:digits?classes=0-4)."""
-    from merge.data import load_dataset
+    from suture.merge.data import load_dataset
 
     return load_dataset(spec, split=split, max_items=max_items)
 
@@ -722,7 +722,7 @@ def dataset(spec: str, split: str = "test", max_items: int | None = None):
 @st.cache_data(show_spinner=False, max_entries=128)
 def evaluate(ref_or_path: str, data_spec: str, stamp: str = "", trust_remote_code: bool = False) -> dict[str, float]:
     """Loss and accuracy of a runnable model on the test split of a dataset."""
-    from merge.evaluate import evaluate as run_eval
+    from suture.merge.evaluate import evaluate as run_eval
 
     path = Path(ref_or_path) if Path(ref_or_path).exists() else resolve(ref_or_path)
     return run_eval(module(str(path), stamp, trust_remote_code), dataset(data_spec, "test"))
@@ -736,7 +736,7 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
     """Hidden features (samples x units) at every permutation group's tap of a runnable model."""
     import torch
 
-    from merge.activations import group_taps, unit_features
+    from suture.merge.activations import group_taps, unit_features
 
     # a private copy: hooks on the shared cached module could see another session's forward pass
     net = copy.deepcopy(module(str(resolve(ref)), stamp))
@@ -768,7 +768,7 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
 @st.cache_data(show_spinner=False, max_entries=32)
 def similarity_matrix(ref_a: str, ref_b: str, data_spec: str, metric: str = "cka", max_items: int = 512) -> dict[str, Any]:
     """Layer-by-layer similarity of two models on the same inputs (rows: A's layers, columns: B's)."""
-    from stitch.similarity import METRICS, layer_similarity_matrix
+    from suture.stitch.similarity import METRICS, layer_similarity_matrix
 
     names_a, feats_a = layer_features(ref_a, data_spec, "test", max_items, model_stamp(ref_a))
     names_b, feats_b = layer_features(ref_b, data_spec, "test", max_items, model_stamp(ref_b))
@@ -779,14 +779,14 @@ def similarity_matrix(ref_a: str, ref_b: str, data_spec: str, metric: str = "cka
 
 def metrics_catalogue() -> dict[str, str]:
     """Similarity metrics and their one-line descriptions."""
-    from stitch.similarity import METRICS
+    from suture.stitch.similarity import METRICS
 
     return {name: m.description for name, m in METRICS.items()}
 
 
 def translators() -> list[str]:
     """Latent translation estimators, plus relative representations."""
-    from stitch.translate import TRANSLATORS
+    from suture.stitch.translate import TRANSLATORS
 
     return list(TRANSLATORS) + ["relative"]
 
@@ -796,7 +796,7 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
     """Fit a map from A's features at the cut to B's on anchors (train split); score it on the test split."""
     import torch
 
-    from stitch.anchors import select_anchors
+    from suture.stitch.anchors import select_anchors
 
     names_a, tr_a = layer_features(ref_a, data_spec, "train", 100_000, model_stamp(ref_a))
     names_b, tr_b = layer_features(ref_b, data_spec, "train", 100_000, model_stamp(ref_b))
@@ -809,13 +809,13 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
     labels = dataset(data_spec, "train").labels
     idx = select_anchors("stratified" if labels is not None else "random", anchors, labels=labels, n=xa.shape[0], seed=seed)
     if method == "relative":
-        from stitch.relative import RelativeProjector
+        from suture.stitch.relative import RelativeProjector
 
         rel_a = RelativeProjector().fit(xa[idx]).transform(ya).double()
         rel_b = RelativeProjector().fit(xb[idx]).transform(yb).double()
         cos = torch.nn.functional.cosine_similarity(rel_a, rel_b, dim=1)
         return {"anchors": float(len(idx)), "mean cosine (relative A vs B)": float(cos.mean()), "test samples": float(ya.shape[0])}
-    from stitch.translate import TRANSLATORS
+    from suture.stitch.translate import TRANSLATORS
 
     translator = TRANSLATORS[method]().fit(xa[idx], xb[idx])
     pred = translator.transform(ya).double()
@@ -833,7 +833,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
 
     Its models and data files must lie in the workspace (or be demo/Hub models and bundled data).
     """
-    from stitch.pipeline import run_stitch as execute
+    from suture.stitch.pipeline import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
     text = json.dumps(section, sort_keys=True, default=str)
@@ -872,14 +872,14 @@ def split_card(text: str) -> tuple[str, str]:
 
 def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, progress: Callable[[float, str], None] | None = None) -> str:
     """Publish an output folder to the Hub; returns the URL."""
-    from merge.hub import push_folder
+    from suture.merge.hub import push_folder
 
     return push_folder(out_dir, repo_id, private=private, token=token or None, progress=progress)
 
 
 def readable(exc: BaseException) -> str:
     """One line for st.error: library errors as they are, other failures with their type (tokens masked)."""
-    from merge.redact import redact
+    from suture.merge.redact import redact
 
     if isinstance(exc, (SutureError, WorkspaceError, RecipeError)):
         return redact(str(exc))

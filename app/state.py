@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from merge.errors import RecipeError, SutureError
+from suture.merge.errors import RecipeError, SutureError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def default_recipe() -> dict[str, Any]:
 
 def canonical(recipe: Mapping[str, Any] | str) -> dict[str, Any]:
     """The validated plain dict of a recipe (dict or YAML text); bad input raises RecipeError naming the key."""
-    from recipes.runner import load
+    from suture.recipes.runner import load
 
     return load(dict(recipe) if isinstance(recipe, Mapping) else recipe).to_dict()
 
@@ -87,7 +87,7 @@ def validate(recipe: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | No
 
 def recipe_yaml(recipe: Mapping[str, Any]) -> str:
     """The recipe as YAML, exactly as `suture run` reads it (validated first)."""
-    from recipes.runner import load
+    from suture.recipes.runner import load
 
     return load(dict(recipe)).to_yaml()
 
@@ -172,7 +172,7 @@ def referenced_refs(recipe: Mapping[str, Any]) -> list[str]:
 
 def is_local_ref(ref: str, workspace_root: Path | None = None) -> bool:
     """Whether a reference names a file or folder (not a demo model, not a Hub id), decided without network."""
-    from merge.hub import is_hub_id
+    from suture.merge.hub import is_hub_id
 
     text = ref.split("+")[0].strip()
     if text.startswith(DEMO_PREFIX):

@@ -9,9 +9,9 @@ from typing import Any
 
 import streamlit as st
 
-from app import services, state
-from app.workspace import Workspace
-from merge.errors import SutureError
+from suture.app import services, state
+from suture.app.workspace import Workspace
+from suture.merge.errors import SutureError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def error(exc: BaseException) -> None:
 
 def model_label(ref: str) -> str:
     """How a model reference is shown: demo models with their description, local paths inside the workspace."""
-    from merge.refs import DEMO_MODELS
+    from suture.merge.refs import DEMO_MODELS
 
     if ref.startswith(state.DEMO_PREFIX):
         entry = DEMO_MODELS.get(ref[len(state.DEMO_PREFIX):])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Workspace:
 
 def _check_safetensors(path: Path, label: str) -> None:
     """Refuse a file whose safetensors header cannot be read (without reading the tensors)."""
-    from merge.store import read_safetensors_header
+    from suture.merge.store import read_safetensors_header
 
     try:
         read_safetensors_header(path)

@@ -66,10 +66,10 @@ def summarize(result, seconds: float) -> dict:
 
 
 def bench_mlp(device: str, max_iter: int) -> dict:
-    from merge.align.weight_matching import weight_matching
-    from merge.derive import derive_spec
-    from merge.refs import demo_path
-    from merge.store import open_store
+    from suture.merge.align.weight_matching import weight_matching
+    from suture.merge.derive import derive_spec
+    from suture.merge.refs import demo_path
+    from suture.merge.store import open_store
 
     a, b = open_store(demo_path("mlp-seed1")), open_store(demo_path("mlp-seed2"))
     spec, _ = derive_spec(a, input_shape=(2, 64))
@@ -80,8 +80,8 @@ def bench_mlp(device: str, max_iter: int) -> dict:
 
 
 def bench_gpt2(device: str, max_iter: int) -> dict:
-    from merge.align.weight_matching import weight_matching
-    from merge.graph.families import spec_from_names
+    from suture.merge.align.weight_matching import weight_matching
+    from suture.merge.graph.families import spec_from_names
 
     sa, sb = gpt2_state(1), gpt2_state(2)
     spec = spec_from_names({k: tuple(v.shape) for k, v in sa.items()}, GPT2_CONFIG, "gpt2", permute_outputs=True)

@@ -59,7 +59,7 @@ def build_model(folder: Path, seed: int) -> Path:
     """Write one random model with the streaming writer (cached: skipped when present)."""
     import torch
 
-    from merge.writer import ShardedWriter, TensorEntry, atomic_output_dir
+    from suture.merge.writer import ShardedWriter, TensorEntry, atomic_output_dir
 
     if (folder / "model.safetensors").exists():
         return folder
@@ -108,7 +108,7 @@ def main() -> int:
     work = Path(args.workdir)
     a = build_model(work / "model_a", seed=1)
     b = build_model(work / "model_b", seed=2)
-    suture = [sys.executable, "-m", "recipes.cli"]
+    suture = [sys.executable, "-m", "suture.recipes.cli"]
     results = {
         "benchmark": "merge_bench",
         "models": {"hidden": HIDDEN, "layers": LAYERS, "intermediate": INTERMEDIATE, "vocab": VOCAB,

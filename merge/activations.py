@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.errors import InputError
-from merge.graph.trace import Tap, trace_module
+from suture.merge.errors import InputError
+from suture.merge.graph.trace import Tap, trace_module
 
 logger = logging.getLogger(__name__)
 

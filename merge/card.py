@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from merge.errors import InputError
-from merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
+from suture.merge.errors import InputError
+from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def method_paper(method: str) -> str | None:
     """Markdown citation of the paper behind a merge method (registry first, then the built-in table)."""
     key = method.strip().lower()
     try:
-        from merge.methods import get_method
+        from suture.merge.methods import get_method
     except ImportError:
         get_method = None
     if get_method is not None:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.errors import AlignmentError, InputError
-from merge.spec import PermutationSpec
-from merge.store import TensorStore
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.spec import PermutationSpec
+from suture.merge.store import TensorStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Architecture:
 
     def build(self) -> nn.Module:
         """A fresh module (random weights) in eval mode; refused before any import when not trusted."""
-        from merge.zoo import build_architecture, check_factory_trust
+        from suture.merge.zoo import build_architecture, check_factory_trust
 
         check_factory_trust(self.factory, source=self.source, trust_remote_code=self.trust_remote_code)
         return build_architecture(self.factory, **self.kwargs).eval()
@@ -76,7 +76,7 @@ def architecture_of(store: TensorStore, explicit: Architecture | None = None, *,
     """
     if explicit is not None:
         return explicit
-    from merge.zoo import ARCH_KEY, CONFIG_FILE
+    from suture.merge.zoo import ARCH_KEY, CONFIG_FILE
 
     arch = (store.config or {}).get(ARCH_KEY)
     if isinstance(arch, Mapping) and isinstance(arch.get("factory"), str):
@@ -86,7 +86,7 @@ def architecture_of(store: TensorStore, explicit: Architecture | None = None, *,
         own = chosen is not None and chosen.source is None and chosen.factory == arch["factory"]
         source = None if own else _config_source(store)
         return Architecture(arch["factory"], dict(kwargs), source=source, trust_remote_code=trust_remote_code)
-    from merge.hf_module import hf_architecture, is_hf_config
+    from suture.merge.hf_module import hf_architecture, is_hf_config
 
     if is_hf_config(store.config):  # a Hugging Face folder: transformers builds it from config.json
         return hf_architecture(store, trust_remote_code=trust_remote_code)
@@ -95,7 +95,7 @@ def architecture_of(store: TensorStore, explicit: Architecture | None = None, *,
 
 def _config_source(store: TensorStore) -> str:
     """The config.json path of a store, for refusals (its source when it has no folder)."""
-    from merge.zoo import CONFIG_FILE
+    from suture.merge.zoo import CONFIG_FILE
 
     path = getattr(store, "path", None)
     if path is None:
@@ -108,7 +108,7 @@ def _config_source(store: TensorStore) -> str:
 
 def load_module(store: TensorStore, architecture: Architecture) -> nn.Module:
     """Build the architecture and load the store's tensors into it (names must match)."""
-    from merge.zoo import load_into
+    from suture.merge.zoo import load_into
 
     module = architecture.build()
     load_into(module, store.state_dict(), source=store.source)
@@ -137,7 +137,7 @@ def derive_spec(
 ) -> tuple[PermutationSpec, Architecture | None]:
     """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
     arch = architecture_of(store, architecture, trust_remote_code=trust_remote_code)
-    from merge.hf_module import HFArchitecture
+    from suture.merge.hf_module import HFArchitecture
 
     if isinstance(arch, HFArchitecture):  # the spec from names + config, the module from transformers
         return _family_spec(store), arch
@@ -149,7 +149,7 @@ def derive_spec(
 
 def _family_spec(store: TensorStore) -> PermutationSpec:
     """The spec from tensor names + config.json for a family Suture knows (no model code)."""
-    from merge.graph.families import detect_family, spec_from_names
+    from suture.merge.graph.families import detect_family, spec_from_names
 
     family = detect_family(store.names(), store.config)
     if family is None:
@@ -169,7 +169,7 @@ def spec_for_store(store: TensorStore, input_shape: Sequence[int] | None = None,
     in_features, or a Conv's in_channels at a 32-pixel spatial size); when that cannot be told or tracing
     fails, the error asks for the shape.
     """
-    from merge.hf_module import HFArchitecture
+    from suture.merge.hf_module import HFArchitecture
 
     arch = architecture_of(store, trust_remote_code=trust_remote_code)
     if arch is None or isinstance(arch, HFArchitecture):
@@ -203,8 +203,8 @@ def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -
 
 def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture, hint: str) -> PermutationSpec:
     """spec_from_module with one clear line (factory, input shape, what to give instead) when tracing fails."""
-    from merge.errors import SutureError
-    from merge.graph.trace import spec_from_module
+    from suture.merge.errors import SutureError
+    from suture.merge.graph.trace import spec_from_module
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # shape propagation prints the traceback it then raises

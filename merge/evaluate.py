@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.data import CalibrationData, Inputs, inputs_to, iter_batches
-from merge.errors import InputError
+from suture.merge.data import CalibrationData, Inputs, inputs_to, iter_batches
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,8 @@ def interpolation_curve(
     ``reset_bn_data`` (batches or a dataset) re-estimates BatchNorm statistics at every point;
     ``repair_data`` applies REPAIR at every interior point instead (see :mod:`merge.repair`).
     """
-    from merge.repair import repair, reset_batchnorm
-    from merge.zoo import load_into
+    from suture.merge.repair import repair, reset_batchnorm
+    from suture.merge.zoo import load_into
 
     ts = _points(points)
     net = _make_module(module)

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.derive import Architecture
-from merge.errors import AlignmentError, InputError
-from merge.spec import PermutationSpec
+from suture.merge.derive import Architecture
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def _class_name(config: Mapping[str, Any]) -> str:
 def check_remote_code(config: Mapping[str, Any], source: str, trust_remote_code: bool) -> None:
     """Refuse a config whose `auto_map` points at code shipped with the model, unless the user opted in."""
     if config.get("auto_map") and not trust_remote_code:
-        from merge.errors import UntrustedCodeError
-        from merge.zoo import TRUST_HINT
+        from suture.merge.errors import UntrustedCodeError
+        from suture.merge.zoo import TRUST_HINT
 
         raise UntrustedCodeError(
             f"{source}: config.json maps to custom model code (auto_map {sorted(config['auto_map'])}) and building it "
@@ -227,7 +227,7 @@ def hf_taps(spec: PermutationSpec, module: nn.Module) -> dict[str, list[Any]]:
     Norm outputs are preferred (the residual stream, normalised), then other outputs, then inputs. Members
     with a fused (`outer`) or grouped-query (`repeat`) layout are not observed directly.
     """
-    from merge.graph.trace import Tap
+    from suture.merge.graph.trace import Tap
 
     modules = dict(module.named_modules())
     taps: dict[str, list[Tap]] = {}

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from merge.errors import InputError
-from merge.redact import known_secrets, redact, register_secret
+from suture.merge.errors import InputError
+from suture.merge.redact import known_secrets, redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ def _refuse_token_in_files(files: list[Path], out_dir: Path, token: str) -> None
 
 def push_timeout(value: float | str | None = None) -> float:
     """Seconds a push waits for any one answer from the Hub: `value`, else ``SUTURE_PUSH_TIMEOUT``, else 60."""
-    from merge.hub_http import DEFAULT_SECONDS
+    from suture.merge.hub_http import DEFAULT_SECONDS
 
     source = "timeout"
     if value is None:
@@ -512,8 +512,8 @@ def push_folder(
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from merge import __version__
-    from merge.hub_http import HubTimeout, bound_hub_requests
+    from suture.merge import __version__
+    from suture.merge.hub_http import HubTimeout, bound_hub_requests
 
     bound_hub_requests(seconds)
     api = HfApi(endpoint=endpoint, token=token, library_name="suture", library_version=__version__)

@@ -25,9 +25,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from merge.errors import InputError
-from merge.evaluate import model_logits
-from merge.store import read_json
+from suture.merge.errors import InputError
+from suture.merge.evaluate import model_logits
+from suture.merge.store import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def save_multihead(
     overwrite: bool = False,
 ) -> Path:
     """Write a multi-head model folder: model.safetensors, multihead.json (manifest) and config.json."""
-    from merge.writer import save_tensors
+    from suture.merge.writer import save_tensors
 
     if not isinstance(model, MultiHeadModel):
         raise InputError(f"save_multihead expects a MultiHeadModel, got {type(model).__name__}")
@@ -242,7 +242,7 @@ def load_multihead(path: str | Path, device: str | torch.device = "cpu", *, trus
 
     Member factories outside Suture's zoo are built only with `trust_remote_code` (they import code).
     """
-    from merge.zoo import build_architecture, check_factory_trust, load_into, load_state
+    from suture.merge.zoo import build_architecture, check_factory_trust, load_into, load_state
 
     manifest = read_manifest(path)
     tensors = load_state(path)

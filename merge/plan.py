@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from merge.errors import InputError
-from merge.store import TensorStore
-from merge.writer import ShardedWriter, TensorEntry
+from suture.merge.errors import InputError
+from suture.merge.store import TensorStore
+from suture.merge.writer import ShardedWriter, TensorEntry
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def execute_plan(
     progress: ProgressCallback | None = None,
 ) -> ExecutionStats:
     """Run every task in order, streaming results into `writer`."""
-    from merge.methods import MergeInputs, get_method, run_method
+    from suture.merge.methods import MergeInputs, get_method, run_method
 
     dev = resolve_device(device)
     stats = ExecutionStats(device=str(dev))

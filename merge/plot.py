@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from pathlib import Path
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 DEMO_PREFIX = "demo:"
 
@@ -23,7 +23,7 @@ def cache_dir() -> Path:
 
 def _finetune(key: str) -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from merge.zoo import demo_finetunes
+        from suture.merge.zoo import demo_finetunes
 
         return demo_finetunes(cache / "demo")[key]
 
@@ -32,7 +32,7 @@ def _finetune(key: str) -> Callable[[Path], Path]:
 
 def _task(key: str, kind: str = "mlp") -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from merge.zoo import demo_tasks
+        from suture.merge.zoo import demo_tasks
 
         return demo_tasks(cache / "demo", kind)[key]
 
@@ -41,7 +41,7 @@ def _task(key: str, kind: str = "mlp") -> Callable[[Path], Path]:
 
 def _seeded(kind: str, seed: int) -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from merge.zoo import demo_models
+        from suture.merge.zoo import demo_models
 
         return demo_models(cache / "demo", kind=kind, seeds=(seed,))[0]
 
@@ -82,6 +82,6 @@ def resolve_ref(ref: str | Path, *, allow_pickle: bool = False, token: str | Non
     text = str(ref)
     if is_demo_ref(text):
         return demo_path(text[len(DEMO_PREFIX):])
-    from merge.hub import resolve_model_ref
+    from suture.merge.hub import resolve_model_ref
 
     return Path(resolve_model_ref(text, allow_pickle=allow_pickle, token=token))

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from merge.data import CalibrationData, Inputs, inputs_to, iter_batches
-from merge.errors import InputError
+from suture.merge.data import CalibrationData, Inputs, inputs_to, iter_batches
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

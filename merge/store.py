@@ -27,7 +27,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

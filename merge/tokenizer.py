@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, RecipeError
 
 logger = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ from typing import BinaryIO
 import torch
 from filelock import FileLock, Timeout
 
-from merge.errors import InputError, OutputError
-from merge.store import TORCH_TO_SAFETENSORS
+from suture.merge.errors import InputError, OutputError
+from suture.merge.store import TORCH_TO_SAFETENSORS
 
 logger = logging.getLogger(__name__)
 

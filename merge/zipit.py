@@ -49,15 +49,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from merge.activations import unit_features
-from merge.data import Inputs, inputs_to
-from merge.evaluate import model_logits
-from merge.errors import AlignmentError, InputError
-from merge.graph.trace import Tap, trace_module
-from merge.multihead import MultiHeadModel, save_multihead
-from merge.repair import as_input_batches, reset_batchnorm
-from merge.spec import Member, PermGroup, PermutationSpec, axis_length
-from merge.zipit_match import MATCHERS, ZipMatch, match
+from suture.merge.activations import unit_features
+from suture.merge.data import Inputs, inputs_to
+from suture.merge.evaluate import model_logits
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.graph.trace import Tap, trace_module
+from suture.merge.multihead import MultiHeadModel, save_multihead
+from suture.merge.repair import as_input_batches, reset_batchnorm
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length
+from suture.merge.zipit_match import MATCHERS, ZipMatch, match
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def save_zip_result(result: ZipResult, out_dir: str | Path, architectures: Seque
         raise InputError("saving a zipped model needs each model's architecture ({'factory': ..., 'kwargs': {...}})")
     if result.multihead:
         return save_multihead(result.module, out_dir, archs, extra={"zipit": result.summary()}, overwrite=overwrite)
-    from merge.zoo import save_module
+    from suture.merge.zoo import save_module
 
     out = Path(out_dir)
     if out.exists() and not overwrite and any(out.iterdir()):

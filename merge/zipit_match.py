@@ -29,8 +29,8 @@ from typing import Literal
 
 import torch
 
-from merge.align.assignment import solve_lap
-from merge.errors import AlignmentError, InputError
+from suture.merge.align.assignment import solve_lap
+from suture.merge.errors import AlignmentError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Small deterministic architectures and trainers for the built-in demo (sklearn digits, CPU).
 
 A saved zoo model is a folder with ``model.safetensors`` and ``config.json``; the config's
-``"suture_architecture": {"factory": "merge.zoo:mlp", "kwargs": {...}}`` lets :func:`load_module` rebuild
+``"suture_architecture": {"factory": "suture.merge.zoo:mlp", "kwargs": {...}}`` lets :func:`load_module` rebuild
 the ``nn.Module`` so that merged weights can be evaluated. The same ``factory`` string is what a recipe's
 ``architecture:`` key holds. Importing a factory runs that module's code, so a factory named by a model's
 own ``config.json`` is built only when it is one of the zoo's (:func:`check_factory_trust`) or the user
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.data import CalibrationData, load_dataset
-from merge.errors import InputError, RecipeError, UntrustedCodeError
-from merge.store import open_store, read_json
-from merge.threads import single_threaded
+from suture.merge.data import CalibrationData, load_dataset
+from suture.merge.errors import InputError, RecipeError, UntrustedCodeError
+from suture.merge.store import open_store, read_json
+from suture.merge.threads import single_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +119,28 @@ def resnet_small(width: int = 16, num_classes: int = 10) -> ResNetSmall:
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "resnet": resnet_small}
-FACTORY_REFS = {"mlp": "merge.zoo:mlp", "resnet": "merge.zoo:resnet_small"}
+FACTORY_REFS = {"mlp": "suture.merge.zoo:mlp", "resnet": "suture.merge.zoo:resnet_small"}
+
+
+# Folders installed under `suture.` since 0.2: references saved before then ('merge.zoo:mlp') still resolve.
+LEGACY_PACKAGES = ("merge", "stitch", "recipes", "app")
+
+
+def canonical_factory(ref: str) -> str:
+    """'merge.zoo:mlp' (a pre-namespace reference in old recipes and saved configs) -> 'suture.merge.zoo:mlp'."""
+    ref = ref.strip()
+    if ref.split(".", 1)[0].split(":", 1)[0] in LEGACY_PACKAGES:
+        return f"suture.{ref}"
+    return ref
 
 
 TRUST_HINT = "pass --trust-remote-code (recipe: `trust_remote_code: true`; app: the trust toggle) if you trust it"
 
 
 def is_zoo_factory(ref: Any) -> bool:
-    """Whether `ref` names one of Suture's own architectures ('mlp', 'merge.zoo:mlp', ...)."""
+    """Whether `ref` names one of Suture's own architectures ('mlp', 'suture.merge.zoo:mlp', ...)."""
     trusted = set(ARCHITECTURES) | set(FACTORY_REFS.values()) | {f"{__name__}:{f.__name__}" for f in ARCHITECTURES.values()}
-    return isinstance(ref, str) and ref.strip() in trusted
+    return isinstance(ref, str) and canonical_factory(ref) in trusted
 
 
 def check_factory_trust(ref: Any, *, source: str | None, trust_remote_code: bool = False) -> None:
@@ -147,17 +159,17 @@ def check_factory_trust(ref: Any, *, source: str | None, trust_remote_code: bool
 
 
 def resolve_factory(ref: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Turn 'mlp', 'merge.zoo:mlp' or 'pkg.module:Class.attr' into the callable it names."""
+    """Turn 'mlp', 'suture.merge.zoo:mlp' or 'pkg.module:Class.attr' into the callable it names."""
     if callable(ref):
         return ref
     if not isinstance(ref, str) or not ref.strip():
         raise RecipeError(f"architecture {ref!r}: expected 'package.module:factory' or one of {sorted(ARCHITECTURES)}")
-    ref = ref.strip()
+    ref = canonical_factory(ref)
     if ":" not in ref:
         if ref in ARCHITECTURES:
             return ARCHITECTURES[ref]
         raise RecipeError(
-            f"architecture {ref!r}: expected 'package.module:factory' (e.g. 'merge.zoo:mlp') or one of {sorted(ARCHITECTURES)}"
+            f"architecture {ref!r}: expected 'package.module:factory' (e.g. 'suture.merge.zoo:mlp') or one of {sorted(ARCHITECTURES)}"
         )
     module_name, _, attr_path = ref.partition(":")
     try:
@@ -211,7 +223,7 @@ def train(
     With ``target_accuracy`` and ``eval_data`` training stops after the first epoch whose accuracy on
     ``eval_data`` reaches the target.
     """
-    from merge.evaluate import evaluate
+    from suture.merge.evaluate import evaluate
 
     if dataset.labels is None:
         raise InputError(f"data {dataset.name!r}: training needs labels")
@@ -386,7 +398,7 @@ def _train_and_save(
     eval_specs: Mapping[str, str],
 ) -> Path:
     """Build (or start from init_state), train, evaluate and save one demo model atomically."""
-    from merge.evaluate import evaluate
+    from suture.merge.evaluate import evaluate
 
     model = build_seeded(entry["factory"], entry["seed"], **entry["kwargs"])
     if init_state is not None:

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.ERROR if getattr(args, "quiet", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from merge.redact import install_log_redaction  # tokens never reach a log line, even at -v
+    from suture.merge.redact import install_log_redaction  # tokens never reach a log line, even at -v
 
     install_log_redaction()
 
@@ -119,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from recipes.runner import RunOptions, dry_run, run_recipe
+    from suture.recipes.runner import RunOptions, dry_run, run_recipe
 
     options = RunOptions(
         device=args.device,
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """`suture inspect`: describe a model without loading its weights."""
-    from recipes.inspect import inspect_model, format_inspection
+    from suture.recipes.inspect import inspect_model, format_inspection
 
     info = inspect_model(args.model, allow_pickle=args.allow_pickle, groups=args.groups, input_shape=args.input_shape,
                          trust_remote_code=args.trust_remote_code)
@@ -170,7 +170,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     """`suture push`: upload an output folder to the Hub with a progress bar."""
     from tqdm import tqdm
 
-    from merge.hub import push_folder
+    from suture.merge.hub import push_folder
 
     with tqdm(total=100, desc="push", unit="%", disable=args.quiet) as bar:
 
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from merge import __version__
+        from suture.merge import __version__
 
         print(f"suture {__version__}")
         return 0
@@ -217,12 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _setup_logging(args)
     _sigterm_as_interrupt()
-    from merge.errors import SutureError
+    from suture.merge.errors import SutureError
 
     try:
         return COMMANDS[args.command](args)
     except SutureError as exc:
-        from merge.redact import redact
+        from suture.merge.redact import redact
 
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 def detect_family(names: list[str], config: dict | None) -> str | None:
     """The model family from config.json or tensor names (None when unknown)."""
     try:
-        from merge.graph.families import detect_family as detect
+        from suture.merge.graph.families import detect_family as detect
     except ImportError:  # family specs not available in this build
         detect = None
     if detect is not None:
@@ -29,8 +29,8 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False,
     Groups of a model whose config.json names an architecture outside Suture's zoo are derived only with
     `trust_remote_code` (tracing builds the module, which runs its code); otherwise UntrustedCodeError.
     """
-    from merge.refs import resolve_ref
-    from merge.store import open_store
+    from suture.merge.refs import resolve_ref
+    from suture.merge.store import open_store
 
     path = resolve_ref(ref, allow_pickle=allow_pickle)
     store = open_store(path, allow_pickle=allow_pickle)
@@ -53,8 +53,8 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False,
 
 def derive_groups(store, input_shape: list[int] | None = None, *, trust_remote_code: bool = False) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups derived from names + config, or traced (on zeros of `input_shape`) for runnable models."""
-    from merge.derive import spec_for_store
-    from merge.errors import SutureError, UntrustedCodeError
+    from suture.merge.derive import spec_for_store
+    from suture.merge.errors import SutureError, UntrustedCodeError
 
     try:
         spec = spec_for_store(store, input_shape, trust_remote_code=trust_remote_code)

@@ -27,11 +27,11 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from merge.errors import RecipeError
-from merge.layers import SliceLayout, find_layer, tensor_section
+from suture.merge.errors import RecipeError
+from suture.merge.layers import SliceLayout, find_layer, tensor_section
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recipes.schema import ModelRef, Recipe
+    from suture.recipes.schema import ModelRef, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def resolve_param(
 
 
 def _path_str(path: KeyPath) -> str:
-    from recipes.yaml_lines import format_path
+    from suture.recipes.yaml_lines import format_path
 
     return format_path(path)
 
@@ -282,7 +282,7 @@ class ParamResolver:
     def _model(self, model: ModelRef | str | None) -> ModelRef | None:
         if model is None or not isinstance(model, str):
             return model
-        from recipes.schema import ModelRef
+        from suture.recipes.schema import ModelRef
 
         return ModelRef.parse(model)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from merge.errors import InputError, RecipeError
-from merge.layers import SliceLayout, find_layer, num_layers, rename_layer, tensor_section
-from merge.plan import SourceRef, TensorTask
-from merge.store import TensorStore, open_store
-from recipes.params import ParamResolver
-from recipes.schema import ModelRef, Recipe
+from suture.merge.errors import InputError, RecipeError
+from suture.merge.layers import SliceLayout, find_layer, num_layers, rename_layer, tensor_section
+from suture.merge.plan import SourceRef, TensorTask
+from suture.merge.store import TensorStore, open_store
+from suture.recipes.params import ParamResolver
+from suture.recipes.schema import ModelRef, Recipe
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -40,7 +40,7 @@ class OpenedModels:
 
 def open_models(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = False, progress: Progress | None = None) -> OpenedModels:
     """Resolve every referenced model (demo, local, Hub) and open it lazily."""
-    from merge.refs import resolve_ref
+    from suture.merge.refs import resolve_ref
 
     allow_pickle = allow_pickle or recipe.allow_pickle
     strict = strict or recipe.strict
@@ -78,7 +78,7 @@ class _Planner:
     """Builds TensorTasks for a recipe over opened stores."""
 
     def __init__(self, recipe: Recipe, models: OpenedModels, vocab_names: set[str] | None = None) -> None:
-        from merge.methods import get_method
+        from suture.merge.methods import get_method
 
         self.recipe = recipe
         self.models = models
@@ -207,7 +207,7 @@ def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, set[str]]:
         setting = str(recipe.tokenizer_source)
     if setting is None:
         return None, set()
-    from merge.tokenizer import embedding_tensor_names, plan_vocabulary
+    from suture.merge.tokenizer import embedding_tensor_names, plan_vocabulary
 
     dirs = {key: models.folder(key) for key in models.refs}
     base = str(recipe.base_model) if recipe.base_model is not None else None
@@ -222,7 +222,7 @@ def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, set[str]]:
 
 def _attach_vocab_remaps(tasks: list[TensorTask], vocab: Any, vocab_names: set[str], models: OpenedModels) -> None:
     """Give every vocabulary-sized task row remaps into the output vocabulary, and its output row count."""
-    from merge.tokenizer import embedding_remaps
+    from suture.merge.tokenizer import embedding_remaps
 
     for task in tasks:
         if task.out_name not in vocab_names:

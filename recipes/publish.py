@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from recipes.sections import PublishSection
+from suture.recipes.sections import PublishSection
 
 
 def publish(out_dir: Path, section: PublishSection, progress: Callable[[float, str], None] | None = None) -> str:
     """Push `out_dir` as described by the section; returns the URL."""
-    from merge.hub import push_folder
+    from suture.merge.hub import push_folder
 
     return push_folder(
         out_dir,

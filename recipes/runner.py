@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from merge import __version__
-from merge.errors import RecipeError
-from merge.plan import execute_plan, infer_output, resolve_device
-from merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
-from recipes import steps
-from recipes.planning import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
-from recipes.publish import publish
-from recipes.sections import parse_alignment, parse_evaluate, parse_publish
-from recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
+from suture.merge import __version__
+from suture.merge.errors import RecipeError
+from suture.merge.plan import execute_plan, infer_output, resolve_device
+from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
+from suture.recipes import steps
+from suture.recipes.planning import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
+from suture.recipes.publish import publish
+from suture.recipes.sections import parse_alignment, parse_evaluate, parse_publish
+from suture.recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +107,20 @@ def non_finite_problem(report: Mapping[str, Any]) -> str | None:
     section = report.get("non_finite") or {}
     if not section.get("count"):
         return None
-    from merge.writer import non_finite_summary
+    from suture.merge.writer import non_finite_summary
 
     return (f"{section['count']} output tensor(s) contain NaN/Inf after the cast to the output dtype: "
             f"{non_finite_summary(section.get('tensors', []), section['count'])}; rerun with --strict to refuse such output")
 
 
 def _known_methods() -> list[str]:
-    from merge.methods import list_methods
+    from suture.merge.methods import list_methods
 
     return list_methods()
 
 
 def _requires_base(name: str) -> bool:
-    from merge.methods import get_method
+    from suture.merge.methods import get_method
 
     try:
         return get_method(name).requires_base
@@ -146,7 +146,7 @@ def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vo
             if key in config:
                 config[key] = n_layers
     if vocab is not None:
-        from merge.tokenizer import updated_config
+        from suture.merge.tokenizer import updated_config
 
         config = updated_config(config, vocab, config_model=config_model)
     if out_dtype is not None and "torch_dtype" in config:
@@ -303,8 +303,8 @@ def run_recipe(
 
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
     """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
-    from merge.card import write_model_card
-    from stitch.pipeline import run_stitch, validate_stitch_section
+    from suture.merge.card import write_model_card
+    from suture.stitch.pipeline import run_stitch, validate_stitch_section
 
     if r.models or r.slices or r.merge_method:
         raise r.error(("stitch",), "a stitch recipe names its models in the stitch section; drop merge_method/models/slices")
@@ -350,7 +350,7 @@ def _run_zipit(r: Recipe, alignment, evaluation_section, publish_section, models
                   "alignment": zipped, **({"evaluation": evaluation} if evaluation else {}),
                   "seconds_total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        from merge.card import write_model_card
+        from suture.merge.card import write_model_card
 
         rows = None
         if evaluation:
@@ -379,14 +379,14 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
     if (ref_folder / "generation_config.json").is_file():
         shutil.copyfile(ref_folder / "generation_config.json", tmp / "generation_config.json")
         written.append("generation_config.json")
-    from merge.tokenizer import copy_tokenizer_files, write_tokenizer_files
+    from suture.merge.tokenizer import copy_tokenizer_files, write_tokenizer_files
 
     if vocab is not None:
         written += write_tokenizer_files(vocab, {k: models.folder(k) for k in models.refs}, tmp)
     else:
         written += copy_tokenizer_files(ref_folder, tmp)
     if r.chat_template:
-        from merge.tokenizer import apply_chat_template
+        from suture.merge.tokenizer import apply_chat_template
 
         apply_chat_template(r.chat_template, {k: models.folder(k) for k in models.refs}, tmp)
         if "tokenizer_config.json" not in written:
@@ -397,7 +397,7 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
 
 
 def _write_card(tmp: Path, r: Recipe, models: OpenedModels, report: dict[str, Any]) -> str:
-    from merge.card import write_model_card
+    from suture.merge.card import write_model_card
 
     config = models.stores[reference_key(r)].config or {}
     library = "transformers" if config.get("architectures") and "suture_architecture" not in config else None

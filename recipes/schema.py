@@ -39,9 +39,9 @@ from pydantic import (
     model_validator,
 )
 
-from merge.errors import RecipeError
-from recipes.params import check_setting, describe_kind, unreachable_conditions
-from recipes.yaml_lines import MAX_DOCUMENT_BYTES, KeyPath, format_path, load_yaml_with_lines, nearest_line
+from suture.merge.errors import RecipeError
+from suture.recipes.params import check_setting, describe_kind, unreachable_conditions
+from suture.recipes.yaml_lines import MAX_DOCUMENT_BYTES, KeyPath, format_path, load_yaml_with_lines, nearest_line
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ DtypeName = Annotated[StrictStr, AfterValidator(_check_dtype)]
 def _parse_shard_size(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"expected a size in bytes or a string like '5GB' or '500MB', got {describe_kind(value)}")
-    from merge.writer import parse_size  # imported here: it pulls in torch
+    from suture.merge.writer import parse_size  # imported here: it pulls in torch
 
     try:
         size = parse_size(value)
@@ -600,7 +600,7 @@ def _issues_from_pydantic(exc: ValidationError, lines: Mapping[KeyPath, int] | N
 def _known_method_names(known_methods: Any) -> set[str] | None:
     if known_methods is None:
         try:
-            from merge.methods import list_methods  # type: ignore[attr-defined]
+            from suture.merge.methods import list_methods  # type: ignore[attr-defined]
         except ImportError:
             return None
         names = set(list_methods())
@@ -623,7 +623,7 @@ def _needs_base(method: str, requires_base: Any) -> bool:
     if requires_base is not None:
         return bool(requires_base(method)) if callable(requires_base) else method in set(requires_base)
     try:
-        from merge.methods import get_method  # type: ignore[attr-defined]
+        from suture.merge.methods import get_method  # type: ignore[attr-defined]
 
         return bool(get_method(method).requires_base)
     except (ImportError, RecipeError):
@@ -773,8 +773,8 @@ def _param_leaves(value: Any) -> list[tuple[KeyPath, Any]]:
 def _check_param_values(r: Recipe, issues: _Issues) -> None:
     """Values of the wrong type for the merge method's parameters (`weight: half`, `.nan`, `normalize: 'yes'`)."""
     try:
-        from merge.methods import get_method
-        from merge.methods.registry import value_problem
+        from suture.merge.methods import get_method
+        from suture.merge.methods.registry import value_problem
 
         method = get_method(r.merge_method) if r.merge_method is not None else None
     except (ImportError, RecipeError):
@@ -813,7 +813,7 @@ def _where(r: Recipe, path: KeyPath) -> str:
 def _method_param_names(method: str) -> set[str] | None:
     """Parameter names the registered method declares, or None when the registry cannot say."""
     try:
-        from merge.methods import get_method  # type: ignore[attr-defined]
+        from suture.merge.methods import get_method  # type: ignore[attr-defined]
 
         m = get_method(method)
     except (ImportError, RecipeError):

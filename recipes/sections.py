@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
-from merge.errors import RecipeError
+from suture.merge.errors import RecipeError
 
 DataSpec = StrictStr | dict[str, Any]
 

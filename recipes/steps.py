@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from merge.derive import Architecture, architecture_of, load_module, parse_architecture
-from merge.errors import AlignmentError, RecipeError, SutureError
-from merge.store import TensorStore, open_store
-from recipes.sections import AlignmentSection, EvaluateSection
+from suture.merge.derive import Architecture, architecture_of, load_module, parse_architecture
+from suture.merge.errors import AlignmentError, RecipeError, SutureError
+from suture.merge.store import TensorStore, open_store
+from suture.recipes.sections import AlignmentSection, EvaluateSection
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -
 
 def check_trust(stores: dict[str, TensorStore], architecture: Architecture | None, trust_remote_code: bool) -> None:
     """Refuse up front (naming the model's config.json) a recorded factory that alignment or evaluation would build."""
-    from merge.hf_module import HFArchitecture, check_remote_code
-    from merge.zoo import check_factory_trust
+    from suture.merge.hf_module import HFArchitecture, check_remote_code
+    from suture.merge.zoo import check_factory_trust
 
     for store in stores.values():
         arch = architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
@@ -52,8 +52,8 @@ def check_trust(stores: dict[str, TensorStore], architecture: Architecture | Non
 
 def load_data(spec: Any, *, split: str = "train", max_items: int | None = None, store: TensorStore | None = None):
     """Calibration/evaluation data from a recipe data spec (text encoded with `store`'s tokenizer files, if any)."""
-    from merge.data import load_dataset
-    from merge.hf_module import tokenizer_folder
+    from suture.merge.data import load_dataset
+    from suture.merge.hf_module import tokenizer_folder
 
     return load_dataset(spec, split=split, max_items=max_items, tokenizer=tokenizer_folder(store) if store is not None else None)
 
@@ -66,7 +66,7 @@ def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], ref
     alignment section names no data of its own. `trust_remote_code` lets a model's config.json name an
     architecture outside Suture's zoo.
     """
-    from merge.align.pipeline import AlignmentSettings, align_models
+    from suture.merge.align.pipeline import AlignmentSettings, align_models
 
     spec = section.data if section.data is not None else fallback_data
     data = load_data(spec, split="train", max_items=section.max_items, store=stores.get(reference)) if spec is not None else None
@@ -92,7 +92,7 @@ def interpolation_weight(model_params: list[dict], keys: list[str], reference: s
 
 def check_repair(section: AlignmentSection, architecture: Architecture | None) -> None:
     """Refuse `repair:` (before anything is merged) where it cannot run: no runnable module, or a transformers model."""
-    from merge.hf_module import refuse_hf
+    from suture.merge.hf_module import refuse_hf
 
     if section.repair == "none":
         return
@@ -105,8 +105,8 @@ def check_repair(section: AlignmentSection, architecture: Architecture | None) -
 
 def repair_output(folder: Path, section: AlignmentSection, outcome, t: float) -> dict[str, Any]:
     """Reset BatchNorm statistics or apply REPAIR to the merged weights in `folder`, rewriting them in place."""
-    from merge.repair import repair, reset_batchnorm
-    from merge.writer import save_tensors
+    from suture.merge.repair import repair, reset_batchnorm
+    from suture.merge.writer import save_tensors
 
     check_repair(section, outcome.architecture)
     if section.data is None:
@@ -161,7 +161,7 @@ def evaluate_output(
     With `permutation_spec` (soft engines on models of equal widths) a weight-matching path is added, so the
     plot compares naive, permutation and OT curves.
     """
-    from merge.evaluate import barrier, evaluate, interpolation_curve
+    from suture.merge.evaluate import barrier, evaluate, interpolation_curve
 
     merged_store = open_store(folder)
     arch = architecture_of(merged_store, trust_remote_code=trust_remote_code, chosen=architecture) or architecture
@@ -231,7 +231,7 @@ def evaluate_output(
     if mid is not None:
         result["midpoint_accuracy"] = {label: c[mid]["accuracy"] for label, c in curves.items()}
     if section.plot:
-        from merge.plot import plot_interpolation
+        from suture.merge.plot import plot_interpolation
 
         plot_interpolation(curves, folder / PLOT_NAME, title=f"{reference} → {other}")
         result["plot"] = PLOT_NAME
@@ -249,9 +249,9 @@ def _with_notes(result: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 
 def _permutation_path(spec: Any, ref_store: TensorStore, ref_state: dict, other_state: dict, arch: Architecture, data: Any) -> dict:
     """The other model weight-matched onto the reference (the spec re-derived when compression changed the widths)."""
-    from merge.align.weight_matching import weight_matching
-    from merge.derive import derive_spec
-    from merge.spec import permute_state
+    from suture.merge.align.weight_matching import weight_matching
+    from suture.merge.derive import derive_spec
+    from suture.merge.spec import permute_state
 
     shapes = {n: tuple(t.shape) for n, t in ref_state.items()}
     try:
@@ -291,8 +291,8 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
 
     Each model runs as the recipe's `architecture:` when given, else as the architecture its config.json records.
     """
-    from merge.hf_module import refuse_hf
-    from merge.zipit import save_zip_result, zip_models
+    from suture.merge.hf_module import refuse_hf
+    from suture.merge.zipit import save_zip_result, zip_models
 
     archs = {key: architecture_of(store, architecture, trust_remote_code=trust_remote_code) for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
@@ -335,10 +335,10 @@ def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStor
 
 def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress, architecture: Architecture) -> dict[str, Any]:
     """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
-    from merge.evaluate import evaluate
-    from merge.graph.trace import spec_from_module
-    from merge.multihead import is_multihead, load_multihead
-    from merge.zipit import stop_layers
+    from suture.merge.evaluate import evaluate
+    from suture.merge.graph.trace import spec_from_module
+    from suture.merge.multihead import is_multihead, load_multihead
+    from suture.merge.zipit import stop_layers
 
     data = load_data(section.data, split=section.split, max_items=section.max_items)
     store = open_store(folder)
@@ -366,7 +366,7 @@ def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progr
     result["baselines"] = baselines
     result["stop_sweep"] = sweep
     if section.plot:
-        from merge.plot import plot_stop_sweep
+        from suture.merge.plot import plot_stop_sweep
 
         plot_stop_sweep(sweep, result["ensemble"]["accuracy"], folder / ZIP_PLOT_NAME)
         result["plot"] = ZIP_PLOT_NAME

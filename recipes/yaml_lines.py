@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from merge.errors import RecipeError
+from suture.merge.errors import RecipeError
 
 logger = logging.getLogger(__name__)
 

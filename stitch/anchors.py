@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

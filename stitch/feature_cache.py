@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from merge.data import CalibrationData, Inputs
+from suture.merge.data import CalibrationData, Inputs
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ FORMAT = "suture-features-1"
 
 
 def _cache_folder() -> Path:
-    from merge.refs import cache_dir
+    from suture.merge.refs import cache_dir
 
     return cache_dir() / "features"
 

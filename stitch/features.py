@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.data import CalibrationData, Inputs, encode_texts, inputs_to, iter_batches
-from merge.errors import InputError
+from suture.merge.data import CalibrationData, Inputs, encode_texts, inputs_to, iter_batches
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _stage_state(chain: Chain, idx: Iterable[int]) -> dict[str, torch.Tensor]:
 
 def chain_from_module(module: nn.Module, *, architecture: tuple[str, dict[str, Any]] | None = None) -> Chain:
     """Cut a zoo MLP, zoo ResNetSmall or nn.Sequential into stages (weights are shared, not copied)."""
-    from merge.zoo import MLP, ResNetSmall
+    from suture.merge.zoo import MLP, ResNetSmall
 
     if isinstance(module, MLP):
         n = len(module.layers)
@@ -331,7 +331,7 @@ def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128,
 
     Code named by the model's files (a factory outside Suture's zoo, HF remote code) runs only with `trust_remote_code`.
     """
-    from merge.refs import resolve_ref
+    from suture.merge.refs import resolve_ref
 
     path = Path(resolve_ref(str(ref)))
     if _is_hf_folder(path):
@@ -344,7 +344,7 @@ def load_chain(ref: str | Path, *, pooling: str = "mean", max_length: int = 128,
             raise InputError(f"model {ref!r}: could not load a Hugging Face encoder from {path} ({exc})") from exc
         chain = chain_from_hf(model, tokenizer, pooling=pooling, path=str(path), max_length=max_length)
     else:
-        from merge.zoo import load_module, read_architecture
+        from suture.merge.zoo import load_module, read_architecture
 
         chain = chain_from_module(load_module(path, trust_remote_code=trust_remote_code), architecture=read_architecture(path))
     chain.source = str(ref)
@@ -409,7 +409,7 @@ def capture_features(
     wanted = sorted({chain.resolve_layer(layer) for layer in ([layers] if single else layers)})
     key = ident = None
     if cache and chain.kind == "hf" and chain.hf.get("path"):
-        from stitch.feature_cache import feature_key, load_features
+        from suture.stitch.feature_cache import feature_key, load_features
 
         key, ident = feature_key(chain.hf["path"], data, pooling=chain.hf.get("pooling", "mean"),
                                  max_length=chain.hf.get("max_length", 128), tokens=tokens, layers=wanted if tokens else None)
@@ -434,7 +434,7 @@ def capture_features(
         owner.to(home)
     feats = {i: torch.cat(v) for i, v in out.items()}
     if key is not None:
-        from stitch.feature_cache import save_features
+        from suture.stitch.feature_cache import save_features
 
         save_features(key, feats, ident)
         feats = {i: feats[i] for i in sorted({chain.resolve_layer(layer) for layer in ([layers] if single else layers)})}
@@ -544,7 +544,7 @@ def capture_module_features(
     flatten: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Outputs of named submodules of any module, read with forward hooks (tuple outputs: first item)."""
-    from merge.evaluate import run_module
+    from suture.merge.evaluate import run_module
 
     inputs = data.inputs if isinstance(data, CalibrationData) else data
     found = dict(module.named_modules())

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.errors import InputError
-from merge.threads import single_threaded_if_small
+from suture.merge.errors import InputError
+from suture.merge.threads import single_threaded_if_small
 
 logger = logging.getLogger(__name__)
 

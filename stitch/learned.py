@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.errors import InputError
-from merge.threads import single_threaded
+from suture.merge.errors import InputError
+from suture.merge.threads import single_threaded
 
 logger = logging.getLogger(__name__)
 

@@ -40,16 +40,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
-from merge.data import CalibrationData, load_dataset
-from merge.errors import InputError, RecipeError
-from stitch.anchors import select_anchors
-from stitch.features import Chain, flatten_features, load_chain
-from stitch.heads import train_head
-from stitch.learned import finetune_stitch
-from stitch.planner import TRANSLATOR_METHODS, build_stitch, plan_stitch
-from stitch.relative import RelativeProjector
-from stitch.similarity import layer_similarity_matrix, linear_cka
-from stitch.stitched import RelativeStitch, StitchedModel, classification_scores, make_stitched, predict
+from suture.merge.data import CalibrationData, load_dataset
+from suture.merge.errors import InputError, RecipeError
+from suture.stitch.anchors import select_anchors
+from suture.stitch.features import Chain, flatten_features, load_chain
+from suture.stitch.heads import train_head
+from suture.stitch.learned import finetune_stitch
+from suture.stitch.planner import TRANSLATOR_METHODS, build_stitch, plan_stitch
+from suture.stitch.relative import RelativeProjector
+from suture.stitch.similarity import layer_similarity_matrix, linear_cka
+from suture.stitch.stitched import RelativeStitch, StitchedModel, classification_scores, make_stitched, predict
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.data import CalibrationData
-from merge.errors import InputError
-from stitch.features import Chain, flatten_features
-from stitch.heads import train_head
-from stitch.learned import fit_linear_stitch, pixel_rows
-from stitch.similarity import layer_similarity_matrix
-from stitch.stitched import IdentityStitch, TranslatorStitch, classification_scores, predict
-from stitch.translate import Affine, LeastSquares, OrthogonalizedLeastSquares, OTTranslator, Procrustes, Translator
+from suture.merge.data import CalibrationData
+from suture.merge.errors import InputError
+from suture.stitch.features import Chain, flatten_features
+from suture.stitch.heads import train_head
+from suture.stitch.learned import fit_linear_stitch, pixel_rows
+from suture.stitch.similarity import layer_similarity_matrix
+from suture.stitch.stitched import IdentityStitch, TranslatorStitch, classification_scores, predict
+from suture.stitch.translate import Affine, LeastSquares, OrthogonalizedLeastSquares, OTTranslator, Procrustes, Translator
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import torch
 
-from merge.errors import InputError, SutureError
-from stitch.translate import load_state_file, save_state_file
+from suture.merge.errors import InputError, SutureError
+from suture.stitch.translate import load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from merge.errors import InputError
+from suture.merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

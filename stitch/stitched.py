@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.data import CalibrationData, Inputs, inputs_to, iter_batches
-from merge.errors import InputError
-from merge.store import read_json
-from stitch.features import Chain, HFEncoderPrefix, chain_from_module
-from stitch.heads import LinearHead
-from stitch.learned import LinearStitch, pixel_rows
-from stitch.relative import RelativeProjector
-from stitch.translate import TRANSLATORS, Translator
+from suture.merge.data import CalibrationData, Inputs, inputs_to, iter_batches
+from suture.merge.errors import InputError
+from suture.merge.store import read_json
+from suture.stitch.features import Chain, HFEncoderPrefix, chain_from_module
+from suture.stitch.heads import LinearHead
+from suture.stitch.learned import LinearStitch, pixel_rows
+from suture.stitch.relative import RelativeProjector
+from suture.stitch.translate import TRANSLATORS, Translator
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 
 def _rebuild_torch(meta: Mapping[str, Any], where: str, trust_remote_code: bool = False) -> Chain:
-    from merge.zoo import build_architecture, check_factory_trust
+    from suture.merge.zoo import build_architecture, check_factory_trust
 
     arch = meta.get("architecture") or {}
     if not isinstance(arch.get("factory"), str):
@@ -330,7 +330,7 @@ def load_stitched(path: str | os.PathLike[str], *, trust_remote_code: bool = Fal
 @torch.no_grad()
 def predict(fn: Callable[[Any], torch.Tensor] | nn.Module, inputs: Inputs, *, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
     """Argmax class predictions of a module (or function of a batch) over all inputs."""
-    from merge.evaluate import model_logits, run_module
+    from suture.merge.evaluate import model_logits, run_module
 
     preds = []
     for batch, _ in iter_batches(CalibrationData(inputs), batch_size):
@@ -361,7 +361,7 @@ def evaluate_stitched(model: StitchedModel, data: CalibrationData, *, batch_size
     if model.manifest.get("source", {}).get("kind") == "hf":
         texts = data.meta.get("texts")
         if texts is not None and model.tokenizer is not None:
-            from merge.data import encode_texts
+            from suture.merge.data import encode_texts
 
             max_length = int(model.manifest["source"].get("max_length", 128))
             inputs = encode_texts(model.tokenizer, list(texts), max_length=max_length)

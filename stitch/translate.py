@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge.errors import InputError, SutureError
+from suture.merge.errors import InputError, SutureError
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.activations import FeatureStats, collect_stats, group_taps, unit_features
-from merge.align.activation_matching import activation_matching
-from merge.align.weight_matching import weight_matching
-from merge.data import CalibrationData
-from merge.errors import AlignmentError, InputError
-from merge.graph.trace import Tap, spec_from_module
-from merge.zoo import train
-from merge.spec import permute_state
+from suture.merge.activations import FeatureStats, collect_stats, group_taps, unit_features
+from suture.merge.align.activation_matching import activation_matching
+from suture.merge.align.weight_matching import weight_matching
+from suture.merge.data import CalibrationData
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.graph.trace import Tap, spec_from_module
+from suture.merge.zoo import train
+from suture.merge.spec import permute_state
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM
 from tests.test_weight_matching import GQAttention, attention_spec
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.errors import AlignmentError
-from merge.store import open_store
-from merge.writer import save_tensors
-from recipes.runner import run_recipe
+from suture.merge.errors import AlignmentError
+from suture.merge.store import open_store
+from suture.merge.writer import save_tensors
+from suture.recipes.runner import run_recipe
 
 EXAMPLES = Path(__file__).parents[1] / "recipes" / "examples"
 
@@ -41,8 +41,8 @@ def test_quickstart_meets_the_rebasin_floors(quickstart):
 
 def _permuted_copy(folder: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
     """Write a functionally identical, randomly permuted copy of a zoo model (with its config)."""
-    from merge.derive import derive_spec
-    from merge.spec import permute_state
+    from suture.merge.derive import derive_spec
+    from suture.merge.spec import permute_state
 
     store = open_store(folder)
     spec, _ = derive_spec(store, input_shape=(2, 64))
@@ -54,7 +54,7 @@ def _permuted_copy(folder: Path, out: Path, seed: int) -> dict[str, torch.Tensor
 
 @pytest.mark.parametrize("engine", ["weight_matching", "activation_matching"])
 def test_planted_permutation_is_undone_bit_for_bit(tmp_path, demo_cache, engine):
-    from merge.refs import demo_path
+    from suture.merge.refs import demo_path
 
     original = demo_path("mlp-seed1")
     _permuted_copy(original, tmp_path / "permuted", seed=3)
@@ -79,10 +79,10 @@ def test_resnet_with_batchnorm_reset_reduces_the_barrier(tmp_path, demo_cache):
 
 
 def test_different_widths_point_to_ot(tmp_path):
-    from merge import zoo
+    from suture.merge import zoo
 
-    a = zoo.save_module(zoo.mlp((64, 32, 10)), tmp_path / "a", "merge.zoo:mlp", {"widths": [64, 32, 10]})
-    b = zoo.save_module(zoo.mlp((64, 48, 10)), tmp_path / "b", "merge.zoo:mlp", {"widths": [64, 48, 10]})
+    a = zoo.save_module(zoo.mlp((64, 32, 10)), tmp_path / "a", "suture.merge.zoo:mlp", {"widths": [64, 32, 10]})
+    b = zoo.save_module(zoo.mlp((64, 48, 10)), tmp_path / "b", "suture.merge.zoo:mlp", {"widths": [64, 48, 10]})
     recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1}}, {"model": str(b), "parameters": {"weight": 1}}],
               "alignment": {"engine": "weight_matching", "input_shape": [2, 64]}}
     with pytest.raises(AlignmentError, match="OT engine"):
@@ -91,7 +91,7 @@ def test_different_widths_point_to_ot(tmp_path):
 
 
 def test_bad_alignment_keys_fail_before_work(tmp_path):
-    from merge.errors import RecipeError
+    from suture.merge.errors import RecipeError
 
     recipe = {"merge_method": "linear", "models": [{"model": "demo:mlp-seed1", "parameters": {"weight": 1}}],
               "alignment": {"engine": "telepathy"}}
@@ -101,7 +101,7 @@ def test_bad_alignment_keys_fail_before_work(tmp_path):
 
 def test_three_models_align_to_a_chosen_reference(tmp_path, demo_cache):
     """Two permuted copies and the original, aligned to the original, average back to the original."""
-    from merge.refs import demo_path
+    from suture.merge.refs import demo_path
 
     original = demo_path("mlp-seed1")
     _permuted_copy(original, tmp_path / "p3", seed=3)
@@ -125,7 +125,7 @@ def test_architecture_named_in_the_recipe_with_kwargs(tmp_path, demo_cache):
     """Weights without a recorded architecture align once the recipe names the factory and its kwargs."""
     import shutil
 
-    from merge.refs import demo_path
+    from suture.merge.refs import demo_path
 
     for name, seed in (("a", "mlp-seed1"), ("b", "mlp-seed2")):
         (tmp_path / name).mkdir()
@@ -133,15 +133,15 @@ def test_architecture_named_in_the_recipe_with_kwargs(tmp_path, demo_cache):
     recipe = {
         "merge_method": "linear",
         "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 0.5}}],
-        "architecture": {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 512, 512, 512, 10]}},
+        "architecture": {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": [64, 512, 512, 512, 10]}},
         "alignment": {"engine": "activation_matching", "data": "sklearn:digits"},
         "evaluate": {"data": "sklearn:digits", "plot": False},
     }
     result = run_recipe(recipe, tmp_path / "out")
     ev = result.report["evaluation"]
     assert ev["barriers"]["aligned"]["loss"] < ev["barriers"]["naive"]["loss"] / 2, ev["barriers"]
-    recipe["architecture"] = {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 32, 10]}}  # weights do not fit
-    from merge.errors import InputError
+    recipe["architecture"] = {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": [64, 32, 10]}}  # weights do not fit
+    from suture.merge.errors import InputError
 
     with pytest.raises(InputError, match="do not fit"):
         run_recipe(recipe, tmp_path / "out2")

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from app import services, state  # noqa: E402
-from app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+from suture.app import services, state  # noqa: E402
+from suture.app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
 from tests.hub_server import DEFAULT_TOKEN  # noqa: E402
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -24,7 +24,7 @@ TIMEOUT = 240  # torch import, first-use demo training and merges on a busy 2-co
 @pytest.fixture(scope="session")
 def demo_models(demo_cache: Path) -> Path:
     """The three small demo models, trained once per session in the shared test cache (tests/conftest.py)."""
-    from merge.refs import resolve_ref
+    from suture.merge.refs import resolve_ref
 
     for ref in state.DEMO_LIBRARY:
         resolve_ref(ref)
@@ -430,7 +430,7 @@ def test_visiting_the_form_leaves_an_imported_recipe_unchanged(ws, text):
 
 
 def test_exported_recipe_gives_the_same_tensors_with_suture_run(ws, tmp_path):
-    from recipes.cli import main
+    from suture.recipes.cli import main
 
     at = start()
     last = run_demo_merge(at)  # the quickstart: weight matching, then linear
@@ -519,14 +519,14 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
 
 
 def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
-    from merge import zoo
-    from merge.data import load_dataset
+    from suture.merge import zoo
+    from suture.merge.data import load_dataset
 
     data = load_dataset("sklearn:digits", split="train")
     for name, widths, seed in (("narrow", [64, 32, 32, 10], 1), ("wide", [64, 48, 48, 10], 2)):
-        module = zoo.build_seeded("merge.zoo:mlp", seed, widths=widths)
+        module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths)
         zoo.train(module, data, epochs=8, seed=seed)
-        zoo.save_module(module, ws.root / "models" / name, "merge.zoo:mlp", {"widths": widths})
+        zoo.save_module(module, ws.root / "models" / name, "suture.merge.zoo:mlp", {"widths": widths})
     text = ("name: ot-widths\nmerge_method: linear\nmodels:\n  - model: models/narrow\n    parameters: {weight: 0.5}\n"
             "  - model: models/wide\n    parameters: {weight: 0.5}\nalignment: {engine: ot, data: sklearn:digits}\n"
             "evaluate: {data: sklearn:digits, points: 5}\n")
@@ -606,7 +606,7 @@ def test_stitch_page_similarity_and_map(ws):
     at.selectbox(key="stitch.method").set_value("Procrustes")
     click(at, "stitch.fit")
     scores = at.session_state["stitch.scores"]
-    from merge.data import load_dataset
+    from suture.merge.data import load_dataset
 
     assert scores["method"] == "Procrustes" and scores["test samples"] == len(load_dataset("sklearn:digits", split="test"))
     assert 0.3 < scores["R² (translated A vs B)"] <= 1.0
@@ -691,7 +691,7 @@ def test_report_figures_are_read_when_present(tmp_path):
     assert services.evaluation_rows(report) == [{"model": "a", "loss": 0.4, "accuracy": 0.9}, {"model": "merged", "merged": True, "loss": 0.5, "accuracy": 0.8}]
     assert services.barrier_rows(report) == [{"path": "aligned", "loss": 0.02, "accuracy": 0.01}]
     assert services.alignment_objective({"alignment": {"models": {"b": {"objective": 3.0}}}}) == {}
-    from app import plots
+    from suture.app import plots
 
     fig = plots.interpolation(services.interpolation_curves(report))
     assert len(fig.axes) == 2

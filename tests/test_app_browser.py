@@ -58,7 +58,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 @pytest.fixture
 def app_server(tmp_path: Path, demo_cache: Path):
     """`streamlit run app/main.py -- --workspace DIR` on 127.0.0.1 (demo models come from the session cache)."""
-    from merge.refs import resolve_ref
+    from suture.merge.refs import resolve_ref
 
     for ref in ("demo:mlp-seed1", "demo:mlp-seed2"):
         resolve_ref(ref)  # the quickstart's models: trained once per session, outside the browser's time budget

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from merge.card import (
+from suture.merge.card import (
     ENGINE_PAPERS,
     METHOD_PAPERS,
     build_model_card,
@@ -18,8 +18,8 @@ from merge.card import (
     read_license,
     write_model_card,
 )
-from merge.errors import InputError
-from merge.hub import is_hub_id, split_hub_ref
+from suture.merge.errors import InputError
+from suture.merge.hub import is_hub_id, split_hub_ref
 from tests.hub_server import validate_card_metadata
 
 RECIPE = """merge_method: ties
@@ -208,7 +208,7 @@ def test_method_papers_come_from_the_registry_or_the_table():
     for name in METHOD_PAPERS:
         assert re.fullmatch(r"\[.+\]\(https://\S+\)", method_paper(name)), name
     try:
-        from merge.methods import list_methods
+        from suture.merge.methods import list_methods
     except ImportError:
         return
     for name in list_methods():

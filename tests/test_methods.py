@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from merge.errors import InputError, RecipeError
-from merge.methods import MergeInputs, get_method, list_methods, run_method
-from merge.methods.sparsify import magnitude, magnitude_outliers
-from merge.methods.task_arithmetic import sign_consensus_mask
+from suture.merge.errors import InputError, RecipeError
+from suture.merge.methods import MergeInputs, get_method, list_methods, run_method
+from suture.merge.methods.sparsify import magnitude, magnitude_outliers
+from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 T = torch.tensor
 ALL_METHODS = {

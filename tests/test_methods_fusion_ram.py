@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from merge.methods import MergeInputs, run_method
-from merge.methods.arcee_fusion import fusion_importance, fusion_mask, quartiles
-from merge.methods.ram import overlap, unique_amplification
+from suture.merge.methods import MergeInputs, run_method
+from suture.merge.methods.arcee_fusion import fusion_importance, fusion_mask, quartiles
+from suture.merge.methods.ram import overlap, unique_amplification
 
 
 def _run(name: str, tensors: list[torch.Tensor], base: torch.Tensor, **params) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_arcee_fusion_takes_only_outlier_changes() -> None:
 
 
 def test_new_methods_need_a_base_and_arcee_fusion_exactly_one_other_model() -> None:
-    from merge.errors import RecipeError
+    from suture.merge.errors import RecipeError
 
     x = torch.ones(3)
     with pytest.raises(RecipeError):

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from merge.align import ot_solve
-from merge.align.ot import compress_reference, fuse_states, group_order, ot_align, transport_state
-from merge.align.ot_features import collect_unit_moments
-from merge.data import iter_batches, load_dataset
-from merge.errors import AlignmentError, InputError
-from merge.evaluate import evaluate
-from merge.graph.trace import spec_from_module
-from merge.spec import Member, PermGroup, PermutationSpec, permute_state
-from merge.zoo import mlp, resnet_small, train
+from suture.merge.align import ot_solve
+from suture.merge.align.ot import compress_reference, fuse_states, group_order, ot_align, transport_state
+from suture.merge.align.ot_features import collect_unit_moments
+from suture.merge.data import iter_batches, load_dataset
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.evaluate import evaluate
+from suture.merge.graph.trace import spec_from_module
+from suture.merge.spec import Member, PermGroup, PermutationSpec, permute_state
+from suture.merge.zoo import mlp, resnet_small, train
 
 W = [64, 128, 128, 10]
 WIDE = [64, 192, 192, 10]
@@ -252,7 +252,7 @@ def test_bad_input_fails_before_work(models, monkeypatch):
     def no_solving(*args, **kwargs):
         raise AssertionError("a solver ran before the input was checked")
 
-    monkeypatch.setattr("merge.align.ot.solve_plan", no_solving)
+    monkeypatch.setattr("suture.merge.align.ot.solve_plan", no_solving)
     with pytest.raises(InputError, match="calibration data"):
         ot_align(sa, sw, pa, pw, ground_metric="activations")
     with pytest.raises(InputError, match="calibration data"):
@@ -299,8 +299,8 @@ def test_head_groups_move_whole_heads():
 
 @pytest.mark.parametrize("repeat,inner", [(1, 1), (1, 3), (2, 1)])
 def test_map_axis_with_a_permutation_matrix_equals_index_permutation(repeat, inner):
-    from merge.align.ot import map_axis
-    from merge.spec import expand_index
+    from suture.merge.align.ot import map_axis
+    from suture.merge.spec import expand_index
 
     head_dim = 2
     group = PermGroup("g", 6, kind="heads_within", head_dim=head_dim)
@@ -325,7 +325,7 @@ def test_sinkhorn_falls_back_to_log_domain_when_the_kernel_underflows():
 
 
 def test_align_with_ot_one_call(models, data):
-    from merge.align.ot import align_with_ot
+    from suture.merge.align.ot import align_with_ot
 
     train_data, test = data
     a, wide = models["a"], models["wide"]

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from merge.align.depth import (
+from suture.merge.align.depth import (
     align_layers,
     balance_depths,
     fuse_depths,
@@ -15,10 +15,10 @@ from merge.align.depth import (
     insert_identity_layers,
     linear_cka,
 )
-from merge.data import load_dataset
-from merge.errors import AlignmentError, InputError
-from merge.evaluate import evaluate
-from merge.zoo import mlp, resnet_small, train
+from suture.merge.data import load_dataset
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.evaluate import evaluate
+from suture.merge.zoo import mlp, resnet_small, train
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from merge.errors import RecipeError
-from merge.layers import (
+from suture.merge.errors import RecipeError
+from suture.merge.layers import (
     SliceLayout,
     find_layer,
     layer_index,
@@ -15,7 +15,7 @@ from merge.layers import (
     rename_layer,
     tensor_section,
 )
-from recipes.params import (
+from suture.recipes.params import (
     ParamResolver,
     check_setting,
     evaluate_setting,
@@ -23,7 +23,7 @@ from recipes.params import (
     resolve_param,
     unreachable_conditions,
 )
-from recipes.schema import BASE_REQUIRED_METHODS, ModelRef, load_recipe
+from suture.recipes.schema import BASE_REQUIRED_METHODS, ModelRef, load_recipe
 
 KNOWN = {"linear", "slerp", "ties", "passthrough", "task_arithmetic"}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.errors import RecipeError
-from merge.store import open_store
-from recipes.cli import main
-from recipes.runner import run_recipe
+from suture.merge.errors import RecipeError
+from suture.merge.store import open_store
+from suture.recipes.cli import main
+from suture.recipes.runner import run_recipe
 from tests.hub_server import DEFAULT_TOKEN
 from tests.test_runner_cli import tiny_llama
 
@@ -48,7 +48,7 @@ def test_cli_push_then_pull(hub_server, tmp_path, monkeypatch, capsys):
     assert main(["push", str(out), "tester/cli-merged", "-q"]) == 0
     printed = capsys.readouterr()
     assert "published:" in printed.out and DEFAULT_TOKEN not in printed.out + printed.err
-    from merge.hub import resolve_model_ref
+    from suture.merge.hub import resolve_model_ref
 
     pulled = resolve_model_ref("tester/cli-merged")
     local, remote = open_store(out), open_store(pulled)

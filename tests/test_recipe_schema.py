@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from merge.errors import RecipeError
-from recipes.schema import (
+from suture.merge.errors import RecipeError
+from suture.recipes.schema import (
     BASE_REQUIRED_METHODS,
     ModelRef,
     Recipe,
@@ -16,7 +16,7 @@ from recipes.schema import (
     looks_like_hub_id,
     parse_recipe,
 )
-from recipes.yaml_lines import format_path, load_yaml_with_lines, nearest_line
+from suture.recipes.yaml_lines import format_path, load_yaml_with_lines, nearest_line
 
 # mergekit's method names; passed explicitly so these tests do not depend on which methods are registered
 MERGEKIT_METHODS = {
@@ -499,11 +499,11 @@ def test_tokenizer_source_and_key_errors_are_single_and_clear() -> None:
 
 
 def test_warnings_for_unreachable_conditions_and_unknown_parameters(caplog, monkeypatch) -> None:
-    import recipes.schema as schema
+    import suture.recipes.schema as schema
 
     monkeypatch.setattr(schema, "_method_param_names", lambda method: {"weight", "normalize"})
     text = LINEAR.replace("      weight: 0.3\n", "      wieght: 0.3\n") + "parameters:\n  normalize: [{value: true}, {filter: mlp, value: false}]\n"
-    with caplog.at_level("WARNING", logger="recipes.schema"):
+    with caplog.at_level("WARNING", logger="suture.recipes.schema"):
         load(text)
     msgs = [r.getMessage() for r in caplog.records]
     assert any("models[1].parameters.wieght (line 7)" in m and "did you mean 'weight'" in m for m in msgs), msgs

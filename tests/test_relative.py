@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.errors import InputError, SutureError
-from stitch.anchors import (
+from suture.merge.errors import InputError, SutureError
+from suture.stitch.anchors import (
     ANCHOR_METHODS,
     farthest_point_anchors,
     kmeans_anchors,
@@ -14,7 +14,7 @@ from stitch.anchors import (
     select_anchors,
     stratified_anchors,
 )
-from stitch.relative import NORMALIZATIONS, SIMILARITIES, RelativeProjector, relative_projection
+from suture.stitch.relative import NORMALIZATIONS, SIMILARITIES, RelativeProjector, relative_projection
 from tests._linalg import gen, random_orthogonal
 from tests._digits import digits_data, train_linear_head, train_mlp
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from merge import zoo
-from merge.data import CalibrationData, load_dataset
-from merge.errors import InputError
-from merge.evaluate import evaluate, interpolate_states, interpolation_curve
-from merge.repair import as_input_batches, channel_stats, repair, repair_points, reset_batchnorm
+from suture.merge import zoo
+from suture.merge.data import CalibrationData, load_dataset
+from suture.merge.errors import InputError
+from suture.merge.evaluate import evaluate, interpolate_states, interpolation_curve
+from suture.merge.repair import as_input_batches, channel_stats, repair, repair_points, reset_batchnorm
 
 
 def _linear_bn(seed: int = 0) -> nn.Sequential:

@@ -12,10 +12,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from merge.errors import InputError, RecipeError
-from merge.store import open_store
-from recipes.cli import main
-from recipes.runner import RunOptions, dry_run, run_recipe
+from suture.merge.errors import InputError, RecipeError
+from suture.merge.store import open_store
+from suture.recipes.cli import main
+from suture.recipes.runner import RunOptions, dry_run, run_recipe
 
 HIDDEN, LAYERS, VOCAB = 16, 3, 40
 
@@ -171,7 +171,7 @@ def test_missing_required_parameter_names_key(tmp_path, pair):
 
 
 def test_failure_mid_run_leaves_no_output(tmp_path, pair, monkeypatch):
-    from merge.writer import ShardedWriter
+    from suture.merge.writer import ShardedWriter
 
     a, b = pair
     calls = {"n": 0}

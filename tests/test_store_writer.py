@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge.errors import InputError
-from merge.store import DictStore, open_store, read_safetensors_header
-from merge.writer import ShardedWriter, TensorEntry, atomic_output_dir, parse_size, save_tensors
+from suture.merge.errors import InputError
+from suture.merge.store import DictStore, open_store, read_safetensors_header
+from suture.merge.writer import ShardedWriter, TensorEntry, atomic_output_dir, parse_size, save_tensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -16,8 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from merge.errors import InputError, RecipeError
-from merge.tokenizer import (
+from suture.merge.errors import InputError, RecipeError
+from suture.merge.tokenizer import (
     BUILTIN_CHAT_TEMPLATES,
     VocabPlan,
     apply_chat_template,
@@ -506,7 +506,7 @@ def test_chat_template_builtin_literal_and_errors(three, tmp_path, caplog):
     dirs, _ = three
     out = tmp_path / "out"
     write_tokenizer_files(plan_vocabulary("base", dirs, "base"), dirs, out)
-    with caplog.at_level(logging.WARNING, logger="merge.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="suture.merge.tokenizer"):
         apply_chat_template("chatml", dirs, out)
     assert "<|im_start|>" in caplog.text  # the base vocabulary lacks ChatML's markers
     tok = AutoTokenizer.from_pretrained(out)
@@ -583,7 +583,7 @@ def test_missing_tokenizer_files_are_reported_once_and_warned_only_for_text_mode
     text.mkdir()
     (vision / "config.json").write_text(json.dumps({"suture_architecture": "mlp"}))
     (text / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
-    with caplog.at_level(logging.DEBUG, logger="merge.tokenizer"):
+    with caplog.at_level(logging.DEBUG, logger="suture.merge.tokenizer"):
         for _ in range(3):
             assert copy_tokenizer_files(vision, tmp_path / "out1") == []
             assert copy_tokenizer_files(text, tmp_path / "out2") == []

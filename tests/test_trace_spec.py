@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.errors import InputError
-from merge.graph.trace import spec_from_module, trace_module
-from merge.spec import PermutationSpec, permute_state
+from suture.merge.errors import InputError
+from suture.merge.graph.trace import spec_from_module, trace_module
+from suture.merge.spec import PermutationSpec, permute_state
 
 
 def _randomize(model: nn.Module) -> nn.Module:
@@ -281,7 +281,7 @@ def test_embedding_tied_head_and_positional_parameter():
 def test_unknown_op_freezes_and_keeps_outputs(caplog):
     torch.manual_seed(0)
     model = WithUnknownOp().eval()
-    with caplog.at_level(logging.WARNING, logger="merge.graph.trace"):
+    with caplog.at_level(logging.WARNING, logger="suture.merge.graph.trace"):
         spec = spec_from_module(model, torch.randn(2, 6))
     assert spec.groups["fc1"].frozen and "cumsum" in spec.groups["fc1"].frozen_reason
     assert not spec.groups["fc2"].frozen

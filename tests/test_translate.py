@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge.errors import InputError, SutureError
-from stitch.relative import RelativeProjector
-from stitch.translate import (
+from suture.merge.errors import InputError, SutureError
+from suture.stitch.relative import RelativeProjector
+from suture.stitch.translate import (
     TRANSLATORS,
     Affine,
     LeastSquares,

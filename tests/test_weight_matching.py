@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.align.assignment import assign, solve_lap
-from merge.align.weight_matching import weight_matching
-from merge.data import CalibrationData
-from merge.errors import AlignmentError
-from merge.graph.trace import spec_from_module
-from merge.align.ot import _sum_units, map_axis
-from merge.zoo import train
-from merge.spec import Member, PermGroup, PermutationSpec, expand_index, permute_state, unit_matrix
-from merge.zipit import apply_units
+from suture.merge.align.assignment import assign, solve_lap
+from suture.merge.align.weight_matching import weight_matching
+from suture.merge.data import CalibrationData
+from suture.merge.errors import AlignmentError
+from suture.merge.graph.trace import spec_from_module
+from suture.merge.align.ot import _sum_units, map_axis
+from suture.merge.zoo import train
+from suture.merge.spec import Member, PermGroup, PermutationSpec, expand_index, permute_state, unit_matrix
+from suture.merge.zipit import apply_units
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM, _randomize
 
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from merge.align.weight_matching import weight_matching
-from merge.data import CalibrationData, load_dataset
-from merge.errors import AlignmentError, InputError
-from merge.graph.trace import spec_from_module
-from merge.multihead import MultiHeadModel, is_multihead, load_multihead, read_manifest
-from merge.spec import permute_state
-from merge.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
-from merge.zipit_match import identity_match, permute_match, zip_match
-from merge.zoo import build_seeded, load_module, train
+from suture.merge.align.weight_matching import weight_matching
+from suture.merge.data import CalibrationData, load_dataset
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.graph.trace import spec_from_module
+from suture.merge.multihead import MultiHeadModel, is_multihead, load_multihead, read_manifest
+from suture.merge.spec import permute_state
+from suture.merge.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
+from suture.merge.zipit_match import identity_match, permute_match, zip_match
+from suture.merge.zoo import build_seeded, load_module, train
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-MLP_ARCH = {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 64, 64, 64, 5]}}
-RESNET_ARCH = {"factory": "merge.zoo:resnet_small", "kwargs": {"width": 16, "num_classes": 5}}
+MLP_ARCH = {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": [64, 64, 64, 64, 5]}}
+RESNET_ARCH = {"factory": "suture.merge.zoo:resnet_small", "kwargs": {"width": 16, "num_classes": 5}}
 
 
 # ----------------------------------------------------------------------------------------- matching
@@ -277,7 +277,7 @@ def five_plus_five():
 
     The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.zoo.TASK_TRAINING["resnet"]).
     """
-    from merge.zoo import TASK_DATA, TASK_TRAINING
+    from suture.merge.zoo import TASK_DATA, TASK_TRAINING
 
     train_sets = [_half("0-4", "train", 0), _half("5-9", "train", 5)]
     test = load_dataset("sklearn:digits", split="test")

@@ -10,10 +10,10 @@ import torch
 import torch.fx
 from safetensors.torch import save_file
 
-from merge import zoo
-from merge.data import load_dataset
-from merge.errors import InputError, RecipeError
-from merge.evaluate import evaluate
+from suture.merge import zoo
+from suture.merge.data import load_dataset
+from suture.merge.errors import InputError, RecipeError
+from suture.merge.evaluate import evaluate
 
 TINY = (64, 32, 10)
 
@@ -25,7 +25,7 @@ def demo_cache(tmp_path_factory):
 
 
 def _train_tiny(seed: int, epochs: int = 2, max_items: int | None = 400) -> torch.nn.Module:
-    model = zoo.build_seeded("merge.zoo:mlp", seed, widths=TINY)
+    model = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=TINY)
     zoo.train(model, load_dataset("sklearn:digits", split="train", max_items=max_items), epochs=epochs, seed=seed)
     return model
 
@@ -77,18 +77,18 @@ def test_architectures_are_fx_traceable_and_accept_flat_or_image_inputs():
 
 def test_build_architecture_references():
     assert isinstance(zoo.build_architecture("mlp", widths=TINY), zoo.MLP)
-    net = zoo.build_architecture("merge.zoo:resnet_small", width=4, num_classes=3)
+    net = zoo.build_architecture("suture.merge.zoo:resnet_small", width=4, num_classes=3)
     assert net.fc.out_features == 3
-    assert isinstance(zoo.build_architecture("merge.zoo:MLP", widths=TINY), zoo.MLP)
+    assert isinstance(zoo.build_architecture("suture.merge.zoo:MLP", widths=TINY), zoo.MLP)
     assert zoo.ARCHITECTURES["resnet"] is zoo.resnet_small
 
 
 @pytest.mark.parametrize(
     ("ref", "kwargs", "fragment"),
     [
-        ("merge.zoo:ARCH_KEY", {}, "not a callable"),
-        ("merge.zoo:nothing_here", {}, "has no attribute 'nothing_here'"),
-        ("merge.no_such_module:mlp", {}, "cannot import module 'merge.no_such_module'"),
+        ("suture.merge.zoo:ARCH_KEY", {}, "not a callable"),
+        ("suture.merge.zoo:nothing_here", {}, "has no attribute 'nothing_here'"),
+        ("suture.merge.no_such_module:mlp", {}, "cannot import module 'suture.merge.no_such_module'"),
         ("collections:OrderedDict", {}, "expected a torch.nn.Module"),
         ("mlp", {"depth": 3}, "calling the factory"),
         ("transformer", {}, "expected 'package.module:factory'"),
@@ -102,9 +102,9 @@ def test_build_architecture_errors(ref, kwargs, fragment):
 
 def test_save_and_load_module_round_trip(tmp_path):
     model = _train_tiny(1, epochs=1)
-    out = zoo.save_module(model, tmp_path / "m", "merge.zoo:mlp", {"widths": TINY}, {"note": "x"})
+    out = zoo.save_module(model, tmp_path / "m", "suture.merge.zoo:mlp", {"widths": TINY}, {"note": "x"})
     config = json.loads((out / "config.json").read_text())
-    assert config["suture_architecture"] == {"factory": "merge.zoo:mlp", "kwargs": {"widths": list(TINY)}}
+    assert config["suture_architecture"] == {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": list(TINY)}}
     assert config["note"] == "x"
     loaded = zoo.load_module(out)
     x = torch.randn(4, 64)
@@ -129,7 +129,7 @@ def test_load_module_errors(tmp_path):
     with pytest.raises(InputError, match="no 'suture_architecture' entry"):
         zoo.load_module(tmp_path)
     model = zoo.mlp(TINY)
-    zoo.save_module(model, tmp_path / "m", "merge.zoo:mlp", {"widths": TINY})
+    zoo.save_module(model, tmp_path / "m", "suture.merge.zoo:mlp", {"widths": TINY})
     with pytest.raises(InputError, match=r"missing \['layers.0.weight'.*shape mismatches \['layers.0.bias \(7,\) vs \(32,\)'\]"):
         zoo.load_module(tmp_path / "m", state={"layers.0.bias": torch.zeros(7)})
 
@@ -139,7 +139,7 @@ def test_demo_models_cache_and_rebuild(tmp_path):
     assert [p.name.split("-")[:2] for p in first] == [["mlp", "seed1"], ["mlp", "seed2"]]
     assert all(len(p.name.split("-")) == 3 for p in first)  # non-default settings get a hash suffix
     config = json.loads((first[0] / "config.json").read_text())
-    assert config["suture_architecture"] == {"factory": "merge.zoo:mlp", "kwargs": {"widths": [64, 16, 10]}}
+    assert config["suture_architecture"] == {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": [64, 16, 10]}}
     assert config["suture_demo"]["recipe"]["seed"] == 1 and config["suture_demo"]["recipe"]["epochs"] == 1
     stamp = os.stat(first[0] / "model.safetensors").st_mtime_ns
     again = zoo.demo_models(tmp_path, "mlp", seeds=(1, 2), epochs=1, widths=[64, 16, 10])

@@ -7,9 +7,9 @@ from typing import Any
 
 import streamlit as st
 
-from app import plots, services, state, ui
-from merge.errors import SutureError
-from recipes.sections import ENGINE_ONLY, ENGINE_OPTIONS
+from suture.app import plots, services, state, ui
+from suture.merge.errors import SutureError
+from suture.recipes.sections import ENGINE_ONLY, ENGINE_OPTIONS
 
 ss = st.session_state
 recipe: dict[str, Any] = ss[state.RECIPE]

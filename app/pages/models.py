@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import services, state, ui
-from merge.errors import SutureError
+from suture.app import services, state, ui
+from suture.merge.errors import SutureError
 
 ss = st.session_state
 ws = ui.workspace()
@@ -33,7 +33,7 @@ with st.expander("Add a model", expanded=False):
             except Exception as exc:  # shown as one readable line, never a traceback
                 ui.error(exc)
     with tab_upload:
-        from app.workspace import upload_limit_bytes
+        from suture.app.workspace import upload_limit_bytes
 
         limit = upload_limit_bytes()
         uploaded = st.file_uploader(f"A .safetensors file (up to {limit / 1e6:.0f} MB)", type=["safetensors"],
@@ -51,7 +51,7 @@ with st.expander("Add a model", expanded=False):
         hub_id = st.text_input("Hugging Face Hub id", placeholder="org/name or org/name@revision", key="models.hub")
         st.caption("Only safetensors weights and config/tokenizer files are downloaded, when the model is first inspected or merged.")
         if st.button("Add Hub model", key="models.add_hub"):
-            from merge.hub import is_hub_id
+            from suture.merge.hub import is_hub_id
 
             if is_hub_id(hub_id.strip()):
                 state.add_to_library(ss, [hub_id.strip()])
@@ -59,7 +59,7 @@ with st.expander("Add a model", expanded=False):
             else:
                 st.error(f"{hub_id!r}: not a Hub id (expected org/name or org/name@revision)")
     with tab_demo:
-        from merge.refs import DEMO_MODELS
+        from suture.merge.refs import DEMO_MODELS
 
         choices = [f"demo:{name}" for name in DEMO_MODELS]
         demo = st.selectbox("Built-in demo model", choices, format_func=ui.model_label, key="models.demo")

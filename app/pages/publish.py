@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import services, state, ui
+from suture.app import services, state, ui
 
 ss = st.session_state
 ws = ui.workspace()

@@ -6,7 +6,7 @@ import yaml
 
 import streamlit as st
 
-from app import services, state, ui
+from suture.app import services, state, ui
 
 ss = st.session_state
 ws = ui.workspace()
@@ -60,7 +60,7 @@ with c2:
 
 st.subheader("Plan")
 if st.button("Show the plan (dry run: no tensor is computed)", key="recipe.plan", disabled=valid is None):
-    from recipes.runner import dry_run
+    from suture.recipes.runner import dry_run
 
     try:
         services.check_recipe_paths(valid, ws)

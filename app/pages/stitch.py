@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import plots, services, state, ui
+from suture.app import plots, services, state, ui
 
 ss = st.session_state
 st.title("Stitch")
@@ -90,7 +90,7 @@ else:
 # ------------------------------------------------------------------------------------------------ run the stitch
 st.subheader("Run the stitch")
 try:
-    from stitch.pipeline import METHODS as STITCH_METHODS
+    from suture.stitch.pipeline import METHODS as STITCH_METHODS
 except ImportError:
     st.info(f"Running a stitched model end to end (A up to the cut, the map, then B) is {services.NOT_AVAILABLE}.")
     st.stop()
@@ -120,7 +120,7 @@ else:
         "evaluate": {"data": ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)},
     }
     if use_planner:
-        from stitch.pipeline import PlanSection
+        from suture.stitch.pipeline import PlanSection
 
         planner_methods = PlanSection.model_fields["method"].annotation.__args__
         section["plan"] = {"method": run_method if run_method in planner_methods else "procrustes"}

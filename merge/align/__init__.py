@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from merge.align.activation_matching import activation_matching
-    from merge.align.weight_matching import weight_matching
+    from suture.merge.align.activation_matching import activation_matching
+    from suture.merge.align.weight_matching import weight_matching
 
 
 @dataclass
@@ -49,14 +49,14 @@ class MatchResult:
 def __getattr__(name: str):
     # engines load lazily so that importing MatchResult stays cheap and free of import cycles
     if name == "weight_matching":
-        from merge.align.weight_matching import weight_matching
+        from suture.merge.align.weight_matching import weight_matching
 
         return weight_matching
     if name == "activation_matching":
-        from merge.align.activation_matching import activation_matching
+        from suture.merge.align.activation_matching import activation_matching
 
         return activation_matching
-    raise AttributeError(f"module 'merge.align' has no attribute {name!r}")
+    raise AttributeError(f"module 'suture.merge.align' has no attribute {name!r}")
 
 
 __all__ = ["MatchResult", "activation_matching", "weight_matching"]

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.activations import batch_inputs, collect_stats
-from merge.align import MatchResult
-from merge.align.assignment import assignment_score, solve_lap, timed_assign
-from merge.align.weight_matching import WeightCosts
-from merge.errors import AlignmentError
-from merge.graph.trace import Tap, trace_module
-from merge.spec import PermGroup, PermutationSpec
+from suture.merge.activations import batch_inputs, collect_stats
+from suture.merge.align import MatchResult
+from suture.merge.align.assignment import assignment_score, solve_lap, timed_assign
+from suture.merge.align.weight_matching import WeightCosts
+from suture.merge.errors import AlignmentError
+from suture.merge.graph.trace import Tap, trace_module
+from suture.merge.spec import PermGroup, PermutationSpec
 
 logger = logging.getLogger(__name__)
 

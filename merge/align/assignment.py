@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from merge.errors import AlignmentError
+from suture.merge.errors import AlignmentError
 
 
 def solve_lap(cost: torch.Tensor | np.ndarray, *, maximize: bool = True) -> torch.Tensor:

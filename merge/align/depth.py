@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.data import CalibrationData, iter_batches
-from merge.errors import AlignmentError, InputError
-from merge.zoo import MLP
+from suture.merge.data import CalibrationData, iter_batches
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.zoo import MLP
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +188,9 @@ def fuse_depths(
     **ot_options: Any,
 ) -> DepthFusion:
     """Fuse two ReLU MLPs of different depths (and widths) into one with the reference's widths."""
-    from merge.align.ot import fuse_states, ot_align, transport_state
-    from merge.align.ot_features import collect_unit_moments
-    from merge.graph.trace import spec_from_module
+    from suture.merge.align.ot import fuse_states, ot_align, transport_state
+    from suture.merge.align.ot_features import collect_unit_moments
+    from suture.merge.graph.trace import spec_from_module
 
     if not 0.0 <= blend <= 1.0:
         raise InputError(f"alignment.blend must be in [0, 1], got {blend}")

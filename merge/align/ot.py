@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 import torch
 
-from merge.align.ot_features import UnitMoments, collect_unit_moments
-from merge.align.ot_solve import (
+from suture.merge.align.ot_features import UnitMoments, collect_unit_moments
+from suture.merge.align.ot_solve import (
     Distance,
     Solver,
     cost_from_moments,
@@ -43,9 +43,9 @@ from merge.align.ot_solve import (
     plan_entropy,
     solve_plan,
 )
-from merge.align.weight_matching import tensor_accessor
-from merge.errors import AlignmentError, InputError
-from merge.spec import Member, PermGroup, PermutationSpec, axis_length, unit_matrix
+from suture.merge.align.weight_matching import tensor_accessor
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, unit_matrix
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.activations import batch_inputs, unit_features
-from merge.errors import InputError
-from merge.graph.trace import Tap, trace_module
+from suture.merge.activations import batch_inputs, unit_features
+from suture.merge.errors import InputError
+from suture.merge.graph.trace import Tap, trace_module
 
 logger = logging.getLogger(__name__)
 

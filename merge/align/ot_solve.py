@@ -18,8 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from merge.align.assignment import assign
-from merge.errors import AlignmentError
+from suture.merge.align.assignment import assign
+from suture.merge.errors import AlignmentError
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import torch
 
-from merge.align import MatchResult
-from merge.derive import Architecture, derive_spec, load_module
-from merge.errors import AlignmentError
-from merge.spec import PermutationSpec, permute_tensor
-from merge.store import TensorInfo, TensorStore
+from suture.merge.align import MatchResult
+from suture.merge.derive import Architecture, derive_spec, load_module
+from suture.merge.errors import AlignmentError
+from suture.merge.spec import PermutationSpec, permute_tensor
+from suture.merge.store import TensorInfo, TensorStore
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def align_models(
                 progress("align", i, len(others), f"{key}: iteration {iteration}, objective {objective:.4g}")
 
         if settings.engine == "weight_matching":
-            from merge.align.weight_matching import weight_matching
+            from suture.merge.align.weight_matching import weight_matching
 
             result = weight_matching(spec, ref_params, stores[key].state_dict(), max_iter=settings.max_iter or 100,
                                      seed=settings.seed, device=device, progress=step)
@@ -156,10 +156,10 @@ def align_models(
                 raise AlignmentError("activation matching needs a runnable architecture (`architecture:` in the recipe, or a model saved by Suture's zoo)")
             if data is None:
                 raise AlignmentError("activation matching needs calibration data: set alignment.data (e.g. sklearn:digits)")
-            from merge.align.activation_matching import activation_matching
-            from merge.data import iter_batches
+            from suture.merge.align.activation_matching import activation_matching
+            from suture.merge.data import iter_batches
 
-            from merge.hf_module import HFArchitecture, hf_taps
+            from suture.merge.hf_module import HFArchitecture, hf_taps
 
             batches = (x for x, _ in iter_batches(data, settings.batch_size))
             module_a = load_module(ref_store, arch)
@@ -177,9 +177,10 @@ def align_models(
 
 def _with_widths(config: dict | None, architecture: Architecture | None, state: Mapping[str, torch.Tensor]) -> dict | None:
     """The reference's config with a zoo MLP's `widths` rewritten to match `state` (after compression/depth fusion)."""
-    if config is None or architecture is None or architecture.factory not in ("merge.zoo:mlp", "mlp"):
+    from suture.merge.zoo import ARCH_KEY, FACTORY_REFS, canonical_factory
+
+    if config is None or architecture is None or canonical_factory(architecture.factory) not in (FACTORY_REFS["mlp"], "mlp"):
         return config
-    from merge.zoo import ARCH_KEY
 
     layers = sorted({int(n.split(".")[1]) for n in state if n.startswith("layers.") and n.endswith(".weight")})
     widths = [int(state[f"layers.{layers[0]}.weight"].shape[1])] + [int(state[f"layers.{i}.weight"].shape[0]) for i in layers]
@@ -199,10 +200,10 @@ def _align_ot(
     progress: Callable[[str, int, int, str], None] | None,
 ) -> AlignmentOutcome:
     """OT fusion (OTFusion): transport every model into the reference's basis, whatever its widths or depth."""
-    from merge.align.ot import align_with_ot
-    from merge.derive import architecture_of, example_input
-    from merge.hf_module import refuse_hf
-    from merge.store import DictStore
+    from suture.merge.align.ot import align_with_ot
+    from suture.merge.derive import architecture_of, example_input
+    from suture.merge.hf_module import refuse_hf
+    from suture.merge.store import DictStore
 
     ref_store = stores[reference]
     trust = settings.trust_remote_code
@@ -234,7 +235,7 @@ def _align_ot(
             modules = {"module_a": load_module(ref_store, arch_ref), "module_b": load_module(store, arch_b)}
         batches = None
         if data is not None:
-            from merge.data import iter_batches
+            from suture.merge.data import iter_batches
 
             batches = [x for x, _ in iter_batches(data, settings.batch_size)]
         options = dict(settings.ot_options)
@@ -258,11 +259,11 @@ def _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outco
     """Models of different depths: CLAFusion-style layer alignment, identity insertion, then OT fusion."""
     from dataclasses import replace
 
-    from merge.align.depth import fuse_depths
-    from merge.store import DictStore
+    from suture.merge.align.depth import fuse_depths
+    from suture.merge.store import DictStore
 
     if len(stores) != 2 or arch_ref is None or arch_b is None:
-        raise AlignmentError("models of different depths fuse only as a pair of runnable MLPs (merge.zoo:mlp)")
+        raise AlignmentError("models of different depths fuse only as a pair of runnable MLPs (suture.merge.zoo:mlp)")
     if data is None:
         raise AlignmentError("fusing models of different depths aligns layers by CKA on activations: set alignment.data")
     options = {k: v for k, v in settings.ot_options.items() if k != "target_widths"}

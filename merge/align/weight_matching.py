@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from merge.align import MatchResult
-from merge.align.assignment import assignment_score, timed_assign
-from merge.threads import single_threaded_if_small
-from merge.errors import AlignmentError, InputError
-from merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
+from suture.merge.align import MatchResult
+from suture.merge.align.assignment import assignment_score, timed_assign
+from suture.merge.threads import single_threaded_if_small
+from suture.merge.errors import AlignmentError, InputError
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,6 @@ config.json for known architectures.
 
 from __future__ import annotations
 
-from merge.graph.trace import Tap, TraceResult, spec_from_module, trace_module
+from suture.merge.graph.trace import Tap, TraceResult, spec_from_module, trace_module
 
 __all__ = ["Tap", "TraceResult", "spec_from_module", "trace_module"]

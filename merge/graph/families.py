@@ -47,14 +47,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from merge.errors import InputError
-from merge.graph.families_bert import build_bert
-from merge.graph.families_chain import build_chain, looks_like_chain
-from merge.graph.families_common import SpecBuilder
-from merge.graph.families_gpt2 import build_gpt2
-from merge.graph.families_llama import build_llama
-from merge.graph.families_vit import build_vit
-from merge.spec import PermutationSpec
+from suture.merge.errors import InputError
+from suture.merge.graph.families_bert import build_bert
+from suture.merge.graph.families_chain import build_chain, looks_like_chain
+from suture.merge.graph.families_common import SpecBuilder
+from suture.merge.graph.families_gpt2 import build_gpt2
+from suture.merge.graph.families_llama import build_llama
+from suture.merge.graph.families_vit import build_vit
+from suture.merge.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 

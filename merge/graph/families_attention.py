@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from merge.errors import InputError
-from merge.graph.families_common import SpecBuilder, config_int
-from merge.spec import GroupKind
+from suture.merge.errors import InputError
+from suture.merge.graph.families_common import SpecBuilder, config_int
+from suture.merge.spec import GroupKind
 
 
 def head_layout(config: Mapping[str, Any] | None, hidden: int | None, family: str) -> tuple[int, int, int] | None:

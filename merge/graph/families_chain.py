@@ -21,8 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from merge.errors import InputError
-from merge.graph.families_common import SpecBuilder, natural_key
+from suture.merge.errors import InputError
+from suture.merge.graph.families_common import SpecBuilder, natural_key
 
 PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _SKIP_HINTS = re.compile(r"(?:^|[._])(?:shortcut|downsample|skip|residual|res_conv|identity)(?:$|[._\d])")

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from merge.errors import InputError
-from merge.spec import GroupKind, Member, PermGroup, PermutationSpec, Role
+from suture.merge.errors import InputError
+from suture.merge.spec import GroupKind, Member, PermGroup, PermutationSpec, Role
 
 logger = logging.getLogger(__name__)
 

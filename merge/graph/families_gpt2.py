@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from merge.graph.families_attention import head_layout
-from merge.graph.families_common import (
+from suture.merge.graph.families_attention import head_layout
+from suture.merge.graph.families_common import (
     RESIDUAL,
     SpecBuilder,
     config_int,

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from merge.errors import InputError
-from merge.spec import Member, PermGroup, PermutationSpec
+from suture.merge.errors import InputError
+from suture.merge.spec import Member, PermGroup, PermutationSpec
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ tensor; it fills defaults and checks the inputs first.
 
 from __future__ import annotations
 
-from merge.methods.registry import (
+from suture.merge.methods.registry import (
     MergeInputs,
     MergeMethod,
     ParamDef,
@@ -20,15 +20,15 @@ from merge.methods.registry import (
 )
 
 # imported for their side effect: each module registers its methods
-from merge.methods import arcee_fusion as _arcee_fusion  # noqa: E402,F401
-from merge.methods import linear as _linear  # noqa: E402,F401
-from merge.methods import model_stock as _model_stock  # noqa: E402,F401
-from merge.methods import nearswap as _nearswap  # noqa: E402,F401
-from merge.methods import passthrough as _passthrough  # noqa: E402,F401
-from merge.methods import ram as _ram  # noqa: E402,F401
-from merge.methods import sce as _sce  # noqa: E402,F401
-from merge.methods import spherical as _spherical  # noqa: E402,F401
-from merge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401
+from suture.merge.methods import arcee_fusion as _arcee_fusion  # noqa: E402,F401
+from suture.merge.methods import linear as _linear  # noqa: E402,F401
+from suture.merge.methods import model_stock as _model_stock  # noqa: E402,F401
+from suture.merge.methods import nearswap as _nearswap  # noqa: E402,F401
+from suture.merge.methods import passthrough as _passthrough  # noqa: E402,F401
+from suture.merge.methods import ram as _ram  # noqa: E402,F401
+from suture.merge.methods import sce as _sce  # noqa: E402,F401
+from suture.merge.methods import spherical as _spherical  # noqa: E402,F401
+from suture.merge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401
 
 __all__ = [
     "MergeInputs",

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from merge.methods.registry import MergeInputs
+from suture.merge.methods.registry import MergeInputs
 
 
 def work_dtype(inputs: MergeInputs) -> torch.dtype:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from merge.methods._util import work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, register
+from suture.merge.methods._util import work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, register
 
 #: tensors above this many entries estimate their quartiles from a sample of this size
 QUANTILE_SAMPLE_SIZE = 1_000_000

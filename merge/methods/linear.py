@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from merge.errors import RecipeError
-from merge.methods._util import per_model, work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.errors import RecipeError
+from suture.merge.methods._util import per_model, work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 
 def linear(inputs: MergeInputs) -> torch.Tensor:

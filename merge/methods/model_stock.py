@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods._util import work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods._util import work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 
 def model_stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:

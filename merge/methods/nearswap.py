@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from merge.errors import RecipeError
-from merge.methods._util import work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.errors import RecipeError
+from suture.merge.methods._util import work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 
 def nearswap_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 
 def _passthrough(inputs: MergeInputs) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from merge.methods._util import work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods._util import work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 _PAPER = "Reinforced Agent Merging (arXiv 2026) https://arxiv.org/abs/2601.13572"
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, RecipeError
 
 logger = logging.getLogger(__name__)
 

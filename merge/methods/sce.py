@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from merge.methods._util import work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
-from merge.methods.task_arithmetic import sign_consensus_mask
+from suture.merge.methods._util import work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 
 def sce_select_mask(deltas: torch.Tensor, density: float) -> torch.Tensor:

@@ -19,9 +19,9 @@ import logging
 
 import torch
 
-from merge.errors import InputError
-from merge.methods._util import per_model, work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.errors import InputError
+from suture.merge.methods._util import per_model, work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 logger = logging.getLogger(__name__)
 

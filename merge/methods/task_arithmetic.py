@@ -23,10 +23,10 @@ from typing import Literal
 
 import torch
 
-from merge.errors import RecipeError
-from merge.methods import sparsify
-from merge.methods._util import broadcast_weights, work_tensors
-from merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.errors import RecipeError
+from suture.merge.methods import sparsify
+from suture.merge.methods._util import broadcast_weights, work_tensors
+from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
 
 Consensus = Literal["sum", "count"]
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]

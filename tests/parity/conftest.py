@@ -153,7 +153,7 @@ def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> Path:
 
 def run_suture(recipe: dict, out: Path, *extra: str) -> Path:
     """Run the same recipe through ``suture run`` (its CLI entry point, in this process)."""
-    from recipes.cli import main
+    from suture.recipes.cli import main
 
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

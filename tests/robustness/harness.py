@@ -67,7 +67,7 @@ def _alarm(signum, frame):  # noqa: ARG001
 
 def run_cli_case(case: Case, timeout: float = 60.0) -> Outcome:
     """Run `suture <argv>` in this process (main thread) with stdout/stderr captured and a time limit."""
-    from recipes.cli import main
+    from suture.recipes.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()

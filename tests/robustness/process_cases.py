@@ -1,7 +1,7 @@
 """Real `suture run` processes killed at random moments and racing for one output folder (issue "Trust", item 3).
 
 `kill_and_concurrency_counts` is shared by tests/robustness/test_kill_concurrency.py and the robustness
-benchmark. Every run is `python -m recipes.cli run` from the repository root on a small synthetic TIES recipe
+benchmark. Every run is `python -m suture.recipes.cli run` from the repository root on a small synthetic TIES recipe
 written into `workdir` (no download, about a second of merging), compared with a clean reference run:
 
 * kills: SIGKILL at seeded random delays after start, shortly after the hidden temporary folder appears
@@ -55,7 +55,7 @@ def start_run(recipe: Path, out: Path, *, overwrite: bool = False, pause: float 
     env.pop(PAUSE_ENV, None)
     if pause is not None:
         env[PAUSE_ENV] = str(pause)
-    argv = [sys.executable, "-m", "recipes.cli", "run", str(recipe), str(out), "-q"] + (["--overwrite"] if overwrite else [])
+    argv = [sys.executable, "-m", "suture.recipes.cli", "run", str(recipe), str(out), "-q"] + (["--overwrite"] if overwrite else [])
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -118,7 +118,7 @@ def _one_line_error(code: int, err: str) -> bool:
 
 def kill_and_concurrency_counts(workdir: Path, kills: int = 10, rounds: int = 2, seed: int = 0) -> dict:
     """Kill `kills` runs at seeded random moments and race two runs `rounds` times per mode; counts as a dict."""
-    from merge.writer import recover_output
+    from suture.merge.writer import recover_output
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

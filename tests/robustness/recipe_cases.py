@@ -113,7 +113,7 @@ def _write_models(root: Path) -> dict[str, Path]:
     """Two tiny zoo MLPs, a narrower one, weights without config, a non-safetensors file and three malicious configs."""
     from safetensors.torch import save_file
 
-    from merge import zoo
+    from suture.merge import zoo
 
     root.mkdir(parents=True, exist_ok=True)
     marker = root.parent / MARKER
@@ -123,14 +123,14 @@ def _write_models(root: Path) -> dict[str, Path]:
     )
     out: dict[str, Path] = {}
     for name, seed, widths, factory, kwargs in (
-        ("a", 1, WIDTHS, "merge.zoo:mlp", {"widths": WIDTHS}),
-        ("b", 2, WIDTHS, "merge.zoo:mlp", {"widths": WIDTHS}),
-        ("narrow", 3, [64, 4, 10], "merge.zoo:mlp", {"widths": [64, 4, 10]}),
+        ("a", 1, WIDTHS, "suture.merge.zoo:mlp", {"widths": WIDTHS}),
+        ("b", 2, WIDTHS, "suture.merge.zoo:mlp", {"widths": WIDTHS}),
+        ("narrow", 3, [64, 4, 10], "suture.merge.zoo:mlp", {"widths": [64, 4, 10]}),
         ("evil", 4, WIDTHS, f"{EVIL_MODULE}:make", {"widths": WIDTHS}),
         ("shell", 5, WIDTHS, "os:system", {"command": f"touch {marker}"}),
         ("subprocess", 6, WIDTHS, "subprocess:run", {"args": ["touch", str(marker)]}),
     ):
-        out[name] = zoo.save_module(zoo.build_seeded("merge.zoo:mlp", seed, widths=widths), root / name, factory, kwargs)
+        out[name] = zoo.save_module(zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths), root / name, factory, kwargs)
     bare = root / "bare"
     bare.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in zoo.mlp(WIDTHS).state_dict().items()}, str(bare / "model.safetensors"))
@@ -143,7 +143,7 @@ def _write_models(root: Path) -> dict[str, Path]:
     out["pickle"] = root / "model.bin"
     (root / "bad-config").mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in zoo.mlp(WIDTHS).state_dict().items()}, str(root / "bad-config" / "model.safetensors"))
-    (root / "bad-config" / "config.json").write_text(json.dumps({"suture_architecture": {"factory": "merge.zoo:mlp", "kwargs": [1, 2]}}))
+    (root / "bad-config" / "config.json").write_text(json.dumps({"suture_architecture": {"factory": "suture.merge.zoo:mlp", "kwargs": [1, 2]}}))
     out["bad-config"] = root / "bad-config"
     return out
 
@@ -202,7 +202,7 @@ def recipe_cases(workdir: Path) -> list[Case]:
         "unknown-alignment": good + "alignment: {engine: weight_matching, iterations: 5}\n",
         "unknown-evaluate": good + "evaluate: {data: 'sklearn:digits', metric: f1}\n",
         "unknown-tokenizer": good + "tokenizer: {source: union, vocab: 5}\n",
-        "unknown-architecture": good + "architecture: {factory: 'merge.zoo:mlp', args: [1]}\n",
+        "unknown-architecture": good + "architecture: {factory: 'suture.merge.zoo:mlp', args: [1]}\n",
         "unknown-stitch": "stitch: {source: {model: " + a + ", layer: 1}, target: {model: " + b + ", layer: 1}, method: procrustes, extra: 1}\n",
         "unknown-publish": good + "publish: {repo_id: me/x, token: hf_abc}\n",
     }.items():
@@ -269,7 +269,7 @@ def recipe_cases(workdir: Path) -> list[Case]:
         "evaluate-unknown-data": good + "evaluate: {data: 'sklearn:no_such_set', plot: false}\n",
         "evaluate-data-missing-file": good + f"evaluate: {{data: '{workdir / 'no-such-data.npz'}', plot: false}}\n",
         "architecture-missing-module": good + "architecture: 'no_such_package_for_fuzz:make'\nalignment: {engine: activation_matching, data: 'sklearn:digits'}\n",
-        "architecture-not-callable": good + "architecture: 'merge.zoo:ARCH_KEY'\nalignment: {engine: activation_matching, data: 'sklearn:digits'}\n",
+        "architecture-not-callable": good + "architecture: 'suture.merge.zoo:ARCH_KEY'\nalignment: {engine: activation_matching, data: 'sklearn:digits'}\n",
         "config-kwargs-list": "merge_method: linear\n" + _models_block([str(m["bad-config"]), a]) + "evaluate: {data: 'sklearn:digits', plot: false}\n",
     }.items():
         add(case_id, text)

@@ -19,8 +19,8 @@ import yaml
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
-from merge.errors import InputError, OutputError
-from merge.writer import PAUSE_ENV, _owner, atomic_output_dir, count_non_finite
+from suture.merge.errors import InputError, OutputError
+from suture.merge.writer import PAUSE_ENV, _owner, atomic_output_dir, count_non_finite
 from tests.robustness.harness import Case, run_cli_case
 
 ROOT = Path(__file__).parents[2]
@@ -63,7 +63,7 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(recipe, tmp_path):
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))
 
-    done = subprocess.run([sys.executable, "-m", "recipes.cli", "run", str(recipe), str(out), "-q"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "suture.recipes.cli", "run", str(recipe), str(out), "-q"], cwd=ROOT,
                           preexec_fn=limit, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"error: {out}/model.safetensors: cannot write the output: File too large"]
@@ -105,7 +105,7 @@ def test_disk_full_on_weights_and_companions(recipe, tmp_path, monkeypatch, targ
 def test_disk_full_while_saving_a_plot(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from merge.plot import plot_interpolation
+    from suture.merge.plot import plot_interpolation
 
     original = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: original(self, "/dev/full", **kw))
@@ -122,7 +122,7 @@ def test_disk_full_while_saving_a_plot(tmp_path, monkeypatch):
 
 
 def test_count_non_finite_matches_an_elementwise_reference(monkeypatch):
-    monkeypatch.setattr("merge.writer._CHECK_CHUNK", 1000)  # several chunks, some clean, some not
+    monkeypatch.setattr("suture.merge.writer._CHECK_CHUNK", 1000)  # several chunks, some clean, some not
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         x = torch.randn(10_000, generator=g).to(dtype)
@@ -264,7 +264,7 @@ def test_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setenv(PAUSE_ENV, "5")
-    monkeypatch.setattr("merge.writer.time.sleep", interrupted)
+    monkeypatch.setattr("suture.merge.writer.time.sleep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "weights.txt").write_text("new")
@@ -274,7 +274,7 @@ def test_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, mo
 
 def test_folders_written_inside_a_running_output_get_no_lock_file(tmp_path):
     """Repair and ZipIt write a sub-folder inside the output's temporary folder: nothing extra may end up in OUT."""
-    from merge.writer import save_tensors
+    from suture.merge.writer import save_tensors
 
     out = tmp_path / "out [1]"  # glob characters in the name are plain characters
     with atomic_output_dir(out) as tmp:

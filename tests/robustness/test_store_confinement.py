@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge.errors import InputError
-from merge.store import open_store
+from suture.merge.errors import InputError
+from suture.merge.store import open_store
 from tests.robustness.store_cases import _valid_tensors
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge.store import open_store
+from suture.merge.store import open_store
 from tests.robustness.harness import Case, run_cli_case, tally
 from tests.robustness.store_cases import _valid_tensors, malformed_models, store_cases
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx2
 import pytest
 
-import merge.hub as hub_module
-from merge.errors import InputError
-from merge.hub import push_folder, push_timeout
-from merge.redact import RedactingFilter, install_log_redaction, redact, register_secret
+import suture.merge.hub as hub_module
+from suture.merge.errors import InputError
+from suture.merge.hub import push_folder, push_timeout
+from suture.merge.redact import RedactingFilter, install_log_redaction, redact, register_secret
 from tests.hub_server import DEFAULT_TOKEN, enable_lfs
 from tests.robustness.token_cases import CANARY, make_folder, token_canary_counts
 
@@ -37,7 +37,7 @@ def test_verbose_push_in_a_real_process_never_prints_the_token(hub_server, tmp_p
     folder = make_folder(tmp_path / "out")
     env = {**os.environ, "HF_TOKEN": CANARY, "HF_HUB_VERBOSITY": "debug", "HF_DEBUG": "1"}
 
-    done = subprocess.run([sys.executable, "-m", "recipes.cli", "push", str(folder), "tester/sub", "-v"],
+    done = subprocess.run([sys.executable, "-m", "suture.recipes.cli", "push", str(folder), "tester/sub", "-v"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0, done.stderr[-2000:]
@@ -66,7 +66,7 @@ def test_a_hub_that_stalls_mid_push_fails_once_not_after_retries(hub_server, tmp
 
 
 def test_push_timeout_settings_are_checked(monkeypatch, tmp_path, capsys):
-    from recipes.cli import main
+    from suture.recipes.cli import main
 
     monkeypatch.delenv("SUTURE_PUSH_TIMEOUT", raising=False)
     assert push_timeout() == 60
@@ -137,7 +137,7 @@ def test_scan_finds_the_token_at_every_offset_across_chunk_edges(tmp_path, monke
 
 
 def test_app_error_lines_and_fallback_logging_mask_tokens(capsys):
-    from app import services
+    from suture.app import services
 
     assert CANARY not in services.readable(RuntimeError(f"HTTP 500 for Authorization: Bearer {CANARY}"))
     assert CANARY not in services.readable(InputError(f"bad {CANARY}"))
@@ -146,7 +146,7 @@ def test_app_error_lines_and_fallback_logging_mask_tokens(capsys):
     root.handlers.clear()  # as under Streamlit: records reach logging's last-resort handler
     try:
         install_log_redaction()
-        logging.getLogger("app.ui").warning("unexpected error for %s", CANARY)
+        logging.getLogger("suture.app.ui").warning("unexpected error for %s", CANARY)
     finally:
         root.handlers[:] = saved
     err = capsys.readouterr().err

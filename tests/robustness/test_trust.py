@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from merge import zoo
-from merge.errors import SutureError, UntrustedCodeError
+from suture.merge import zoo
+from suture.merge.errors import SutureError, UntrustedCodeError
 from tests.robustness.harness import Case, run_cli_case
 
 WIDTHS = [64, 8, 10]
@@ -34,10 +34,10 @@ class Planted:
         )
         self.evil = self._model("evil", f"{self.module}:make", {"widths": WIDTHS})
         self.shell = self._model("shell", "os:system", {"command": f"touch {self.marker}"})
-        self.good = self._model("good", "merge.zoo:mlp", {"widths": WIDTHS}, seed=2)
+        self.good = self._model("good", "suture.merge.zoo:mlp", {"widths": WIDTHS}, seed=2)
 
     def _model(self, name: str, factory: str, kwargs: dict, seed: int = 1) -> Path:
-        module = zoo.build_seeded("merge.zoo:mlp", seed, widths=WIDTHS)
+        module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=WIDTHS)
         return zoo.save_module(module, self.root / "models" / name, factory, kwargs)
 
     def recipe(self, name: str, first: Path, extra: str = "") -> Path:
@@ -124,10 +124,10 @@ def test_check_happens_before_import() -> None:
         zoo.check_factory_trust("no_such_pkg_x:f", source="m/config.json")
     zoo.check_factory_trust("no_such_pkg_x:f", source=None)  # the user named it: allowed
     zoo.check_factory_trust("no_such_pkg_x:f", source="m/config.json", trust_remote_code=True)
-    for ref in ("mlp", "resnet", "merge.zoo:mlp", "merge.zoo:resnet_small"):
+    for ref in ("mlp", "resnet", "suture.merge.zoo:mlp", "suture.merge.zoo:resnet_small"):
         zoo.check_factory_trust(ref, source="m/config.json")
     with pytest.raises(UntrustedCodeError):
-        zoo.check_factory_trust("merge.zoo:save_module", source="m/config.json")  # in the zoo's module, not a factory
+        zoo.check_factory_trust("suture.merge.zoo:save_module", source="m/config.json")  # in the zoo's module, not a factory
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -137,7 +137,7 @@ streamlit = pytest.importorskip("streamlit")
 
 @pytest.fixture
 def ws(planted: Planted):
-    from app.workspace import Workspace
+    from suture.app.workspace import Workspace
 
     return Workspace.open(planted.root / "ws")
 
@@ -145,7 +145,7 @@ def ws(planted: Planted):
 def test_app_services_refuse_foreign_factories(planted: Planted, ws) -> None:
     import shutil
 
-    from app import services
+    from suture.app import services
 
     for name in ("evil", "good"):
         shutil.copytree(getattr(planted, name), ws.root / "models" / name)
@@ -168,10 +168,10 @@ def test_app_services_refuse_foreign_factories(planted: Planted, ws) -> None:
 
 
 def test_app_architecture_must_be_zoo_workspace_or_trusted(planted: Planted, ws, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app import services
+    from suture.app import services
 
     recipe = {"merge_method": "linear", "models": [{"model": "demo:mlp-seed1"}, {"model": "demo:mlp-seed2"}]}
-    services.check_architecture({**recipe, "architecture": "merge.zoo:mlp"}, ws)
+    services.check_architecture({**recipe, "architecture": "suture.merge.zoo:mlp"}, ws)
     with pytest.raises(UntrustedCodeError, match=rf"recipe key architecture: factory '{planted.module}:make'"):
         services.check_architecture({**recipe, "architecture": f"{planted.module}:make"}, ws)
     with pytest.raises(UntrustedCodeError, match="recipe key architecture"):
@@ -186,8 +186,8 @@ def test_app_architecture_must_be_zoo_workspace_or_trusted(planted: Planted, ws,
 
 
 def test_app_confines_every_path_of_a_recipe(planted: Planted, ws) -> None:
-    from app import services
-    from app.workspace import WorkspaceError
+    from suture.app import services
+    from suture.app.workspace import WorkspaceError
 
     outside = planted.root / "outside"
     outside.mkdir()
