@@ -64,34 +64,16 @@ METHOD_PAPERS: dict[str, tuple[str, str]] = {
 METHOD_PAPERS["breadcrumbs_ties"] = METHOD_PAPERS["breadcrumbs"]
 METHOD_PAPERS["della_linear"] = METHOD_PAPERS["della"]
 
-_REBASIN = (
-    "Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., ICLR 2023)",
-    "https://arxiv.org/abs/2209.04836",
-)
-# Papers behind the alignment engines.
-ENGINE_PAPERS: dict[str, list[tuple[str, str]]] = {
-    "weight_matching": [_REBASIN],
-    "activation_matching": [_REBASIN],
-    "ot": [("Model Fusion via Optimal Transport, OTFusion (Singh & Jaggi, NeurIPS 2020)", "https://arxiv.org/abs/1910.05653")],
-    "zipit": [
-        ("ZipIt! Merging Models from Different Tasks without Training (Stoica et al., ICLR 2024)", "https://arxiv.org/abs/2305.03053")
-    ],
-    "stitching": [
-        (
-            "Relative representations enable zero-shot latent space communication (Moschella et al., ICLR 2023)",
-            "https://arxiv.org/abs/2209.15430",
-        ),
-        ("Latent Space Translation via Semantic Alignment (Maiorca et al., NeurIPS 2023)", "https://arxiv.org/abs/2311.00664"),
-    ],
-}
-ENGINE_TITLES = {
-    "weight_matching": "permutation alignment by weight matching",
-    "activation_matching": "permutation alignment by activation matching",
-    "ot": "soft alignment by optimal transport",
-    "zipit": "feature zipping (merge/unmerge matrices)",
-    "stitching": "stitching of representations",
-}
-_ENGINE_ALIASES = {"otfusion": "ot", "optimal_transport": "ot", "stitch": "stitching"}
+# Stitching is not an alignment engine (it has no registry entry): its papers and title live here.
+STITCHING = "stitching"
+STITCHING_PAPERS = [
+    (
+        "Relative representations enable zero-shot latent space communication (Moschella et al., ICLR 2023)",
+        "https://arxiv.org/abs/2209.15430",
+    ),
+    ("Latent Space Translation via Semantic Alignment (Maiorca et al., NeurIPS 2023)", "https://arxiv.org/abs/2311.00664"),
+]
+STITCHING_TITLE = "stitching of representations"
 _LICENSE_KEYS = ("license", "license_name", "license_link")
 _TRAILING_URL = re.compile(r"^(.+?)\s+(https?://\S+)$", re.DOTALL)
 
@@ -135,17 +117,37 @@ def method_paper(method: str) -> str | None:
 
 
 def engine_key(engine: str | None) -> str | None:
-    """Canonical engine name (accepts a few aliases such as 'otfusion')."""
+    """Canonical engine name (the registry resolves aliases such as 'otfusion')."""
     if engine is None:
         return None
+    from suture.merge.align.engines import find_engine
+
     key = engine.strip().lower().replace("-", "_")
-    return _ENGINE_ALIASES.get(key, key)
+    if key in (STITCHING, "stitch"):
+        return STITCHING
+    found = find_engine(key)
+    return found.name if found is not None else key
+
+
+def engine_title(engine: str | None) -> str:
+    """What the card says an engine did (from the engine registry)."""
+    from suture.merge.align.engines import find_engine
+
+    key = engine_key(engine)
+    if key == STITCHING:
+        return STITCHING_TITLE
+    found = find_engine(key)
+    return found.description if found is not None else "alignment"
 
 
 def engine_papers(engine: str | None) -> list[str]:
-    """Markdown citations of the papers behind an alignment engine."""
+    """Markdown citations of the papers behind an alignment engine (from the engine registry)."""
+    from suture.merge.align.engines import find_engine
+
     key = engine_key(engine)
-    return [text for text in (_format_paper(p) for p in ENGINE_PAPERS.get(key or "", [])) if text]
+    found = find_engine(key)
+    papers = STITCHING_PAPERS if key == STITCHING else list(found.papers) if found is not None else []
+    return [text for text in (_format_paper(p) for p in papers) if text]
 
 
 # ---------------------------------------------------------------------------------------------- licenses
@@ -306,7 +308,7 @@ def build_model_card(
     elif license is None:
         license_meta = common_license(inputs) or {}
     tags = []
-    for tag in ("merge", "suture", method.strip().lower(), engine, "stitching" if stitched else None):
+    for tag in ("merge", "suture", method.strip().lower(), engine, STITCHING if stitched else None):
         if tag and tag not in tags:
             tags.append(tag)
     extra: dict[str, Any] = {}
@@ -332,13 +334,13 @@ def build_model_card(
     what = "method" if stitched else "merge method"
     body.append(
         f"This model was {kind} from {len(inputs)} input model{'s' if len(inputs) != 1 else ''} with Suture, "
-        f"using the `{method}` {what}" + (f" after `{engine}` alignment." if engine and engine != "stitching" else ".")
+        f"using the `{method}` {what}" + (f" after `{engine}` alignment." if engine and engine != STITCHING else ".")
     )
     body += ["", "## Method", ""]
     paper = method_paper(method)
     body.append(f"- **{what.capitalize()}:** `{method}`" + (f" — {paper}" if paper else ""))
     if engine:
-        description = ENGINE_TITLES.get(engine, "alignment")
+        description = engine_title(engine)
         papers = engine_papers(engine)
         body.append(f"- **Alignment engine:** `{engine}` ({description})" + (" — " + "; ".join(papers) if papers else ""))
     else:
@@ -397,7 +399,8 @@ def write_model_card(out_dir: str | Path, **kwargs: Any) -> Path:
 
 __all__ = [
     "METHOD_PAPERS",
-    "ENGINE_PAPERS",
+    "STITCHING_PAPERS",
+    "engine_title",
     "method_paper",
     "engine_papers",
     "read_license",

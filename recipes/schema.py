@@ -645,9 +645,11 @@ class _Issues(list):
 
 
 def _produces_its_own_model(r: Recipe) -> bool:
-    """ZipIt and stitching build the output model themselves: no merge method applies."""
-    engine = r.alignment.get("engine") if isinstance(r.alignment, Mapping) else None
-    return engine == "zipit" or r.stitch is not None
+    """Engines whose outcome is a built model (ZipIt!) and stitching build the output themselves: no merge method applies."""
+    from suture.merge.align.engines import find_engine
+
+    engine = find_engine(r.alignment.get("engine")) if isinstance(r.alignment, Mapping) else None
+    return (engine is not None and engine.outcome == "built") or r.stitch is not None
 
 
 def _check_method(r: Recipe, issues: _Issues, known_methods: Any) -> None:
