@@ -9,7 +9,6 @@ import pytest
 
 from suture.merge.errors import RecipeError
 from suture.recipes.schema import (
-    BASE_REQUIRED_METHODS,
     ModelRef,
     Recipe,
     load_recipe,
@@ -18,22 +17,13 @@ from suture.recipes.schema import (
 )
 from suture.recipes.yaml_lines import format_path, load_yaml_with_lines, nearest_line
 
-# mergekit's method names; passed explicitly so these tests do not depend on which methods are registered
-MERGEKIT_METHODS = {
-    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough",
-    "breadcrumbs", "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "nearswap",
-}
+def load(text: str) -> Recipe:
+    return load_recipe(text)
 
 
-def load(text: str, **kw) -> Recipe:
-    kw.setdefault("known_methods", MERGEKIT_METHODS)
-    kw.setdefault("requires_base", BASE_REQUIRED_METHODS)
-    return load_recipe(text, **kw)
-
-
-def fails(text: str, **kw) -> RecipeError:
+def fails(text: str) -> RecipeError:
     with pytest.raises(RecipeError) as info:
-        load(text, **kw)
+        load(text)
     return info.value
 
 
@@ -175,7 +165,7 @@ ALL = [LINEAR, GRADIENT_SLERP, TIES, DARE_TIES, FRANKENMERGE, TOKENIZER_UNION, L
 def test_mergekit_recipes_load_and_round_trip(text: str, tmp_path: Path) -> None:
     recipe = load(text)
     # dict and YAML round trips give the same recipe back
-    assert parse_recipe(recipe.to_dict(), known_methods=MERGEKIT_METHODS, requires_base=BASE_REQUIRED_METHODS) == recipe
+    assert parse_recipe(recipe.to_dict()) == recipe
     out = tmp_path / "suture_recipe.yml"
     out.write_text(recipe.to_yaml())
     again = load(out)
@@ -415,10 +405,9 @@ def test_layer_range_checks() -> None:
 def test_unknown_merge_method() -> None:
     err = fails(LINEAR.replace("merge_method: linear", "merge_method: liner"))
     assert _has(err, "merge_method", 11) and "did you mean 'linear'" in str(err)
-    # a callable registry works too, and a name it knows passes
-    assert load(LINEAR, known_methods=lambda: ["linear"]).merge_method == "linear"
-    err = fails(LINEAR, known_methods=lambda: ["ties"])
-    assert "unknown merge method 'linear'" in str(err)
+    # the registry's names pass, and the error lists them
+    assert load(LINEAR).merge_method == "linear"
+    assert "known methods: arcee_fusion, breadcrumbs" in str(err)
 
 
 def test_missing_merge_method() -> None:

@@ -175,13 +175,18 @@ class MergeMethod:
             return _problem(pdef, exc.errors(include_url=False)[0], value)
         return None
 
+    def fits(self, n: int) -> bool:
+        """Whether the method takes ``n`` models (besides the base, when it uses one)."""
+        return n >= self.min_models and (self.max_models is None or n <= self.max_models)
+
     def count_words(self, noun: str = "model") -> str:
-        """How many inputs the method takes, in words ('exactly 1 model', 'at least 2 models')."""
+        """How many inputs the method takes, in words ('exactly one model', 'at least two models')."""
         lo, hi = self.min_models, self.max_models
         plural = noun if (hi if hi is not None else lo) == 1 else noun + "s"
+        words = {1: "one", 2: "two"}
         if hi == lo:
-            return f"exactly {lo} {plural}"
-        return f"at least {lo} {plural}" if hi is None else f"{lo} to {hi} {plural}"
+            return f"exactly {words.get(lo, lo)} {plural}"
+        return f"at least {words.get(lo, lo)} {plural}" if hi is None else f"{lo} to {hi} {plural}"
 
 
 def _problem(pdef: ParamDef, err: Any, value: Any) -> str:
@@ -293,7 +298,7 @@ def _resolve(m: MergeMethod, where: str, model: type[MethodParams], given: dict[
                 f"{where}: merge method {m.name!r} requires parameter {key!r}" + (f" ({pdef.help})" if pdef.help else "")
             ) from None
         if pdef is None:  # a rule across parameters (a model validator)
-            raise ParameterError(f"{where}: merge method {m.name!r}: {_problem(ParamDef(''), err, None)}") from None
+            raise ParameterError(f"{where}: merge method {m.name!r}: {_problem(ParamDef('', None), err, None)}") from None
         problem = _problem(pdef, err, values.get(key))
         raise ParameterError(f"{where}: parameter {key!r} of merge method {m.name!r} {problem}") from None
     out = dict(given)
