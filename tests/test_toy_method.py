@@ -72,3 +72,4 @@ def test_app_lists_the_toy_method_from_the_registry() -> None:
     info = services.methods.__wrapped__()["toy_max"]
     assert info["summary"].startswith("Blend") and info["min_models"] == 2
     assert [p["name"] for p in info["global"]] == ["mix"] and info["global"][0]["default"] == 1.0
+    assert info["global"][0]["help"].endswith("(must be in [0, 1])")
