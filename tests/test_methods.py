@@ -534,3 +534,20 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         inputs = MergeInputs("w", xs[:n], mp, params, base=base if m.uses_base else None,
                              generator=torch.Generator().manual_seed(7))
         torch.testing.assert_close(results[torch.float32].cpu(), run_method(m, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_ranges_are_checked_before_the_kernel_runs():
+    x, base = torch.ones(4), torch.zeros(4)
+    bad_density = MergeInputs("w", [x, x], [{"weight": 1}, {"weight": 1, "density": 1.5}], {}, base=base)
+    with pytest.raises(ParameterError, match=r"tensor 'w', model 1: parameter 'density' .* must be in \[0, 1\], got 1.5"):
+        run_method("ties", bad_density)
+    with pytest.raises(ParameterError, match=r"'select_topk' .* must be in \[0, 1\]"):
+        run("sce", [[1.0], [2.0]], base=[0.0], select_topk=-0.5)
+    with pytest.raises(ParameterError, match=r"'epsilon' of merge method 'ram' must be >= 0"):
+        run("ram", [[1.0], [2.0]], base=[0.0], epsilon=-1.0)
+    with pytest.raises(ParameterError, match="'lambda' .* must be finite"):
+        run("task_arithmetic", [[1.0]], [{"weight": 1}], base=[0.0], **{"lambda": float("inf")})
+    # a tensor holding one value counts as that value; integers are numbers, booleans are not
+    close(run("linear", [[1.0], [3.0]], [{"weight": torch.tensor(1.0)}, {"weight": 1}]), [2.0])
+    with pytest.raises(ParameterError, match="number"):
+        run("linear", [[1.0]], [{"weight": True}])

@@ -497,3 +497,16 @@ def test_warnings_for_unreachable_conditions_and_unknown_parameters(caplog, monk
     msgs = [r.getMessage() for r in caplog.records]
     assert any("models[1].parameters.wieght (line 7)" in m and "did you mean 'weight'" in m for m in msgs), msgs
     assert any("parameters.normalize (line 14)" in m and "condition 1 can never match" in m for m in msgs), msgs
+
+
+def test_parameter_ranges_come_from_the_registry() -> None:
+    # density is a fraction: the framework refuses 1.5 (a gradient item too), naming the key and its line
+    err = fails(TIES.replace("density: 0.5", "density: 1.5"))
+    assert _has(err, "models[0].parameters.density", 4) and "must be in [0, 1], got 1.5" in str(err)
+    err = fails(TIES.replace("[1, 0.7, 0.1]", "[1, 0.7, -0.1]"))
+    assert _has(err, "models[1].parameters.density[2]", 8) and "got -0.1" in str(err)
+    # model counts come from the registry too: model_stock needs two models besides the base
+    one = "models:\n  - model: a/x\nmerge_method: model_stock\nbase_model: a/b\n"
+    err = fails(one)
+    assert _has(err, "models", 1) and "at least two models besides the base_model; got 1" in str(err)
+    assert load(one.replace("  - model: a/x\n", "  - model: a/x\n  - model: a/y\n")).merge_method == "model_stock"
