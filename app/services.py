@@ -276,7 +276,9 @@ def methods() -> dict[str, dict[str, Any]]:
 
 
 def _param(p: Any) -> dict[str, Any]:
-    return {"name": p.name, "default": p.default, "required": p.required, "help": p.help}
+    """A parameter as the form needs it; its help ends with the range the registry enforces."""
+    help_text = f"{p.help} (must be {p.bounds})" if p.bounds else p.help
+    return {"name": p.name, "default": p.default, "required": p.required, "help": help_text, "bounds": p.bounds}
 
 
 def runner_engines() -> set[str]:

@@ -17,52 +17,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from suture.merge.errors import InputError
+from suture.merge.errors import InputError, ParameterError
 from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
 
 logger = logging.getLogger(__name__)
 
-# Papers behind the merge methods, used when the method registry cannot say (text, link).
+# Papers of methods a card may name that are not registered merge methods (the registry cites its own).
 METHOD_PAPERS: dict[str, tuple[str, str]] = {
-    "linear": (
-        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
-        "inference time (Wortsman et al., ICML 2022)",
-        "https://arxiv.org/abs/2203.05482",
-    ),
-    "slerp": (
-        "Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985)",
-        "https://doi.org/10.1145/325165.325242",
-    ),
-    "task_arithmetic": ("Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)", "https://arxiv.org/abs/2212.04089"),
-    "ties": (
-        "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-        "https://arxiv.org/abs/2306.01708",
-    ),
-    "dare_ties": (
-        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    "dare_linear": (
-        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    "breadcrumbs": (
-        "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
-        "https://arxiv.org/abs/2312.06795",
-    ),
-    "model_stock": ("Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024)", "https://arxiv.org/abs/2403.19522"),
-    "della": (
-        "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)",
-        "https://arxiv.org/abs/2406.11617",
-    ),
     "fisher": ("Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022)", "https://arxiv.org/abs/2111.09832"),
     "regmean": (
         "Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023)",
         "https://arxiv.org/abs/2212.09849",
     ),
 }
-METHOD_PAPERS["breadcrumbs_ties"] = METHOD_PAPERS["breadcrumbs"]
-METHOD_PAPERS["della_linear"] = METHOD_PAPERS["della"]
 
 # Stitching is not an alignment engine (it has no registry entry): its papers and title live here.
 STITCHING = "stitching"
@@ -100,19 +67,17 @@ def _format_paper(paper: Any) -> str | None:
 
 
 def method_paper(method: str) -> str | None:
-    """Markdown citation of the paper behind a merge method (registry first, then the built-in table)."""
+    """Markdown citation of the papers behind a merge method (the registry's, else the table above)."""
+    from suture.merge.methods import get_method
+
     key = method.strip().lower()
     try:
-        from suture.merge.methods import get_method
-    except ImportError:
-        get_method = None
-    if get_method is not None:
-        try:
-            text = _format_paper(getattr(get_method(key), "paper", None))
-        except (LookupError, ValueError, TypeError, AttributeError):
-            text = None  # not in the registry: fall back to the table
-        if text:
-            return text
+        papers = get_method(key).papers
+    except ParameterError:
+        papers = ()
+    cited = [text for text in map(_format_paper, papers) if text]
+    if cited:
+        return "; ".join(cited)
     return _format_paper(METHOD_PAPERS.get(key))
 
 

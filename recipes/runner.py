@@ -114,28 +114,13 @@ def non_finite_problem(report: Mapping[str, Any]) -> str | None:
             f"{non_finite_summary(section.get('tensors', []), section['count'])}; rerun with --strict to refuse such output")
 
 
-def _known_methods() -> list[str]:
-    from suture.merge.methods import list_methods
-
-    return list_methods()
-
-
-def _requires_base(name: str) -> bool:
-    from suture.merge.methods import get_method
-
-    try:
-        return get_method(name).requires_base
-    except RecipeError:
-        return False
-
-
 def load(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     """A validated Recipe from a path, YAML text, a dict or a Recipe (errors name key and line)."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Mapping):
-        return parse_recipe(dict(recipe), known_methods=_known_methods(), requires_base=_requires_base)
-    return load_recipe(recipe, known_methods=_known_methods(), requires_base=_requires_base)
+        return parse_recipe(dict(recipe))
+    return load_recipe(recipe)
 
 
 def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None, config_model: str) -> dict | None:
@@ -197,7 +182,7 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     for entry in data["models"]:
         weight = blend if str(ModelRef.parse(entry["model"])) == ref else 1.0 - blend
         entry["parameters"] = {**(entry.get("parameters") or {}), "weight": weight}
-    return parse_recipe(data, source=r.source, known_methods=_known_methods(), requires_base=_requires_base)
+    return parse_recipe(data, source=r.source)
 
 
 def run_recipe(
