@@ -20,9 +20,12 @@ from suture.app import state  # noqa: E402
 from suture.app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
 from suture.merge.redact import install_log_redaction  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "pages"
+# Not "pages/": Streamlit treats a pages/ folder beside the entry script as an old-style multipage app for the
+# first run after a server start, where /merge is no page and a spurious "Page not found" dialog appears.
+PAGES = Path(__file__).resolve().parent / "views"
+ICON = Path(__file__).resolve().parent / "icon.svg"  # a local file: a :material/...: favicon is fetched from Google's CDN
 
-st.set_page_config(page_title="Suture workbench", page_icon=":material/merge:", layout="wide")
+st.set_page_config(page_title="Suture workbench", page_icon=str(ICON), layout="wide")
 install_log_redaction()  # Hub tokens never reach a log line
 
 try:

@@ -42,7 +42,7 @@ def start(page: str | None = None) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
     assert not at.exception, [e.value for e in at.exception]
     if page:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
         assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -66,7 +66,7 @@ def load_example(at: AppTest, name: str) -> dict:
 def run_demo_merge(at: AppTest, example: str | None = None) -> dict:
     if example:
         load_example(at, example)
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     click(at, "am.run")
     assert not at.error, [e.value for e in at.error]
     return at.session_state[state.LAST_RUN]
@@ -302,7 +302,7 @@ def test_demo_merge_shows_the_barrier_plot_and_is_reused(ws):
 def test_form_widgets_edit_the_recipe(ws):
     at = start()
     load_example(at, "ties_finetunes")
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     density = [n for n in at.number_input if n.label == "density"][0]
     density.set_value(0.3).run()
     recipe = at.session_state[state.RECIPE]
@@ -360,10 +360,10 @@ def test_form_widgets_edit_the_recipe(ws):
 def test_recipe_round_trip_export_import_identical_state(ws):
     at = start()
     load_example(at, "ties_finetunes")
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     [n for n in at.number_input if n.label == "lambda"][0].set_value(0.8).run()
     at.text_input(key=state.widget_key(at.session_state, "am", "name")).set_value("round trip").run()
-    at.switch_page("pages/recipe.py").run()
+    at.switch_page("views/recipe.py").run()
     before = dict(at.session_state[state.RECIPE])
     assert before["parameters"]["lambda"] == 0.8
     payload = state.recipe_payload(before)
@@ -376,8 +376,8 @@ def test_recipe_round_trip_export_import_identical_state(ws):
     assert at.session_state[state.RECIPE] == before
     assert any("Loaded round-trip.yaml" in s.value for s in at.success)
     # visiting the form after the import does not change the recipe
-    at.switch_page("pages/align_merge.py").run()
-    at.switch_page("pages/recipe.py").run()
+    at.switch_page("views/align_merge.py").run()
+    at.switch_page("views/recipe.py").run()
     assert at.session_state[state.RECIPE] == before
     assert state.recipe_payload(at.session_state[state.RECIPE]) == payload
 
@@ -389,14 +389,14 @@ def test_every_example_loads_and_round_trips(ws):
         expected = load_example(at, name)
         assert set(state.referenced_refs(expected)) <= set(at.session_state[state.LIBRARY])
         # the form shows the example without changing it (engine options included)
-        at.switch_page("pages/align_merge.py").run()
+        at.switch_page("views/align_merge.py").run()
         assert not at.exception and not at.error, (name, [e.value for e in at.error])
         if "stitch" not in expected:
             engine = at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value
             assert engine == (expected.get("alignment") or {}).get("engine", "(none)")
         assert at.session_state[state.RECIPE] == expected, name
         # export -> import -> identical state
-        at.switch_page("pages/recipe.py").run()
+        at.switch_page("views/recipe.py").run()
         payload = state.recipe_payload(at.session_state[state.RECIPE])
         at.file_uploader[0].set_value((f"{name}.yaml", payload, "application/x-yaml")).run()
         click(at, "recipe.use_upload")
@@ -424,7 +424,7 @@ def test_visiting_the_form_leaves_an_imported_recipe_unchanged(ws, text):
     assert not at.error, [e.value for e in at.error]
     imported = at.session_state[state.RECIPE]
     assert imported == state.canonical(text)
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.session_state[state.RECIPE] == imported
 
@@ -490,7 +490,7 @@ def test_non_finite_merge_is_shown_as_failed_not_as_a_success(ws):
 def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
     at = start()
     load_example(at, "zipit_tasks")
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("no merge method applies" in i.value for i in at.info)
     alpha = [n for n in at.number_input if n.label == "alpha (merge decay)"][0]
@@ -533,7 +533,7 @@ def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
     at = start("recipe")
     at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(text).run()
     click(at, "recipe.apply")
-    at.switch_page("pages/align_merge.py").run()
+    at.switch_page("views/align_merge.py").run()
     assert at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value == "ot"
     [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn").run()
     [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0].set_value(0.05).run()
@@ -645,7 +645,7 @@ def test_stitch_page_runs_the_stitch(ws):
 def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
     at = start()
     last = run_demo_merge(at, "ties_finetunes")
-    at.switch_page("pages/publish.py").run()
+    at.switch_page("views/publish.py").run()
     assert not at.exception
     body = "\n".join(m.value for m in at.markdown)
     assert "ties" in body and "demo:finetune-0-4" in body  # the model card preview
@@ -674,7 +674,7 @@ def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
 def test_publish_reports_a_missing_token(ws, hub_server):
     at = start()
     run_demo_merge(at, "ties_finetunes")
-    at.switch_page("pages/publish.py").run()
+    at.switch_page("views/publish.py").run()
     at.text_input(key=state.widget_key(at.session_state, "publish.repo")).set_value("tester/no-token").run()
     click(at, "publish.push")
     assert any("no Hugging Face token" in e.value for e in at.error), [e.value for e in at.error]

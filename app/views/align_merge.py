@@ -70,7 +70,7 @@ st.title("Align & merge")
 if recipe.get("stitch") is not None:
     st.info("The current recipe stitches two models (its `stitch:` section): run it on the Stitch page, or load a merge "
             "recipe (Models or Recipe page) to align and merge here.")
-    st.page_link("pages/stitch.py", label="Go to Stitch", icon=":material/link:")
+    st.page_link("views/stitch.py", label="Go to Stitch", icon=":material/link:")
     st.stop()
 name = st.text_input("Recipe name", value=recipe.get("name", ""), key=key("name"))
 left, right = st.columns([1, 1], gap="large")
