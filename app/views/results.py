@@ -32,7 +32,8 @@ if len(picked) == 1:
     st.info("Choose at least one more run to compare.")
 if len(picked) >= 2:
     st.subheader("Side by side")
-    st.dataframe(results.comparison_rows(picked), hide_index=True, width="stretch", key="results.table")
+    with st.container(key="results-table"):
+        st.table(results.comparison_rows(picked))
     curves = results.overlaid_curves(picked)
     if curves:
         st.subheader("Interpolation curves")
