@@ -6,6 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from suture.merge.plot import FONT, legend_below, style_axes
 
 COLORMAPS = ("viridis", "magma", "cividis", "Blues")
 
@@ -26,10 +29,13 @@ def heatmap(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: str
         middle = (min(finite) + max(finite)) / 2 if finite else 0.0
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < middle else "black")
-    fig.colorbar(image, ax=ax, label=label)
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=FONT["tick"], color="white" if v < middle else "black")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(label, fontsize=FONT["label"])
+    bar.ax.tick_params(labelsize=FONT["tick"])
     if title:
         ax.set_title(title)
+    style_axes(ax)
     return fig
 
 
@@ -41,10 +47,12 @@ def objective(series: Mapping[str, Sequence[float]], *, title: str = "alignment 
         ax.plot(range(1, len(values) + 1), list(values), marker="o", label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("objective")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # passes are whole numbers: no 2.5 tick
     ax.grid(True, alpha=0.3)
     if len(series) > 1:
-        ax.legend(fontsize="small")
+        legend_below(fig, ax)
     ax.set_title(title)
+    style_axes(ax)
     return fig
 
 
@@ -64,12 +72,25 @@ def scores(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Figur
     bars = ax.barh(range(len(rows)), values, color=["#d62728" if r.get("merged") else "#1f77b4" for r in rows])
     ax.set_yticks(range(len(rows)), labels=labels)
     ax.invert_yaxis()
-    ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=8)
+    ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=FONT["tick"])
     ax.set_xlabel(f"test {metric}")
-    if metric == "accuracy":
-        ax.set_xlim(0, 1.08)
+    if metric == "accuracy" and values:
+        ax.set_xlim(*accuracy_limits(values))
     ax.grid(True, axis="x", alpha=0.3)
+    style_axes(ax)
     return fig
+
+
+def accuracy_limits(values: Sequence[float]) -> tuple[float, float]:
+    """An accuracy axis that shows the differences (0.97 vs 0.98 are not two equal bars on 0..1), with room
+    on the right for the value labels; it starts at 0 only when the values spread over most of the range."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, 0.01)
+    low = max(0.0, lo - 0.5 * span)
+    if low < 0.25:
+        low = 0.0
+    high = min(1.0, hi + 0.25 * span) if hi < 1.0 else 1.0
+    return low, high + 0.12 * (high - low)  # room for the "0.973" labels at the bars' ends
 
 
 def matrix(values: Any, *, title: str = "", kind: str = "transport", xlabel: str = "other model's units",
@@ -85,9 +106,12 @@ def matrix(values: Any, *, title: str = "", kind: str = "transport", xlabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if kind != "permutation":
-        fig.colorbar(image, ax=ax, label="transported mass")
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("transported mass", fontsize=FONT["label"])
+        bar.ax.tick_params(labelsize=FONT["tick"])
     if title:
-        ax.set_title(title, fontsize="medium")
+        ax.set_title(title)
+    style_axes(ax)
     return fig
 
 
@@ -107,5 +131,6 @@ def stop_sweep(rows: Sequence[Mapping[str, Any]], ensemble_accuracy: float | Non
     ax.set_xlabel("zipped up to (later layers kept per model)")
     ax.set_ylabel("joint accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    style_axes(ax)
+    legend_below(fig, ax)
     return fig

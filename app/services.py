@@ -441,11 +441,22 @@ def evaluation_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+BARRIER_COLUMNS = {"loss": "loss barrier", "loss_midpoint": "loss barrier (midpoint)", "accuracy": "accuracy barrier"}
+
+
 def barrier_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Loss/accuracy barriers per interpolation path (naive, aligned), with the midpoint accuracy."""
+    """Loss/accuracy barriers per interpolation path (naive, aligned), with the midpoint accuracy.
+
+    Columns name the barrier they hold (the rise above the endpoints' line, Frankle et al. 2020); float noise
+    around zero (|x| < 1e-6, an exact endpoint match) is shown as 0 rather than as a tiny improvement.
+    """
+    from suture.app.results import clean_barrier
+
     section = evaluation_section(report)
     mids = section.get("midpoint_accuracy") or {}
-    return [{"path": str(label), **{k: v for k, v in b.items() if v is not None}, **({"midpoint accuracy": mids[label]} if label in mids else {})}
+    return [{"path": str(label),
+             **{BARRIER_COLUMNS.get(k, k): clean_barrier(v) if k in BARRIER_COLUMNS else v for k, v in b.items() if v is not None},
+             **({"midpoint accuracy": mids[label]} if label in mids else {})}
             for label, b in (section.get("barriers") or {}).items() if isinstance(b, Mapping)]
 
 

@@ -16,6 +16,33 @@ from suture.merge.errors import InputError
 logger = logging.getLogger(__name__)
 
 _LABELS = {"loss": "test loss", "accuracy": "test accuracy"}
+# One set of text sizes (points) for every figure the CLI writes and the app shows, so panels side by side match.
+FONT = {"title": 10, "label": 9, "tick": 8, "legend": 8}
+
+
+def style_axes(ax: Any) -> None:
+    """Apply the shared text sizes to one panel (title, axis labels, tick labels)."""
+    ax.title.set_fontsize(FONT["title"])
+    ax.xaxis.label.set_fontsize(FONT["label"])
+    ax.yaxis.label.set_fontsize(FONT["label"])
+    ax.tick_params(labelsize=FONT["tick"])
+
+
+def legend_below(fig: Any, ax: Any) -> None:
+    """One legend for the figure, under its panels, so it never covers a line (the layout makes room for it)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    longest = max(len(label) for label in labels)
+    ncols = 1 if longest > 40 else min(len(labels), 4)
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=FONT["legend"], frameon=False)
+
+
+def legend_rows(labels: Sequence[str]) -> int:
+    """How many lines legend_below takes for these labels (figures grow by that much)."""
+    if not labels:
+        return 0
+    return len(labels) if max(len(label) for label in labels) > 40 else -(-len(labels) // 4)
 
 
 def interpolation_figure(
@@ -31,7 +58,7 @@ def interpolation_figure(
         raise InputError("nothing to plot: no interpolation curves given")
     if not metrics:
         raise InputError("nothing to plot: no metric named")
-    fig = Figure(figsize=(5.0 * len(metrics), 3.8), layout="constrained")
+    fig = Figure(figsize=(5.0 * len(metrics), 3.6 + 0.2 * legend_rows([str(k) for k in curves])), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, name in zip(axes, metrics):
         for label, curve in curves.items():
@@ -43,9 +70,10 @@ def interpolation_figure(
         ax.set_ylabel(_LABELS.get(name, name))
         ax.set_xlim(0.0, 1.0)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        style_axes(ax)
+    legend_below(fig, axes[0])  # every panel has the same lines: one legend, below, covering none of them
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=FONT["title"])
     return fig
 
 
@@ -81,11 +109,12 @@ def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float
     ax.plot(range(len(sweep)), [row["accuracy"] for row in sweep], marker="o", label="zipped model")
     if ensemble_accuracy is not None:
         ax.axhline(ensemble_accuracy, linestyle="--", color="gray", label="ensemble")
-    ax.set_xticks(range(len(sweep)), labels, rotation=30, ha="right", fontsize="small")
+    ax.set_xticks(range(len(sweep)), labels, rotation=30, ha="right")
     ax.set_xlabel("zipped up to (later layers kept per model)")
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    style_axes(ax)
+    legend_below(fig, ax)
     FigureCanvasAgg(fig)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

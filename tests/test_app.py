@@ -689,10 +689,40 @@ def test_report_figures_are_read_when_present(tmp_path):
     assert services.alignment_objective(report) == {"b": [1.0, 2.5, 2.75]}
     assert list(services.interpolation_curves(report)) == ["aligned"]
     assert services.evaluation_rows(report) == [{"model": "a", "loss": 0.4, "accuracy": 0.9}, {"model": "merged", "merged": True, "loss": 0.5, "accuracy": 0.8}]
-    assert services.barrier_rows(report) == [{"path": "aligned", "loss": 0.02, "accuracy": 0.01}]
+    assert services.barrier_rows(report) == [{"path": "aligned", "loss barrier": 0.02, "accuracy barrier": 0.01}]
+    noisy = {"evaluation": {"barriers": {"aligned": {"loss": -4e-9, "accuracy": -0.02}}, "midpoint_accuracy": {"aligned": 0.97}}}
+    # float noise at an exact match reads 0, a real dip below the endpoints' line stays negative
+    assert services.barrier_rows(noisy) == [{"path": "aligned", "loss barrier": 0.0, "accuracy barrier": -0.02, "midpoint accuracy": 0.97}]
     assert services.alignment_objective({"alignment": {"models": {"b": {"objective": 3.0}}}}) == {}
     from suture.app import plots
 
     fig = plots.interpolation(services.interpolation_curves(report))
     assert len(fig.axes) == 2
     assert len(plots.objective({"b": [1.0, 2.0]}).axes[0].lines) == 1
+
+
+def test_plots_share_font_sizes_show_accuracy_differences_and_keep_legends_off_the_lines():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from suture.app import plots
+    from suture.merge.plot import FONT
+
+    curve = [{"t": t, "loss": 0.1 + t * (1 - t), "accuracy": 0.98 - 0.05 * t * (1 - t)} for t in (0.0, 0.5, 1.0)]
+    fig = plots.interpolation({"run one · naive": curve, "run two · aligned": curve})
+    FigureCanvasAgg(fig).draw()
+    legend = fig.legends[0]
+    assert not any(ax.get_legend() for ax in fig.axes)  # one legend for the figure, not one over each panel
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert all(box.y1 <= ax.get_window_extent(renderer).y0 for ax in fig.axes)  # below the panels
+    sizes = {t.get_fontsize() for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels()}
+    assert sizes == {FONT["tick"]} and {ax.xaxis.label.get_fontsize() for ax in fig.axes} == {FONT["label"]}
+    # 0.97 vs 0.98 on an axis that does not start at 0
+    bars = plots.scores([{"model": "a", "accuracy": 0.97}, {"model": "merged", "accuracy": 0.98, "merged": True}])
+    low, high = bars.axes[0].get_xlim()
+    assert 0.9 < low < 0.97 and 0.98 < high < 1.0
+    assert plots.scores([{"model": "a", "accuracy": 0.1}, {"model": "b", "accuracy": 0.9}]).axes[0].get_xlim()[0] == 0.0
+    # iterations are whole numbers
+    obj = plots.objective({"b": [1.0, 2.0, 2.5, 2.6, 2.7]})
+    FigureCanvasAgg(obj).draw()
+    assert all(float(t).is_integer() for t in obj.axes[0].get_xticks())

@@ -98,14 +98,14 @@ def test_offline_first_load_and_results_comparison(served_workspace):
             # both runs are named by what they are (engine → method · models · time), not by a folder hash
             picker = page.get_by_test_id("stMultiSelect")
             picker.click()
-            options = page.get_by_role("option")
+            options = page.get_by_role("option").filter(has_text=" · ")
             expect(options).to_have_count(2, timeout=30_000)
             labels = options.all_inner_texts()
             assert all(lab.startswith("weight_matching → linear · demo:mlp-seed1 + demo:mlp-seed2 · ") for lab in labels), labels
             assert len(set(labels)) == 2, labels  # same recipe shape, same minute: told apart by folder
             options.first.click()
             picker.click()
-            page.get_by_role("option").first.click()
+            page.get_by_role("option").filter(has_text=" · ").first.click()
             page.keyboard.press("Escape")
             expect(page.get_by_role("heading", name="Side by side")).to_be_visible(timeout=30_000)
             plot = page.locator(".st-key-results-curves").get_by_test_id("stImage")
