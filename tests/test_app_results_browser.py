@@ -103,9 +103,7 @@ def test_offline_first_load_and_results_comparison(served_workspace):
             labels = options.all_inner_texts()
             assert all(lab.startswith("weight_matching → linear · demo:mlp-seed1 + demo:mlp-seed2 · ") for lab in labels), labels
             assert len(set(labels)) == 2, labels  # same recipe shape, same minute: told apart by folder
-            options.first.click()
-            picker.click()
-            page.get_by_role("option").filter(has_text=" · ").first.click()
+            page.get_by_role("option", name="Select all").click()  # both runs
             page.keyboard.press("Escape")
             expect(page.get_by_role("heading", name="Side by side")).to_be_visible(timeout=30_000)
             plot = page.locator(".st-key-results-curves").get_by_test_id("stImage")
