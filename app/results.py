@@ -21,23 +21,12 @@ import yaml
 
 from suture.app.services import read_report
 from suture.app.workspace import Workspace
+from suture.merge.evaluate import shown_barrier
 
 logger = logging.getLogger(__name__)
 
-BARRIER_EPS = 1e-6  # |barrier| below this is float noise of an exact endpoint match: shown as 0
 PATH_PREFERENCE = ("aligned", "permutation", "naive", "truncated")
-
-
-def clean_barrier(value: Any) -> float | None:
-    """A barrier as shown: None when absent or not a number, 0.0 for float noise around zero (|x| < 1e-6).
-
-    A barrier is max over t of (path - straight line between the endpoints); at an exact match it is 0 up to
-    rounding, and a printed -3e-9 reads as a real improvement. Larger negatives are real (the path dips below
-    the line everywhere) and are kept.
-    """
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(float(value)):
-        return None
-    return 0.0 if abs(float(value)) < BARRIER_EPS else float(value)
+clean_barrier = shown_barrier  # one rule for every table that shows a barrier
 
 
 @dataclass

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -744,6 +745,26 @@ def split_card(text: str) -> tuple[str, str]:
     return "", text
 
 
+_CARD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def card_parts(body: str) -> list[tuple[str, str]]:
+    """A card body cut at its relative image links: [("text", markdown) | ("image", relative path)], in order.
+
+    The Hub shows `![plot](interpolation.png)` from the repository; a local preview has to load the file itself.
+    Absolute URLs stay in the markdown (the app never fetches them, and the card never writes them).
+    """
+    parts: list[tuple[str, str]] = []
+    at = 0
+    for match in _CARD_IMAGE.finditer(body):
+        target = match.group(1)
+        if "://" in target or target.startswith("/"):
+            continue
+        parts += [("text", body[at:match.start()]), ("image", target)]
+        at = match.end()
+    return parts + [("text", body[at:])]
+
+
 def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, progress: Callable[[float, str], None] | None = None) -> str:
     """Publish an output folder to the Hub; returns the URL."""
     from suture.merge.hub import push_folder
@@ -801,6 +822,7 @@ __all__ = [
     "run_stitch",
     "runnable",
     "similarity_matrix",
+    "card_parts",
     "split_card",
     "stitch_fit",
     "translators",

@@ -230,6 +230,8 @@ def _input_row(index: int, ref: str, endpoint: str) -> list[str]:
         repo_id, revision = split_hub_ref(ref)
         link = f"[{repo_id}]({endpoint}/{repo_id})"
         return [str(index), link, revision or "main", "Hub"]
+    if ref.startswith("demo:"):
+        return [str(index), f"`{ref}`", "", "built-in demo (trained by Suture on scikit-learn's digits)"]
     return [str(index), f"`{ref}`", "", "local"]
 
 

@@ -185,6 +185,20 @@ def _points(points: int | Sequence[float]) -> list[float]:
     return ts
 
 
+BARRIER_EPS = 1e-6  # |barrier| below this is rounding noise of an exact match, reported as 0
+
+
+def shown_barrier(value: Any) -> float | None:
+    """A barrier as reports and tables show it: None when absent or not finite, 0.0 for |x| < 1e-6.
+
+    An exact match gives 0 up to float rounding, and a printed -3e-9 would read as an improvement; larger
+    negatives (a midpoint below the endpoints' line) are real and kept.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(float(value)):
+        return None
+    return 0.0 if abs(float(value)) < BARRIER_EPS else float(value)
+
+
 def barrier(
     curve: Sequence[Mapping[str, float]],
     metric: str = "loss",

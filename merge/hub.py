@@ -50,6 +50,9 @@ PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt"]
 SUBFOLDER_PATTERN = "*/*"
 
 # Files never published from an output folder: temporary files of an interrupted write, caches, VCS data.
+# Said to people, not to programmers: how to give Suture a token (the Python API's `token=` argument is documented).
+LOGIN_HINT = ("log in once with `hf auth login` (it stores a token from https://huggingface.co/settings/tokens), "
+              "or set the HF_TOKEN environment variable to such a token")
 _SKIP_SUFFIXES = (".tmp", ".incomplete", ".lock", ".pyc")
 _SKIP_DIRS = {"__pycache__"}
 # Hub naming rules: letters, digits, '-', '_', '.'; no '--' or '..'; not starting/ending with '-' or '.'.
@@ -237,7 +240,7 @@ def _hub_error(
         cls for cls in (getattr(hf_errors, "LocalEntryNotFoundError", None), getattr(hf_errors, "IncompleteSnapshotError", None)) if cls
     )
     status = _status(exc)
-    login_hint = "pass token=..., set HF_TOKEN, or run `hf auth login`"
+    login_hint = LOGIN_HINT
     network = _network_error(exc)
 
     if gated and isinstance(exc, gated):
@@ -502,7 +505,7 @@ def push_folder(
         raise InputError(f"cannot publish {repo_id}: offline mode is on (HF_HUB_OFFLINE=1)")
     token = _resolve_token(token)
     if not token:
-        raise InputError(f"cannot publish {repo_id}: no Hugging Face token; pass token=..., set HF_TOKEN, or run `hf auth login`")
+        raise InputError(f"cannot publish {repo_id}: no Hugging Face token; {LOGIN_HINT}")
     _refuse_token_in_files(files, folder, token)
 
     def report(fraction: float, message: str) -> None:

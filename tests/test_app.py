@@ -678,7 +678,34 @@ def test_publish_reports_a_missing_token(ws, hub_server):
     at.text_input(key=state.widget_key(at.session_state, "publish.repo")).set_value("tester/no-token").run()
     click(at, "publish.push")
     assert any("no Hugging Face token" in e.value for e in at.error), [e.value for e in at.error]
+    message = next(e.value for e in at.error if "no Hugging Face token" in e.value)
+    assert "`hf auth login`" in message and "HF_TOKEN" in message and "token=" not in message  # said to a person
     assert at.status[0].state == "error"
+
+
+def test_publish_previews_the_card_plot_and_holds_back_non_finite_results(ws):
+    import json
+
+    from matplotlib.figure import Figure
+
+    good, bad = ws.outputs / "good-0123456789", ws.outputs / "nan-0123456789"
+    for folder, count in ((good, 0), (bad, 2)):
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps({"merge_method": "linear", "models": ["demo:mlp-seed1", "demo:mlp-seed2"],
+                                                        "non_finite": {"tensors": ["fc.weight"] * count, "count": count}}))
+        (folder / "README.md").write_text("---\ntags:\n- merge\n---\n\n# merged\n\n## Evaluation\n\n"
+                                          "![Evaluation plot](interpolation.png)\n\nafter the plot\n")
+    Figure(figsize=(2, 1)).savefig(good / "interpolation.png")
+    at = start("publish")
+    assert not at.exception, [e.value for e in at.exception]
+    box = at.selectbox(key="publish.folder")
+    assert len(box.options) == 1 and "good-0123456789" in box.options[0] and "linear · demo:mlp-seed1" in box.options[0]
+    assert any("nan-0123456789" in w.value and "NaN/Inf" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert len(at.get("image")) == 1  # the card's plot, loaded from the folder
+    body = "\n".join(m.value for m in at.markdown)
+    assert "after the plot" in body and "![Evaluation plot]" not in body
+    assert services.card_parts("a ![p](x.png) b ![q](https://e.org/y.png)") == [
+        ("text", "a "), ("image", "x.png"), ("text", " b ![q](https://e.org/y.png)")]
 
 
 def test_report_figures_are_read_when_present(tmp_path):

@@ -10,22 +10,28 @@ from pathlib import Path
 
 import streamlit as st
 
-from suture.app import services, state, ui
+from suture.app import results, services, state, ui
 
 ss = st.session_state
 ws = ui.workspace()
 recipe = ss[state.RECIPE]
 
 st.title("Publish")
-outputs = ws.list_outputs()
-if not outputs:
+runs = results.list_runs(ws)
+failed = [r for r in runs if r.failed]
+good = [r for r in runs if not r.failed]
+if failed:
+    st.warning(f"{len(failed)} result(s) not offered: their weights contain NaN/Inf ("
+               + ", ".join(f"`{ws.relative(r.folder)}`" for r in failed) + "). Fix the recipe and run again.")
+if not good:
     st.info("No finished merge in the workspace yet: run one on the Align & merge page.")
     st.stop()
 
-names = [p.as_posix() for p in outputs]
+names = [r.folder.as_posix() for r in good]
+labels = dict(zip(names, (f"{label} — {ws.relative(r.folder)}" for label, r in zip(results.unique_labels(good), good))))
 last = ss.get(state.LAST_RUN)
 start = names.index(last["out_dir"]) if last and last["out_dir"] in names else 0
-chosen = Path(st.selectbox("Result to publish", names, index=start, format_func=ws.relative, key="publish.folder"))
+chosen = Path(st.selectbox("Result to publish", names, index=start, format_func=labels.get, key="publish.folder"))
 
 files = sorted(p for p in chosen.iterdir() if p.is_file() and not p.name.startswith("."))
 st.caption(" · ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in files))
@@ -36,8 +42,14 @@ if readme.is_file():
     front, body = services.split_card(readme.read_text(encoding="utf-8"))
     with st.expander("Hub metadata (front matter)", expanded=False):
         st.code(front, language="yaml")
-    with st.container(border=True):
-        st.markdown(body)
+    with st.container(border=True, key="card-preview"):
+        # the card's images are files next to it: shown from the folder (st.markdown cannot load them)
+        for kind, part in services.card_parts(body):
+            image = chosen / part
+            if kind == "image" and image.is_file() and ws.contains(image):
+                st.image(str(image))
+            elif kind == "text" and part.strip():
+                st.markdown(part)
 else:
     st.warning("This folder has no README.md model card.")
 
