@@ -745,6 +745,32 @@ def split_card(text: str) -> tuple[str, str]:
     return "", text
 
 
+def matching_layer(layer_a: str, layers_a: Sequence[str], layers_b: Sequence[str]) -> str:
+    """Model B's cut that goes with A's: the layer of the same name, else the one at the same depth (the last
+    when B is shallower)."""
+    if layer_a in layers_b:
+        return layer_a
+    depth = list(layers_a).index(layer_a) if layer_a in layers_a else 0
+    return list(layers_b)[min(depth, len(layers_b) - 1)]
+
+
+def stitch_result_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The stitch run's scores, one row per model or method: the chosen method's row is marked rather than
+    repeated (the report also stores it under "stitch")."""
+    results = (report.get("evaluate") or {}).get("results") or {}
+    chosen = report.get("method")
+    return [{"model": f"{k} (chosen)" if k == chosen else k, **{m: v for m, v in r.items() if not isinstance(v, (dict, list))}}
+            for k, r in results.items() if isinstance(r, Mapping) and not (k == "stitch" and chosen in results)]
+
+
+def format_cut(row: Mapping[str, Any]) -> str:
+    """A planner row as a sentence: "A layer 3 → B layer 3: accuracy 0.912, CKA 0.87"."""
+    parts = [f"A layer {row.get('source_layer')} → B layer {row.get('target_layer')}"]
+    figures = [f"{name} {row[key]:.3f}" for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("cka", "CKA"))
+               if isinstance(row.get(key), (int, float))]
+    return parts[0] + (": " + ", ".join(figures) if figures else "")
+
+
 _CARD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -823,6 +849,9 @@ __all__ = [
     "runnable",
     "similarity_matrix",
     "card_parts",
+    "format_cut",
+    "matching_layer",
+    "stitch_result_rows",
     "split_card",
     "stitch_fit",
     "translators",

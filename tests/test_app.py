@@ -596,6 +596,11 @@ def test_stitch_page_similarity_and_map(ws):
     assert not at.error, [e.value for e in at.error]
     assert at.session_state["stitch.layers"] == {"a": ["layers.0", "layers.1"], "b": ["layers.0", "layers.1"]}
     assert len(at.get("image")) == 1
+    # cut B follows cut A (and can still be set on its own)
+    at.selectbox(key="stitch.layer_a").set_value("layers.1").run()
+    assert at.selectbox(key="stitch.layer_b").value == "layers.1"
+    at.selectbox(key="stitch.layer_b").set_value("layers.0").run()
+    assert at.selectbox(key="stitch.layer_a").value == "layers.1" and at.selectbox(key="stitch.layer_b").value == "layers.0"
     result = services.similarity_matrix("demo:finetune-0-4", "demo:finetune-5-9", "sklearn:digits", "cka", 200)
     self_sim = services.similarity_matrix("demo:finetune-0-4", "demo:finetune-0-4", "sklearn:digits", "cka", 200)
     assert torch.allclose(torch.as_tensor(self_sim["matrix"]).diagonal(), torch.ones(2, dtype=torch.float64))
@@ -615,6 +620,17 @@ def test_stitch_page_similarity_and_map(ws):
     assert 0.0 < at.session_state["stitch.scores"]["mean cosine (relative A vs B)"] <= 1.0
 
 
+def test_stitch_helpers_match_cuts_and_show_each_result_once():
+    assert services.matching_layer("layers.2", ["layers.0", "layers.1", "layers.2"], ["layers.0", "layers.1", "layers.2"]) == "layers.2"
+    assert services.matching_layer("blocks.3", ["blocks.1", "blocks.3"], ["layers.0", "layers.1", "layers.2"]) == "layers.1"
+    assert services.matching_layer("blocks.9", ["blocks.1", "blocks.9"], ["layers.0"]) == "layers.0"
+    report = {"method": "procrustes", "evaluate": {"results": {
+        "target_head": {"accuracy": 0.9}, "procrustes": {"accuracy": 0.8, "f1_macro": 0.79}, "stitch": {"accuracy": 0.8, "f1_macro": 0.79}}}}
+    assert [r["model"] for r in services.stitch_result_rows(report)] == ["target_head", "procrustes (chosen)"]
+    assert services.format_cut({"source_layer": 3, "target_layer": 2, "cka": 0.8712, "accuracy": 0.9123, "f1_macro": None}) == (
+        "A layer 3 → B layer 2: accuracy 0.912, CKA 0.871")
+
+
 def test_stitch_page_runs_the_stitch(ws):
     at = start("stitch")
     at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
@@ -632,8 +648,10 @@ def test_stitch_page_runs_the_stitch(ws):
     assert report["source"] == {**report["source"], "model": "demo:mlp-seed1", "layer": 2}
     results = frame(at, "model", "accuracy").set_index("model")
     # A's units feed B in another order: the fitted map recovers most of B's accuracy, a naive cut does not
-    assert results.loc["stitch", "accuracy"] > 0.8 and results.loc["naive_absolute", "accuracy"] < 0.5
-    assert results.loc["stitch", "accuracy"] == pytest.approx(report["evaluate"]["results"]["stitch"]["accuracy"])
+    chosen = f"{report['method']} (chosen)"  # the chosen method's row, once (not again as "stitch")
+    assert "stitch" not in results.index and list(results.index).count(chosen) == 1
+    assert results.loc[chosen, "accuracy"] > 0.8 and results.loc["naive_absolute", "accuracy"] < 0.5
+    assert results.loc[chosen, "accuracy"] == pytest.approx(report["evaluate"]["results"]["stitch"]["accuracy"])
     assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity and accuracy plots of the run
     # the planner's table: every pair of the three hidden layers, CKA highest on the diagonal of equal depths
     planned = frame(at, "source_layer", "target_layer", "cka")

@@ -68,9 +68,15 @@ if not layers:
     st.caption("Compute the similarity first: the cut is chosen among the layers it lists.")
 else:
     k1, k2, k3, k4 = st.columns(4)
-    layer_a = k1.selectbox("Cut in A (features leaving)", layers["a"], key="stitch.layer_a")
-    layer_b = k2.selectbox("Cut in B (features entering)", layers["b"], index=min(layers["a"].index(layer_a), len(layers["b"]) - 1)
-                           if layer_a in layers["a"] else 0, key="stitch.layer_b")
+
+    def _b_follows_a() -> None:
+        """Choosing cut A moves cut B to the matching layer (the same name, else the same depth); B stays editable."""
+        ss["stitch.layer_b"] = services.matching_layer(ss["stitch.layer_a"], layers["a"], layers["b"])
+
+    layer_a = k1.selectbox("Cut in A (features leaving)", layers["a"], key="stitch.layer_a", on_change=_b_follows_a)
+    if ss.get("stitch.layer_b") not in layers["b"]:
+        ss["stitch.layer_b"] = services.matching_layer(layer_a, layers["a"], layers["b"])
+    layer_b = k2.selectbox("Cut in B (features entering)", layers["b"], key="stitch.layer_b")
     method = k3.selectbox("Method", translators, key="stitch.method",
                           help="A latent translation estimator (Procrustes: orthogonal map), or 'relative': compare relative representations")
     anchors = k4.slider("Anchors", 10, 500, 64, key="stitch.anchors")
@@ -143,13 +149,11 @@ if done:
     report = done["report"]
     st.success(f"Stitched {report['source']['model']} (layer {report['source']['layer']}) into {report['target']['model']} "
                f"(layer {report['target']['layer']}) with {report['method']}: {ui.workspace().relative(done['out_dir'])}")
-    results = (report.get("evaluate") or {}).get("results") or {}
-    st.dataframe([{"model": k, **{m: v for m, v in r.items() if not isinstance(v, (dict, list))}} for k, r in results.items()],
-                 hide_index=True)
+    st.dataframe(services.stitch_result_rows(report), hide_index=True)
     plan = report.get("plan")
     if isinstance(plan, dict) and plan.get("rows"):
-        best = plan.get("best")
-        st.markdown(f"**Planner ({plan.get('method')})**: CKA and stitched accuracy per cut" + (f"; best: {best}" if best else ""))
+        st.markdown(f"**Planner ({plan.get('method')})**: CKA and stitched accuracy per cut" + (
+            f"; best: {services.format_cut(plan['best'])}" if isinstance(plan.get("best"), dict) else ""))
         st.dataframe(plan["rows"], hide_index=True)
     for name in report.get("plots") or []:
         path = ui.workspace().resolve(done["out_dir"]) / name
