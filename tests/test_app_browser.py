@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,13 @@ def app_server(tmp_path: Path, demo_cache: Path):
 
     for ref in ("demo:mlp-seed1", "demo:mlp-seed2"):
         resolve_ref(ref)  # the quickstart's models: trained once per session, outside the browser's time budget
-    workspace = tmp_path / "ws"
+    with streamlit_server(tmp_path / "ws", tmp_path) as (url, log):
+        yield url, tmp_path / "ws", log
+
+
+@contextmanager
+def streamlit_server(workspace: Path, tmp_path: Path):
+    """A freshly started `streamlit run app/main.py -- --workspace WORKSPACE` on 127.0.0.1: yields (url, log)."""
     port = free_port()
     log = tmp_path / "streamlit.log"
     cmd = [
@@ -78,7 +85,7 @@ def app_server(tmp_path: Path, demo_cache: Path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
-        yield url, workspace, log
+        yield url, log
     finally:
         proc.terminate()
         try:

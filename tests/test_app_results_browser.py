@@ -7,15 +7,13 @@ is routed: anything not addressed to 127.0.0.1/localhost is aborted and recorded
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, MAIN, free_port, wait_healthy
+from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -48,24 +46,8 @@ def served_workspace(tmp_path: Path, demo_cache: Path):
     workspace = tmp_path / "ws"
     (workspace / "outputs").mkdir(parents=True)
     runs = [_quick_run(workspace, "even", 0.5), _quick_run(workspace, "lopsided", 0.8)]
-    port = free_port()
-    log = tmp_path / "streamlit.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(MAIN), "--server.address", "127.0.0.1", "--server.port", str(port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-           "--", "--workspace", str(workspace)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log)
+    with streamlit_server(workspace, tmp_path) as (url, log):
         yield url, runs, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def test_offline_first_load_and_results_comparison(served_workspace):
