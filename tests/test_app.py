@@ -266,9 +266,9 @@ def test_demo_merge_shows_the_barrier_plot_and_is_reused(ws):
     assert any("Merged 8 tensors with linear" in s.value for s in at.success)
     assert at.status[0].state == "complete" and at.progress[0].value == 100
     # the evidence: aligned interpolation has a far smaller barrier than naive averaging of the two seeds
-    barriers = frame(at, "path", "loss").set_index("path")
+    barriers = frame(at, "path", "loss barrier").set_index("path")
     assert set(barriers.index) == {"naive", "aligned"}
-    assert barriers.loc["aligned", "loss"] < barriers.loc["naive", "loss"] - 0.1
+    assert barriers.loc["aligned", "loss barrier"] < barriers.loc["naive", "loss barrier"] - 0.1
     assert barriers.loc["aligned", "midpoint accuracy"] > barriers.loc["naive", "midpoint accuracy"]
     assert set(services.interpolation_curves(report)) == {"naive", "aligned"}
     objective = services.alignment_objective(report)
@@ -546,7 +546,7 @@ def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
     stats = frame(at, "group", "size_a", "size_b")
     assert stats["group"].tolist() == ["layers.0", "layers.1"]
     assert (stats["size_a"] == 32).all() and (stats["size_b"] == 48).all() and stats["converged"].all()
-    barriers = frame(at, "path", "loss").set_index("path")
+    barriers = frame(at, "path", "loss barrier").set_index("path")
     assert set(barriers.index) == {"truncated", "aligned"}
     mids = report["evaluation"]["midpoint_accuracy"]
     assert mids["aligned"] > mids["truncated"]  # transport beats cutting the wide model down
