@@ -25,6 +25,7 @@ import streamlit as st
 from suture.app.state import canonical, is_local_ref, recipe_yaml, referenced_refs, slug
 from suture.app.workspace import Workspace, WorkspaceError
 from suture.merge.errors import InputError, RecipeError, SutureError
+from suture.merge.report import as_report, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -484,9 +485,7 @@ class MergeOutcome:
     @property
     def problem(self) -> str | None:
         """Why the finished folder is not a good result (NaN/Inf output tensors), or None: shown as a failure."""
-        from suture.recipes.runner import non_finite_problem
-
-        return non_finite_problem(self.report)
+        return as_report(self.report).non_finite_problem()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for session state."""
@@ -524,15 +523,10 @@ def run_merge(
     if (out / "report.json").is_file() and not recompute:
         logger.info("reusing %s", out)
         files = sorted(p.name for p in out.iterdir() if p.is_file())
-        return MergeOutcome(out, files, json.loads((out / "report.json").read_text()), cached=True)
+        return MergeOutcome(out, files, read_report(out).to_json(), cached=True)
     options = RunOptions(device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code)
     result = run_recipe(data, out, options, progress=progress)
     return MergeOutcome(result.out_dir, sorted(result.files), result.report, cached=False)
-
-
-def read_report(out_dir: str | Path) -> dict[str, Any]:
-    """report.json of a finished output folder."""
-    return json.loads((Path(out_dir) / "report.json").read_text())
 
 
 def alignment_objective(report: Mapping[str, Any]) -> dict[str, list[float]]:
@@ -840,7 +834,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
     digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
     out = workspace.outputs / f"stitch-{digest}"
     if (out / "report.json").is_file() and not recompute:
-        return {"out_dir": str(out), "report": json.loads((out / "report.json").read_text()), "cached": True}
+        return {"out_dir": str(out), "report": read_report(out).to_json(), "cached": True}
     report = execute(dict(section), out, device=device, progress=progress, trust_remote_code=trust_remote_code)
     return {"out_dir": str(out), "report": report, "cached": False}
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from suture.merge.errors import InputError
 from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
+from suture.merge.report import Report
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +396,63 @@ def write_model_card(out_dir: str | Path, **kwargs: Any) -> Path:
     return readme
 
 
+# ---------------------------------------------------------------------------------------------- from a report
+
+STITCH_PLOT = "accuracy.png"  # the stitch pipeline's accuracy figure, shown on the card when it was drawn
+
+
+def _merge_rows(evaluation: Any) -> list[dict[str, Any]]:
+    """Inputs, the merge, and each interpolation path's loss barrier with its midpoint accuracy."""
+    rows = [{"model": key, **{k: round(v, 4) for k, v in m.model_dump(exclude_unset=True).items()}} for key, m in evaluation.models.items()]
+    rows.append({"model": "merged", **{k: round(v, 4) for k, v in evaluation.merged.model_dump(exclude_unset=True).items()}})
+    for label, b in evaluation.barriers.items():
+        rows.append({"model": f"{label} path: loss barrier", "loss": round(b.loss, 4),
+                     "accuracy": round(evaluation.midpoint_accuracy.get(label, float("nan")), 4)})
+    return rows
+
+
+def _zip_rows(evaluation: Any) -> list[dict[str, Any]]:
+    """The zipped output beside the ensemble, the baselines and every stop layer."""
+    rows = [{"model": "zipped output", **evaluation.merged.model_dump(exclude_unset=True)},
+            {"model": "ensemble", **evaluation.ensemble.model_dump(exclude_unset=True)}]
+    rows += [{"model": label, **m.model_dump(exclude_unset=True)} for label, m in evaluation.baselines.items()]
+    rows += [{"model": f"stop_at {row['stop_at']}", "loss": row["loss"], "accuracy": row["accuracy"]} for row in evaluation.stop_sweep]
+    return rows
+
+
+def report_card(report: Report) -> dict[str, Any]:
+    """build_model_card's arguments read from a run's Report (inputs, method, engine, evaluation, plot, stitch)."""
+    if report.kind == "stitch":
+        source, target = report.source, report.target
+        return {
+            "inputs": [source.model, target.model],
+            "method": f"stitch ({report.method})",
+            "engine": "stitching",
+            "evaluation": {k: row.model_dump(include={"accuracy", "f1_macro", "skipped"}, exclude_unset=True)
+                           for k, row in report.evaluate.results.items()},
+            "plot_path": STITCH_PLOT if STITCH_PLOT in report.plots else None,
+            "stitched": {"source": f"{source.model} up to layer {source.layer}",
+                         "target": f"{target.model} from layer {target.layer}", "method": report.method},
+        }
+    engine = report.alignment.engine if report.alignment is not None else None
+    evaluation = report.evaluation
+    rows = None
+    if evaluation is not None and evaluation.merged is not None:
+        rows = _zip_rows(evaluation) if evaluation.ensemble is not None else _merge_rows(evaluation)
+    return {
+        "inputs": list(report.models),
+        "method": report.merge_method or engine or "",
+        "engine": engine,
+        "evaluation": rows,
+        "plot_path": evaluation.plot if evaluation is not None else None,
+    }
+
+
+def write_report_card(out_dir: str | Path, report: Report, **kwargs: Any) -> Path:
+    """README.md for a finished run, described by its Report (kwargs: recipe_yaml, name, library_name, license...)."""
+    return write_model_card(out_dir, **report_card(report), **kwargs)
+
+
 __all__ = [
     "METHOD_PAPERS",
     "ENGINE_PAPERS",
@@ -404,4 +462,6 @@ __all__ = [
     "common_license",
     "build_model_card",
     "write_model_card",
+    "report_card",
+    "write_report_card",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +185,14 @@ def as_report(data: Report | dict[str, Any], where: str = REPORT_FILE) -> Report
 
 
 def write_report(folder: str | Path, report: Report | dict[str, Any]) -> Report:
-    """Validate and write `folder`/report.json (a temporary file renamed into place, so readers never see half)."""
-    folder = Path(folder)
-    typed = as_report(report, str(folder / REPORT_FILE))
-    target = folder / REPORT_FILE
-    partial = folder / f".{REPORT_FILE}.partial"
-    partial.write_text(json.dumps(typed.to_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, target)
+    """Validate and write `folder`/report.json; returns the Report written.
+
+    Runs write into the output's temporary folder (merge.writer.atomic_output_dir), which is renamed into place
+    only when complete, so a reader never sees half a report.
+    """
+    target = Path(folder) / REPORT_FILE
+    typed = as_report(report, str(target))
+    target.write_text(json.dumps(typed.to_json(), indent=2) + "\n", encoding="utf-8")
     logger.debug("wrote %s", target)
     return typed
 

@@ -262,17 +262,6 @@ def _permutation_path(spec: Any, ref_store: TensorStore, ref_state: dict, other_
     return permute_state(other_state, spec, match.perms)
 
 
-def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the model card's evaluation table."""
-    rows = [{"model": key, **{k: round(v, 4) for k, v in m.items()}} for key, m in evaluation.get("models", {}).items()]
-    rows.append({"model": "merged", **{k: round(v, 4) for k, v in evaluation["merged"].items()}})
-    for label, b in evaluation.get("barriers", {}).items():
-        rows.append({"model": f"{label} path: loss barrier", "loss": round(b["loss"], 4),
-                     "accuracy": round(evaluation.get("midpoint_accuracy", {}).get(label, float("nan")), 4)})
-    return rows
-
-
-
 class _Ensemble(torch.nn.Module):
     """The models side by side: their outputs concatenated (the upper bound partial zipping moves toward)."""
 

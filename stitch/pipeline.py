@@ -30,7 +30,6 @@ per-feature standardisation of Maiorca et al.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -511,6 +510,8 @@ def run_stitch(
         report["artifact"] = "stitched"
     timings["total"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from suture.merge.report import write_report
+
+    write_report(out, report)  # the typed report.json every reader reads
     logger.info("stitch %s: %s", cfg.method, {k: v.get("accuracy") for k, v in results.items()})
     return report
