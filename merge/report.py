@@ -79,7 +79,7 @@ class Alignment(_Section):
     engine: str
     reference: str | None = None
     fused: bool | None = None
-    models: dict[str, Any] | list[Any] | None = None
+    models: dict[str, Any] | list[Any] | int | None = None  # per-model figures, or how many were zipped
     postprocess: dict[str, Any] | None = None
 
 
@@ -169,8 +169,13 @@ class Report(_Section):
                 f"{non_finite_summary(section.tensors, section.count)}; rerun with --strict to refuse such output")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool"}  # pydantic names a union's member in the error location
+
+
 def _location(error: dict[str, Any]) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+    """The field's dotted path, without the union member tags pydantic adds (`dict[str,any]`, `str`)."""
+    parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    return ".".join(parts) or "(top level)"
 
 
 def as_report(data: Report | dict[str, Any], where: str = REPORT_FILE) -> Report:

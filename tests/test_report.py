@@ -77,6 +77,8 @@ def test_a_merge_run_writes_what_its_result_and_readers_hold(tmp_path):
     ('{"evaluation": {"merged": {"loss": "high"}}}', "evaluation.merged.loss"),
     ('{"alignment": {"reference": "a"}}', "alignment.engine"),
     ('{"non_finite": {"count": "many"}}', "non_finite.count"),
+    ('{"evaluation": {"data": 5}}', "evaluation.data"),
+    ('{"alignment": {"engine": "zipit", "models": "two"}}', "alignment.models"),
     ('{"source": {"model": "a"}, "evaluate": {"data": "x", "n": 3, "results": {"stitch": {"accuracy": []}}}}', "evaluate.results.stitch.accuracy"),
 ])
 def test_a_malformed_report_is_refused_in_one_line_naming_file_and_field(tmp_path, text, field):
