@@ -8,6 +8,7 @@ place, the recipe's `publish:` section pushes it. Readers go through :func:`sutu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,18 @@ RECIPE_FILE = "suture_recipe.yml"
 CARD_FILE = "README.md"
 
 
-def finish(tmp: Path, recipe: Recipe, report: Report | dict[str, Any], *, library_name: str | None = None) -> tuple[Report, list[str]]:
-    """Write report.json, the recipe as run and the model card into `tmp`; returns the Report and the files written."""
+def finish(tmp: Path, recipe: Recipe, report: Report | dict[str, Any], *, library_name: str | None = None,
+           card_rows: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None) -> tuple[Report, list[str]]:
+    """Write report.json, the recipe as run and the model card into `tmp`; returns the Report and the files written.
+
+    `card_rows` is an engine's own evaluation table for the card (a built model's), read from the same report.
+    """
     typed = write_report(tmp, report)
     (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-    write_report_card(tmp, typed, name=recipe.name, library_name=library_name)
+    extra: dict[str, Any] = {}
+    if card_rows is not None and typed.evaluation is not None:
+        extra["evaluation"] = card_rows(typed.to_json()["evaluation"])
+    write_report_card(tmp, typed, name=recipe.name, library_name=library_name, **extra)
     return typed, [REPORT_FILE, RECIPE_FILE, CARD_FILE]
 
 
