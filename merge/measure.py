@@ -352,7 +352,7 @@ class PairedMoments:
 
 
 # ----------------------------------------------------------------------------------------- CKA
-def _features(x: Any, what: str) -> torch.Tensor:
+def as_features(x: Any, what: str) -> torch.Tensor:
     """``x`` as a finite 2-D float64 tensor (n, features); trailing axes are flattened."""
     t = torch.as_tensor(x)
     if t.ndim == 0:
@@ -426,7 +426,7 @@ def linear_cka(x: Any, y: Any, unbiased: bool = False) -> float:
     either side, in [0, 1], 0 when a side is constant. ``unbiased``: the HSIC estimator of Song et al.
     (2012), about 0 for independent features (needs 4 samples). Wide features use n x n Gram matrices.
     """
-    xs, ys = _features(x, "features of A"), _features(y, "features of B")
+    xs, ys = as_features(x, "features of A"), as_features(y, "features of B")
     if xs.shape[0] != ys.shape[0]:
         raise InputError(f"CKA needs the same samples on both sides, got {xs.shape[0]} and {ys.shape[0]} rows")
     n = xs.shape[0]
