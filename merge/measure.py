@@ -189,6 +189,15 @@ class DeadUnits:
 DEAD = DeadUnits()
 
 
+def _collected(count: int, value: torch.Tensor | None, missing: str) -> torch.Tensor:
+    """``value``, or a clear error when no sample was seen or it was not accumulated."""
+    if count == 0:
+        raise InputError("no calibration samples were seen")
+    if value is None:
+        raise InputError(missing)
+    return value
+
+
 class RunningMoments:
     """Streaming moments of one feature set X (rows = samples, columns = units), accumulated in float64.
 
@@ -221,14 +230,9 @@ class RunningMoments:
             self.gram += x.T @ x
         return x
 
-    def _check(self) -> None:
-        if self.count == 0:
-            raise InputError("no calibration samples were seen")
-
     @property
     def mean(self) -> torch.Tensor:
-        self._check()
-        return self.sum / self.count
+        return _collected(self.count, self.sum, "") / self.count
 
     @property
     def var(self) -> torch.Tensor:
@@ -248,15 +252,9 @@ class RunningMoments:
         """Units that never vary on the data (boolean mask)."""
         return dead.mask(self.mean, self.var)
 
-    def _gram(self) -> torch.Tensor:
-        self._check()
-        if self.gram is None:
-            raise InputError("the full second moments were not collected (gram=False)")
-        return self.gram
-
     def second_moment(self) -> torch.Tensor:
         """``E[x x^T]``, uncentred (what a layer reading the features sees)."""
-        return self._gram() / self.count
+        return _collected(self.count, self.gram, "the full second moments were not collected (gram=False)") / self.count
 
     def cov(self) -> torch.Tensor:
         """Population covariance ``E[x x^T] - E[x] E[x]^T``."""
@@ -328,15 +326,9 @@ class PairedMoments:
             raise InputError("moments of B were not collected (the moments are not paired)")
         return side
 
-    def _cross(self) -> torch.Tensor:
-        self.a._check()
-        if self.cross is None:
-            raise InputError("the cross-covariance was not collected (the moments are not paired)")
-        return self.cross
-
     def cross_second_moment(self) -> torch.Tensor:
         """``E[x y^T]``, (n_a, n_b)."""
-        return self._cross() / self.count
+        return _collected(self.count, self.cross, "the cross-covariance was not collected (the moments are not paired)") / self.count
 
     def cross_cov(self) -> torch.Tensor:
         """``cov(A_i, B_j)``, (n_a, n_b)."""
