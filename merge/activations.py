@@ -34,8 +34,9 @@ def group_taps(module: nn.Module, example_input: torch.Tensor | tuple, *, prefix
 class FeatureStats(PairedMoments):
     """Running sums over the samples of one group's units in model A and, optionally, model B.
 
-    A :class:`~merge.measure.PairedMoments` of equal widths; ``self_stats`` also keeps each side's ``X^T X``.
-    Constant units follow the default :data:`~merge.measure.DEAD` rule.
+    A :class:`~merge.measure.PairedMoments` of equal widths (``stats.a.mean``, ``stats.b.std``, ...);
+    ``self_stats`` also keeps each side's ``X^T X``. Constant units follow the default
+    :data:`~merge.measure.DEAD` rule.
     """
 
     def __init__(
@@ -43,22 +44,6 @@ class FeatureStats(PairedMoments):
         paired: bool = True, self_stats: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(n, n if paired else None, gram=self_stats, device=device, dtype=dtype)
-
-    @property
-    def mean_a(self) -> torch.Tensor:
-        return self.a.mean
-
-    @property
-    def mean_b(self) -> torch.Tensor:
-        return self.side("b").mean
-
-    @property
-    def std_a(self) -> torch.Tensor:
-        return self.a.std
-
-    @property
-    def std_b(self) -> torch.Tensor:
-        return self.side("b").std
 
     def constant_a(self) -> torch.Tensor:
         """Units of A that never vary on the data (dead ReLUs, saturated units): bool mask."""
