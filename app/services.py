@@ -593,7 +593,8 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
     """Hidden features (samples x units) at every permutation group's tap of a runnable model."""
     import torch
 
-    from suture.merge.activations import group_taps, unit_features
+    from suture.merge.activations import group_taps
+    from suture.merge.measure import capture, tap_site
 
     # a private copy: hooks on the shared cached module could see another session's forward pass
     net = copy.deepcopy(module(str(resolve(ref)), stamp))
@@ -601,23 +602,8 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
     taps = group_taps(net, data.inputs[:2])
     if not taps:
         raise InputError(f"{ref}: no hidden layers were found to compare")
-    modules = dict(net.named_modules())
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for group, group_taps_ in taps.items():
-        tap = group_taps_[0]
-
-        def hook(mod, args, output, tap=tap, group=group):
-            value = args[0] if tap.where == "input" else output
-            captured[group] = unit_features(value.detach(), tap.axis, tap.inner)
-
-        handles.append(modules[tap.module].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            net(data.inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with capture(net, {group: tap_site(group_taps_[0]) for group, group_taps_ in taps.items()}) as captured, torch.no_grad():
+        net(data.inputs)
     names = [g for g in taps if g in captured]
     return names, [captured[g].numpy() for g in names]
 

@@ -27,22 +27,10 @@ from torch import nn
 
 from suture.merge.data import CalibrationData, iter_batches
 from suture.merge.errors import AlignmentError, InputError
+from suture.merge.measure import linear_cka
 from suture.merge.zoo import MLP
 
 logger = logging.getLogger(__name__)
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features (rows = samples)."""
-    if x.shape[0] != y.shape[0]:
-        raise InputError(f"CKA needs the same samples for both layers, got {x.shape[0]} and {y.shape[0]} rows")
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    num = (y.T @ x).pow(2).sum()
-    den = (x.T @ x).norm() * (y.T @ y).norm()
-    if float(den) <= 0:
-        return 0.0  # a constant layer carries no similarity
-    return float((num / den).clamp(0.0, 1.0))
 
 
 def _require_mlp(module: nn.Module, label: str) -> MLP:

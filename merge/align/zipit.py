@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,11 +50,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from suture.merge.activations import unit_features
 from suture.merge.data import Inputs, inputs_to
 from suture.merge.evaluate import model_logits
 from suture.merge.errors import AlignmentError, InputError
 from suture.merge.graph.trace import Tap, trace_module
+from suture.merge.measure import DeadUnits, RunningMoments, capture, eval_mode, tap_site
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length
@@ -309,38 +310,20 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------------------- features
-class _StackedStats:
-    """Running sums of the stacked (k*n) features of one group."""
+# ZipIt judges a unit dead against the most varying unit of the stack, not against its own mean
+ZIPIT_DEAD = DeadUnits(rel_mean=0.0, floor=1e-12, rel_peak=1e-12)
+
+
+class _StackedStats(RunningMoments):
+    """Running first and second moments of the stacked (k*n) features of one group."""
 
     def __init__(self, width: int, device: torch.device) -> None:
-        self.count = 0
-        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        super().__init__(width, gram=True, device=device)
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.to(self.sum.device, torch.float64)
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.gram += x.T @ x
-
-    def second_moment(self) -> torch.Tensor:
-        """E[x x^T] of the stacked features (uncentred: the layers reading them see the raw values)."""
-        return self.gram / self.count
-
-    def corr(self, eps: float = 1e-12) -> torch.Tensor:
-        mean = self.sum / self.count
-        cov = self.gram / self.count - torch.outer(mean, mean)
-        var = cov.diagonal().clamp_min(0)
-        std = var.sqrt()
-        corr = cov / (torch.outer(std, std) + eps)
+    def corr(self, eps: float = 1e-12) -> torch.Tensor:  # type: ignore[override]
         # constant units (dead ReLUs) carry no signal: they match each other perfectly and nothing else,
         # so they are never averaged into a live unit
-        dead = var <= eps * max(float(var.max()), eps)
-        if bool(dead.any()):
-            corr[dead, :] = 0.0
-            corr[:, dead] = 0.0
-            corr[dead.unsqueeze(1) & dead.unsqueeze(0)] = 1.0
-        return corr
+        return super().corr(eps, dead=ZIPIT_DEAD, dead_with_dead=1.0)
 
 
 def stacked_correlations(
@@ -356,37 +339,26 @@ def stacked_stats(
     """Per group, running first and second moments of all models' units stacked model by model."""
     dev = torch.device(device)
     stats: dict[str, _StackedStats] = {}
-    records: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in modules]
-    handles = []
-    modes = [(m, m.training) for mod in modules for m in mod.modules()]
-    try:
-        for mod, rec in zip(modules, records):
-            for group, group_taps in taps.items():
-                for t, tap in enumerate(group_taps):
-                    handles.append(_hook(mod, tap, (group, t), rec))
-        for mod in modules:
-            mod.eval()
-        seen = 0
-        with torch.no_grad():
-            for inputs in batches:
-                for mod, rec in zip(modules, records):
-                    rec.clear()
-                    x = inputs_to(inputs, next((p.device for p in mod.parameters()), torch.device("cpu")))
-                    mod(**x) if isinstance(x, Mapping) else mod(x)
-                for key in records[0]:
-                    feats = [rec[key] for rec in records]
-                    if any(f.shape != feats[0].shape for f in feats):
-                        raise AlignmentError(f"group {key[0]!r}: models produced features of different shapes")
-                    group = key[0]
-                    if group not in stats:
-                        stats[group] = _StackedStats(feats[0].shape[1] * len(feats), dev)
-                    stats[group].update(torch.cat(feats, dim=1))
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.train(mode)
+    sites = {(group, t): tap_site(tap) for group, group_taps in taps.items() for t, tap in enumerate(group_taps)}
+    seen = 0
+    with ExitStack() as stack:
+        records = [stack.enter_context(capture(mod, sites, error=AlignmentError)) for mod in modules]
+        stack.enter_context(eval_mode(*modules))
+        stack.enter_context(torch.no_grad())
+        for inputs in batches:
+            for mod, rec in zip(modules, records):
+                rec.clear()
+                x = inputs_to(inputs, next((p.device for p in mod.parameters()), torch.device("cpu")))
+                mod(**x) if isinstance(x, Mapping) else mod(x)
+            for key in records[0]:
+                feats = [rec[key] for rec in records]
+                if any(f.shape != feats[0].shape for f in feats):
+                    raise AlignmentError(f"group {key[0]!r}: models produced features of different shapes")
+                group = key[0]
+                if group not in stats:
+                    stats[group] = _StackedStats(feats[0].shape[1] * len(feats), dev)
+                stats[group].update(torch.cat(feats, dim=1))
+            seen += 1
     if seen == 0:
         raise InputError("no calibration batches were given")
     missing = [g for g in taps if g not in stats]
@@ -424,22 +396,6 @@ def fitted_unmerges(
         gzz = gzz + ridge * (float(gzz.diagonal().mean()) + 1e-12) * torch.eye(gzz.shape[0], dtype=gzz.dtype, device=gzz.device)
         out[g] = torch.linalg.solve(gzz, gxz.T).T.to(torch.float32).cpu()
     return out
-
-
-def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any:
-    try:
-        sub = module.get_submodule(tap.module)
-    except AttributeError as exc:
-        raise AlignmentError(f"group {key[0]!r}: the model has no module {tap.module!r} to observe") from exc
-
-    def grab(value: Any) -> None:
-        if not isinstance(value, torch.Tensor):
-            raise AlignmentError(f"tap {tap.module!r} ({tap.where}) did not see a tensor")
-        store[key] = unit_features(value.detach(), tap.axis, tap.inner)
-
-    if tap.where == "input":
-        return sub.register_forward_pre_hook(lambda _m, args: grab(args[0] if args else None))
-    return sub.register_forward_hook(lambda _m, _a, out: grab(out))
 
 
 # ----------------------------------------------------------------------------------------- heads
