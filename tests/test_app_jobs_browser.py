@@ -17,6 +17,7 @@ from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402 - test_app_browser skips when it is missing
 
 from suture.app.jobs import STEP_DELAY_ENV, JobStore  # noqa: E402
+from tests.test_jobs import gone  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -47,18 +48,6 @@ def apply_recipe(page, text: str) -> None:
     box.press("Control+Enter")
     page.get_by_role("button", name="Apply the edited YAML").click()
     expect(page.get_by_text("Applied the edited recipe.")).to_be_visible(timeout=60_000)
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(app_server, slow_jobs):
