@@ -4,7 +4,6 @@ folder; a failure's reason and a NaN merge are shown as failures without expandi
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psutil
