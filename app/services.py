@@ -391,6 +391,36 @@ def run_merge(
     return MergeOutcome(result.out_dir, sorted(result.files), result.report, cached=False)
 
 
+def start_merge_job(
+    recipe: Mapping[str, Any],
+    workspace: Workspace,
+    *,
+    device: str = "auto",
+    recompute: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Check the recipe here (paths, trust), then run it as a background job (app/jobs.py) into the folder
+    :func:`run_merge` would use; a finished folder is reused as a job that ends at once."""
+    from suture.app.jobs import JobStore
+
+    data = canonical(recipe)
+    check_recipe_paths(data, workspace, trust_remote_code=trust_remote_code)
+    data.pop("publish", None)  # the Publish page pushes explicitly, with the token the user gives there
+    out = output_dir_for(data, workspace, device)
+    store = JobStore(workspace.root)
+    label = data.get("name") or data.get("merge_method") or (data.get("alignment") or {}).get("engine") or "recipe"
+    if (out / "report.json").is_file() and not recompute:
+        return store.record_reused(data, out, label=label)
+    return store.start(data, out, label=label, device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code)
+
+
+def finished_run(out_dir: str | Path, *, cached: bool = False) -> dict[str, Any]:
+    """What the result panels show for a finished output folder (the `LAST_RUN` entry)."""
+    out = Path(out_dir)
+    outcome = MergeOutcome(out, sorted(p.name for p in out.iterdir() if p.is_file()), read_report(out).to_json(), cached=cached)
+    return outcome.as_dict()
+
+
 def alignment_objective(report: Mapping[str, Any]) -> dict[str, list[float]]:
     """The alignment objective per iteration for each aligned model ({model: [values]}), when reported."""
     section = report.get("alignment")
@@ -724,9 +754,11 @@ def readable(exc: BaseException) -> str:
     """One line for st.error: library errors as they are, other failures with their type (tokens masked)."""
     from suture.merge.redact import redact
 
+    from suture.app.jobs import sentence
+
     if isinstance(exc, (SutureError, WorkspaceError, RecipeError)):
-        return redact(str(exc))
-    return redact(f"{type(exc).__name__}: {exc}")
+        return sentence(redact(str(exc)))
+    return sentence(redact(f"{type(exc).__name__}: {exc}"))
 
 
 __all__ = [
@@ -768,6 +800,8 @@ __all__ = [
     "runner_engines",
     "run_merge",
     "run_stitch",
+    "start_merge_job",
+    "finished_run",
     "runnable",
     "similarity_matrix",
     "split_card",
