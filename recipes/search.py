@@ -233,17 +233,14 @@ def parse_search_spec(data: Any, *, source: str = "<dict>", lines: dict[KeyPath,
         raise RecipeError(f"{source}: space names the same recipe key twice")
     for i, dim in enumerate(spec.space):  # every key must land on a valid recipe for a value in its domain
         try:
-            spec._with_values([d.sample_start() if d is dim else _current(spec, d) for d in spec.space])
+            data = spec.base.to_dict()
+            _set(data, dim.path, dim.sample_start())
+            parse_recipe(data, source=spec.base.source)
         except (KeyError, IndexError, TypeError) as exc:
             raise RecipeError(f"{source}: {spec.where(('space', i, 'key'))}: recipe has no key {dim.key!r} ({exc})") from None
         except RecipeError as exc:
             raise RecipeError(f"{source}: {spec.where(('space', i, 'key'))}: with {dim.key} = {dim.sample_start()!r} the recipe is invalid: {exc}") from None
     return spec
-
-
-def _current(spec: SearchSpec, dim: Dimension) -> Any:
-    value = _get(spec.base.to_dict(), dim.path)
-    return dim.sample_start() if value is None else value
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:

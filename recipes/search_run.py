@@ -297,8 +297,7 @@ def _write_outputs(spec: SearchSpec, out: Path, rows: list[dict[str, Any]], fini
     if done:
         pick = max if spec.evaluate.mode == "max" else min
         best = pick(done, key=lambda r: r[METRIC])
-        best_recipe = spec.trial_recipe({n: best[n] for n in spec.param_names()})
-        (out / "best_recipe.yaml").write_text(best_recipe.to_yaml())
+        (out / "best_recipe.yaml").write_text(export_recipe(spec, {n: best[n] for n in spec.param_names()}).to_yaml())
     columns = ["trial", "status", *spec.param_names(), METRIC, "heldout"]
     columns += sorted({k for r in rows for k in r} - set(columns) - {"digest", "trial_id"}) + ["digest"]
     with (out / "trials.csv").open("w", newline="") as f:
@@ -311,6 +310,21 @@ def _write_outputs(spec: SearchSpec, out: Path, rows: list[dict[str, Any]], fini
     if done:
         _plot(done, spec, out / "objective.png")
     return SearchResult(out, rows, best, finished)
+
+
+def export_recipe(spec: SearchSpec, config: dict[str, Any]) -> Recipe:
+    """A trial as a normal recipe; without its own `evaluate:` it gets one on the first task's validation data,
+    so `suture run` reports the merged model's score there (the search recorded the same number)."""
+    from suture.recipes.schema import parse_recipe
+
+    r = spec.trial_recipe(config)
+    if r.evaluate is not None:
+        return r
+    task = spec.evaluate.tasks[0]
+    data = r.to_dict()
+    data["evaluate"] = {"data": task.data, "split": spec.evaluate.split, "points": 3, "plot": False,
+                        "batch_size": spec.evaluate.batch_size, **({"max_items": spec.evaluate.max_items} if spec.evaluate.max_items else {})}
+    return parse_recipe(data, source=r.source)
 
 
 def _plot(done: list[dict[str, Any]], spec: SearchSpec, path: Path) -> None:
