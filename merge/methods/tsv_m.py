@@ -14,17 +14,22 @@ orthogonal the decorrelation changes nothing and TSV-M returns the sum of the (t
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from suture.merge.methods._subspace import TaskVectorWeight, orthogonalize, subspace_merge
-from suture.merge.methods.registry import Fraction, MergeInputs, MethodParams, Number, merge_method
+from suture.merge.methods.registry import MergeInputs, MethodParams, Number, merge_method
+
+#: a share of the rank in (0, 1]: every task keeps at least one direction
+RankFraction = Annotated[Number, Field(gt=0, le=1)]
 
 
 class TsvParams(MethodParams):
     alpha: Number = Field(1.0, description="scale of the merged task vector (the paper uses 1.0)")
-    rank_fraction: Fraction = Field(
-        1.0, gt=0, description="share of each matrix's rank split between the tasks (each keeps fraction/T)"
+    rank_fraction: RankFraction = Field(
+        1.0, description="share of each matrix's rank split between the tasks (each keeps fraction/T)"
     )
 
 

@@ -14,7 +14,10 @@ form instead: with A = sum_k tau_k^T tau_k / ||tau_k||^2 (in x in) and B = sum_k
 the minimisers satisfy the normal equations tau_m A = B, and the one the paper's descent reaches from the
 sum S = sum_k tau_k is S + (B - S A) A^+ (the null space of A, which no task's input touches, keeps S's
 component). A relative ridge (ridge * trace(A) / in added to A's eigenvalues) damps the step along
-directions that the task vectors barely span; ridge 0 gives the exact minimiser. The merged model is
+directions that the task vectors barely span; ridge 0 gives the exact minimiser. The exact minimiser
+over-trusts those weak directions (1 / eigenvalue steps): on the demo digits fine-tunes it scores 0.64
+against 0.93 at the default ridge 1.0 (damping at A's mean eigenvalue), much as the paper's few hundred Adam
+steps stop short along low-curvature directions; tune it on validation data. The merged model is
 base + alpha * tau_m; with identical fine-tunes tau_m = tau and with task vectors on disjoint input
 subspaces it is their sum.
 """
@@ -31,11 +34,11 @@ from suture.merge.methods.registry import MergeInputs, MethodParams, NonNegative
 class WudiParams(MethodParams):
     alpha: Number = Field(1.0, description="scale of the merged task vector (the paper uses 1.0)")
     ridge: NonNegative = Field(
-        1e-4, description="relative ridge on the input-subspace matrix A (0: exact minimiser)"
+        1.0, description="ridge on A in units of its mean eigenvalue (0: exact minimiser; larger: nearer the sum)"
     )
 
 
-def wudi_matrix(taus: list[torch.Tensor], ridge: float = 1e-4) -> torch.Tensor:
+def wudi_matrix(taus: list[torch.Tensor], ridge: float = 1.0) -> torch.Tensor:
     """WUDI's merged task matrix for one layer, in closed form (see the module docstring)."""
     total = torch.stack(taus).sum(dim=0)
     norms = [tau.pow(2).sum() for tau in taus]
