@@ -114,8 +114,8 @@ def test_tsv_m_decorrelated_bases_are_orthonormal_and_keep_the_singular_values()
     # U_perp diag(kept) V_perp^T has exactly the kept singular values iff U_perp and V_perp are orthonormal
     close(torch.linalg.svdvals(out), kept.sort(descending=True).values)
     # interfering tasks are changed by the decorrelation (it is not the plain truncated sum)
-    trunc = sum(low_rank(*(lambda u, s, vh: (u[:, :3], s[:3], vh[:3].T))(*torch.linalg.svd(t, full_matrices=False)))
-                for t in taus)
+    svds = [torch.linalg.svd(t, full_matrices=False) for t in taus]
+    trunc = sum(low_rank(u[:, :3], s[:3], vh[:3].T) for u, s, vh in svds)
     assert (out - trunc).abs().max() > 1e-3
 
 
