@@ -639,7 +639,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     """
     import torch
 
-    from suture.merge.plan import resolve_device
+    from suture.merge.execute import resolve_device
     from suture.recipes.runner import load, open_models, reference_key
     from suture.recipes.schema import ModelRef
     from suture.recipes.sections import parse_alignment, parse_evaluate

@@ -21,10 +21,10 @@ import torch
 
 from suture.merge import __version__
 from suture.merge.errors import RecipeError
-from suture.merge.plan import execute_plan, infer_output, resolve_device
+from suture.merge.execute import execute_plan, infer_output, resolve_device
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from suture.recipes import steps
-from suture.recipes.planning import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
+from suture.recipes.plan import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
 from suture.recipes.publish import publish
 from suture.recipes.sections import parse_alignment, parse_evaluate, parse_publish
 from suture.recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
