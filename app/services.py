@@ -833,7 +833,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
 
     Its models and data files must lie in the workspace (or be demo/Hub models and bundled data).
     """
-    from suture.stitch.pipeline import run_stitch as execute
+    from suture.recipes.stitch_section import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
     text = json.dumps(section, sort_keys=True, default=str)

@@ -24,6 +24,19 @@ class AlignmentError(SutureError, ValueError):
     """Models cannot be aligned with the chosen engine (e.g. different widths for permutation matching)."""
 
 
+class OptionError(InputError):
+    """A setting given to a core routine does not fit its models or data.
+
+    ``field`` is the setting's path inside the routine's configuration (e.g. ``("source", "layer")``), so a
+    caller that read the setting from its own file (the recipe runner, the app) can name its own key.
+    """
+
+    def __init__(self, field: tuple[str | int, ...], message: str) -> None:
+        self.field = tuple(field)
+        self.message = message
+        super().__init__(f"{'.'.join(str(p) for p in self.field)}: {message}" if self.field else message)
+
+
 class UntrustedCodeError(InputError):
     """A model's metadata names code outside Suture's zoo and the user has not opted in to running it."""
 

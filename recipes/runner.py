@@ -304,7 +304,7 @@ def run_recipe(
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
     """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
     from suture.merge.card import write_model_card
-    from suture.stitch.pipeline import run_stitch, validate_stitch_section
+    from suture.recipes.stitch_section import run_stitch, validate_stitch_section
 
     if r.models or r.slices or r.merge_method:
         raise r.error(("stitch",), "a stitch recipe names its models in the stitch section; drop merge_method/models/slices")

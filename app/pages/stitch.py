@@ -90,7 +90,7 @@ else:
 # ------------------------------------------------------------------------------------------------ run the stitch
 st.subheader("Run the stitch")
 try:
-    from suture.stitch.pipeline import METHODS as STITCH_METHODS
+    from suture.recipes.stitch_section import METHODS as STITCH_METHODS
 except ImportError:
     st.info(f"Running a stitched model end to end (A up to the cut, the map, then B) is {services.NOT_AVAILABLE}.")
     st.stop()
@@ -120,7 +120,7 @@ else:
         "evaluate": {"data": ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)},
     }
     if use_planner:
-        from suture.stitch.pipeline import PlanSection
+        from suture.recipes.stitch_section import PlanSection
 
         planner_methods = PlanSection.model_fields["method"].annotation.__args__
         section["plan"] = {"method": run_method if run_method in planner_methods else "procrustes"}
