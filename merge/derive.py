@@ -143,7 +143,7 @@ def derive_spec(
         return _family_spec(store), arch
     if arch is not None:
         module = load_module(store, arch)
-        return _trace_spec(store, module, example_input(data, input_shape), arch, hint="alignment.input_shape"), arch
+        return _trace_spec(store, module, example_input(data, input_shape), arch), arch
     return _family_spec(store), None
 
 
@@ -155,7 +155,8 @@ def _family_spec(store: TensorStore) -> PermutationSpec:
     if family is None:
         raise AlignmentError(
             f"{store.source}: cannot tell the architecture (no config.json model_type Suture knows, no recorded "
-            "architecture); name it in the recipe as `architecture: package.module:factory`"
+            "architecture); name its factory as package.module:factory",
+            field=("architecture",),
         )
     spec = spec_from_names(store.shapes(), store.config, family)
     spec.validate(store.shapes())
@@ -178,8 +179,8 @@ def spec_for_store(store: TensorStore, input_shape: Sequence[int] | None = None,
     shape = tuple(int(d) for d in input_shape) if input_shape else first_layer_input_shape(module)
     if shape is None:
         raise InputError(f"{store.source}: cannot tell the input shape of {arch.factory} (no Linear or Conv layer found); "
-                         "give it, e.g. `suture inspect --groups --input-shape 1,3,32,32`")
-    return _trace_spec(store, module, torch.zeros(shape), arch, hint="--input-shape")
+                         "give it, e.g. 1,3,32,32", field=("input_shape",))
+    return _trace_spec(store, module, torch.zeros(shape), arch)
 
 
 def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -> tuple[int, ...] | None:
@@ -201,7 +202,7 @@ def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -
     return None
 
 
-def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture, hint: str) -> PermutationSpec:
+def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture) -> PermutationSpec:
     """spec_from_module with one clear line (factory, input shape, what to give instead) when tracing fails."""
     from suture.merge.errors import SutureError
     from suture.merge.graph.trace import spec_from_module
@@ -217,7 +218,7 @@ def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, ar
             root = root.__cause__
         first = (str(root).strip().splitlines() or [type(root).__name__])[0]
         raise InputError(f"{store.source}: tracing {arch.factory} on an input of shape {list(example.shape)} failed "
-                         f"({first}); give the model's input shape ({hint})") from None
+                         f"({first}); give the model's input shape", field=("input_shape",)) from None
     try:
         spec.validate(store.shapes())
     except ValueError as exc:

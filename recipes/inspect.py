@@ -61,7 +61,8 @@ def derive_groups(store, input_shape: list[int] | None = None, *, trust_remote_c
     except UntrustedCodeError:
         raise  # a refusal, not a missing feature: the command fails with the opt-in to use
     except SutureError as exc:
-        return {"error": str(exc)}
+        flag = {("input_shape",): " (give it with --input-shape, e.g. 1,3,32,32)"}.get(exc.field, "")
+        return {"error": f"{exc}{flag}"}
     return spec.describe()
 
 

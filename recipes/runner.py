@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from suture.merge import __version__
-from suture.merge.errors import RecipeError
+from suture.merge.errors import InputError, OptionError, RecipeError, SutureError
 from suture.merge.execute import execute_plan, infer_output, resolve_device
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from suture.recipes import steps
@@ -199,6 +199,15 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     return parse_recipe(data, source=r.source, known_methods=_known_methods(), requires_base=_requires_base)
 
 
+# Core errors name the setting at fault in their own terms (SutureError.field); these live at the recipe's top
+# level, every other one is an `alignment:` setting of the same name.
+_TOP_LEVEL_FIELDS = {"architecture"}
+
+
+def _recipe_key(field: tuple) -> tuple:
+    return field if field[0] in _TOP_LEVEL_FIELDS else ("alignment", *field)
+
+
 def run_recipe(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     out_dir: str | Path,
@@ -206,7 +215,24 @@ def run_recipe(
     *,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run a recipe end to end and return where the output went."""
+    """Run a recipe end to end and return where the output went (a core error names its recipe key and line)."""
+    r = load(recipe)
+    try:
+        return _run_recipe(r, out_dir, options, progress=progress)
+    except SutureError as exc:
+        if not exc.field or isinstance(exc, RecipeError) or r.stitch is not None:
+            raise
+        message, kind = (exc.message, InputError) if isinstance(exc, OptionError) else (str(exc), type(exc))
+        raise kind(f"{r.where(_recipe_key(exc.field))}: {message}") from None
+
+
+def _run_recipe(
+    recipe: str | Path | Mapping[str, Any] | Recipe,
+    out_dir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> RunResult:
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)

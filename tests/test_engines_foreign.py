@@ -45,7 +45,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def user_models(tmp_path_factory):
     """Two TinyNets trained on digits (seeds 1, 2), saved as bare model.safetensors with no config entry."""
-    from suture.merge import zoo
+    from suture.merge import demo, zoo
     from suture.merge.data import load_dataset
 
     root = tmp_path_factory.mktemp("user-models")
@@ -53,7 +53,7 @@ def user_models(tmp_path_factory):
     out = {}
     for seed in (1, 2):
         module = zoo.build_seeded(USER_NET, seed)
-        zoo.train(module, data, epochs=8, seed=seed)
+        demo.train(module, data, epochs=8, seed=seed)
         folder = root / f"net{seed}"
         folder.mkdir()
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
