@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -184,118 +183,16 @@ def inspect_model(ref: str, stamp: str = "", groups: bool = False) -> dict[str, 
 
 def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups of a stored model, or {"error": why} when they cannot be derived here."""
+    from suture.merge.derive import spec_for_store
     from suture.merge.store import open_store
 
     store = open_store(path)
-    spec_for_store = None
-    for module_name in ("suture.merge.derive", "suture.merge.graph"):
-        try:
-            spec_for_store = getattr(importlib.import_module(module_name), "spec_for_store", None)
-        except ImportError:
-            continue
-        if spec_for_store is not None:
-            break
     try:
-        if spec_for_store is not None:
-            return spec_for_store(store).describe()
-        from suture.merge.graph.families import spec_from_names
-
-        return spec_from_names({n: store.shape(n) for n in store.names()}, store.config).describe()
-    except ImportError:
-        return {"error": f"permutation groups are {NOT_AVAILABLE}"}
+        return spec_for_store(store).describe()
     except SutureError as exc:
         return {"error": str(exc)}
     finally:
         store.close()
-
-
-def compatibility(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Which kind of pair (or set) the chosen models are, and which engines apply to it."""
-    if len(infos) < 2:
-        return {"verdict": "choose at least two models", "kind": None, "engines": [], "differences": []}
-    shapes = [{t["name"]: tuple(t["shape"]) for t in info["tensors"]} for info in infos]
-    first = shapes[0]
-    same_names = all(set(s) == set(first) for s in shapes[1:])
-    differences = []
-    for name in sorted(set().union(*shapes)):
-        found = [s.get(name) for s in shapes]
-        if len(set(found)) > 1:
-            differences.append({"tensor": name, **{info["model"]: (list(f) if f else "missing") for info, f in zip(infos, found)}})
-    if same_names and not differences:
-        return {
-            "kind": "same",
-            "verdict": "same architecture: every tensor has the same name and shape",
-            "engines": ["merge methods (all)", "weight_matching", "activation_matching", "ot", "zipit"],
-            "differences": [],
-        }
-    if same_names:
-        return {
-            "kind": "widths",
-            "verdict": "different widths: same tensors, some shapes differ",
-            "engines": ["ot (soft alignment across widths)", "stitching"],
-            "differences": differences,
-        }
-    from suture.merge.layers import num_layers
-
-    depths = [num_layers(list(s), None) for s in shapes]
-    kind = "depths" if len(set(depths)) > 1 else "architectures"
-    verdict = (
-        f"different depths ({', '.join(str(d) for d in depths)} layers)" if kind == "depths"
-        else "different architectures: tensor names differ"
-    )
-    return {
-        "kind": kind,
-        "verdict": verdict,
-        "engines": ["stitching", "slices (passthrough stacking of layer ranges)"] if kind == "depths" else ["stitching"],
-        "differences": differences,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- methods & engines
-
-
-@st.cache_data(show_spinner=False)
-def methods() -> dict[str, dict[str, Any]]:
-    """The merge-method registry as plain data: parameters (name, default, required, help), paper, summary."""
-    from suture.merge.methods import get_method, list_methods
-
-    out = {}
-    for name in list_methods():
-        m = get_method(name)
-        out[name] = {
-            "summary": m.summary,
-            "paper": m.paper,
-            "uses_base": m.uses_base,
-            "requires_base": m.requires_base,
-            "min_models": m.min_models,
-            "max_models": m.max_models,
-            "global": [_param(p) for p in m.global_params],
-            "model": [_param(p) for p in m.model_params],
-        }
-    return out
-
-
-def _param(p: Any) -> dict[str, Any]:
-    return {"name": p.name, "default": p.default, "required": p.required, "help": p.help}
-
-
-@dataclass(frozen=True)
-class Engine:
-    """An alignment engine the recipe runner may name, and the library modules that implement it."""
-
-    name: str
-    title: str
-    modules: tuple[str, ...]
-    needs_data: bool
-    applies_to: tuple[str, ...]
-
-
-ENGINES = (
-    Engine("weight_matching", "Weight matching (Git Re-Basin)", ("suture.merge.align.weight_matching",), False, ("same",)),
-    Engine("activation_matching", "Activation matching (Git Re-Basin)", ("suture.merge.align.activation_matching",), True, ("same",)),
-    Engine("ot", "Optimal transport (OTFusion)", ("suture.merge.align.ot", "suture.merge.align.otfusion", "suture.merge.align.optimal_transport"), True, ("same", "widths")),
-    Engine("zipit", "ZipIt (feature zipping)", ("suture.merge.align.zipit",), True, ("same",)),
-)
 
 
 def _module_exists(name: str) -> bool:

@@ -119,19 +119,14 @@ def _format_paper(paper: Any) -> str | None:
 
 def method_paper(method: str) -> str | None:
     """Markdown citation of the paper behind a merge method (registry first, then the built-in table)."""
+    from suture.merge.methods import get_method
+
     key = method.strip().lower()
     try:
-        from suture.merge.methods import get_method
-    except ImportError:
-        get_method = None
-    if get_method is not None:
-        try:
-            text = _format_paper(getattr(get_method(key), "paper", None))
-        except (LookupError, ValueError, TypeError, AttributeError):
-            text = None  # not in the registry: fall back to the table
-        if text:
-            return text
-    return _format_paper(METHOD_PAPERS.get(key))
+        text = _format_paper(getattr(get_method(key), "paper", None))
+    except (LookupError, ValueError, TypeError, AttributeError):
+        text = None  # not in the registry: fall back to the table
+    return text or _format_paper(METHOD_PAPERS.get(key))
 
 
 def engine_key(engine: str | None) -> str | None:

@@ -11,15 +11,9 @@ logger = logging.getLogger(__name__)
 
 def detect_family(names: list[str], config: dict | None) -> str | None:
     """The model family from config.json or tensor names (None when unknown)."""
-    try:
-        from suture.merge.graph.families import detect_family as detect
-    except ImportError:  # family specs not available in this build
-        detect = None
-    if detect is not None:
-        return detect(names, config)
-    if config and config.get("model_type"):
-        return str(config["model_type"])
-    return None
+    from suture.merge.graph.families import detect_family as detect
+
+    return detect(names, config)
 
 
 def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False, input_shape: list[int] | None = None,
