@@ -124,7 +124,8 @@ def example_input(data: Any = None, input_shape: Sequence[int] | None = None) ->
         if isinstance(inputs, Mapping):
             raise InputError("tracing needs a tensor input; give `input_shape` for models fed dicts")
         return inputs[:2]
-    raise InputError("deriving a spec by tracing needs an example input: give calibration `data` or `input_shape`")
+    raise InputError("deriving a spec by tracing needs an example input: give calibration data or an input shape",
+                     field=("input_shape",))
 
 
 def derive_spec(
@@ -135,7 +136,11 @@ def derive_spec(
     input_shape: Sequence[int] | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[PermutationSpec, Architecture | None]:
-    """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
+    """The permutation spec of a model (traced when runnable, else from names + config) and its architecture.
+
+    A runnable model is traced on two items of `data`, on zeros of `input_shape`, or (given neither) on zeros
+    shaped for its first Linear or Conv layer.
+    """
     arch = architecture_of(store, architecture, trust_remote_code=trust_remote_code)
     from suture.merge.hf_module import HFArchitecture
 
@@ -143,6 +148,8 @@ def derive_spec(
         return _family_spec(store), arch
     if arch is not None:
         module = load_module(store, arch)
+        if data is None and input_shape is None:  # the first layer tells the input of a plain MLP/CNN
+            input_shape = first_layer_input_shape(module)
         return _trace_spec(store, module, example_input(data, input_shape), arch), arch
     return _family_spec(store), None
 

@@ -52,11 +52,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from suture.merge.activations import unit_features
 from suture.merge.data import Inputs, inputs_to
 from suture.merge.evaluate import model_logits
-from suture.merge.errors import AlignmentError, InputError
+from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.graph.trace import Tap, trace_module
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
-from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem
 from suture.merge.zipit_match import MATCHERS, ZipMatch, match
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def zip_models(
     if len(modules) < 2:
         raise InputError(f"zipit needs at least two models, got {len(modules)}")
     if matcher not in MATCHERS:
-        raise InputError(f"alignment.matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+        raise OptionError(("matcher",), f"{matcher!r}: expected one of {', '.join(MATCHERS)}")
     if heads not in ("concat", "average"):
         raise InputError(f"heads {heads!r}: expected 'concat' or 'average'")
     if unmerge not in ("copy", "lstsq", "fit"):
@@ -282,7 +282,7 @@ def resolve_stop(spec: PermutationSpec, stop_at: str) -> str:
         for m in group.members:
             if m.role == "out" and (m.tensor == stop_at or m.tensor.rsplit(".", 1)[0] == stop_at):
                 return group.name
-    raise InputError(f"alignment.stop_at {stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
+    raise OptionError(("stop_at",), f"{stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
 
 
 def _check_zippable(group: PermGroup) -> None:
@@ -303,9 +303,10 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
         for name, slots in axes.items():
             if name not in st:
                 raise AlignmentError(f"spec tensor {name!r} is missing from model {i}")
-            for axis, (group, member) in slots.items():
-                if st[name].shape[axis] != axis_length(spec.groups[group].size, member):
-                    raise AlignmentError(f"model {i}: tensor {name!r} axis {axis} does not fit group {group!r}")
+            for group, member in slots.values():
+                problem = axis_problem(spec.groups[group], member, st[name].shape)
+                if problem:
+                    raise AlignmentError(f"model {i}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------- features
