@@ -226,13 +226,7 @@ def run_recipe(
         raise kind(f"{r.where(_recipe_key(exc.field))}: {message}") from None
 
 
-def _run_recipe(
-    recipe: str | Path | Mapping[str, Any] | Recipe,
-    out_dir: str | Path,
-    options: RunOptions | None = None,
-    *,
-    progress: Progress | None = None,
-) -> RunResult:
+def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None, *, progress: Progress | None) -> RunResult:
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)
