@@ -98,7 +98,7 @@ def stop_sweep(rows: Sequence[Mapping[str, Any]], ensemble_accuracy: float | Non
     labels = [str(r["stop_at"]) for r in ordered]
     fig = Figure(figsize=(5.8, 3.4), layout="constrained")
     ax = fig.subplots()
-    ax.plot(range(len(ordered)), [float(r["accuracy"]) for r in ordered], marker="o", label="zipit")
+    ax.plot(range(len(ordered)), [float(r["accuracy"]) for r in ordered], marker="o", label="ZipIt")
     if ensemble_accuracy is not None:
         ax.axhline(float(ensemble_accuracy), color="#2ca02c", linestyle="--", label="ensemble")
     for (label, vals), style in zip((baselines or {}).items(), (":", "-.")):

@@ -195,168 +195,119 @@ def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
         store.close()
 
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+def compatibility(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Which kind of pair (or set) the chosen models are, and which engines apply to it."""
+    if len(infos) < 2:
+        return {"verdict": "choose at least two models", "kind": None, "engines": [], "differences": []}
+    shapes = [{t["name"]: tuple(t["shape"]) for t in info["tensors"]} for info in infos]
+    first = shapes[0]
+    same_names = all(set(s) == set(first) for s in shapes[1:])
+    differences = []
+    for name in sorted(set().union(*shapes)):
+        found = [s.get(name) for s in shapes]
+        if len(set(found)) > 1:
+            differences.append({"tensor": name, **{info["model"]: (list(f) if f else "missing") for info, f in zip(infos, found)}})
+    if same_names and not differences:
+        return {
+            "kind": "same",
+            "verdict": "same architecture: every tensor has the same name and shape",
+            "engines": ["merge methods (all)"] + [e["name"] for e in engines() if "same" in e["applies_to"]],
+            "differences": [],
+        }
+    if same_names:
+        return {
+            "kind": "widths",
+            "verdict": "different widths: same tensors, some shapes differ",
+            "engines": [f"{e['name']} ({e['title']})" for e in engines() if "widths" in e["applies_to"]] + ["stitching"],
+            "differences": differences,
+        }
+    from suture.merge.layers import num_layers
+
+    depths = [num_layers(list(s), None) for s in shapes]
+    kind = "depths" if len(set(depths)) > 1 else "architectures"
+    verdict = (
+        f"different depths ({', '.join(str(d) for d in depths)} layers)" if kind == "depths"
+        else "different architectures: tensor names differ"
+    )
+    return {
+        "kind": kind,
+        "verdict": verdict,
+        "engines": ["stitching", "slices (passthrough stacking of layer ranges)"] if kind == "depths" else ["stitching"],
+        "differences": differences,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- methods & engines
+
+
+@st.cache_data(show_spinner=False)
+def methods() -> dict[str, dict[str, Any]]:
+    """The merge-method registry as plain data: parameters (name, default, required, help), paper, summary."""
+    from suture.merge.methods import get_method, list_methods
+
+    out = {}
+    for name in list_methods():
+        m = get_method(name)
+        out[name] = {
+            "summary": m.summary,
+            "paper": m.paper,
+            "uses_base": m.uses_base,
+            "requires_base": m.requires_base,
+            "min_models": m.min_models,
+            "max_models": m.max_models,
+            "global": [_param(p) for p in m.global_params],
+            "model": [_param(p) for p in m.model_params],
+        }
+    return out
+
+
+def _param(p: Any) -> dict[str, Any]:
+    """A parameter as the form needs it; its help ends with the range the registry enforces."""
+    help_text = f"{p.help} (must be {p.bounds})" if p.bounds else p.help
+    return {"name": p.name, "default": p.default, "required": p.required, "help": help_text, "bounds": p.bounds}
 
 
 def runner_engines() -> set[str]:
-    """Engine names this build's recipe runner accepts in `alignment: {engine: ...}` (read from its schema)."""
-    import typing
+    """Engine names the recipe runner accepts in `alignment: {engine: ...}` (the engine registry)."""
+    from suture.merge.align.engines import list_engines
 
-    try:
-        from suture.recipes.sections import AlignmentSection
-    except ImportError:  # a runner without the alignment section
-        return set()
-    annotation = AlignmentSection.model_fields["engine"].annotation
-    return {str(a) for a in typing.get_args(annotation)} or ({str(annotation)} if isinstance(annotation, str) else set())
+    return {e.name for e in list_engines()}
 
 
 def alignment_defaults() -> dict[str, Any]:
-    """Default values of the `alignment:` section's settings (empty when the runner has no such section)."""
-    try:
-        from suture.recipes.sections import AlignmentSection
-    except ImportError:
-        return {}
-    return {name: f.default for name, f in AlignmentSection.model_fields.items()}
+    """Default values of the settings every engine's `alignment:` section shares."""
+    from suture.merge.align.engines import AlignmentOptions
+
+    return {name: f.default for name, f in AlignmentOptions.model_fields.items() if name != "engine"}
+
+
+def common_alignment_keys() -> set[str]:
+    """Settings shared by every engine (kept when the form switches engines)."""
+    from suture.merge.align.engines import COMMON_OPTIONS
+
+    return set(COMMON_OPTIONS)
 
 
 def engines() -> list[dict[str, Any]]:
-    """Every engine with whether it can run here and why not."""
+    """Every registered engine as plain data: title, papers, what it needs and what it returns."""
+    from suture.merge.align.engines import list_engines
     from suture.merge.card import engine_papers
 
-    accepted = runner_engines()
-    out = []
-    for e in ENGINES:
-        present = e.name in accepted or any(_module_exists(m) for m in e.modules)
-        if e.name in accepted:
-            why = ""
-        elif present:
-            why = f"running {e.name} from a recipe is {NOT_AVAILABLE}"
-        else:
-            why = f"the {e.name} engine is {NOT_AVAILABLE}"
-        out.append({"name": e.name, "title": e.title, "needs_data": e.needs_data, "applies_to": e.applies_to,
-                    "available": not why, "reason": why, "papers": engine_papers(e.name)})
-    return out
-
-
-# Each engine option the form shows: label, widget kind and help (in the papers' terms). Defaults are read
-# from the library functions that run the engine, so the form never disagrees with `suture run`.
-OPTION_TEXT: dict[str, tuple[str, str, str]] = {
-    "max_iter": ("Max iterations", "int", ""),
-    "seed": ("Seed", "int", "Order in which weight matching visits the groups (Git Re-Basin's coordinate descent is order dependent)."),
-    "repair": ("After merging", "choice", "reset_bn: re-estimate BatchNorm statistics on the data; repair: rescale channels to the "
-               "endpoints' statistics (REPAIR, Jordan et al., ICLR 2023). Needs calibration data."),
-    "ground_metric": ("Ground metric", "choice", "What the cost between two units compares: their incoming weights (with the earlier "
-                      "layers already transported), or their activations on calibration data. OTFusion (Singh & Jaggi, "
-                      "NeurIPS 2020) defines both; activations need data."),
-    "distance": ("Distance", "choice", "Cost between two units' feature vectors."),
-    "normalize": ("Normalize features", "bool", "Divide each layer's cost matrix by its typical matching gap (median over units of "
-                  "median minus minimum cost), so one Sinkhorn regularisation means the same at every width and weight scale."),
-    "solver": ("Solver", "choice", "emd: exact transport (a permutation when widths match and masses are uniform); sinkhorn: "
-               "entropy-regularised transport, a soft plan that spreads each unit over several."),
-    "reg": ("Sinkhorn regularisation", "float", "Entropic regularisation: larger values give a softer, more spread-out plan."),
-    "stop_thr": ("Sinkhorn tolerance", "float", "Sinkhorn stops when the marginals are met to this tolerance."),
-    "marginals": ("Unit masses", "choice", "uniform: every unit carries the same mass; activation: mass proportional to the unit's "
-                  "mean activation on the data (OTFusion's importance weighting)."),
-    "target_widths": ("Target widths", "yaml", "Compress the reference first, e.g. {layers.0: 96}: each listed group gets that many "
-                      "units, then the other model is transported onto the narrower basis (OTFusion's fusion into a "
-                      "smaller model). Empty: keep the reference's widths."),
-    "blend": ("Reference share", "float", "Weight of the reference in the fused average of two models; the transported model "
-              "gets 1 - blend (replaces the models' own weights)."),
-    "alpha": ("alpha (merge decay)", "float", "ZipIt! (Stoica et al., ICLR 2024): after two feature clusters are zipped, their "
-              "similarity to the others is multiplied by alpha, so clusters that already absorbed features become less "
-              "attractive. 1: no decay."),
-    "beta": ("beta (within-model budget)", "float", "Share of each model's merges that may pair features of the same model "
-             "(ZipIt! merges redundant features within a model too). 0: only across models."),
-    "stop_at": ("Zip up to group", "text", "Partial zipping: zip the layers up to and including this permutation group and keep "
-                "the later layers per model (a shared trunk with one branch per model). Empty: zip the whole model."),
-    "matcher": ("Matcher", "choice", "zip: ZipIt!'s greedy matching within and across models; permute: the permutation "
-                "baseline (across models only); identity: naive averaging of unit i with unit i."),
-    "heads": ("Heads", "choice", "concat: keep one output head per model and concatenate their outputs (per-task logits); "
-              "average: average the heads into one."),
-    "unmerge": ("Unmerge (partial zips)", "choice", "How each branch reads the zipped trunk: copy: the paper's 0/1 unmerge; "
-                "lstsq: least squares from the feature statistics; fit: least squares on the zipped trunk's output."),
-    "match_head_scale": ("Match head scales", "bool", "Rescale each kept head's logits to its source model's spread on the "
-                         "calibration data, so concatenated per-task logits compare fairly (a head's own ranking is unchanged)."),
-}
-MAX_ITER_HELP = {
-    "weight_matching": "Coordinate-descent passes over the groups; stops earlier when a pass changes no permutation "
-                       "(Git Re-Basin, Ainsworth et al., ICLR 2023).",
-    "ot": "Iteration cap of the transport solver (network simplex for emd, Sinkhorn iterations for sinkhorn).",
-}
-# options that only matter for a particular value of another option
-OPTION_DEPENDS = {"reg": ("solver", "sinkhorn"), "stop_thr": ("solver", "sinkhorn")}
-COMMON_OPTIONS = {"weight_matching": ("seed", "repair"), "activation_matching": ("repair",), "ot": ("repair",), "zipit": ()}
-
-
-def _signature_defaults(func: Callable[..., Any]) -> dict[str, Any]:
-    import inspect
-
-    return {n: p.default for n, p in inspect.signature(func).parameters.items() if p.default is not inspect.Parameter.empty}
-
-
-def engine_option_defaults(engine: str) -> dict[str, Any]:
-    """The value each option of an engine takes when the recipe leaves it out (read from the library)."""
-    section = alignment_defaults()
-    out: dict[str, Any] = {k: section[k] for k in ("seed", "repair") if k in section}
-    if engine == "weight_matching":
-        from suture.merge.align.weight_matching import weight_matching
-
-        out["max_iter"] = _signature_defaults(weight_matching)["max_iter"]
-    elif engine == "ot":
-        from suture.merge.align.ot import ot_align
-        from suture.merge.align.pipeline import AlignmentSettings
-
-        sig = _signature_defaults(ot_align)
-        out.update({k: sig[k] for k in ("max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr",
-                                        "marginals", "target_widths") if k in sig})
-        out["blend"] = AlignmentSettings.__dataclass_fields__["blend"].default
-    elif engine == "zipit":
-        from suture.merge.zipit import zip_models
-
-        sig = _signature_defaults(zip_models)
-        out.update({k: sig[k] for k in ("alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale")})
-    return out
-
-
-def _choices(name: str) -> list[Any]:
-    import typing
-
-    from suture.recipes.sections import AlignmentSection
-
-    found: list[Any] = []
-
-    def walk(annotation: Any) -> None:
-        if typing.get_origin(annotation) is typing.Literal:
-            found.extend(typing.get_args(annotation))
-        else:
-            for arg in typing.get_args(annotation):
-                walk(arg)
-
-    walk(AlignmentSection.model_fields[name].annotation)
-    return found
+    return [{"name": e.name, "title": e.title, "needs_data": e.needs_data, "applies_to": e.applies_to,
+             "outcome": e.outcome, "builds_model": e.outcome == "built", "papers": engine_papers(e.name)}
+            for e in list_engines()]
 
 
 def engine_options(engine: str) -> list[dict[str, Any]]:
-    """The options the form shows for an engine: name, label, kind, choices, default, help, and when it applies."""
-    try:
-        from suture.recipes.sections import ENGINE_OPTIONS
-    except ImportError:
+    """The form for an engine, from its Options' JSON schema: its own settings, then the shared ones it shows."""
+    from suture.app.forms import form_fields
+    from suture.merge.align.engines import COMMON_OPTIONS, find_engine
+
+    found = find_engine(engine)
+    if found is None:
         return []
-    defaults = engine_option_defaults(engine)
-    names = [n for n in OPTION_TEXT if n in ENGINE_OPTIONS.get(engine, set())]
-    names += [n for n in COMMON_OPTIONS.get(engine, ()) if n in defaults and n not in names]
-    out = []
-    for name in names:
-        label, kind, help_text = OPTION_TEXT[name]
-        if name == "max_iter":
-            help_text = MAX_ITER_HELP.get(engine, help_text)
-        out.append({"name": name, "label": label, "kind": kind, "choices": _choices(name) if kind == "choice" else [],
-                    "default": defaults.get(name), "help": help_text, "depends": OPTION_DEPENDS.get(name)})
-    return out
+    own = [n for n in found.options.model_fields if n not in COMMON_OPTIONS]
+    return [w.as_dict() for w in form_fields(found.options.model_json_schema(), own + list(found.form_common))]
 
 
 def devices() -> list[str]:
@@ -541,10 +492,11 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     from suture.recipes.schema import ModelRef
     from suture.recipes.sections import parse_alignment, parse_evaluate
     from suture.recipes.steps import recipe_architecture, run_alignment
+    from suture.merge.align.engines import find_engine
 
     recipe = load(recipe_text)
     section = parse_alignment(recipe.alignment, recipe.where)
-    if section is None or section.engine == "zipit":
+    if section is None or find_engine(section.engine).outcome == "built":
         raise InputError("the recipe has no permutation or transport alignment to show")
     evaluation = parse_evaluate(recipe.evaluate, recipe.where)
     models = open_models(recipe)
@@ -784,11 +736,10 @@ def readable(exc: BaseException) -> str:
 
 
 __all__ = [
-    "ENGINES",
     "alignment_matrices",
     "demo_ready",
-    "engine_option_defaults",
     "engine_options",
+    "common_alignment_keys",
     "stop_sweep_rows",
     "transport_rows",
     "zip_group_rows",

@@ -17,81 +17,30 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from suture.merge.errors import InputError
+from suture.merge.errors import InputError, ParameterError
 from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
 
 logger = logging.getLogger(__name__)
 
-# Papers behind the merge methods, used when the method registry cannot say (text, link).
+# Papers of methods a card may name that are not registered merge methods (the registry cites its own).
 METHOD_PAPERS: dict[str, tuple[str, str]] = {
-    "linear": (
-        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "
-        "inference time (Wortsman et al., ICML 2022)",
-        "https://arxiv.org/abs/2203.05482",
-    ),
-    "slerp": (
-        "Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985)",
-        "https://doi.org/10.1145/325165.325242",
-    ),
-    "task_arithmetic": ("Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)", "https://arxiv.org/abs/2212.04089"),
-    "ties": (
-        "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-        "https://arxiv.org/abs/2306.01708",
-    ),
-    "dare_ties": (
-        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    "dare_linear": (
-        "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-        "https://arxiv.org/abs/2311.03099",
-    ),
-    "breadcrumbs": (
-        "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
-        "https://arxiv.org/abs/2312.06795",
-    ),
-    "model_stock": ("Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024)", "https://arxiv.org/abs/2403.19522"),
-    "della": (
-        "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)",
-        "https://arxiv.org/abs/2406.11617",
-    ),
     "fisher": ("Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022)", "https://arxiv.org/abs/2111.09832"),
     "regmean": (
         "Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023)",
         "https://arxiv.org/abs/2212.09849",
     ),
 }
-METHOD_PAPERS["breadcrumbs_ties"] = METHOD_PAPERS["breadcrumbs"]
-METHOD_PAPERS["della_linear"] = METHOD_PAPERS["della"]
 
-_REBASIN = (
-    "Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., ICLR 2023)",
-    "https://arxiv.org/abs/2209.04836",
-)
-# Papers behind the alignment engines.
-ENGINE_PAPERS: dict[str, list[tuple[str, str]]] = {
-    "weight_matching": [_REBASIN],
-    "activation_matching": [_REBASIN],
-    "ot": [("Model Fusion via Optimal Transport, OTFusion (Singh & Jaggi, NeurIPS 2020)", "https://arxiv.org/abs/1910.05653")],
-    "zipit": [
-        ("ZipIt! Merging Models from Different Tasks without Training (Stoica et al., ICLR 2024)", "https://arxiv.org/abs/2305.03053")
-    ],
-    "stitching": [
-        (
-            "Relative representations enable zero-shot latent space communication (Moschella et al., ICLR 2023)",
-            "https://arxiv.org/abs/2209.15430",
-        ),
-        ("Latent Space Translation via Semantic Alignment (Maiorca et al., NeurIPS 2023)", "https://arxiv.org/abs/2311.00664"),
-    ],
-}
-ENGINE_TITLES = {
-    "weight_matching": "permutation alignment by weight matching",
-    "activation_matching": "permutation alignment by activation matching",
-    "ot": "soft alignment by optimal transport",
-    "zipit": "feature zipping (merge/unmerge matrices)",
-    "stitching": "stitching of representations",
-}
-_ENGINE_ALIASES = {"otfusion": "ot", "optimal_transport": "ot", "stitch": "stitching"}
+# Stitching is not an alignment engine (it has no registry entry): its papers and title live here.
+STITCHING = "stitching"
+STITCHING_PAPERS = [
+    (
+        "Relative representations enable zero-shot latent space communication (Moschella et al., ICLR 2023)",
+        "https://arxiv.org/abs/2209.15430",
+    ),
+    ("Latent Space Translation via Semantic Alignment (Maiorca et al., NeurIPS 2023)", "https://arxiv.org/abs/2311.00664"),
+]
+STITCHING_TITLE = "stitching of representations"
 _LICENSE_KEYS = ("license", "license_name", "license_link")
 _TRAILING_URL = re.compile(r"^(.+?)\s+(https?://\S+)$", re.DOTALL)
 
@@ -118,29 +67,52 @@ def _format_paper(paper: Any) -> str | None:
 
 
 def method_paper(method: str) -> str | None:
-    """Markdown citation of the paper behind a merge method (registry first, then the built-in table)."""
+    """Markdown citation of the papers behind a merge method (the registry's, else the table above)."""
     from suture.merge.methods import get_method
 
     key = method.strip().lower()
     try:
-        text = _format_paper(getattr(get_method(key), "paper", None))
-    except (LookupError, ValueError, TypeError, AttributeError):
-        text = None  # not in the registry: fall back to the table
-    return text or _format_paper(METHOD_PAPERS.get(key))
+        papers = get_method(key).papers
+    except ParameterError:
+        papers = ()
+    cited = [text for text in map(_format_paper, papers) if text]
+    if cited:
+        return "; ".join(cited)
+    return _format_paper(METHOD_PAPERS.get(key))
 
 
 def engine_key(engine: str | None) -> str | None:
-    """Canonical engine name (accepts a few aliases such as 'otfusion')."""
+    """Canonical engine name (the registry resolves aliases such as 'otfusion')."""
     if engine is None:
         return None
+    from suture.merge.align.engines import find_engine
+
     key = engine.strip().lower().replace("-", "_")
-    return _ENGINE_ALIASES.get(key, key)
+    if key in (STITCHING, "stitch"):
+        return STITCHING
+    found = find_engine(key)
+    return found.name if found is not None else key
+
+
+def engine_title(engine: str | None) -> str:
+    """What the card says an engine did (from the engine registry)."""
+    from suture.merge.align.engines import find_engine
+
+    key = engine_key(engine)
+    if key == STITCHING:
+        return STITCHING_TITLE
+    found = find_engine(key)
+    return found.description if found is not None else "alignment"
 
 
 def engine_papers(engine: str | None) -> list[str]:
-    """Markdown citations of the papers behind an alignment engine."""
+    """Markdown citations of the papers behind an alignment engine (from the engine registry)."""
+    from suture.merge.align.engines import find_engine
+
     key = engine_key(engine)
-    return [text for text in (_format_paper(p) for p in ENGINE_PAPERS.get(key or "", [])) if text]
+    found = find_engine(key)
+    papers = STITCHING_PAPERS if key == STITCHING else list(found.papers) if found is not None else []
+    return [text for text in (_format_paper(p) for p in papers) if text]
 
 
 # ---------------------------------------------------------------------------------------------- licenses
@@ -301,7 +273,7 @@ def build_model_card(
     elif license is None:
         license_meta = common_license(inputs) or {}
     tags = []
-    for tag in ("merge", "suture", method.strip().lower(), engine, "stitching" if stitched else None):
+    for tag in ("merge", "suture", method.strip().lower(), engine, STITCHING if stitched else None):
         if tag and tag not in tags:
             tags.append(tag)
     extra: dict[str, Any] = {}
@@ -327,13 +299,13 @@ def build_model_card(
     what = "method" if stitched else "merge method"
     body.append(
         f"This model was {kind} from {len(inputs)} input model{'s' if len(inputs) != 1 else ''} with Suture, "
-        f"using the `{method}` {what}" + (f" after `{engine}` alignment." if engine and engine != "stitching" else ".")
+        f"using the `{method}` {what}" + (f" after `{engine}` alignment." if engine and engine != STITCHING else ".")
     )
     body += ["", "## Method", ""]
     paper = method_paper(method)
     body.append(f"- **{what.capitalize()}:** `{method}`" + (f" — {paper}" if paper else ""))
     if engine:
-        description = ENGINE_TITLES.get(engine, "alignment")
+        description = engine_title(engine)
         papers = engine_papers(engine)
         body.append(f"- **Alignment engine:** `{engine}` ({description})" + (" — " + "; ".join(papers) if papers else ""))
     else:
@@ -392,7 +364,8 @@ def write_model_card(out_dir: str | Path, **kwargs: Any) -> Path:
 
 __all__ = [
     "METHOD_PAPERS",
-    "ENGINE_PAPERS",
+    "STITCHING_PAPERS",
+    "engine_title",
     "method_paper",
     "engine_papers",
     "read_license",

@@ -50,3 +50,7 @@ class UntrustedCodeError(InputError):
 
 class OutputError(SutureError):
     """The output cannot be written: folder not writable, disk full, file too large, or another run holds it."""
+
+
+class ParameterError(SutureError, ValueError):
+    """A merge method is unknown, or a parameter is missing, of the wrong type or outside its range."""

@@ -24,7 +24,7 @@ global ``parameters``. A method's global parameters skip the per-model/per-sourc
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from suture.merge.errors import RecipeError
@@ -399,92 +399,6 @@ class ParamResolver:
         return RecipeError(
             f"{r.source}: merge method {r.merge_method!r} needs parameter {name!r}{who} (tensor {tensor_name!r}) "
             f"but no level sets it (or no filter matches); set it in {' or '.join(places)}"
-        )
-
-    def param_names(
-        self, *, model: ModelRef | str | None = None, slice_index: int | None = None, source_index: int | None = None
-    ) -> list[str]:
-        """Names set at any level that applies (per-model levels only with ``model`` / ``source_index``)."""
-        r = self.recipe
-        ref = self._model(model)
-        names: dict[str, None] = {}
-        dicts: list[Mapping[str, Any] | None] = []
-        per_model = ref is not None or source_index is not None
-        if r.slices:
-            sl = r.slices[slice_index or 0]
-            if per_model:
-                dicts += [
-                    src.parameters for j, src in enumerate(sl.sources)
-                    if (source_index is None or j == source_index) and (ref is None or src.model == ref)
-                ]
-            dicts.append(sl.parameters)
-        elif per_model:
-            dicts += [
-                e.parameters for i, e in enumerate(r.models or [])
-                if (source_index is None or i == source_index) and (ref is None or e.model == ref)
-            ]
-        dicts.append(r.parameters)
-        for d in dicts:
-            for k in d or {}:
-                names[k] = None
-        return list(names)
-
-    def _collect(
-        self, names: Iterable[str] | None, defaults: Mapping[str, Any] | None, required: Iterable[str],
-        tensor_name: str, layer_index: int | None, num_layers: int | None, model: ModelRef | None,
-        slice_index: int | None, source_index: int | None, t: float | None,
-    ) -> dict[str, Any]:
-        required = set(required)
-        defaults = dict(defaults or {})
-        if names is None:
-            s, _ = self.locate(tensor_name, layer_index, num_layers, slice_index=slice_index)
-            names = self.param_names(model=model, slice_index=s, source_index=source_index)
-            names = list(dict.fromkeys([*names, *defaults, *required]))
-        out: dict[str, Any] = {}
-        for name in names:
-            value = self.get(
-                name, tensor_name, layer_index, num_layers, model=model, slice_index=slice_index,
-                source_index=source_index, t=t, default=defaults.get(name), required=name in required,
-            )
-            if value is not None:
-                out[name] = value
-        return out
-
-    def global_params(
-        self,
-        tensor_name: str,
-        layer_index: int | None = None,
-        num_layers: int | None = None,
-        *,
-        slice_index: int | None = None,
-        t: float | None = None,
-        names: Iterable[str] | None = None,
-        defaults: Mapping[str, Any] | None = None,
-        required: Iterable[str] = (),
-    ) -> dict[str, Any]:
-        """Method-wide parameters for a tensor (slice and global levels): ``{name: value}`` of those set."""
-        return self._collect(names, defaults, required, tensor_name, layer_index, num_layers, None, slice_index, None, t)
-
-    def model_params(
-        self,
-        model: ModelRef | str | None,
-        tensor_name: str,
-        layer_index: int | None = None,
-        num_layers: int | None = None,
-        *,
-        slice_index: int | None = None,
-        source_index: int | None = None,
-        t: float | None = None,
-        names: Iterable[str] | None = None,
-        defaults: Mapping[str, Any] | None = None,
-        required: Iterable[str] = (),
-    ) -> dict[str, Any]:
-        """Per-model parameters for a tensor (source > slice > model > global): ``{name: value}`` of those set."""
-        ref = self._model(model)
-        if ref is None and source_index is None:
-            raise ValueError("model_params needs a model or a source_index")
-        return self._collect(
-            names, defaults, required, tensor_name, layer_index, num_layers, ref, slice_index, source_index, t
         )
 
 

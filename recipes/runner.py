@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from suture.merge import __version__
+from suture.merge.align.engines import BuiltModel
 from suture.merge.errors import InputError, OptionError, RecipeError, SutureError
 from suture.merge.execute import execute_plan, infer_output, resolve_device
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
@@ -113,28 +114,13 @@ def non_finite_problem(report: Mapping[str, Any]) -> str | None:
             f"{non_finite_summary(section.get('tensors', []), section['count'])}; rerun with --strict to refuse such output")
 
 
-def _known_methods() -> list[str]:
-    from suture.merge.methods import list_methods
-
-    return list_methods()
-
-
-def _requires_base(name: str) -> bool:
-    from suture.merge.methods import get_method
-
-    try:
-        return get_method(name).requires_base
-    except RecipeError:
-        return False
-
-
 def load(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     """A validated Recipe from a path, YAML text, a dict or a Recipe (errors name key and line)."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Mapping):
-        return parse_recipe(dict(recipe), known_methods=_known_methods(), requires_base=_requires_base)
-    return load_recipe(recipe, known_methods=_known_methods(), requires_base=_requires_base)
+        return parse_recipe(dict(recipe))
+    return load_recipe(recipe)
 
 
 def _output_config(config: dict | None, recipe: Recipe, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None, config_model: str) -> dict | None:
@@ -196,7 +182,7 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     for entry in data["models"]:
         weight = blend if str(ModelRef.parse(entry["model"])) == ref else 1.0 - blend
         entry["parameters"] = {**(entry.get("parameters") or {}), "weight": weight}
-    return parse_recipe(data, source=r.source, known_methods=_known_methods(), requires_base=_requires_base)
+    return parse_recipe(data, source=r.source)
 
 
 # Core errors name the setting at fault in their own terms (SutureError.field); these live at the recipe's top
@@ -235,7 +221,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     alignment = parse_alignment(r.alignment, r.where)
     evaluation_section = parse_evaluate(r.evaluate, r.where)
     publish_section = parse_publish(r.publish, r.where)
-    if alignment is not None and alignment.blend is not None:
+    if alignment is not None and "blend" in alignment.model_fields_set:  # an engine option that sets the merge's weights
         r = _apply_blend(r, alignment.blend, alignment.reference)
     device = resolve_device(options.device)
     shard_size = _shard_size(options.out_shard_size, r.out_shard_size)
@@ -243,8 +229,6 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     models = open_models(r, allow_pickle=options.allow_pickle, strict=options.strict, progress=progress)
     if alignment is not None or evaluation_section is not None:  # these build modules from the models' configs
         steps.check_trust(models.stores, steps.recipe_architecture(r.architecture, alignment), _trusts(r, options))
-    if alignment is not None and alignment.engine == "zipit":
-        return _run_zipit(r, alignment, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
     reference = reference_key(r)
     raw_stores = dict(models.stores)
     architecture = steps.recipe_architecture(r.architecture, alignment)
@@ -254,6 +238,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
         outcome = steps.run_alignment(alignment, models.stores, align_ref, architecture, device, progress,
                                       fallback_data=evaluation_section.data if evaluation_section else None,
                                       trust_remote_code=_trusts(r, options))
+        if isinstance(outcome, BuiltModel):
+            return _run_built(r, outcome, evaluation_section, publish_section, models, out_dir, options, device, started, progress)
         models.stores = outcome.stores
         architecture = architecture or outcome.architecture
     tasks, n_layers, vocab = build(r, models)
@@ -289,7 +275,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
                 tmp, evaluation_section, models.stores, raw_stores, ref_key, architecture, outcome is not None,
                 reset_bn=alignment is not None and alignment.repair == "reset_bn", progress=progress,
                 fused=outcome is not None and outcome.fused,
-                permutation_spec=outcome.spec if outcome is not None and outcome.engine == "ot" else None,
+                permutation_spec=outcome.spec if outcome is not None and outcome.kind == "transported" else None,
                 trust_remote_code=_trusts(r, options))
             if "plot" in extra["evaluation"]:
                 files.append(extra["evaluation"]["plot"])
@@ -358,26 +344,23 @@ def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progres
     return result
 
 
-def _run_zipit(r: Recipe, alignment, evaluation_section, publish_section, models: OpenedModels, out_dir, options: RunOptions,
-               device: torch.device, started: float, progress: Progress | None) -> RunResult:
-    """ZipIt recipes build the output model themselves: zipped weights (or a multi-head model), report, card."""
+def _run_built(r: Recipe, built: BuiltModel, evaluation_section, publish_section, models: OpenedModels, out_dir,
+               options: RunOptions, device: torch.device, started: float, progress: Progress | None) -> RunResult:
+    """Engines that build the output model themselves (ZipIt!): their weights (or a multi-head model), report, card."""
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        zipped = steps.run_zipit(tmp, alignment, models.stores, evaluation_section, device, progress, _trusts(r, options),
-                                 architecture=steps.recipe_architecture(r.architecture, alignment))
-        evaluation = zipped.pop("evaluation", None)
+        built.save(tmp)
+        evaluation = None
+        if evaluation_section is not None and built.evaluate is not None:
+            evaluation = built.evaluate(tmp, evaluation_section, progress)
         (tmp / "suture_recipe.yml").write_text(r.to_yaml())
         report = {"suture_version": __version__, "merge_method": None, "models": list(models.refs), "device": str(device),
-                  "alignment": zipped, **({"evaluation": evaluation} if evaluation else {}),
+                  "alignment": dict(built.summary), **({"evaluation": evaluation} if evaluation else {}),
                   "seconds_total": round(time.perf_counter() - started, 3)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         from suture.merge.card import write_model_card
 
-        rows = None
-        if evaluation:
-            rows = [{"model": "zipped output", **evaluation["merged"]}, {"model": "ensemble", **evaluation["ensemble"]}]
-            rows += [{"model": label, **m} for label, m in evaluation.get("baselines", {}).items()]
-            rows += [{"model": f"stop_at {row['stop_at']}", "loss": row["loss"], "accuracy": row["accuracy"]} for row in evaluation.get("stop_sweep", [])]
-        write_model_card(tmp, inputs=list(models.refs), method="zipit", engine="zipit", recipe_yaml=r.to_yaml(),
+        rows = built.card_rows(evaluation) if evaluation and built.card_rows else None
+        write_model_card(tmp, inputs=list(models.refs), method=built.engine, engine=built.engine, recipe_yaml=r.to_yaml(),
                          evaluation=rows, plot_path=evaluation.get("plot") if evaluation else None, name=r.name)
         files = sorted(p.name for p in tmp.iterdir())
     for store in models.stores.values():

@@ -16,7 +16,7 @@ import difflib
 import logging
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -39,7 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from suture.merge.errors import RecipeError
+from suture.merge.errors import ParameterError, RecipeError
+from suture.merge.methods import MergeMethod, get_method, list_methods
 from suture.recipes.params import check_setting, describe_kind, unreachable_conditions
 from suture.recipes.yaml_lines import MAX_DOCUMENT_BYTES, KeyPath, format_path, load_yaml_with_lines, nearest_line
 
@@ -597,37 +598,12 @@ def _issues_from_pydantic(exc: ValidationError, lines: Mapping[KeyPath, int] | N
     return issues
 
 
-def _known_method_names(known_methods: Any) -> set[str] | None:
-    if known_methods is None:
-        try:
-            from suture.merge.methods import list_methods  # type: ignore[attr-defined]
-        except ImportError:
-            return None
-        names = set(list_methods())
-        return names or None
-    if callable(known_methods):
-        known_methods = known_methods()
-    return set(known_methods)
-
-
-# Methods of mergekit's catalogue that cannot run without a base model (used when the registry cannot say).
-BASE_REQUIRED_METHODS = frozenset({
-    "slerp", "nearswap", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "arcee_fusion", "ram", "ramplus_tl",
-})
-# base model + exactly one other model
-_PAIR_WITH_BASE = frozenset({"slerp", "nearswap", "arcee_fusion"})
-
-
-def _needs_base(method: str, requires_base: Any) -> bool:
-    if requires_base is not None:
-        return bool(requires_base(method)) if callable(requires_base) else method in set(requires_base)
+def _registered(method: str) -> MergeMethod | None:
+    """The registry's description of ``method``, or None for a name it does not know (reported elsewhere)."""
     try:
-        from suture.merge.methods import get_method  # type: ignore[attr-defined]
-
-        return bool(get_method(method).requires_base)
-    except (ImportError, RecipeError):
-        return method in BASE_REQUIRED_METHODS
+        return get_method(method)
+    except ParameterError:
+        return None
 
 
 class _Issues(list):
@@ -645,22 +621,24 @@ class _Issues(list):
 
 
 def _produces_its_own_model(r: Recipe) -> bool:
-    """ZipIt and stitching build the output model themselves: no merge method applies."""
-    engine = r.alignment.get("engine") if isinstance(r.alignment, Mapping) else None
-    return engine == "zipit" or r.stitch is not None
+    """Engines whose outcome is a built model (ZipIt!) and stitching build the output themselves: no merge method applies."""
+    from suture.merge.align.engines import find_engine
+
+    engine = find_engine(r.alignment.get("engine")) if isinstance(r.alignment, Mapping) else None
+    return (engine is not None and engine.outcome == "built") or r.stitch is not None
 
 
-def _check_method(r: Recipe, issues: _Issues, known_methods: Any) -> None:
+def _check_method(r: Recipe, issues: _Issues) -> None:
     if r.merge_method is None:
         if not _produces_its_own_model(r):
             issues.add(("merge_method",), "required key is missing: name the merge method (e.g. linear, slerp, ties, passthrough)")
         return
-    known = _known_method_names(known_methods)
-    if known is not None and r.merge_method not in known:
-        close = difflib.get_close_matches(r.merge_method, sorted(known), n=1)
+    known = list_methods()
+    if r.merge_method not in known:
+        close = difflib.get_close_matches(r.merge_method, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         issues.add(
-            ("merge_method",), f"unknown merge method {r.merge_method!r}; {hint}known methods: {', '.join(sorted(known))}"
+            ("merge_method",), f"unknown merge method {r.merge_method!r}; {hint}known methods: {', '.join(known)}"
         )
 
 
@@ -699,40 +677,41 @@ def _check_inputs(r: Recipe, data: Mapping[str, Any], issues: _Issues) -> None:
                 )
 
 
-def _check_method_inputs(r: Recipe, issues: _Issues, requires_base: Any) -> None:
-    """Base model and model counts that the method cannot work without."""
-    method = r.merge_method
-    if method is None or not (r.models or r.slices):
+def _check_method_inputs(r: Recipe, issues: _Issues) -> None:
+    """Base model and model counts that the method cannot work without (the registry's requires_base, models)."""
+    m = _registered(r.merge_method) if r.merge_method is not None else None
+    if m is None or not (r.models or r.slices):
         return
-    if _needs_base(method, requires_base):
+    if m.requires_base:
         if r.slices:
             missing = r.base_model is None and any(sl.base_model is None for sl in r.slices)
         else:
             missing = r.base_model is None
         if missing:
-            msg = f"merge method {method!r} needs a base_model (set it next to merge_method)"
+            msg = f"merge method {m.name!r} needs a base_model (set it next to merge_method)"
             issues.add(("base_model",), msg, ("merge_method",))
-    if method in _PAIR_WITH_BASE:
-        if r.models and r.base_model is not None:
-            others = {e.model for e in r.models} - {r.base_model}
-            if len(others) != 1:
-                msg = f"{method} merges exactly two models, base_model and one other; got {len(others)} other(s)"
-                issues.add(("models",), msg)
-        for i, sl in enumerate(r.slices or []):
-            base = sl.base_model or r.base_model
-            refs = [s.model for s in sl.sources]
-            if base is not None and (len(refs) != 2 or base not in refs):
-                msg = f"{method} needs exactly two sources per slice, one of them the base_model ({base})"
-                issues.add(("slices", i, "sources"), msg)
-    if method == "passthrough":
-        if r.models:
-            refs = {e.model for e in r.models} | ({r.base_model} if r.base_model else set())
-            if len(refs) != 1:
-                msg = "passthrough copies one model's tensors: give exactly one model (use slices to stack layers of several)"
-                issues.add(("models",), msg)
-        for i, sl in enumerate(r.slices or []):
-            if len(sl.sources) != 1:
-                issues.add(("slices", i, "sources"), f"passthrough takes exactly one source per slice, got {len(sl.sources)}")
+    besides = " besides the base_model" if m.uses_base else ""
+    if r.models:
+        refs = {e.model for e in r.models}
+        if m.uses_base:
+            n = len(refs - {r.base_model})
+        else:
+            n = len(refs | ({r.base_model} if r.base_model else set()))
+        # a method with an open-ended count may get no model besides the base (the output is then the base)
+        if not m.fits(n) and (n > 0 or not m.uses_base or m.max_models is not None):
+            if m.requires_base and m.max_models == 1:
+                msg = f"{m.name} merges exactly two models, base_model and one other; got {n} other(s)"
+            else:
+                msg = f"{m.name} merges {m.count_words()}{besides}; got {n}"
+            issues.add(("models",), msg)
+    for i, sl in enumerate(r.slices or []):
+        base = sl.base_model or r.base_model
+        refs = [s.model for s in sl.sources]
+        n = len([ref for ref in refs if ref != base]) if m.uses_base else len(refs)
+        if not m.fits(n) and refs:
+            where = f" (base_model {base})" if m.uses_base and base is not None else ""
+            msg = f"{m.name} takes {m.count_words('source')} per slice{besides}{where}, got {n}"
+            issues.add(("slices", i, "sources"), msg)
 
 
 def _check_tokenizer(r: Recipe, issues: _Issues) -> None:
@@ -771,35 +750,26 @@ def _param_leaves(value: Any) -> list[tuple[KeyPath, Any]]:
 
 
 def _check_param_values(r: Recipe, issues: _Issues) -> None:
-    """Values of the wrong type for the merge method's parameters (`weight: half`, `.nan`, `normalize: 'yes'`)."""
-    try:
-        from suture.merge.methods import get_method
-        from suture.merge.methods.registry import value_problem
-
-        method = get_method(r.merge_method) if r.merge_method is not None else None
-    except (ImportError, RecipeError):
-        return
+    """Values the method's parameter models refuse (`weight: half`, `.nan`, `normalize: 'yes'`, `density: 1.5`)."""
+    method = _registered(r.merge_method) if r.merge_method is not None else None
     if method is None:
         return
     for path, value in _all_params(r):
-        pdef = method.global_param(str(path[-1])) or method.model_param(str(path[-1]))
-        if pdef is None:
-            continue  # unknown names are warned about by _warn_parameters
         for sub, leaf in _param_leaves(value):
-            problem = value_problem(pdef, leaf)
+            problem = method.value_problem(str(path[-1]), leaf)  # unknown names: warned about by _warn_parameters
             if problem:
-                issues.add(path + sub, f"parameter {pdef.name!r} of merge method {method.name!r} {problem}")
+                issues.add(path + sub, f"parameter {path[-1]!r} of merge method {method.name!r} {problem}")
                 break
 
 
 def _semantic_issues(
-    r: Recipe, data: Mapping[str, Any], lines: Mapping[KeyPath, int] | None, known_methods: Any, requires_base: Any
+    r: Recipe, data: Mapping[str, Any], lines: Mapping[KeyPath, int] | None
 ) -> list[RecipeIssue]:
     """Combinations the types alone cannot rule out."""
     issues = _Issues(lines)
-    _check_method(r, issues, known_methods)
+    _check_method(r, issues)
     _check_inputs(r, data, issues)
-    _check_method_inputs(r, issues, requires_base)
+    _check_method_inputs(r, issues)
     _check_tokenizer(r, issues)
     _check_param_values(r, issues)
     _warn_parameters(r)
@@ -811,14 +781,9 @@ def _where(r: Recipe, path: KeyPath) -> str:
 
 
 def _method_param_names(method: str) -> set[str] | None:
-    """Parameter names the registered method declares, or None when the registry cannot say."""
-    try:
-        from suture.merge.methods import get_method  # type: ignore[attr-defined]
-
-        m = get_method(method)
-    except (ImportError, RecipeError):
-        return None
-    return {p.name for p in (*m.global_params, *m.model_params)}
+    """Parameter names the registered method declares, or None for a name the registry does not know."""
+    m = _registered(method)
+    return None if m is None else {p.name for p in (*m.global_params, *m.model_params)}
 
 
 def _all_params(r: Recipe) -> list[tuple[KeyPath, Any]]:
@@ -833,8 +798,6 @@ def _all_params(r: Recipe) -> list[tuple[KeyPath, Any]]:
     return out
 
 
-MethodNames = Iterable[str] | Callable[[], Iterable[str]] | None
-BaseRule = Iterable[str] | Callable[[str], bool] | None
 
 
 def parse_recipe(
@@ -842,15 +805,12 @@ def parse_recipe(
     *,
     source: str = "<dict>",
     lines: Mapping[KeyPath, int] | None = None,
-    known_methods: MethodNames = None,
-    requires_base: BaseRule = None,
 ) -> Recipe:
     """Validate recipe data (a dict as from YAML) into a Recipe; every problem raises one RecipeError.
 
     ``lines`` maps key paths to YAML lines (from :func:`recipes.yaml_lines.load_yaml_with_lines`).
-    ``known_methods``: merge method names (or a callable returning them); default: the registry in
-    ``merge.methods`` when it is importable. ``requires_base``: names (or a predicate) of methods that need a
-    base_model; default: the registry's ``requires_base``, else mergekit's list.
+    Merge method names, whether a method needs a base_model, how many models it takes and which
+    parameter values it accepts come from the registry in ``merge.methods``.
     """
     if data is None:
         raise RecipeError(f"{source}: the recipe is empty")
@@ -871,15 +831,13 @@ def parse_recipe(
         _raise(source, _issues_from_pydantic(exc, lines))
     recipe._source = source
     recipe._lines = dict(lines or {})
-    issues = _semantic_issues(recipe, data, lines, known_methods, requires_base)
+    issues = _semantic_issues(recipe, data, lines)
     if issues:
         _raise(source, issues)
     return recipe
 
 
-def load_recipe(
-    path_or_text: str | Path, *, known_methods: MethodNames = None, requires_base: BaseRule = None
-) -> Recipe:
+def load_recipe(path_or_text: str | Path) -> Recipe:
     """Read a recipe from a YAML file (a Path, or a str naming an existing/``.yml`` file) or from YAML text."""
     if isinstance(path_or_text, Path) or (
         "\n" not in path_or_text
@@ -903,11 +861,10 @@ def load_recipe(
     else:
         text, source = path_or_text, "<string>"
     data, lines = load_yaml_with_lines(text, source)
-    return parse_recipe(data, source=source, lines=lines, known_methods=known_methods, requires_base=requires_base)
+    return parse_recipe(data, source=source, lines=lines)
 
 
 __all__ = [
-    "BASE_REQUIRED_METHODS",
     "DTYPES",
     "ModelEntry",
     "ModelRef",

@@ -6,12 +6,16 @@ aligns the models first, then merges them with the recipe's method.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, TypeAdapter, ValidationError
 
+from suture.merge.align.engines import COMMON_OPTIONS, AlignmentOptions, Engine, find_engine, list_engines
 from suture.merge.errors import RecipeError
+
+DEFAULT_ENGINE = "weight_matching"  # what `alignment:` without `engine:` runs
 
 DataSpec = StrictStr | dict[str, Any]
 
@@ -20,60 +24,47 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AlignmentSection(_Section):
-    """`alignment: {engine, reference, data, ...}` with each engine's own options (others refused)."""
-
-    engine: Literal["weight_matching", "activation_matching", "ot", "zipit"] = "weight_matching"
-    reference: StrictStr | None = None
-    seed: StrictInt = 0
-    data: DataSpec | None = None
-    batch_size: StrictInt = Field(256, ge=1)
-    max_items: StrictInt | None = Field(None, ge=1)
-    input_shape: list[StrictInt] | None = None
-    repair: Literal["none", "reset_bn", "repair"] = "none"
-    architecture_kwargs: dict[str, Any] | None = None
-    # weight matching: coordinate-descent passes; ot: the solver's iteration cap
-    max_iter: StrictInt | None = Field(None, ge=1)
-    # ot (OTFusion)
-    ground_metric: Literal["weights", "activations"] | None = None
-    distance: Literal["euclidean", "cosine"] | None = None
-    normalize: StrictBool | None = None
-    solver: Literal["emd", "sinkhorn"] | None = None
-    reg: float | None = Field(None, gt=0)
-    stop_thr: float | None = Field(None, gt=0)
-    marginals: Literal["uniform", "activation"] | None = None
-    target_widths: dict[StrictStr, StrictInt] | None = None
-    blend: float | None = Field(None, ge=0, le=1)
-    # zipit
-    alpha: float | None = Field(None, ge=0, le=1)
-    beta: float | None = Field(None, ge=0)
-    stop_at: StrictStr | None = None
-    matcher: Literal["zip", "permute", "identity"] | None = None
-    heads: Literal["concat", "average"] | None = None
-    unmerge: Literal["copy", "lstsq", "fit"] | None = None
-    match_head_scale: StrictBool | None = None
-
-    @model_validator(mode="after")
-    def _options_fit_engine(self) -> "AlignmentSection":
-        allowed = ENGINE_OPTIONS[self.engine]
-        stray = [k for k in ENGINE_ONLY if getattr(self, k) is not None and k not in allowed]
-        if stray:
-            raise ValueError(f"option(s) {stray} do not apply to engine {self.engine!r} (it takes {sorted(allowed)})")
-        return self
-
-    def ot_options(self) -> dict[str, Any]:
-        """The OT engine's keyword options that were set."""
-        return {k: getattr(self, k) for k in ENGINE_OPTIONS["ot"] if k != "blend" and getattr(self, k) is not None}
+# The section's common settings; each engine's Options (merge.align.engines) adds its own
+AlignmentSection = AlignmentOptions
 
 
-ENGINE_ONLY = ("ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths",
-               "blend", "alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale")
-ENGINE_OPTIONS: dict[str, set[str]] = {
-    "weight_matching": {"max_iter"},
-    "activation_matching": set(),
-    "ot": {"max_iter", "ground_metric", "distance", "normalize", "solver", "reg", "stop_thr", "marginals", "target_widths", "blend"},
-    "zipit": {"alpha", "beta", "stop_at", "matcher", "heads", "unmerge", "match_head_scale"},
-}
+def _engine_of(value: Any) -> Any:
+    """The discriminator: the section's `engine` (weight_matching when left out)."""
+    if isinstance(value, Mapping):
+        return value.get("engine", DEFAULT_ENGINE)
+    return getattr(value, "engine", None)
+
+
+@lru_cache(maxsize=8)
+def _alignment_adapter(engines: tuple[Engine, ...]) -> TypeAdapter:
+    """`alignment:` as a discriminated union (on `engine`) of the registered engines' Options."""
+    members = tuple(Annotated[e.options, Tag(e.name)] for e in engines)
+    union = Union[members] if len(members) > 1 else members[0]  # noqa: UP007 (built from a tuple)
+    return TypeAdapter(Annotated[union, Discriminator(_engine_of)])
+
+
+def _alignment_problems(value: Any, exc: ValidationError, engines: list[Engine]) -> list[tuple[tuple, str]]:
+    """Pydantic's errors as (key path, message), with the union's tag left out of the path and the engine's name
+    given for options that belong to another engine."""
+    names = {e.name for e in engines}
+    engine = find_engine(_engine_of(value)) if isinstance(value, Mapping) else None
+    problems: list[tuple[tuple, str]] = []
+    stray: list[str] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if loc and loc[0] in names:
+            loc = loc[1:]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            problems.append((("engine",), f"expected one of {sorted(names)}, got {_engine_of(value)!r}"))
+        elif err["type"] == "extra_forbidden" and engine is not None and len(loc) == 1 and any(
+                loc[0] in e.options.model_fields for e in engines):
+            stray.append(str(loc[0]))
+        else:
+            problems.append((loc, err["msg"]))
+    if stray:
+        own = sorted(set(engine.options.model_fields) - set(COMMON_OPTIONS))
+        problems.append(((stray[0],), f"option(s) {stray} do not apply to engine {engine.name!r} (it takes {own})"))
+    return problems
 
 
 class EvaluateSection(_Section):
@@ -116,9 +107,20 @@ def parse_publish(value: Any, where: Callable[[tuple], str] | None = None) -> Pu
     return _validate(PublishSection, "publish", value, where)
 
 
-def parse_alignment(value: Any, where: Callable[[tuple], str] | None = None) -> AlignmentSection | None:
-    """Validate the `alignment:` section (None when absent)."""
-    return _validate(AlignmentSection, "alignment", value, where)
+def parse_alignment(value: Any, where: Callable[[tuple], str] | None = None) -> AlignmentOptions | None:
+    """Validate the `alignment:` section (None when absent): the Options of the engine it names."""
+    if value is None:
+        return None
+    engines = list_engines()
+    if not isinstance(value, Mapping):
+        return _validate(AlignmentOptions, "alignment", value, where)  # the same "a mapping" message as other sections
+    try:
+        return _alignment_adapter(tuple(engines)).validate_python(dict(value))
+    except ValidationError as exc:
+        problems = _alignment_problems(value, exc, engines)
+    labels = [f"{where(('alignment', *loc)) if where else '.'.join(str(p) for p in ('alignment', *loc))}: {msg}"
+              for loc, msg in problems]
+    raise RecipeError("; ".join(labels)) from None
 
 
 def parse_evaluate(value: Any, where: Callable[[tuple], str] | None = None) -> EvaluateSection | None:

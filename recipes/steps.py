@@ -22,7 +22,6 @@ from suture.recipes.sections import AlignmentSection, EvaluateSection
 logger = logging.getLogger(__name__)
 
 PLOT_NAME = "interpolation.png"
-ZIP_PLOT_NAME = "stop_sweep.png"
 
 
 def recipe_architecture(architecture: Any, alignment: AlignmentSection | None) -> Architecture | None:
@@ -60,24 +59,20 @@ def load_data(spec: Any, *, split: str = "train", max_items: int | None = None, 
 
 def run_alignment(section: AlignmentSection, stores: dict[str, TensorStore], reference: str, architecture: Architecture | None,
                   device: torch.device, progress=None, fallback_data: Any = None, trust_remote_code: bool = False):
-    """Align every store to the reference; returns the AlignmentOutcome (its stores replace the originals).
+    """Align every store to the reference with the section's engine; returns its outcome (aligned stores or a built model).
 
     `fallback_data` (the evaluate section's data) only supplies an example input for tracing when the
     alignment section names no data of its own. `trust_remote_code` lets a model's config.json name an
     architecture outside Suture's zoo.
     """
-    from suture.merge.align.pipeline import AlignmentSettings, align_models
+    from suture.merge.align.pipeline import AlignmentOutcome, align_models
 
     spec = section.data if section.data is not None else fallback_data
     data = load_data(spec, split="train", max_items=section.max_items, store=stores.get(reference)) if spec is not None else None
-    settings = AlignmentSettings(
-        engine=section.engine, reference=reference, max_iter=section.max_iter, seed=section.seed, data=section.data,
-        batch_size=section.batch_size, max_items=section.max_items, input_shape=section.input_shape, repair=section.repair,
-        ot_options=section.ot_options() if section.engine == "ot" else {},
-        blend=section.blend if section.blend is not None else 0.5, trust_remote_code=trust_remote_code,
-    )
-    outcome = align_models(stores, reference, settings, architecture=architecture, data=data, device=device, progress=progress)
-    check_repair(section, outcome.architecture)
+    outcome = align_models(stores, reference, section, architecture=architecture, data=data, device=device, progress=progress,
+                           trust_remote_code=trust_remote_code)
+    if isinstance(outcome, AlignmentOutcome):
+        check_repair(section, outcome.architecture)
     return outcome
 
 
@@ -270,104 +265,3 @@ def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"model": f"{label} path: loss barrier", "loss": round(b["loss"], 4),
                      "accuracy": round(evaluation.get("midpoint_accuracy", {}).get(label, float("nan")), 4)})
     return rows
-
-
-
-class _Ensemble(torch.nn.Module):
-    """The models side by side: their outputs concatenated (the upper bound partial zipping moves toward)."""
-
-    def __init__(self, modules: list[torch.nn.Module]) -> None:
-        super().__init__()
-        self.members = torch.nn.ModuleList(modules)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.members], dim=-1)
-
-
-def run_zipit(tmp: Path, section: AlignmentSection, stores: dict[str, TensorStore], evaluate: EvaluateSection | None,
-              device: torch.device, progress=None, trust_remote_code: bool = False,
-              architecture: Architecture | None = None) -> dict[str, Any]:
-    """ZipIt!: zip the models (fully or up to stop_at) into `tmp`; evaluate the output and the stop-layer sweep.
-
-    Each model runs as the recipe's `architecture:` when given, else as the architecture its config.json records.
-    """
-    from suture.merge.hf_module import refuse_hf
-    from suture.merge.zipit import save_zip_result, zip_models
-
-    archs = {key: architecture_of(store, architecture, trust_remote_code=trust_remote_code) for key, store in stores.items()}
-    missing = [k for k, a in archs.items() if a is None]
-    if missing:
-        raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
-                             "(name it in the recipe as `architecture: package.module:factory`)")
-    for arch in archs.values():
-        refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
-                  "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
-    if section.data is None:
-        raise RecipeError("alignment.data: zipit needs calibration data (e.g. sklearn:digits)")
-    data = load_data(section.data, split="train", max_items=section.max_items)
-    modules = [load_module(stores[k], archs[k]) for k in stores]
-    arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
-    options = {"alpha": section.alpha if section.alpha is not None else 0.5,
-               "beta": section.beta if section.beta is not None else 1.0,
-               "matcher": section.matcher or "zip", "heads": section.heads or "concat",
-               "unmerge": section.unmerge or "lstsq", "match_head_scale": bool(section.match_head_scale)}
-
-    def zip_at(stop_at: str | None, matcher: str | None = None):
-        chosen = {**options, "matcher": matcher or options["matcher"]}
-        return zip_models(None, modules, data, stop_at=stop_at, architectures=arch_dicts, device=device,
-                          batch_size=section.batch_size, **chosen)
-
-    if progress:
-        progress("zip", 0, 1, "matching features")
-    result = zip_at(section.stop_at)
-    target = tmp / ".zipped"
-    save_zip_result(result, target, arch_dicts, overwrite=True)
-    for item in target.iterdir():
-        item.replace(tmp / item.name)
-    target.rmdir()
-    if progress:
-        progress("zip", 1, 1, "")
-    report: dict[str, Any] = {"engine": "zipit", **result.summary()}
-    if evaluate is not None:
-        report["evaluation"] = _evaluate_zip(tmp, evaluate, modules, zip_at, progress, archs[next(iter(stores))])
-    return report
-
-
-def _evaluate_zip(folder: Path, section: EvaluateSection, modules, zip_at, progress, architecture: Architecture) -> dict[str, Any]:
-    """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
-    from suture.merge.evaluate import evaluate
-    from suture.merge.graph.trace import spec_from_module
-    from suture.merge.multihead import is_multihead, load_multihead
-    from suture.merge.zipit import stop_layers
-
-    data = load_data(section.data, split=section.split, max_items=section.max_items)
-    store = open_store(folder)
-    # the output's factories are the ones built (and trust-checked) above to zip the models
-    output = load_multihead(folder, trust_remote_code=True) if is_multihead(folder) else load_module(store, architecture)
-    store.close()
-    result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
-                              "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),
-                              "ensemble": evaluate(_Ensemble(modules), data, batch_size=section.batch_size)}
-    # every group but the last: stopping at the last group is the full zip
-    stops = stop_layers(spec_from_module(modules[0], data.inputs[:2]))[:-1]
-    runs = [("naive averaging", None, "identity"), ("permutation", None, "permute"), ("zipit full", None, "zip")]
-    runs += [(f"zipit up to {stop}", stop, "zip") for stop in reversed(stops)]
-    baselines, sweep = {}, []
-    for i, (label, stop, matcher) in enumerate(runs):
-        if progress:
-            progress("evaluate", i, len(runs), label)
-        metrics = evaluate(zip_at(stop, matcher).module, data, batch_size=section.batch_size)
-        if matcher == "zip":
-            sweep.append({"stop_at": stop or "full", **metrics})
-        else:
-            baselines[label] = metrics
-    if progress:
-        progress("evaluate", len(runs), len(runs), "")
-    result["baselines"] = baselines
-    result["stop_sweep"] = sweep
-    if section.plot:
-        from suture.merge.plot import plot_stop_sweep
-
-        plot_stop_sweep(sweep, result["ensemble"]["accuracy"], folder / ZIP_PLOT_NAME)
-        result["plot"] = ZIP_PLOT_NAME
-    return result

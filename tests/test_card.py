@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import ModelCard, constants
 
 from suture.merge.card import (
-    ENGINE_PAPERS,
+    engine_papers,
     METHOD_PAPERS,
     build_model_card,
     common_license,
@@ -213,7 +213,12 @@ def test_method_papers_come_from_the_registry_or_the_table():
         return
     for name in list_methods():
         assert re.fullmatch(r"\[.+\]\(https?://\S+\)", method_paper(name) or ""), name
-    assert set(ENGINE_PAPERS) == {"weight_matching", "activation_matching", "ot", "zipit", "stitching"}
+    from suture.merge.align.engines import list_engines
+
+    engines = {e.name for e in list_engines()}
+    assert {"weight_matching", "activation_matching", "ot", "zipit"} <= engines
+    for name in engines:  # every registered engine cites its papers as links
+        assert all(re.fullmatch(r"\[.+\]\(https://\S+\)", text) for text in engine_papers(name)) and engine_papers(name), name
 
 
 def test_body_has_recipe_evaluation_plot_and_inputs(tmp_path):

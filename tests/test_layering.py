@@ -13,7 +13,7 @@ from torch import nn
 from suture.merge.align.weight_matching import weight_matching
 from suture.merge.errors import AlignmentError, InputError, OptionError, RecipeError
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem
-from suture.merge.zipit import zip_models
+from suture.merge.align.zipit import zip_models
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from suture.merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, ParameterError
 from suture.merge.methods import MergeInputs, get_method, list_methods, run_method
 from suture.merge.methods.sparsify import magnitude, magnitude_outliers
 from suture.merge.methods.task_arithmetic import sign_consensus_mask
@@ -48,7 +48,7 @@ def test_registry_lists_every_method_with_docs():
 
 
 def test_unknown_method_lists_known_names():
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(ParameterError) as err:
         get_method("tis")
     assert "tis" in str(err.value) and "ties" in str(err.value) and "slerp" in str(err.value)
 
@@ -98,14 +98,14 @@ def test_other_defaults():
 
 
 def test_missing_required_parameter():
-    with pytest.raises(RecipeError, match="'weight'"):
+    with pytest.raises(ParameterError, match="'weight'"):
         run("linear", [[1.0], [2.0]], [{"weight": 1.0}, {}])
-    with pytest.raises(RecipeError, match="'t'"):
+    with pytest.raises(ParameterError, match="'t'"):
         run("slerp", [[1.0, 0.0]], base=[0.0, 1.0])
 
 
 def test_missing_base_and_misplaced_base():
-    with pytest.raises(RecipeError, match="base"):
+    with pytest.raises(InputError, match="base"):
         run("ties", [[1.0], [2.0]], [{"weight": 1}, {"weight": 1}])
     with pytest.raises(InputError, match="base"):
         run("linear", [[1.0]], [{"weight": 1}], base=[0.0])
@@ -121,13 +121,13 @@ def test_shape_mismatch_names_tensor_and_shapes():
 
 
 def test_bad_parameter_types_and_model_counts():
-    with pytest.raises(RecipeError, match="normalize"):
+    with pytest.raises(ParameterError, match="normalize"):
         run("linear", [[1.0]], [{"weight": 1}], normalize="yes")
-    with pytest.raises(RecipeError, match="number"):
+    with pytest.raises(ParameterError, match="number"):
         run("linear", [[1.0]], [{"weight": "one"}])
-    with pytest.raises(RecipeError, match="exactly 1"):
+    with pytest.raises(InputError, match="exactly one"):
         run("slerp", [[1.0], [2.0]], base=[0.0], t=0.5)
-    with pytest.raises(RecipeError, match="at least 2"):
+    with pytest.raises(InputError, match="at least two"):
         run("model_stock", [[1.0]], base=[0.0])
 
 
@@ -145,7 +145,7 @@ def test_linear_weighted_average_and_unnormalized():
     close(out, [(1 + 9) / 4, (2 + 0) / 4, (-4 + 24) / 4])
     out = run("linear", [a, b], [{"weight": 1.0}, {"weight": 3.0}], normalize=False)
     close(out, [10.0, 2.0, 20.0])
-    with pytest.raises(RecipeError, match="sum to 0"):
+    with pytest.raises(ParameterError, match="sum to 0"):
         run("linear", [a, b], [{"weight": 1.0}, {"weight": -1.0}])
 
 
@@ -160,7 +160,7 @@ def test_linear_keeps_input_dtype():
 def test_passthrough():
     close(run("passthrough", [[1.0, -2.0]]), [1.0, -2.0])
     close(run("passthrough", [[1.0, -2.0]], [{"scale": 0.5}]), [0.5, -1.0])
-    with pytest.raises(RecipeError, match="exactly 1"):
+    with pytest.raises(InputError, match="exactly one"):
         run("passthrough", [[1.0], [2.0]])
 
 
@@ -439,7 +439,7 @@ def test_della_rescale_and_epsilon_check():
     assert (out == 0).any()
     close(out.abs().sum(), delta.abs().sum(), 1e-9)
     bad = MergeInputs("w", [delta], [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}], {}, base=base)
-    with pytest.raises(RecipeError, match="epsilon"):
+    with pytest.raises(ParameterError, match="epsilon"):
         run_method("della", bad)
     # a 1-D tensor is ranked as one row
     vec = MergeInputs("b", [delta[0]], [{"weight": 1.0, "density": 0.5}], {}, base=base[0],
@@ -492,7 +492,7 @@ def test_nearswap():
     # |diff| = .25, 1, 4, 0 -> weights min(1, .5/|diff|) = 1, .5, .125, 1
     out = run("nearswap", [other], base=base, t=0.5)
     close(out, [0.25, 0.5, 0.5, 1.0])
-    with pytest.raises(RecipeError, match="t must be > 0"):
+    with pytest.raises(ParameterError, match="'t' of merge method 'nearswap' must be > 0"):
         run("nearswap", [other], base=base, t=0.0)
 
 
@@ -534,3 +534,20 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         inputs = MergeInputs("w", xs[:n], mp, params, base=base if m.uses_base else None,
                              generator=torch.Generator().manual_seed(7))
         torch.testing.assert_close(results[torch.float32].cpu(), run_method(m, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_ranges_are_checked_before_the_kernel_runs():
+    x, base = torch.ones(4), torch.zeros(4)
+    bad_density = MergeInputs("w", [x, x], [{"weight": 1}, {"weight": 1, "density": 1.5}], {}, base=base)
+    with pytest.raises(ParameterError, match=r"tensor 'w', model 1: parameter 'density' .* must be in \[0, 1\], got 1.5"):
+        run_method("ties", bad_density)
+    with pytest.raises(ParameterError, match=r"'select_topk' .* must be in \[0, 1\]"):
+        run("sce", [[1.0], [2.0]], base=[0.0], select_topk=-0.5)
+    with pytest.raises(ParameterError, match=r"'epsilon' of merge method 'ram' must be >= 0"):
+        run("ram", [[1.0], [2.0]], base=[0.0], epsilon=-1.0)
+    with pytest.raises(ParameterError, match="'lambda' .* must be finite"):
+        run("task_arithmetic", [[1.0]], [{"weight": 1}], base=[0.0], **{"lambda": float("inf")})
+    # a tensor holding one value counts as that value; integers are numbers, booleans are not
+    close(run("linear", [[1.0], [3.0]], [{"weight": torch.tensor(1.0)}, {"weight": 1}]), [2.0])
+    with pytest.raises(ParameterError, match="number"):
+        run("linear", [[1.0]], [{"weight": True}])

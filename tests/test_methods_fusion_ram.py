@@ -80,10 +80,10 @@ def test_arcee_fusion_takes_only_outlier_changes() -> None:
 
 
 def test_new_methods_need_a_base_and_arcee_fusion_exactly_one_other_model() -> None:
-    from suture.merge.errors import RecipeError
+    from suture.merge.errors import InputError
 
     x = torch.ones(3)
-    with pytest.raises(RecipeError):
+    with pytest.raises(InputError):
         run_method("ram", MergeInputs("w", [x, x], [{}, {}], {}))
-    with pytest.raises(RecipeError):
+    with pytest.raises(InputError):
         run_method("arcee_fusion", MergeInputs("w", [x, x], [{}, {}], {}, base=x))

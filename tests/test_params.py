@@ -23,13 +23,11 @@ from suture.recipes.params import (
     resolve_param,
     unreachable_conditions,
 )
-from suture.recipes.schema import BASE_REQUIRED_METHODS, ModelRef, load_recipe
-
-KNOWN = {"linear", "slerp", "ties", "passthrough", "task_arithmetic"}
+from suture.recipes.schema import ModelRef, load_recipe
 
 
 def load(text: str):
-    return load_recipe(text, known_methods=KNOWN, requires_base=BASE_REQUIRED_METHODS)
+    return load_recipe(text)
 
 
 # ---- single values ----------------------------------------------------------------------------------
@@ -170,15 +168,16 @@ def test_models_precedence_model_over_global() -> None:
     assert r.lookup("density", mlp, 1, model="org/a") == (0.2, "models[0].parameters.density")
     # the base model has no entry of its own: only global values reach it
     assert r.sources() == [ModelRef.parse(x) for x in ("org/a", "org/b", "org/c", "org/base")]
-    assert r.model_params("org/base", mlp, 1) == {"weight": 0.25, "density": 0.9, "normalize": True}
-    assert r.model_params(None, mlp, 1, source_index=3) == r.model_params("org/base", mlp, 1)
+    base = {k: r.get(k, mlp, 1, model="org/base") for k in ("weight", "density", "normalize")}
+    assert base == {"weight": 0.25, "density": 0.9, "normalize": True}
+    assert {k: r.get(k, mlp, 1, source_index=3) for k in base} == base
     # method-wide parameters skip the model level
-    assert r.global_params(attn, 1) == {"weight": 0.25, "density": 0.9, "normalize": True, "lambda": 2.0}
-    assert r.global_params(mlp, 1, names=["normalize", "lambda", "epsilon"], defaults={"epsilon": 0.1}) == {
-        "normalize": True, "epsilon": 0.1,
+    assert {k: r.get(k, attn, 1) for k in ("weight", "density", "normalize", "lambda")} == {
+        "weight": 0.25, "density": 0.9, "normalize": True, "lambda": 2.0,
     }
-    assert r.model_params("org/a", "model.embed_tokens.weight") == {"weight": 1.0, "density": 0.9, "normalize": True}
-    assert r.model_params("org/a", "lm_head.weight")["weight"] == 1.0  # t = 0 after the blocks too, as in mergekit
+    assert r.get("lambda", mlp, 1) is None and r.get("epsilon", mlp, 1, default=0.1) == 0.1
+    assert r.get("weight", "model.embed_tokens.weight", model="org/a") == 1.0
+    assert r.get("weight", "lm_head.weight", model="org/a") == 1.0  # t = 0 after the blocks too, as in mergekit
 
 
 def test_required_parameter_missing_names_the_places() -> None:
@@ -188,7 +187,7 @@ def test_required_parameter_missing_names_the_places() -> None:
     msg = str(info.value)
     assert "'lambda'" in msg and "org/c" in msg and "models[2].parameters (line 11)" in msg
     with pytest.raises(RecipeError):
-        r.model_params("org/a", "model.layers.0.mlp.weight", 0, names=["t"], required=["t"])
+        r.get("t", "model.layers.0.mlp.weight", 0, model="org/a", required=True)
     with pytest.raises(ValueError):
         r.get("weight", "x", model="org/a", source_index=1)  # source 1 is org/b
 

@@ -9,7 +9,6 @@ import pytest
 
 from suture.merge.errors import RecipeError
 from suture.recipes.schema import (
-    BASE_REQUIRED_METHODS,
     ModelRef,
     Recipe,
     load_recipe,
@@ -18,22 +17,13 @@ from suture.recipes.schema import (
 )
 from suture.recipes.yaml_lines import format_path, load_yaml_with_lines, nearest_line
 
-# mergekit's method names; passed explicitly so these tests do not depend on which methods are registered
-MERGEKIT_METHODS = {
-    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough",
-    "breadcrumbs", "breadcrumbs_ties", "model_stock", "della", "della_linear", "sce", "nearswap",
-}
+def load(text: str) -> Recipe:
+    return load_recipe(text)
 
 
-def load(text: str, **kw) -> Recipe:
-    kw.setdefault("known_methods", MERGEKIT_METHODS)
-    kw.setdefault("requires_base", BASE_REQUIRED_METHODS)
-    return load_recipe(text, **kw)
-
-
-def fails(text: str, **kw) -> RecipeError:
+def fails(text: str) -> RecipeError:
     with pytest.raises(RecipeError) as info:
-        load(text, **kw)
+        load(text)
     return info.value
 
 
@@ -175,7 +165,7 @@ ALL = [LINEAR, GRADIENT_SLERP, TIES, DARE_TIES, FRANKENMERGE, TOKENIZER_UNION, L
 def test_mergekit_recipes_load_and_round_trip(text: str, tmp_path: Path) -> None:
     recipe = load(text)
     # dict and YAML round trips give the same recipe back
-    assert parse_recipe(recipe.to_dict(), known_methods=MERGEKIT_METHODS, requires_base=BASE_REQUIRED_METHODS) == recipe
+    assert parse_recipe(recipe.to_dict()) == recipe
     out = tmp_path / "suture_recipe.yml"
     out.write_text(recipe.to_yaml())
     again = load(out)
@@ -415,10 +405,9 @@ def test_layer_range_checks() -> None:
 def test_unknown_merge_method() -> None:
     err = fails(LINEAR.replace("merge_method: linear", "merge_method: liner"))
     assert _has(err, "merge_method", 11) and "did you mean 'linear'" in str(err)
-    # a callable registry works too, and a name it knows passes
-    assert load(LINEAR, known_methods=lambda: ["linear"]).merge_method == "linear"
-    err = fails(LINEAR, known_methods=lambda: ["ties"])
-    assert "unknown merge method 'linear'" in str(err)
+    # the registry's names pass, and the error lists them
+    assert load(LINEAR).merge_method == "linear"
+    assert "known methods: arcee_fusion, breadcrumbs" in str(err)
 
 
 def test_missing_merge_method() -> None:
@@ -508,3 +497,16 @@ def test_warnings_for_unreachable_conditions_and_unknown_parameters(caplog, monk
     msgs = [r.getMessage() for r in caplog.records]
     assert any("models[1].parameters.wieght (line 7)" in m and "did you mean 'weight'" in m for m in msgs), msgs
     assert any("parameters.normalize (line 14)" in m and "condition 1 can never match" in m for m in msgs), msgs
+
+
+def test_parameter_ranges_come_from_the_registry() -> None:
+    # density is a fraction: the framework refuses 1.5 (a gradient item too), naming the key and its line
+    err = fails(TIES.replace("density: 0.5", "density: 1.5"))
+    assert _has(err, "models[0].parameters.density", 4) and "must be in [0, 1], got 1.5" in str(err)
+    err = fails(TIES.replace("[1, 0.7, 0.1]", "[1, 0.7, -0.1]"))
+    assert _has(err, "models[1].parameters.density[2]", 8) and "got -0.1" in str(err)
+    # model counts come from the registry too: model_stock needs two models besides the base
+    one = "models:\n  - model: a/x\nmerge_method: model_stock\nbase_model: a/b\n"
+    err = fails(one)
+    assert _has(err, "models", 1) and "at least two models besides the base_model; got 1" in str(err)
+    assert load(one.replace("  - model: a/x\n", "  - model: a/x\n  - model: a/y\n")).merge_method == "model_stock"

@@ -109,7 +109,7 @@ def test_feature_cache_hits_misses_on_model_change_and_survives_a_bad_entry(enco
     first = chain.features(data, [2, 3])
     files = sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
     assert len(files) == 1 and not list((tmp_path / "cache" / "features").glob("*.tmp"))
-    with caplog.at_level(logging.INFO, logger="stitch.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="suture.stitch.feature_cache"):
         again = chain.features(data, [1, 3])  # every layer was stored: another cut is a hit too
     assert any("read from the cache" in r.getMessage() for r in caplog.records)
     assert torch.equal(again[3], first[3]) and set(again) == {1, 3}
@@ -130,7 +130,7 @@ def test_feature_cache_hits_misses_on_model_change_and_survives_a_bad_entry(enco
     for f in (tmp_path / "cache" / "features").glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="stitch.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="suture.stitch.feature_cache"):
         redone = chain.features(data, 3)
     assert any("unreadable" in r.getMessage() for r in caplog.records)
     assert torch.allclose(redone[3], changed[3])

@@ -16,8 +16,8 @@ from suture.merge.errors import AlignmentError, InputError
 from suture.merge.graph.trace import spec_from_module
 from suture.merge.multihead import MultiHeadModel, is_multihead, load_multihead, read_manifest
 from suture.merge.spec import permute_state
-from suture.merge.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
-from suture.merge.zipit_match import identity_match, permute_match, zip_match
+from suture.merge.align.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
+from suture.merge.align.zipit_match import identity_match, permute_match, zip_match
 from suture.merge.demo import train
 from suture.merge.zoo import build_seeded, load_module
 

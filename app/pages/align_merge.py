@@ -9,14 +9,12 @@ import streamlit as st
 
 from suture.app import plots, services, state, ui
 from suture.merge.errors import SutureError
-from suture.recipes.sections import ENGINE_ONLY, ENGINE_OPTIONS
 
 ss = st.session_state
 recipe: dict[str, Any] = ss[state.RECIPE]
 library: list[str] = ss[state.LIBRARY]
 catalogue = services.methods()
 NONE = "(none)"
-PATH_ENGINES = ("weight_matching", "activation_matching", "ot")  # engines whose output has an interpolation path
 
 
 def key(*parts: Any) -> str:
@@ -56,9 +54,8 @@ def option_widget(opt: dict[str, Any], shown: Any, wkey: str, where: Any = st) -
     if opt["kind"] == "int":
         return int(where.number_input(label, value=int(shown), step=1, help=help_text, key=wkey))
     if opt["kind"] == "float":
-        bounded = {"min_value": 0.0, "max_value": 1.0} if opt["name"] in ("alpha", "blend") else {"min_value": 0.0}
-        step = 0.05 if opt["name"] in ("alpha", "beta", "blend") else None
-        return float(where.number_input(label, value=float(shown), step=step, format="%g", help=help_text, key=wkey, **bounded))
+        bounded = {k: float(opt[s]) for k, s in (("min_value", "min"), ("max_value", "max")) if opt[s] is not None}
+        return float(where.number_input(label, value=float(shown), step=opt["step"], format="%g", help=help_text, key=wkey, **bounded))
     text = where.text_input(label, value=state.param_text(shown) if opt["kind"] == "yaml" else (shown or ""), help=help_text, key=wkey)
     if opt["kind"] == "yaml":
         try:
@@ -103,9 +100,7 @@ with left:
         if n == NONE:
             return "none (merge tensors by name)"
         e = by_name.get(n)
-        if e is None:
-            return f"{n} (unknown engine)"
-        return e["title"] + ("" if e["available"] else f" — {services.NOT_AVAILABLE}")
+        return e["title"] if e is not None else f"{n} (unknown engine)"
 
     engine = st.selectbox("Engine", engine_names, index=engine_names.index(current_engine), format_func=engine_label, key=key("engine"),
                           help="Git Re-Basin permutes one model's hidden units onto the other's; OTFusion transports them "
@@ -116,13 +111,12 @@ with left:
         alignment_base = dict(current_alignment)
     else:
         # switching engines: keep the shared settings (data, reference, ...), drop the old engine's own options
-        own = ENGINE_OPTIONS.get(engine, set())
-        alignment_base = {k: v for k, v in current_alignment.items() if (k not in ENGINE_ONLY and k != "max_iter") or k in own}
+        own = {o["name"] for o in services.engine_options(engine)} if engine != NONE else set()
+        common = services.common_alignment_keys()
+        alignment_base = {k: v for k, v in current_alignment.items() if k in common or k in own}
     if chosen_engine is not None:
         if chosen_engine["papers"]:
             st.caption("Paper: " + "; ".join(chosen_engine["papers"]))
-        if not chosen_engine["available"]:
-            st.warning(chosen_engine["reason"].capitalize() + ".")
         specs = services.engine_options(engine)
         seen: dict[str, Any] = {}
         columns = st.columns(3)
@@ -147,15 +141,15 @@ with left:
         data_spec = ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)
     ss[state.EVAL_DATA] = data_spec
     eval_help = ("joint accuracy, baselines (naive averaging, permutation), the ensemble and the stop-layer sweep"
-                 if engine == "zipit" else "inputs, merge, interpolation paths (naive vs aligned) and barriers")
+                 if chosen_engine is not None and chosen_engine["builds_model"] else "inputs, merge, interpolation paths (naive vs aligned) and barriers")
     want_eval = st.checkbox(f"Evaluate: {eval_help} in the report (recipe `evaluate:` section)",
                             value=bool(recipe.get("evaluate")), key=key("evaluate"))
 
 # ------------------------------------------------------------------------------------------------ method & parameters
-zipit = engine == "zipit"
+builds_model = chosen_engine is not None and chosen_engine["builds_model"]
 with right:
     st.subheader("Merge method")
-    if zipit:
+    if builds_model:
         st.info("ZipIt! builds the merged model itself from the models' features (merge and unmerge matrices per layer): "
                 "no merge method applies. With `heads: concat` each task keeps its own output head.")
         method = recipe.get("merge_method")
@@ -250,14 +244,15 @@ if last and Path(last["out_dir"]).is_dir():
     out_dir = Path(last["out_dir"])
     ws = ui.workspace()
     ran_engine = (report.get("alignment") or {}).get("engine")
+    ran_outcome = (by_name.get(ran_engine) or {}).get("outcome")
     st.subheader("Result")
     reused = " (reused: this recipe was run before)" if last.get("cached") else ""
-    if ran_engine == "zipit":
+    if ran_outcome == "built":
         st.success(f"Zipped {len(report.get('models') or [])} models with ZipIt! into {ws.relative(out_dir)}{reused}")
     else:
         st.success(f"Merged {report.get('tensors', 0)} tensors with {report.get('merge_method')} into {ws.relative(out_dir)}{reused}")
     m1, m2, m3, m4 = st.columns(4)
-    if ran_engine == "zipit":
+    if ran_outcome == "built":
         m1.metric("Zipped groups", len((report.get("alignment") or {}).get("zipped_groups") or []))
         m2.metric("Kept per model", len((report.get("alignment") or {}).get("branch_groups") or []))
     else:
@@ -278,8 +273,8 @@ if last and Path(last["out_dir"]).is_dir():
         st.markdown("**Optimal transport per group** (cost and entropy of each plan; exact plans between equal widths are permutations)")
         st.dataframe(transport, hide_index=True)
 
-    if ran_engine in PATH_ENGINES and not (report.get("alignment") or {}).get("fused"):
-        kind = "transport plan" if ran_engine == "ot" else "permutation"
+    if ran_outcome in ("permuted", "transported") and not (report.get("alignment") or {}).get("fused"):
+        kind = "transport plan" if ran_outcome == "transported" else "permutation"
         with st.expander(f"Alignment matrix of a group ({kind})"):
             st.caption("Recomputed from the recipe's models with the same settings (cached): rows are the reference's units, "
                        "columns the other model's; a permutation has one mark per row.")
@@ -298,7 +293,7 @@ if last and Path(last["out_dir"]).is_dir():
                                            ylabel=f"{ui.short_label(matrices['reference'])} units",
                                            title=f"{group}: {values.shape[0]} × {values.shape[1]} {matrices['kind']}"), width="content")
 
-    if ran_engine == "zipit":
+    if ran_outcome == "built":
         joint = services.zipit_rows(report)
         groups_table = services.zip_group_rows(report)
         if groups_table:

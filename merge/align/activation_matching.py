@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ def activation_matching(
         batches = itertools.chain([first], batches)
     groups = spec.active_groups()
     wanted = {g.name: list(taps[g.name]) for g in groups if taps.get(g.name)}
-    result = MatchResult(perms={}, engine="activation_matching")
+    result = MatchResult(perms={}, engine=ENGINE.name)
     for g in groups:
         if g.name not in wanted:
             result.skipped[g.name] = "no module input or output carries this group"
@@ -180,3 +180,45 @@ def _resolve_constant_units(
         moved += int((current[g.name] != start[g.name]).sum())
         perms[g.name] = current[g.name]
     return moved
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
+from suture.merge.align.weight_matching import REBASIN  # noqa: E402
+
+
+class ActivationMatchingOptions(AlignmentOptions):
+    """`alignment: {engine: activation_matching, data, ...}`."""
+
+    engine: Literal["activation_matching"] = "activation_matching"
+
+
+def _align(request: AlignRequest):
+    from suture.merge.align.pipeline import align_permutations
+    from suture.merge.data import iter_batches
+    from suture.merge.derive import load_module
+    from suture.merge.hf_module import HFArchitecture, hf_taps
+
+    if request.data is None:
+        raise AlignmentError("activation matching needs calibration data (e.g. sklearn:digits)", field=("data",))
+
+    def match(spec, ref_store, store, arch, step):
+        if arch is None:
+            raise AlignmentError("activation matching needs a runnable architecture (a package.module:factory, or a model saved by "
+                                 "Suture's zoo)", field=("architecture",))
+        batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
+        module_a = load_module(ref_store, arch)
+        # transformers models are not traced: the family spec's members say where each group shows
+        taps = hf_taps(spec, module_a) if isinstance(arch, HFArchitecture) else None
+        return activation_matching(spec, module_a, load_module(store, arch), batches, taps=taps,
+                                   device=request.device, progress=step)
+
+    return align_permutations(request, ENGINE.name, match)
+
+
+ENGINE = register_engine(Engine(
+    name="activation_matching", title="Activation matching (Git Re-Basin)",
+    description="permutation alignment by activation matching", papers=(REBASIN,), options=ActivationMatchingOptions,
+    align=_align, outcome="permuted", needs_data=True, needs_module=True, form_common=("repair",),
+))

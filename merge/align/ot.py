@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -72,7 +72,7 @@ class TransportResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures for reports: per-group cost, entropy, convergence, iterations, seconds."""
         return {
-            "engine": "ot",
+            "engine": ENGINE.name,
             "groups": len(self.plans),
             "total_time_s": round(self.total_time, 4),
             "converged": all(s.get("converged", True) for s in self.stats.values()),
@@ -568,3 +568,171 @@ def align_with_ot(
     reference_spec = result.reference_spec or spec_a
     aligned = transport_state(reference_spec, spec_b, params_b, result)
     return result.reference_state, aligned, result
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+from pydantic import Field, StrictBool, StrictInt, StrictStr  # noqa: E402
+
+from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
+
+if TYPE_CHECKING:
+    from suture.merge.align.pipeline import AlignmentOutcome
+    from suture.merge.derive import Architecture
+
+
+class OTOptions(AlignmentOptions):
+    """`alignment: {engine: ot, ...}`: OTFusion's ground metric, solver and masses (defaults: :func:`ot_align`)."""
+
+    engine: Literal["ot"] = "ot"
+    max_iter: StrictInt = Field(1000, ge=1, title="Max iterations",
+                                description="Iteration cap of the transport solver (network simplex for emd, Sinkhorn "
+                                            "iterations for sinkhorn).")
+    ground_metric: GroundMetric = Field(
+        "weights", title="Ground metric",
+        description="What the cost between two units compares: their incoming weights (with the earlier layers already "
+                    "transported), or their activations on calibration data. OTFusion (Singh & Jaggi, NeurIPS 2020) "
+                    "defines both; activations need data.")
+    distance: Distance = Field("euclidean", title="Distance", description="Cost between two units' feature vectors.")
+    normalize: StrictBool = Field(
+        True, title="Normalize features",
+        description="Divide each layer's cost matrix by its typical matching gap (median over units of median minus "
+                    "minimum cost), so one Sinkhorn regularisation means the same at every width and weight scale.")
+    solver: Solver = Field(
+        "emd", title="Solver",
+        description="emd: exact transport (a permutation when widths match and masses are uniform); sinkhorn: "
+                    "entropy-regularised transport, a soft plan that spreads each unit over several.")
+    reg: float = Field(DEFAULT_REG, gt=0, title="Sinkhorn regularisation",
+                       description="Entropic regularisation: larger values give a softer, more spread-out plan.",
+                       json_schema_extra={"depends": ["solver", "sinkhorn"]})
+    stop_thr: float = Field(1e-6, gt=0, title="Sinkhorn tolerance",
+                            description="Sinkhorn stops when the marginals are met to this tolerance.",
+                            json_schema_extra={"depends": ["solver", "sinkhorn"]})
+    marginals: Marginals = Field(
+        "uniform", title="Unit masses",
+        description="uniform: every unit carries the same mass; activation: mass proportional to the unit's mean "
+                    "activation on the data (OTFusion's importance weighting).")
+    target_widths: dict[StrictStr, StrictInt] | None = Field(
+        None, title="Target widths",
+        description="Compress the reference first, e.g. {layers.0: 96}: each listed group gets that many units, then "
+                    "the other model is transported onto the narrower basis (OTFusion's fusion into a smaller model). "
+                    "Empty: keep the reference's widths.")
+    blend: float = Field(
+        0.5, ge=0, le=1, title="Reference share",
+        description="Weight of the reference in the fused average of two models; the transported model gets 1 - blend "
+                    "(replaces the models' own weights).")
+
+    def solver_options(self) -> dict[str, Any]:
+        """The options the recipe set that :func:`align_with_ot` takes (unset ones keep the library's defaults)."""
+        return {k: getattr(self, k) for k in OT_OPTIONS if k in self.model_fields_set}
+
+
+def _with_widths(config: dict | None, architecture: Architecture | None, state: Mapping[str, torch.Tensor]) -> dict | None:
+    """The reference's config with a zoo MLP's `widths` rewritten to match `state` (after compression/depth fusion)."""
+    from suture.merge.zoo import ARCH_KEY, FACTORY_REFS, canonical_factory
+
+    if config is None or architecture is None or canonical_factory(architecture.factory) not in (FACTORY_REFS["mlp"], "mlp"):
+        return config
+
+    layers = sorted({int(n.split(".")[1]) for n in state if n.startswith("layers.") and n.endswith(".weight")})
+    widths = [int(state[f"layers.{layers[0]}.weight"].shape[1])] + [int(state[f"layers.{i}.weight"].shape[0]) for i in layers]
+    config = dict(config)
+    config[ARCH_KEY] = {"factory": architecture.factory, "kwargs": {**architecture.kwargs, "widths": widths}}
+    return config
+
+
+def _align(request: AlignRequest) -> AlignmentOutcome:
+    """OT fusion (OTFusion): transport every model into the reference's basis, whatever its widths or depth."""
+    from suture.merge.align.pipeline import AlignmentOutcome
+    from suture.merge.derive import architecture_of, derive_spec, example_input, load_module
+    from suture.merge.hf_module import refuse_hf
+    from suture.merge.store import DictStore
+
+    stores, reference, settings, progress = request.stores, request.reference, request.options, request.progress
+    architecture, data, device = request.architecture, request.data, request.device
+    ot_options = settings.solver_options()
+
+    ref_store = stores[reference]
+    trust = request.trust_remote_code
+    spec_ref, arch_ref = derive_spec(ref_store, architecture=architecture, data=data, input_shape=settings.input_shape,
+                                     trust_remote_code=trust)
+    outcome = AlignmentOutcome(reference, spec_ref, {reference: ref_store}, architecture=arch_ref, engine=ENGINE.name,
+                               kind="transported")
+    others = [k for k in stores if k != reference]
+    if ot_options.get("target_widths") and len(others) != 1:
+        raise AlignmentError("compression is defined for one reference and one other model", field=("target_widths",))
+    example = example_input(data, settings.input_shape) if (data is not None or settings.input_shape) else None
+    for i, key in enumerate(others):
+        if progress:
+            progress("align", i, len(others), key)
+        store = stores[key]
+        # the recipe's architecture runs this model too when it has the reference's shapes (it has no record of its own)
+        fits = architecture is not None and (arch_ref is None or store.shapes() == ref_store.shapes())
+        arch_b = architecture_of(store, trust_remote_code=trust, chosen=architecture) or (architecture if fits else None)
+        spec_b, arch_b = derive_spec(store, architecture=arch_b, data=data, input_shape=settings.input_shape, trust_remote_code=trust)
+        if len(spec_b.groups) != len(spec_ref.groups):
+            refuse_hf(arch_ref, "fusing models of different depths", "layer alignment runs MLP layers, not transformer blocks")
+            return _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome)
+        modules = {}
+        needs_modules = ot_options.get("ground_metric") == "activations" or ot_options.get("marginals") == "activation"
+        if needs_modules:
+            refuse_hf(arch_ref, "alignment.ground_metric: activations",
+                      "OT's activation features come from torch.fx tracing, which transformers models do not support; "
+                      "use ground_metric: weights or engine: activation_matching")
+        if needs_modules and arch_ref is not None and arch_b is not None:
+            modules = {"module_a": load_module(ref_store, arch_ref), "module_b": load_module(store, arch_b)}
+        batches = None
+        if data is not None:
+            from suture.merge.data import iter_batches
+
+            batches = [x for x, _ in iter_batches(data, settings.batch_size)]
+        options = dict(ot_options)
+        narrow, aligned, result = align_with_ot(spec_ref, spec_b, ref_store.state_dict(), store.state_dict(),
+                                                batches=batches, example_input=example, device=device, **modules, **options)
+        config = ref_store.config
+        if narrow is not None:
+            config = _with_widths(config, arch_ref, narrow)
+            outcome.stores[reference] = DictStore(narrow, source=f"{ref_store.source} (compressed)", config=config)
+            if arch_ref is not None and config is not None:
+                outcome.architecture = architecture_of(outcome.stores[reference], trust_remote_code=trust, chosen=arch_ref)
+        outcome.stores[key] = DictStore(aligned, source=f"{store.source} (transported)", config=config)
+        outcome.results[key] = result
+        logger.info("transported %s onto %s: %s", key, reference, result.summary())
+    if progress:
+        progress("align", len(others), len(others), "")
+    return outcome
+
+
+def _fuse_depths(stores, reference, key, settings: OTOptions, arch_ref, arch_b, data, outcome) -> AlignmentOutcome:
+    """Models of different depths: CLAFusion-style layer alignment, identity insertion, then OT fusion."""
+    from dataclasses import replace
+
+    from suture.merge.align.depth import fuse_depths
+    from suture.merge.derive import load_module
+    from suture.merge.store import DictStore
+
+    if len(stores) != 2 or arch_ref is None or arch_b is None:
+        raise AlignmentError("models of different depths fuse only as a pair of runnable MLPs (suture.merge.zoo:mlp)")
+    if data is None:
+        raise AlignmentError("fusing models of different depths aligns layers by CKA on activations: give calibration data",
+                             field=("data",))
+    options = {k: v for k, v in settings.solver_options().items() if k != "target_widths"}
+    fused = fuse_depths(load_module(stores[reference], arch_ref), load_module(stores[key], arch_b), data,
+                        blend=settings.blend, **options)
+    state = {k: v.detach().contiguous() for k, v in fused.module.state_dict().items()}
+    arch = replace(arch_ref, kwargs={**arch_ref.kwargs, "widths": list(fused.widths)})  # keeps its source and trust
+    config = _with_widths(stores[reference].config, arch, state)
+    fused_store = DictStore(state, source="fused", config=config)
+    outcome.stores = {reference: fused_store, key: fused_store}
+    outcome.architecture = arch
+    outcome.fused = True
+    outcome.results[key] = fused
+    return outcome
+
+
+ENGINE = register_engine(Engine(
+    name="ot", title="Optimal transport (OTFusion)", description="soft alignment by optimal transport",
+    papers=(("Model Fusion via Optimal Transport, OTFusion (Singh & Jaggi, NeurIPS 2020)", "https://arxiv.org/abs/1910.05653"),),
+    options=OTOptions, align=_align, outcome="transported", needs_data=True, applies_to=("same", "widths"),
+    form_common=("repair",), aliases=("otfusion", "optimal_transport"),
+))

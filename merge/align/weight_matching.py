@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -184,7 +184,7 @@ def _coordinate_descent(
     norm_a, norm_b = problem.norms()
     denom = max(norm_a * norm_b, 1e-30)
     initial = problem.objective(perms)
-    result = MatchResult(perms=perms, engine="weight_matching", group_time={g.name: 0.0 for g in groups})
+    result = MatchResult(perms=perms, engine=ENGINE.name, group_time={g.name: 0.0 for g in groups})
     result.stats["cosine_before"] = initial / denom
     gen = torch.Generator().manual_seed(seed)
     neighbours = problem.neighbours()
@@ -226,3 +226,43 @@ def _coordinate_descent(
     result.stats["cosine_after"] = (result.objective[-1] if result.objective else initial) / denom
     result.total_time = time.perf_counter() - start
     return result
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+from pydantic import Field, StrictInt  # noqa: E402
+
+from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
+
+REBASIN = ("Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., ICLR 2023)",
+           "https://arxiv.org/abs/2209.04836")
+
+
+class WeightMatchingOptions(AlignmentOptions):
+    """`alignment: {engine: weight_matching, max_iter, seed, ...}`."""
+
+    engine: Literal["weight_matching"] = "weight_matching"
+    max_iter: StrictInt = Field(100, ge=1, title="Max iterations",
+                                description="Coordinate-descent passes over the groups; stops earlier when a pass changes no "
+                                            "permutation (Git Re-Basin, Ainsworth et al., ICLR 2023).")
+    seed: StrictInt = Field(0, title="Seed", description="Order in which weight matching visits the groups (Git Re-Basin's "
+                                                         "coordinate descent is order dependent).")
+
+
+def _align(request: AlignRequest):
+    from suture.merge.align.pipeline import align_permutations
+
+    options = request.options
+
+    def match(spec, ref_store, store, arch, step):
+        return weight_matching(spec, ref_store.state_dict(), store.state_dict(), max_iter=options.max_iter,
+                               seed=options.seed, device=request.device, progress=step)
+
+    return align_permutations(request, ENGINE.name, match)
+
+
+ENGINE = register_engine(Engine(
+    name="weight_matching", title="Weight matching (Git Re-Basin)", description="permutation alignment by weight matching",
+    papers=(REBASIN,), options=WeightMatchingOptions, align=_align, outcome="permuted",
+    form_common=("seed", "repair"),
+))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from suture.merge.methods._util import work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, register
+from suture.merge.methods.registry import MergeInputs, merge_method
 
 #: tensors above this many entries estimate their quartiles from a sample of this size
 QUANTILE_SAMPLE_SIZE = 1_000_000
@@ -49,26 +49,16 @@ def fusion_mask(importance: torch.Tensor, generator: torch.Generator | None = No
     return (importance >= median + 1.5 * (q3 - q1)).float()
 
 
+@merge_method(
+    name="arcee_fusion",
+    papers="Arcee Fusion (Arcee AI, mergekit 0.1.5 merge_methods/arcee_fusion.py) https://arcee.ai",
+    summary="Keep the base except where the other model's change is an importance outlier (median + 1.5 IQR).",
+    requires_base=True,
+    models=(1, 1),
+)
 def _arcee_fusion(inputs: MergeInputs) -> torch.Tensor:
     """Fuse the one non-base model into the base where its changes are important outliers."""
     (other,), base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
     assert base is not None
     mask = fusion_mask(fusion_importance(other, base), inputs.generator)
     return base + (other - base) * mask
-
-
-ARCEE_FUSION = register(
-    MergeMethod(
-        name="arcee_fusion",
-        fn=_arcee_fusion,
-        global_params=(),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper="Arcee Fusion (Arcee AI, mergekit 0.1.5 merge_methods/arcee_fusion.py) https://arcee.ai",
-        summary="Keep the base except where the other model's change is an importance outlier (median + 1.5 IQR).",
-        min_models=1,
-        max_models=1,
-    )
-)

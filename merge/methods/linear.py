@@ -7,12 +7,32 @@ inference time (Wortsman et al., ICML 2022) https://arxiv.org/abs/2203.05482
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from suture.merge.errors import RecipeError
+from suture.merge.errors import ParameterError
 from suture.merge.methods._util import per_model, work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import Flag, MergeInputs, MethodParams, Number, merge_method
 
 
+class LinearParams(MethodParams):
+    normalize: Flag = Field(True, description="divide by the sum of the weights")
+
+
+class LinearModelParams(MethodParams):
+    weight: Number = Field(description="this model's coefficient")
+
+
+@merge_method(
+    name="linear",
+    papers=(
+        "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
+        "increasing inference time (Wortsman et al., ICML 2022) https://arxiv.org/abs/2203.05482"
+    ),
+    summary="Weighted average of the models' weights (a model soup).",
+    requires_base=False,
+    params=LinearParams,
+    model_params=LinearModelParams,
+)
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when ``normalize`` is set."""
     tensors, _ = work_tensors(inputs)
@@ -24,28 +44,9 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     if inputs.params["normalize"]:
         total = sum(weights)
         if total == 0.0:
-            raise RecipeError(
+            raise ParameterError(
                 f"tensor {inputs.name!r}: linear merge with normalize=true needs weights that do not sum to 0"
             )
         res.div_(total)
     return res
 
-
-LINEAR = register(
-    MergeMethod(
-        name="linear",
-        fn=linear,
-        global_params=(
-            ParamDef("normalize", True, help="divide by the sum of the weights"),
-        ),
-        model_params=(ParamDef("weight", None, required=True, help="this model's coefficient"),),
-        uses_base=False,
-        requires_base=False,
-        randomized=False,
-        paper=(
-            "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
-            "increasing inference time (Wortsman et al., ICML 2022) https://arxiv.org/abs/2203.05482"
-        ),
-        summary="Weighted average of the models' weights (a model soup).",
-    )
-)

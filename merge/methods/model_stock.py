@@ -10,9 +10,10 @@ t * mean(w_i) + (1 - t) * w_base with t = N cos(theta) / (1 + (N - 1) cos(theta)
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from suture.merge.methods._util import work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import Flag, MergeInputs, MethodParams, merge_method
 
 
 def model_stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
@@ -24,6 +25,21 @@ def model_stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / safe)
 
 
+class ModelStockParams(MethodParams):
+    filter_wise: Flag = Field(False, description="compute the angle per row (output filter) instead of per tensor")
+
+
+@merge_method(
+    name="model_stock",
+    papers=(
+        "Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024) "
+        "https://arxiv.org/abs/2403.19522"
+    ),
+    summary="Interpolate between the base and the models' average by a ratio set by their task vectors' angle.",
+    requires_base=True,
+    models=(2, None),
+    params=ModelStockParams,
+)
 def _model_stock(inputs: MergeInputs) -> torch.Tensor:
     """Model Stock over all non-base models; one angle per tensor, or per row when ``filter_wise``."""
     ws, w0 = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
@@ -50,24 +66,3 @@ def _model_stock(inputs: MergeInputs) -> torch.Tensor:
     t = model_stock_ratio(cos_theta, n)
     w_avg = sum(ws) / n
     return (t * w_avg + (1 - t) * w0).reshape(shape)
-
-
-MODEL_STOCK = register(
-    MergeMethod(
-        name="model_stock",
-        fn=_model_stock,
-        global_params=(
-            ParamDef("filter_wise", False, help="compute the angle per row (output filter) instead of per tensor"),
-        ),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper=(
-            "Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024) "
-            "https://arxiv.org/abs/2403.19522"
-        ),
-        summary="Interpolate between the base and the models' average by a ratio set by their task vectors' angle.",
-        min_models=2,
-    )
-)

@@ -10,10 +10,10 @@ w * other + (1 - w) * base: entries that differ by at most t are swapped in full
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from suture.merge.errors import RecipeError
 from suture.merge.methods._util import work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import MergeInputs, MethodParams, Positive, merge_method
 
 
 def nearswap_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -23,33 +23,24 @@ def nearswap_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tens
     return w * v1 + (1 - w) * v0
 
 
+class NearswapParams(MethodParams):
+    t: Positive = Field(description="similarity threshold: differences up to t are swapped in fully")
+
+
+@merge_method(
+    name="nearswap",
+    papers=(
+        "NearSwap, QuartetAnemoi-70B model card (alchemonaut, Hugging Face 2024) "
+        "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+    ),
+    summary="Swap in the other model's weights where they are close to the base's.",
+    requires_base=True,
+    models=(1, 1),
+    params=NearswapParams,
+)
 def _nearswap(inputs: MergeInputs) -> torch.Tensor:
     """NearSwap of the one non-base model into the base."""
     t = float(inputs.params["t"])
-    if t <= 0:
-        raise RecipeError(f"tensor {inputs.name!r}: nearswap threshold t must be > 0, got {t}")
     (other,), base = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
     assert base is not None
     return nearswap_tensors(t, base, other)
-
-
-NEARSWAP = register(
-    MergeMethod(
-        name="nearswap",
-        fn=_nearswap,
-        global_params=(
-            ParamDef("t", None, required=True, help="similarity threshold: differences up to t are swapped in fully"),
-        ),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper=(
-            "NearSwap, QuartetAnemoi-70B model card (alchemonaut, Hugging Face 2024) "
-            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
-        ),
-        summary="Swap in the other model's weights where they are close to the base's.",
-        min_models=1,
-        max_models=1,
-    )
-)

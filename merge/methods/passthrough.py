@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import torch
 
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from pydantic import Field
+
+from suture.merge.methods.registry import MergeInputs, MethodParams, Number, merge_method
 
 
-def _passthrough(inputs: MergeInputs) -> torch.Tensor:
+class PassthroughModelParams(MethodParams):
+    scale: Number | None = Field(None, description="optional factor applied to the tensor")
+
+
+@merge_method(
+    name="passthrough",
+    papers=(
+        "Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry "
+        "2024) https://arxiv.org/abs/2403.13257"
+    ),
+    summary="Copy one model's tensor as is (optionally scaled); used for layer stacking.",
+    requires_base=False,
+    models=(1, 1),
+    model_params=PassthroughModelParams,
+)
+def passthrough(inputs: MergeInputs) -> torch.Tensor:
     """The single input tensor, times its ``scale`` when one is set."""
     (tensor,) = inputs.tensors
     scale = inputs.model_params[0].get("scale")
@@ -19,22 +36,3 @@ def _passthrough(inputs: MergeInputs) -> torch.Tensor:
         return tensor.clone()
     return tensor * float(scale)  # in the tensor's own dtype, as mergekit does
 
-
-PASSTHROUGH = register(
-    MergeMethod(
-        name="passthrough",
-        fn=_passthrough,
-        global_params=(),
-        model_params=(ParamDef("scale", None, help="optional factor applied to the tensor"),),
-        uses_base=False,
-        requires_base=False,
-        randomized=False,
-        paper=(
-            "Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry "
-            "2024) https://arxiv.org/abs/2403.13257"
-        ),
-        summary="Copy one model's tensor as is (optionally scaled); used for layer stacking.",
-        min_models=1,
-        max_models=1,
-    )
-)

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from pydantic import Field
 
 from suture.merge.methods._util import work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import MergeInputs, MethodParams, NonNegative, Number, merge_method
 
 _PAPER = "Reinforced Agent Merging (arXiv 2026) https://arxiv.org/abs/2601.13572"
 
@@ -53,6 +54,24 @@ def _epsilon(inputs: MergeInputs) -> float:
     return float(inputs.params["epsilon"])
 
 
+class RamParams(MethodParams):
+    epsilon: NonNegative = Field(
+        1e-5, description="a task-vector entry counts as changed when its magnitude exceeds this"
+    )
+
+
+class RamPlusParams(RamParams):
+    r: Number = Field(0.1, description="strength of the unique-change amplification")
+    alpha: NonNegative = Field(0.2, description="cap on the shared/unique ratio used for amplification")
+
+
+@merge_method(
+    name="ram",
+    papers=_PAPER,
+    summary="Keep changes made by one model whole; average changes several models make over those models.",
+    requires_base=True,
+    params=RamParams,
+)
 def _ram(inputs: MergeInputs) -> torch.Tensor:
     """RAM: unique changes kept whole, shared changes averaged over the models that make them."""
     tensors, base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
@@ -68,6 +87,13 @@ def unique_amplification(o: Overlap, r: float, alpha: float, epsilon: float) -> 
     return 1 + r * rho.clamp(min=0, max=alpha)
 
 
+@merge_method(
+    name="ramplus_tl",
+    papers=_PAPER,
+    summary="RAM with each model's unique changes amplified by its shared/unique ratio (tensor-local RAM+).",
+    requires_base=True,
+    params=RamPlusParams,
+)
 def _ramplus_tl(inputs: MergeInputs) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each model's unique changes amplified by its overlap ratio."""
     tensors, base = work_tensors(inputs, native=True)
@@ -76,37 +102,3 @@ def _ramplus_tl(inputs: MergeInputs) -> torch.Tensor:
     o = overlap(tensors, base, eps)
     lam = unique_amplification(o, float(inputs.params["r"]), float(inputs.params["alpha"]), eps)
     return _merged(o, base, lam)
-
-
-_EPS = ParamDef("epsilon", 1e-5, help="a task-vector entry counts as changed when its magnitude exceeds this")
-
-RAM = register(
-    MergeMethod(
-        name="ram",
-        fn=_ram,
-        global_params=(_EPS,),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper=_PAPER,
-        summary="Keep changes made by one model whole; average changes several models make over those models.",
-    )
-)
-RAMPLUS_TL = register(
-    MergeMethod(
-        name="ramplus_tl",
-        fn=_ramplus_tl,
-        global_params=(
-            ParamDef("r", 0.1, help="strength of the unique-change amplification"),
-            ParamDef("alpha", 0.2, help="cap on the shared/unique ratio used for amplification"),
-            _EPS,
-        ),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper=_PAPER,
-        summary="RAM with each model's unique changes amplified by its shared/unique ratio (tensor-local RAM+).",
-    )
-)

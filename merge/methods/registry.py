@@ -1,34 +1,60 @@
-"""The merge-method registry: method descriptions, parameter resolution and input checks.
+"""The merge-method registry: the ``@merge_method`` decorator, parameter checks and ``run_method``.
 
-Every merge method is a pure function of one tensor name's inputs (``MergeInputs``) that returns the
-merged tensor. This module holds the shared description types, the name -> method registry and
-``run_method``, which fills parameter defaults and validates inputs before calling a method, so the
-methods themselves can assume well-formed inputs.
+A merge method is one kernel, a pure function of one tensor name's inputs (``MergeInputs``) that returns
+the merged tensor, decorated with ``@merge_method``: its name, papers, base handling and model count, and
+its parameters as pydantic models (one field per parameter: type, default, value range, help text). The
+framework resolves defaults and checks every value against those fields before the kernel runs, so
+kernels assume well-formed inputs and the recipe schema, the app and the model card read one description.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Annotated, Any, Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError
 
-from suture.merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
+
+#: a finite real number (booleans, strings, NaN and infinities are refused)
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+#: a fraction in [0, 1] (densities, top-k fractions)
+Fraction = Annotated[Number, Field(ge=0, le=1)]
+#: a finite number >= 0 (tolerances, thresholds that may be zero)
+NonNegative = Annotated[Number, Field(ge=0)]
+#: a finite number > 0
+Positive = Annotated[Number, Field(gt=0)]
+#: true or false (strings such as 'yes' are refused)
+Flag = StrictBool
+
+
+class MethodParams(BaseModel):
+    """Base of a method's parameter declarations: one field per parameter; unknown keys pass through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class NoParams(MethodParams):
+    """A method without parameters at this level."""
 
 
 @dataclass(frozen=True)
 class ParamDef:
-    """One parameter of a merge method: its name, default, whether it must be given, and help text."""
+    """One parameter as the recipe schema and the app see it: name, default, required, help, value range."""
 
     name: str
     default: Any
     required: bool = False
     help: str = ""
+    kind: str = "number"  # "number" or "bool"
+    bounds: str = ""  # e.g. "in [0, 1]", "> 0"; empty when any finite value is allowed
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 @dataclass
@@ -43,9 +69,46 @@ class MergeInputs:
     generator: torch.Generator | None = None
 
 
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _param_defs(model: type[MethodParams]) -> tuple[ParamDef, ...]:
+    """ParamDefs for the fields of a parameter model (range and kind read from its JSON schema)."""
+    props = model.model_json_schema().get("properties", {})
+    defs = []
+    for name, info in model.model_fields.items():
+        prop = props.get(name, {})
+        prop = next((p for p in prop.get("anyOf", []) if p.get("type") != "null"), prop)
+        lo = prop.get("minimum", prop.get("exclusiveMinimum"))
+        hi = prop.get("maximum", prop.get("exclusiveMaximum"))
+        lo_sign = ">=" if "minimum" in prop else ">"
+        hi_sign = "<=" if "maximum" in prop else "<"
+        if lo is not None and hi is not None:
+            bounds = f"in {'[' if lo_sign == '>=' else '('}{_fmt(lo)}, {_fmt(hi)}{']' if hi_sign == '<=' else ')'}"
+        elif lo is not None:
+            bounds = f"{lo_sign} {_fmt(lo)}"
+        elif hi is not None:
+            bounds = f"{hi_sign} {_fmt(hi)}"
+        else:
+            bounds = ""
+        required = info.is_required()
+        defs.append(ParamDef(
+            name=name,
+            default=None if required else info.default,
+            required=required,
+            help=info.description or "",
+            kind="bool" if prop.get("type") == "boolean" else "number",
+            bounds=bounds,
+            minimum=lo,
+            maximum=hi,
+        ))
+    return tuple(defs)
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method and its parameter schema.
+    """A registered merge method: its kernel, description and parameter models.
 
     ``uses_base``: the base model's tensor arrives separately in ``MergeInputs.base`` and is not part of
     ``tensors``. ``min_models`` / ``max_models`` bound ``len(tensors)`` (``None``: no upper bound).
@@ -53,15 +116,31 @@ class MergeMethod:
 
     name: str
     fn: Callable[[MergeInputs], torch.Tensor]
-    global_params: tuple[ParamDef, ...]
-    model_params: tuple[ParamDef, ...]
+    params_model: type[MethodParams]
+    model_params_model: type[MethodParams]
     uses_base: bool
     requires_base: bool
     randomized: bool
-    paper: str
+    papers: tuple[str, ...]
     summary: str
     min_models: int = 1
     max_models: int | None = None
+    _adapters: dict[str, TypeAdapter] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def paper(self) -> str:
+        """The papers behind the method as one citation line."""
+        return "; ".join(self.papers)
+
+    @cached_property
+    def global_params(self) -> tuple[ParamDef, ...]:
+        """Method-wide parameters (slice and top-level `parameters`)."""
+        return _param_defs(self.params_model)
+
+    @cached_property
+    def model_params(self) -> tuple[ParamDef, ...]:
+        """Per-model parameters (`models[i].parameters`, slice sources)."""
+        return _param_defs(self.model_params_model)
 
     def global_param(self, name: str) -> ParamDef | None:
         """The global parameter definition called ``name``, or None."""
@@ -70,6 +149,63 @@ class MergeMethod:
     def model_param(self, name: str) -> ParamDef | None:
         """The per-model parameter definition called ``name``, or None."""
         return next((p for p in self.model_params if p.name == name), None)
+
+    def param(self, name: str) -> ParamDef | None:
+        """The parameter called ``name`` at either level, or None."""
+        return self.global_param(name) or self.model_param(name)
+
+    def value_problem(self, name: str, value: Any) -> str | None:
+        """Why ``value`` does not fit parameter ``name`` (type, finiteness, range), or None when it fits.
+
+        Checks one value on its own, as a recipe's scalars and gradient items are checked before a run;
+        cross-parameter rules of a parameter model run in :func:`run_method`.
+        """
+        pdef = self.param(name)
+        if pdef is None or value is None:
+            return None
+        model = self.params_model if name in self.params_model.model_fields else self.model_params_model
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            info = model.model_fields[name]
+            typ = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+            adapter = self._adapters.setdefault(name, TypeAdapter(typ))
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            return _problem(pdef, exc.errors(include_url=False)[0], value)
+        return None
+
+    def fits(self, n: int) -> bool:
+        """Whether the method takes ``n`` models (besides the base, when it uses one)."""
+        return n >= self.min_models and (self.max_models is None or n <= self.max_models)
+
+    def count_words(self, noun: str = "model") -> str:
+        """How many inputs the method takes, in words ('exactly one model', 'at least two models')."""
+        lo, hi = self.min_models, self.max_models
+        plural = noun if (hi if hi is not None else lo) == 1 else noun + "s"
+        words = {1: "one", 2: "two"}
+        if hi == lo:
+            return f"exactly {words.get(lo, lo)} {plural}"
+        return f"at least {words.get(lo, lo)} {plural}" if hi is None else f"{lo} to {hi} {plural}"
+
+
+def _problem(pdef: ParamDef, err: Any, value: Any) -> str:
+    """One pydantic error as the tail of a message ('must be in [0, 1], got 1.5')."""
+    kind = err["type"]
+    if kind.startswith("bool"):
+        return f"must be true or false, got {value!r}"
+    if kind == "finite_number":
+        return f"must be finite, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"must be {pdef.bounds}, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return f"must be a finite number, got an integer of {len(str(value))} digits"
+    if kind in ("value_error", "assertion_error"):
+        return str((err.get("ctx") or {}).get("error", err["msg"]))
+    return f"must be a number, got {value!r}"
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -83,13 +219,58 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def merge_method(
+    *,
+    name: str,
+    papers: tuple[str, ...] | str,
+    summary: str,
+    requires_base: bool,
+    uses_base: bool | None = None,
+    models: tuple[int, int | None] = (1, None),
+    params: type[MethodParams] = NoParams,
+    model_params: type[MethodParams] = NoParams,
+    randomized: bool = False,
+) -> Callable[[Callable[[MergeInputs], torch.Tensor]], Callable[[MergeInputs], torch.Tensor]]:
+    """Register the decorated kernel as merge method ``name``; the kernel itself is returned unchanged.
+
+    ``params`` / ``model_params``: pydantic models of the method-wide and per-model parameters (field type,
+    default, range via ``Field(ge=..., le=...)``, help via ``description``); values are checked against
+    them before the kernel runs. ``uses_base`` (default: ``requires_base``): the base tensor arrives in
+    ``MergeInputs.base`` rather than among ``tensors``. ``models``: (min, max) count of ``tensors``, max
+    None for no limit. ``randomized``: the kernel draws from ``MergeInputs.generator``.
+    """
+    lo, hi = models
+    if lo < 1 or (hi is not None and hi < lo):
+        raise ValueError(f"merge method {name!r}: models=(min, max) needs 1 <= min <= max, got {models}")
+
+    def decorate(fn: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]:
+        method = MergeMethod(
+            name=name,
+            fn=fn,
+            params_model=params,
+            model_params_model=model_params,
+            uses_base=requires_base if uses_base is None else uses_base,
+            requires_base=requires_base,
+            randomized=randomized,
+            papers=(papers,) if isinstance(papers, str) else tuple(papers),
+            summary=summary,
+            min_models=lo,
+            max_models=hi,
+        )
+        register(method)
+        fn.merge_method = method  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
 def get_method(name: str) -> MergeMethod:
-    """Look up a merge method by name; unknown names raise RecipeError listing the known ones."""
+    """Look up a merge method by name; unknown names raise ParameterError listing the known ones."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise RecipeError(
-            f"merge_method: unknown merge method {name!r}; known methods: {', '.join(list_methods())}"
+        raise ParameterError(
+            f"unknown merge method {name!r}; known methods: {', '.join(list_methods())}"
         ) from None
 
 
@@ -98,46 +279,30 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def value_problem(pdef: ParamDef, value: Any) -> str | None:
-    """Why a non-null value does not fit the parameter (type inferred from its default), or None when it does."""
-    if isinstance(pdef.default, bool):
-        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
-    # every other parameter of the built-in methods is numeric (required ones have no default to infer from)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return f"must be a number, got {value!r}"
+def _resolve(m: MergeMethod, where: str, model: type[MethodParams], given: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults into ``given`` and check every value against the parameter model."""
+    values = {}
+    for key, value in given.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if value is not None:  # null counts as unset: the default applies, a required parameter is missing
+            values[key] = value
     try:
-        finite = math.isfinite(float(value))
-    except OverflowError:  # an integer too large for a float
-        return f"must be a finite number, got an integer of {len(str(value))} digits"
-    return None if finite else f"must be finite, got {value!r}"
-
-
-def _check_value(method: str, where: str, pdef: ParamDef, value: Any) -> Any:
-    """Type-check one resolved parameter value against its definition."""
-    if value is None:
-        if pdef.required:
-            raise RecipeError(f"{where}: parameter {pdef.name!r} of merge method {method!r} must not be null")
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    problem = value_problem(pdef, value)
-    if problem:
-        raise RecipeError(f"{where}: parameter {pdef.name!r} of merge method {method!r} {problem}")
-    return value
-
-
-def _resolve(method: str, where: str, defs: tuple[ParamDef, ...], given: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults into ``given`` and check required parameters and value types."""
+        checked = model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        pdef = (m.global_param if model is m.params_model else m.model_param)(key)
+        if err["type"] == "missing" and pdef is not None:
+            raise ParameterError(
+                f"{where}: merge method {m.name!r} requires parameter {key!r}" + (f" ({pdef.help})" if pdef.help else "")
+            ) from None
+        if pdef is None:  # a rule across parameters (a model validator)
+            raise ParameterError(f"{where}: merge method {m.name!r}: {_problem(ParamDef('', None), err, None)}") from None
+        problem = _problem(pdef, err, values.get(key))
+        raise ParameterError(f"{where}: parameter {key!r} of merge method {m.name!r} {problem}") from None
     out = dict(given)
-    for pdef in defs:
-        if pdef.name not in out or (out[pdef.name] is None and pdef.required):
-            if pdef.required:
-                raise RecipeError(
-                    f"{where}: merge method {method!r} requires parameter {pdef.name!r}"
-                    + (f" ({pdef.help})" if pdef.help else "")
-                )
-            out[pdef.name] = pdef.default
-        out[pdef.name] = _check_value(method, where, pdef, out[pdef.name])
+    out.update({k: getattr(checked, k) for k in model.model_fields})
     return out
 
 
@@ -176,7 +341,7 @@ def run_method(method: MergeMethod | str, inputs: MergeInputs) -> torch.Tensor:
             "not as a separate base"
         )
     if m.requires_base and inputs.base is None:
-        raise RecipeError(f"{where}: merge method {m.name!r} requires a base_model")
+        raise InputError(f"{where}: merge method {m.name!r} requires a base model")
     if len(inputs.model_params) != len(inputs.tensors):
         raise InputError(
             f"{where}: {len(inputs.tensors)} tensors but {len(inputs.model_params)} per-model parameter sets"
@@ -192,22 +357,17 @@ def run_method(method: MergeMethod | str, inputs: MergeInputs) -> torch.Tensor:
         if n == 1 and inputs.base is None:
             logger.debug("%s: only one input for %s, passing it through", where, m.name)
             return inputs.tensors[0].clone()
-        want = (
-            f"exactly {m.min_models}"
-            if m.max_models == m.min_models
-            else f"at least {m.min_models}" if m.max_models is None else f"{m.min_models} to {m.max_models}"
-        )
         extra = " besides the base" if m.uses_base else ""
-        raise RecipeError(f"{where}: merge method {m.name!r} needs {want} model(s){extra}, got {n}")
+        raise InputError(f"{where}: merge method {m.name!r} needs {m.count_words()}{extra}, got {n}")
     _check_shapes(inputs)
     _check_devices(inputs)
     for t in inputs.tensors + ([inputs.base] if inputs.base is not None else []):
         if t.is_complex() or t.dtype == torch.bool:
             raise InputError(f"{where}: cannot merge tensors of dtype {t.dtype}")
 
-    params = _resolve(m.name, f"{where}, global parameters", m.global_params, inputs.params)
+    params = _resolve(m, f"{where}, global parameters", m.params_model, inputs.params)
     model_params = [
-        _resolve(m.name, f"{where}, model {i}", m.model_params, mp) for i, mp in enumerate(inputs.model_params)
+        _resolve(m, f"{where}, model {i}", m.model_params_model, mp) for i, mp in enumerate(inputs.model_params)
     ]
     resolved = replace(inputs, params=params, model_params=model_params)
     out = m.fn(resolved)

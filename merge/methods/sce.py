@@ -11,9 +11,10 @@ weighted average of the rest and add it to the base.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from suture.merge.methods._util import work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import Flag, Fraction, MergeInputs, MethodParams, merge_method
 from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 
@@ -46,6 +47,18 @@ def sce_weights(deltas: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
+class SceParams(MethodParams):
+    int8_mask: Flag = Field(False, description="accepted for mergekit compatibility; has no effect on results")
+    select_topk: Fraction = Field(1.0, description="fraction of highest-variance entries kept (1 keeps all)")
+
+
+@merge_method(
+    name="sce",
+    papers="FuseChat: Knowledge Fusion of Chat Models (Wan et al., arXiv 2024) https://arxiv.org/abs/2408.07990",
+    summary="Select high-variance entries, weight models by task-vector energy, erase minority signs.",
+    requires_base=True,
+    params=SceParams,
+)
 def _sce(inputs: MergeInputs) -> torch.Tensor:
     """SCE merge of all non-base models onto the base."""
     tensors, base = work_tensors(inputs, native=True)  # in the recipe dtype, as mergekit computes it
@@ -59,21 +72,3 @@ def _sce(inputs: MergeInputs) -> torch.Tensor:
     erased = weights * erase
     merged = (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
     return base + merged
-
-
-SCE = register(
-    MergeMethod(
-        name="sce",
-        fn=_sce,
-        global_params=(
-            ParamDef("int8_mask", False, help="accepted for mergekit compatibility; has no effect on results"),
-            ParamDef("select_topk", 1.0, help="fraction of highest-variance entries kept (1 keeps all)"),
-        ),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper="FuseChat: Knowledge Fusion of Chat Models (Wan et al., arXiv 2024) https://arxiv.org/abs/2408.07990",
-        summary="Select high-variance entries, weight models by task-vector energy, erase minority signs.",
-    )
-)

@@ -10,6 +10,9 @@ Papers:
 - DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al.,
   arXiv 2024) https://arxiv.org/abs/2406.11617
 
+Values (density in [0, 1], gamma >= 0, DELLA's density +/- epsilon inside (0, 1)) are checked once, by the
+method registry's parameter models, before these functions run.
+
 Rescaling follows mergekit: the kept entries are multiplied so that the L1 norm of the sparsified tensor
 equals the original's (in expectation this is the papers' 1 / keep-probability factor).
 """
@@ -52,11 +55,6 @@ def uniform_draw(shape: torch.Size, like: torch.Tensor, generator: torch.Generat
     return u.to(like.device)
 
 
-def _check_density(density: float) -> None:
-    if density < 0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-
-
 def _magnitude_order(tensor: torch.Tensor, descending: bool) -> torch.Tensor:
     """Flat indices by magnitude, ranked in float32 with mergekit's sort so that ties break identically."""
     return torch.argsort(tensor.abs().reshape(-1).float(), descending=descending)
@@ -67,7 +65,6 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> to
 
     A positive density keeps at least one entry, as in mergekit 0.1.5.
     """
-    _check_density(density)
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
@@ -86,9 +83,6 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float = 0.01
     When the two cuts overlap (density + gamma > 1) fewer large entries are dropped so that exactly
     ``int(density * n)`` entries remain.
     """
-    _check_density(density)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
     if density >= 1:
         return tensor
     n = tensor.numel()
@@ -110,7 +104,6 @@ def random(
     tensor: torch.Tensor, density: float, rescale: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Keep each entry independently with probability ``density`` (DARE drop-and-rescale)."""
-    _check_density(density)
     if density >= 1:
         return tensor
     mask = uniform_draw(tensor.shape, tensor, generator) < density
@@ -126,15 +119,10 @@ def della_magprune(
 ) -> torch.Tensor:
     """Keep entries with probability rising linearly with magnitude rank, from density - epsilon to
     density + epsilon, ranked along dim 1 (each row of a matrix; a vector is one row)."""
-    _check_density(density)
     if density >= 1:
         return tensor
     if density <= 0:
         return torch.zeros_like(tensor)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"epsilon must keep density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
-        )
     shape = tensor.shape
     work = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor
     n = work.shape[1]

@@ -18,10 +18,18 @@ from __future__ import annotations
 import logging
 
 import torch
+from pydantic import Field
 
 from suture.merge.errors import InputError
 from suture.merge.methods._util import per_model, work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import (
+    Flag,
+    MergeInputs,
+    MethodParams,
+    NonNegative,
+    Number,
+    merge_method,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,18 @@ def slerp_tensors(
     return (torch.sin((1 - t) * theta) / sin_theta) * v0 + (torch.sin(t * theta) / sin_theta) * v1
 
 
+class SlerpParams(MethodParams):
+    t: Number = Field(description="0 gives the base model, 1 the other model")
+
+
+@merge_method(
+    name="slerp",
+    papers="Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985) https://doi.org/10.1145/325165.325242",
+    summary="Spherical interpolation between the base and one other model (lerp when nearly colinear).",
+    requires_base=True,
+    models=(1, 1),
+    params=SlerpParams,
+)
 def _slerp(inputs: MergeInputs) -> torch.Tensor:
     """SLERP from the base (t = 0) to the other model (t = 1)."""
     (other,), base = work_tensors(inputs)
@@ -83,6 +103,30 @@ def nuslerp_tensors(
     return res.reshape(shape)
 
 
+class NuslerpParams(MethodParams):
+    nuslerp_row_wise: Flag = Field(
+        False, description="interpolate the vectors along axis 0 separately instead of along the last axis"
+    )
+    nuslerp_flatten: Flag = Field(True, description="treat the whole tensor as one vector")
+
+
+class RelativeWeight(MethodParams):
+    weight: Number = Field(description="relative weight; t = w_1 / (w_0 + w_1)")
+
+
+@merge_method(
+    name="nuslerp",
+    papers=(
+        "Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry "
+        "2024) https://arxiv.org/abs/2403.13257"
+    ),
+    summary="SLERP of two models with relative weights, row-wise or whole-tensor, optionally on task vectors.",
+    requires_base=False,
+    uses_base=True,
+    models=(2, 2),
+    params=NuslerpParams,
+    model_params=RelativeWeight,
+)
 def _nuslerp(inputs: MergeInputs) -> torch.Tensor:
     """NuSLERP of two models with t = w_1 / (w_0 + w_1), on task vectors when a base is given."""
     (a, b), base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
@@ -136,6 +180,27 @@ def multislerp_tensors(
     return res + base if base is not None else res
 
 
+class MultislerpParams(MethodParams):
+    normalize_weights: Flag = Field(True, description="divide the weights by their sum")
+    eps: NonNegative = Field(1e-8, description="numerical floor for norms")
+
+
+class BarycentricWeight(MethodParams):
+    weight: Number = Field(description="this model's barycentric weight")
+
+
+@merge_method(
+    name="multislerp",
+    papers=(
+        "Multi-SLERP: barycentric interpolation on a hypersphere (Goddard, blog 2025) "
+        "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
+    ),
+    summary="Spherical barycentre of any number of models (of their task vectors when a base is given).",
+    requires_base=False,
+    uses_base=True,
+    params=MultislerpParams,
+    model_params=BarycentricWeight,
+)
 def _multislerp(inputs: MergeInputs) -> torch.Tensor:
     """Multi-SLERP of all models, about the base when one is given."""
     tensors, base = work_tensors(inputs, native=True)  # mergekit computes in the recipe dtype
@@ -195,6 +260,21 @@ def karcher_mean_tensors(
     return (scale * u).reshape(shape)
 
 
+class KarcherParams(MethodParams):
+    max_iter: NonNegative = Field(10, description="maximum Riemannian gradient iterations")
+    tol: NonNegative = Field(1e-5, description="convergence tolerance (also the smallest norm that counts)")
+
+
+@merge_method(
+    name="karcher",
+    papers=(
+        "Riemannian center of mass and mollifier smoothing (Karcher, Comm. Pure Appl. Math. 1977) "
+        "https://doi.org/10.1002/cpa.3160300502"
+    ),
+    summary="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm.",
+    requires_base=False,
+    params=KarcherParams,
+)
 def _karcher(inputs: MergeInputs) -> torch.Tensor:
     """Equal-weight Karcher mean of every model's tensor (the base, if listed, is just one of them)."""
     tensors, _ = work_tensors(inputs, native=True)
@@ -202,89 +282,3 @@ def _karcher(inputs: MergeInputs) -> torch.Tensor:
     return karcher_mean_tensors(
         tensors, [1.0 / n] * n, max_iter=int(inputs.params["max_iter"]), tol=float(inputs.params["tol"])
     )
-
-
-SLERP = register(
-    MergeMethod(
-        name="slerp",
-        fn=_slerp,
-        global_params=(ParamDef("t", None, required=True, help="0 gives the base model, 1 the other model"),),
-        model_params=(),
-        uses_base=True,
-        requires_base=True,
-        randomized=False,
-        paper=(
-            "Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985) "
-            "https://doi.org/10.1145/325165.325242"
-        ),
-        summary="Spherical interpolation between the base and one other model (lerp when nearly colinear).",
-        min_models=1,
-        max_models=1,
-    )
-)
-
-NUSLERP = register(
-    MergeMethod(
-        name="nuslerp",
-        fn=_nuslerp,
-        global_params=(
-            ParamDef(
-                "nuslerp_row_wise",
-                False,
-                help="interpolate the vectors along axis 0 separately instead of along the last axis",
-            ),
-            ParamDef("nuslerp_flatten", True, help="treat the whole tensor as one vector"),
-        ),
-        model_params=(ParamDef("weight", None, required=True, help="relative weight; t = w_1 / (w_0 + w_1)"),),
-        uses_base=True,
-        requires_base=False,
-        randomized=False,
-        paper=(
-            "Arcee's MergeKit: A Toolkit for Merging Large Language Models (Goddard et al., EMNLP Industry "
-            "2024) https://arxiv.org/abs/2403.13257"
-        ),
-        summary="SLERP of two models with relative weights, row-wise or whole-tensor, optionally on task vectors.",
-        min_models=2,
-        max_models=2,
-    )
-)
-
-MULTISLERP = register(
-    MergeMethod(
-        name="multislerp",
-        fn=_multislerp,
-        global_params=(
-            ParamDef("normalize_weights", True, help="divide the weights by their sum"),
-            ParamDef("eps", 1e-8, help="numerical floor for norms"),
-        ),
-        model_params=(ParamDef("weight", None, required=True, help="this model's barycentric weight"),),
-        uses_base=True,
-        requires_base=False,
-        randomized=False,
-        paper=(
-            "Multi-SLERP: barycentric interpolation on a hypersphere (Goddard, blog 2025) "
-            "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
-        ),
-        summary="Spherical barycentre of any number of models (of their task vectors when a base is given).",
-    )
-)
-
-KARCHER = register(
-    MergeMethod(
-        name="karcher",
-        fn=_karcher,
-        global_params=(
-            ParamDef("max_iter", 10, help="maximum Riemannian gradient iterations"),
-            ParamDef("tol", 1e-5, help="convergence tolerance (also the smallest norm that counts)"),
-        ),
-        model_params=(),
-        uses_base=False,
-        requires_base=False,
-        randomized=False,
-        paper=(
-            "Riemannian center of mass and mollifier smoothing (Karcher, Comm. Pure Appl. Math. 1977) "
-            "https://doi.org/10.1002/cpa.3160300502"
-        ),
-        summary="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm.",
-    )
-)

@@ -22,11 +22,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, create_model, model_validator
 
-from suture.merge.errors import RecipeError
 from suture.merge.methods import sparsify
 from suture.merge.methods._util import broadcast_weights, work_tensors
-from suture.merge.methods.registry import MergeInputs, MergeMethod, ParamDef, register
+from suture.merge.methods.registry import (
+    Flag,
+    Fraction,
+    MergeInputs,
+    MethodParams,
+    NonNegative,
+    Number,
+    merge_method,
+)
 
 Consensus = Literal["sum", "count"]
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
@@ -51,27 +59,16 @@ def sign_consensus_mask(deltas: torch.Tensor, method: Consensus = "sum") -> torc
 def _sparsify_delta(
     inputs: MergeInputs, i: int, delta: torch.Tensor, method: Sparsifier, rescale: bool
 ) -> torch.Tensor:
-    """Sparsify model i's task vector with its own density / gamma / epsilon, reporting bad values by name."""
+    """Sparsify model i's task vector with its own density / gamma / epsilon (checked by the registry)."""
     mp = inputs.model_params[i]
-    where = f"tensor {inputs.name!r}, model {i}"
     density = float(mp["density"])
-    if density < 0:
-        raise RecipeError(f"{where}: density must be between 0 and 1, got {density}")
     if method == "magnitude":
         return sparsify.magnitude(delta, density, rescale=rescale)
     if method == "random":
         return sparsify.random(delta, density, rescale=rescale, generator=inputs.generator)
     if method == "magnitude_outliers":
-        gamma = float(mp["gamma"])
-        if gamma < 0:
-            raise RecipeError(f"{where}: gamma must be >= 0, got {gamma}")
-        return sparsify.magnitude_outliers(delta, density, gamma=gamma, rescale=rescale)
-    epsilon = float(mp["epsilon"])
-    if density < 1 and density > 0 and (density + epsilon >= 1 or density - epsilon <= 0):
-        raise RecipeError(
-            f"{where}: epsilon must keep density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
-        )
-    return sparsify.della_magprune(delta, density, epsilon, rescale=rescale, generator=inputs.generator)
+        return sparsify.magnitude_outliers(delta, density, gamma=float(mp["gamma"]), rescale=rescale)
+    return sparsify.della_magprune(delta, density, float(mp["epsilon"]), rescale=rescale, generator=inputs.generator)
 
 
 def generalized_task_arithmetic(
@@ -113,6 +110,34 @@ def generalized_task_arithmetic(
     return mixed.add_(base)
 
 
+class TaskVectorWeight(MethodParams):
+    """Per-model parameters of every member of the family."""
+
+    weight: Number = Field(description="coefficient of this model's task vector")
+    density: Fraction = Field(1.0, description="fraction of task-vector entries kept (1 keeps all)")
+
+
+class BreadcrumbsModelParams(TaskVectorWeight):
+    gamma: NonNegative = Field(0.01, description="fraction of largest-magnitude entries removed as outliers")
+
+
+class DellaModelParams(TaskVectorWeight):
+    epsilon: NonNegative = Field(
+        0.15, description="keep probability spans density - epsilon .. density + epsilon by rank"
+    )
+
+    @model_validator(mode="after")
+    def _keep_probabilities_inside(self) -> "DellaModelParams":
+        """Keep probabilities density +/- epsilon must stay inside (0, 1) when anything is dropped."""
+        d, e = self.density, self.epsilon
+        if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+            raise ValueError(f"epsilon must keep density +/- epsilon inside (0, 1); got density={d}, epsilon={e}")
+        return self
+
+
+_MODEL_PARAMS = {"magnitude_outliers": BreadcrumbsModelParams, "della_magprune": DellaModelParams}
+
+
 def _make(
     name: str,
     consensus: Consensus | None,
@@ -121,46 +146,34 @@ def _make(
     default_rescale: bool,
     paper: str,
     summary: str,
-) -> MergeMethod:
-    """Build and register one member of the generalized task arithmetic family."""
-    model_params = [
-        ParamDef("weight", None, required=True, help="coefficient of this model's task vector"),
-        ParamDef("density", 1.0, help="fraction of task-vector entries kept (1 keeps all)"),
-    ]
-    if sparsification == "magnitude_outliers":
-        model_params.append(ParamDef("gamma", 0.01, help="fraction of largest-magnitude entries removed as outliers"))
-    if sparsification == "della_magprune":
-        model_params.append(
-            ParamDef("epsilon", 0.15, help="keep probability spans density - epsilon .. density + epsilon by rank")
-        )
+) -> None:
+    """Register one member of the generalized task arithmetic family (its defaults differ by member)."""
+    params = create_model(
+        f"{name.title().replace('_', '')}Params",
+        __base__=MethodParams,
+        int8_mask=(Flag, Field(False, description="accepted for mergekit compatibility; has no effect on results")),
+        normalize=(Flag, Field(default_normalize, description="divide by the sum of the weights that took part")),
+        rescale=(Flag, Field(
+            default_rescale,
+            description="after sparsifying, rescale kept entries to preserve each task vector's L1 norm",
+        )),
+        **{"lambda": (Number, Field(1.0, description="scale of the merged task vector"))},
+    )
 
     def fn(inputs: MergeInputs) -> torch.Tensor:
         return generalized_task_arithmetic(inputs, consensus, sparsification)
 
     fn.__name__ = fn.__qualname__ = f"{name}_merge"
     fn.__doc__ = f"{summary} (generalized task arithmetic)"
-    return register(
-        MergeMethod(
-            name=name,
-            fn=fn,
-            global_params=(
-                ParamDef("int8_mask", False, help="accepted for mergekit compatibility; has no effect on results"),
-                ParamDef("normalize", default_normalize, help="divide by the sum of the weights that took part"),
-                ParamDef(
-                    "rescale",
-                    default_rescale,
-                    help="after sparsifying, rescale kept entries to preserve each task vector's L1 norm",
-                ),
-                ParamDef("lambda", 1.0, help="scale of the merged task vector"),
-            ),
-            model_params=tuple(model_params),
-            uses_base=True,
-            requires_base=True,
-            randomized=sparsification in ("random", "della_magprune"),
-            paper=paper,
-            summary=summary,
-        )
-    )
+    merge_method(
+        name=name,
+        papers=paper,
+        summary=summary,
+        requires_base=True,
+        params=params,
+        model_params=_MODEL_PARAMS.get(sparsification or "", TaskVectorWeight),
+        randomized=sparsification in ("random", "della_magprune"),
+    )(fn)
 
 
 _TA = "Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023) https://arxiv.org/abs/2212.04089"
@@ -181,10 +194,10 @@ _DELLA = (
     "(Deep et al., arXiv 2024) https://arxiv.org/abs/2406.11617"
 )
 
-TASK_ARITHMETIC = _make(
+_make(
     "task_arithmetic", None, None, False, False, _TA, "Add the weighted task vectors (model - base) to the base."
 )
-TIES = _make(
+_make(
     "ties",
     "sum",
     "magnitude",
@@ -193,7 +206,7 @@ TIES = _make(
     _TIES,
     "Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
 )
-DARE_TIES = _make(
+_make(
     "dare_ties",
     "sum",
     "random",
@@ -202,7 +215,7 @@ DARE_TIES = _make(
     _DARE,
     "Randomly drop task-vector entries and rescale (DARE), then TIES sign election.",
 )
-DARE_LINEAR = _make(
+_make(
     "dare_linear",
     None,
     "random",
@@ -211,7 +224,7 @@ DARE_LINEAR = _make(
     _DARE,
     "Randomly drop task-vector entries and rescale (DARE), then add them up.",
 )
-BREADCRUMBS = _make(
+_make(
     "breadcrumbs",
     None,
     "magnitude_outliers",
@@ -220,7 +233,7 @@ BREADCRUMBS = _make(
     _BREADCRUMBS,
     "Drop both the largest (outlier) and the smallest task-vector entries, then add them up.",
 )
-BREADCRUMBS_TIES = _make(
+_make(
     "breadcrumbs_ties",
     "sum",
     "magnitude_outliers",
@@ -229,7 +242,7 @@ BREADCRUMBS_TIES = _make(
     _BREADCRUMBS,
     "Model Breadcrumbs masking followed by TIES sign election.",
 )
-DELLA = _make(
+_make(
     "della",
     "sum",
     "della_magprune",
@@ -238,7 +251,7 @@ DELLA = _make(
     _DELLA,
     "Drop task-vector entries at random with magnitude-ranked keep probabilities, then TIES sign election.",
 )
-DELLA_LINEAR = _make(
+_make(
     "della_linear",
     None,
     "della_magprune",

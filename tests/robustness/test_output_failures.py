@@ -155,7 +155,7 @@ def test_non_finite_output_warns_records_and_fails_under_strict(tmp_path, value,
     out = tmp_path / "out"
     outcome = run_cli_case(Case("warn", ["run", str(recipe), str(out)], out))
     assert outcome.exit_code == 0, outcome.describe()
-    warnings = re.findall(r"WARNING merge\.writer: .*", outcome.stderr)  # after the progress bars' output
+    warnings = re.findall(r"WARNING suture\.merge\.writer: .*", outcome.stderr)  # after the progress bars' output
     assert len(warnings) == 1 and "NaN/Inf" in warnings[0] and "'big.weight'" in warnings[0], outcome.stderr
     assert f"warning: {len(bad)} output tensor(s) contain NaN/Inf" in outcome.stdout
     report = json.loads((out / "report.json").read_text())

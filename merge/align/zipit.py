@@ -1,7 +1,7 @@
 """ZipIt! engine (Stoica et al., ICLR 2024): zip k models of one architecture into one, fully or partially.
 
 For every zipped permutation group the calibration features of all models are stacked (k*n units), their
-correlation is accumulated batch by batch, and a matcher (:mod:`merge.zipit_match`) clusters the stacked
+correlation is accumulated batch by batch, and a matcher (:mod:`merge.align.zipit_match`) clusters the stacked
 units into n merged units, giving a merge matrix ``M`` (n, k*n) and an unmerge matrix ``U`` (k*n, n).
 The zipped model is the k models side by side (block-diagonal weights) with ``M`` applied on every "out"
 member of a group and ``U`` on every "in" member: for a tensor ``T_m`` of model m,
@@ -56,8 +56,8 @@ from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.graph.trace import Tap, trace_module
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
+from suture.merge.align.zipit_match import MATCHERS, ZipMatch, match
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem
-from suture.merge.zipit_match import MATCHERS, ZipMatch, match
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ZipResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures for reports (no tensors)."""
         return {
-            "engine": "zipit",
+            "engine": ENGINE.name,
             "multihead": self.multihead,
             "heads": self.heads,
             "zipped_groups": list(self.zipped_groups),
@@ -554,3 +554,160 @@ def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: P
         u = unmerges[g][m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
         t = apply_units(t, ax, mem.inner, u.T, mem.outer)
     return t
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+from pydantic import Field, StrictBool, StrictStr  # noqa: E402
+
+from suture.merge.align.engines import AlignmentOptions, AlignRequest, BuiltModel, Engine, register_engine  # noqa: E402
+
+STOP_SWEEP_PLOT = "stop_sweep.png"
+
+
+class ZipItOptions(AlignmentOptions):
+    """`alignment: {engine: zipit, alpha, beta, stop_at, matcher, heads, unmerge, match_head_scale}` (defaults: :func:`zip_models`)."""
+
+    engine: Literal["zipit"] = "zipit"
+    alpha: float = Field(0.5, ge=0, le=1, title="alpha (merge decay)",
+                         description="ZipIt! (Stoica et al., ICLR 2024): after two feature clusters are zipped, their "
+                                     "similarity to the others is multiplied by alpha, so clusters that already absorbed "
+                                     "features become less attractive. 1: no decay.", json_schema_extra={"step": 0.05})
+    beta: float = Field(1.0, ge=0, title="beta (within-model budget)",
+                        description="Share of each model's merges that may pair features of the same model (ZipIt! merges "
+                                    "redundant features within a model too). 0: only across models.",
+                        json_schema_extra={"step": 0.05})
+    stop_at: StrictStr | None = Field(
+        None, title="Zip up to group",
+        description="Partial zipping: zip the layers up to and including this permutation group and keep the later "
+                    "layers per model (a shared trunk with one branch per model). Empty: zip the whole model.")
+    matcher: Literal["zip", "permute", "identity"] = Field(
+        "zip", title="Matcher",
+        description="zip: ZipIt!'s greedy matching within and across models; permute: the permutation baseline (across "
+                    "models only); identity: naive averaging of unit i with unit i.")
+    heads: Heads = Field("concat", title="Heads",
+                         description="concat: keep one output head per model and concatenate their outputs (per-task "
+                                     "logits); average: average the heads into one.")
+    unmerge: Unmerge = Field("lstsq", title="Unmerge (partial zips)",
+                             description="How each branch reads the zipped trunk: copy: the paper's 0/1 unmerge; lstsq: "
+                                         "least squares from the feature statistics; fit: least squares on the zipped "
+                                         "trunk's output.")
+    match_head_scale: StrictBool = Field(
+        False, title="Match head scales",
+        description="Rescale each kept head's logits to its source model's spread on the calibration data, so "
+                    "concatenated per-task logits compare fairly (a head's own ranking is unchanged).")
+
+
+class _Ensemble(nn.Module):
+    """The models side by side: their outputs concatenated (the upper bound partial zipping moves toward)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
+def _align(request: AlignRequest) -> BuiltModel:
+    """ZipIt!: zip the models (fully or up to stop_at); each runs as the recipe's architecture or the one its config records."""
+    from suture.merge.derive import architecture_of, load_module
+    from suture.merge.hf_module import refuse_hf
+
+    stores, options = request.stores, request.options
+    archs = {key: architecture_of(store, request.architecture, trust_remote_code=request.trust_remote_code)
+             for key, store in stores.items()}
+    missing = [k for k, a in archs.items() if a is None]
+    if missing:
+        raise AlignmentError(f"zipit runs the models on data: {missing} have no runnable architecture "
+                             "(give one as package.module:factory)", field=("architecture",))
+    for arch in archs.values():
+        refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
+                  "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
+    if options.data is None or request.data is None:
+        raise AlignmentError("zipit needs calibration data (e.g. sklearn:digits)", field=("data",))
+    modules = [load_module(stores[k], archs[k]) for k in stores]
+    arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
+    chosen = {"alpha": options.alpha, "beta": options.beta, "matcher": options.matcher, "heads": options.heads,
+              "unmerge": options.unmerge, "match_head_scale": options.match_head_scale}
+
+    def zip_at(stop_at: str | None, matcher: str | None = None) -> ZipResult:
+        return zip_models(None, modules, request.data, stop_at=stop_at, architectures=arch_dicts, device=request.device,
+                          batch_size=options.batch_size, **{**chosen, "matcher": matcher or chosen["matcher"]})
+
+    if request.progress:
+        request.progress("zip", 0, 1, "matching features")
+    result = zip_at(options.stop_at)
+    if request.progress:
+        request.progress("zip", 1, 1, "")
+
+    def save(folder: Path) -> None:
+        target = folder / ".zipped"
+        save_zip_result(result, target, arch_dicts, overwrite=True)
+        for item in target.iterdir():
+            item.replace(folder / item.name)
+        target.rmdir()
+
+    def evaluate(folder: Path, section: Any, progress=None) -> dict[str, Any]:
+        return _evaluate_zip(folder, section, modules, zip_at, progress, archs[next(iter(stores))])
+
+    return BuiltModel(ENGINE.name, {"engine": ENGINE.name, **result.summary()}, save, evaluate, _card_rows)
+
+
+def _evaluate_zip(folder: Path, section: Any, modules, zip_at, progress, architecture) -> dict[str, Any]:
+    """Joint accuracy of the output, the baselines (naive averaging, permutation), the ensemble and every stop layer."""
+    from suture.merge.data import load_dataset
+    from suture.merge.derive import load_module
+    from suture.merge.evaluate import evaluate
+    from suture.merge.graph.trace import spec_from_module
+    from suture.merge.multihead import is_multihead, load_multihead
+    from suture.merge.store import open_store
+
+    data = load_dataset(section.data, split=section.split, max_items=section.max_items)
+    store = open_store(folder)
+    # the output's factories are the ones built (and trust-checked) above to zip the models
+    output = load_multihead(folder, trust_remote_code=True) if is_multihead(folder) else load_module(store, architecture)
+    store.close()
+    result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
+                              "items": len(data), "merged": evaluate(output, data, batch_size=section.batch_size),
+                              "ensemble": evaluate(_Ensemble(modules), data, batch_size=section.batch_size)}
+    # every group but the last: stopping at the last group is the full zip
+    stops = stop_layers(spec_from_module(modules[0], data.inputs[:2]))[:-1]
+    runs = [("naive averaging", None, "identity"), ("permutation", None, "permute"), ("zipit full", None, "zip")]
+    runs += [(f"zipit up to {stop}", stop, "zip") for stop in reversed(stops)]
+    baselines, sweep = {}, []
+    for i, (label, stop, matcher) in enumerate(runs):
+        if progress:
+            progress("evaluate", i, len(runs), label)
+        metrics = evaluate(zip_at(stop, matcher).module, data, batch_size=section.batch_size)
+        if matcher == "zip":
+            sweep.append({"stop_at": stop or "full", **metrics})
+        else:
+            baselines[label] = metrics
+    if progress:
+        progress("evaluate", len(runs), len(runs), "")
+    result["baselines"] = baselines
+    result["stop_sweep"] = sweep
+    if section.plot:
+        from suture.merge.plot import plot_stop_sweep
+
+        plot_stop_sweep(sweep, result["ensemble"]["accuracy"], folder / STOP_SWEEP_PLOT)
+        result["plot"] = STOP_SWEEP_PLOT
+    return result
+
+
+def _card_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model card's table: the output, the ensemble, the baselines and the stop-layer sweep."""
+    rows = [{"model": "zipped output", **evaluation["merged"]}, {"model": "ensemble", **evaluation["ensemble"]}]
+    rows += [{"model": label, **m} for label, m in evaluation.get("baselines", {}).items()]
+    rows += [{"model": f"stop_at {row['stop_at']}", "loss": row["loss"], "accuracy": row["accuracy"]}
+             for row in evaluation.get("stop_sweep", [])]
+    return rows
+
+
+ENGINE = register_engine(Engine(
+    name="zipit", title="ZipIt (feature zipping)", description="feature zipping (merge/unmerge matrices)",
+    papers=(("ZipIt! Merging Models from Different Tasks without Training (Stoica et al., ICLR 2024)",
+             "https://arxiv.org/abs/2305.03053"),),
+    options=ZipItOptions, align=_align, outcome="built", needs_data=True, needs_module=True,
+))
