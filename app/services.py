@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -185,25 +184,12 @@ def inspect_model(ref: str, stamp: str = "", groups: bool = False) -> dict[str, 
 
 def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups of a stored model, or {"error": why} when they cannot be derived here."""
+    from suture.merge.derive import spec_for_store
     from suture.merge.store import open_store
 
     store = open_store(path)
-    spec_for_store = None
-    for module_name in ("suture.merge.derive", "suture.merge.graph"):
-        try:
-            spec_for_store = getattr(importlib.import_module(module_name), "spec_for_store", None)
-        except ImportError:
-            continue
-        if spec_for_store is not None:
-            break
     try:
-        if spec_for_store is not None:
-            return spec_for_store(store).describe()
-        from suture.merge.graph.families import spec_from_names
-
-        return spec_from_names({n: store.shape(n) for n in store.names()}, store.config).describe()
-    except ImportError:
-        return {"error": f"permutation groups are {NOT_AVAILABLE}"}
+        return spec_for_store(store).describe()
     except SutureError as exc:
         return {"error": str(exc)}
     finally:
@@ -525,7 +511,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     """
     import torch
 
-    from suture.merge.plan import resolve_device
+    from suture.merge.execute import resolve_device
     from suture.recipes.runner import load, open_models, reference_key
     from suture.recipes.schema import ModelRef
     from suture.recipes.sections import parse_alignment, parse_evaluate
@@ -706,7 +692,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
 
     Its models and data files must lie in the workspace (or be demo/Hub models and bundled data).
     """
-    from suture.stitch.pipeline import run_stitch as execute
+    from suture.recipes.stitch_section import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
     text = json.dumps(section, sort_keys=True, default=str)

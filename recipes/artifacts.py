@@ -14,7 +14,7 @@ from typing import Any
 
 from suture.merge.card import write_report_card
 from suture.merge.report import REPORT_FILE, Report, write_report
-from suture.recipes.planning import Progress
+from suture.recipes.plan import Progress
 from suture.recipes.publish import publish
 from suture.recipes.schema import Recipe
 from suture.recipes.sections import PublishSection

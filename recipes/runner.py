@@ -22,13 +22,13 @@ import torch
 
 from suture.merge import __version__
 from suture.merge.align.engines import BuiltModel
-from suture.merge.errors import RecipeError
-from suture.merge.plan import execute_plan, infer_output, resolve_device
+from suture.merge.errors import InputError, OptionError, RecipeError, SutureError
+from suture.merge.execute import execute_plan, infer_output, resolve_device
 from suture.merge.report import NON_FINITE_LISTED, read_report
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from suture.recipes import steps
 from suture.recipes.artifacts import finish, publish_output
-from suture.recipes.planning import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
+from suture.recipes.plan import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
 from suture.recipes.sections import parse_alignment, parse_evaluate, parse_publish
 from suture.recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
@@ -171,6 +171,15 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     return parse_recipe(data, source=r.source)
 
 
+# Core errors name the setting at fault in their own terms (SutureError.field); these live at the recipe's top
+# level, every other one is an `alignment:` setting of the same name.
+_TOP_LEVEL_FIELDS = {"architecture"}
+
+
+def _recipe_key(field: tuple) -> tuple:
+    return field if field[0] in _TOP_LEVEL_FIELDS else ("alignment", *field)
+
+
 def run_recipe(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     out_dir: str | Path,
@@ -178,7 +187,18 @@ def run_recipe(
     *,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run a recipe end to end and return where the output went."""
+    """Run a recipe end to end and return where the output went (a core error names its recipe key and line)."""
+    r = load(recipe)
+    try:
+        return _run_recipe(r, out_dir, options, progress=progress)
+    except SutureError as exc:
+        if not exc.field or isinstance(exc, RecipeError) or r.stitch is not None:
+            raise
+        message, kind = (exc.message, InputError) if isinstance(exc, OptionError) else (str(exc), type(exc))
+        raise kind(f"{r.where(_recipe_key(exc.field))}: {message}") from None
+
+
+def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None, *, progress: Progress | None) -> RunResult:
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)
@@ -272,7 +292,7 @@ def run_recipe(
 
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
     """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
-    from suture.stitch.pipeline import run_stitch, validate_stitch_section
+    from suture.recipes.stitch_section import run_stitch, validate_stitch_section
 
     if r.models or r.slices or r.merge_method:
         raise r.error(("stitch",), "a stitch recipe names its models in the stitch section; drop merge_method/models/slices")

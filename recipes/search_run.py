@@ -46,9 +46,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 def merge_recipe(r: Recipe, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Any]:
     """A recipe's merged state dict in memory, computed as `suture run` computes it; plus its runnable architecture."""
     from suture.merge.derive import architecture_of
-    from suture.merge.plan import execute_in_memory, resolve_device
+    from suture.merge.execute import execute_in_memory, resolve_device
     from suture.recipes import steps
-    from suture.recipes.planning import build, open_models, reference_key, torch_dtype
+    from suture.recipes.plan import build, open_models, reference_key, torch_dtype
     from suture.recipes.runner import _apply_blend
     from suture.recipes.sections import parse_alignment
 

@@ -15,7 +15,7 @@ from suture.merge.align.weight_matching import weight_matching
 from suture.merge.data import CalibrationData
 from suture.merge.errors import AlignmentError, InputError
 from suture.merge.graph.trace import Tap, spec_from_module
-from suture.merge.zoo import train
+from suture.merge.demo import train
 from suture.merge.spec import permute_state
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM
 from tests.test_weight_matching import GQAttention, attention_spec

@@ -530,13 +530,13 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
 
 
 def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
-    from suture.merge import zoo
+    from suture.merge import demo, zoo
     from suture.merge.data import load_dataset
 
     data = load_dataset("sklearn:digits", split="train")
     for name, widths, seed in (("narrow", [64, 32, 32, 10], 1), ("wide", [64, 48, 48, 10], 2)):
         module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths)
-        zoo.train(module, data, epochs=8, seed=seed)
+        demo.train(module, data, epochs=8, seed=seed)
         zoo.save_module(module, ws.root / "models" / name, "suture.merge.zoo:mlp", {"widths": widths})
     text = ("name: ot-widths\nmerge_method: linear\nmodels:\n  - model: models/narrow\n    parameters: {weight: 0.5}\n"
             "  - model: models/wide\n    parameters: {weight: 0.5}\nalignment: {engine: ot, data: sklearn:digits}\n"

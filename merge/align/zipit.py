@@ -52,13 +52,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from suture.merge.data import Inputs, inputs_to
 from suture.merge.evaluate import model_logits
-from suture.merge.errors import AlignmentError, InputError
+from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.graph.trace import Tap, trace_module
 from suture.merge.measure import DeadUnits, RunningMoments, capture, eval_mode, tap_site
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
-from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length
 from suture.merge.align.zipit_match import MATCHERS, ZipMatch, match
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def zip_models(
     if len(modules) < 2:
         raise InputError(f"zipit needs at least two models, got {len(modules)}")
     if matcher not in MATCHERS:
-        raise InputError(f"alignment.matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+        raise OptionError(("matcher",), f"{matcher!r}: expected one of {', '.join(MATCHERS)}")
     if heads not in ("concat", "average"):
         raise InputError(f"heads {heads!r}: expected 'concat' or 'average'")
     if unmerge not in ("copy", "lstsq", "fit"):
@@ -283,7 +283,7 @@ def resolve_stop(spec: PermutationSpec, stop_at: str) -> str:
         for m in group.members:
             if m.role == "out" and (m.tensor == stop_at or m.tensor.rsplit(".", 1)[0] == stop_at):
                 return group.name
-    raise InputError(f"alignment.stop_at {stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
+    raise OptionError(("stop_at",), f"{stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
 
 
 def _check_zippable(group: PermGroup) -> None:
@@ -304,9 +304,10 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
         for name, slots in axes.items():
             if name not in st:
                 raise AlignmentError(f"spec tensor {name!r} is missing from model {i}")
-            for axis, (group, member) in slots.items():
-                if st[name].shape[axis] != axis_length(spec.groups[group].size, member):
-                    raise AlignmentError(f"model {i}: tensor {name!r} axis {axis} does not fit group {group!r}")
+            for group, member in slots.values():
+                problem = axis_problem(spec.groups[group], member, st[name].shape)
+                if problem:
+                    raise AlignmentError(f"model {i}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------- features
@@ -574,13 +575,13 @@ def _align(request: AlignRequest) -> BuiltModel:
              for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
     if missing:
-        raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
-                             "(name it in the recipe as `architecture: package.module:factory`)")
+        raise AlignmentError(f"zipit runs the models on data: {missing} have no runnable architecture "
+                             "(give one as package.module:factory)", field=("architecture",))
     for arch in archs.values():
         refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
                   "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
     if options.data is None or request.data is None:
-        raise AlignmentError("alignment.data: zipit needs calibration data (e.g. sklearn:digits)")
+        raise AlignmentError("zipit needs calibration data (e.g. sklearn:digits)", field=("data",))
     modules = [load_module(stores[k], archs[k]) for k in stores]
     arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
     chosen = {"alpha": options.alpha, "beta": options.beta, "matcher": options.matcher, "heads": options.heads,

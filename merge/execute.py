@@ -1,4 +1,4 @@
-"""Merge plans: which output tensor comes from which inputs, through which method, and their execution.
+"""Executing merge plans: stream each tensor task through its merge method into the writer.
 
 A plan is a list of :class:`TensorTask` objects, built by the recipe runner (or by Python code directly).
 Execution streams: for each task it reads the source tensors from their lazy stores onto the chosen device,
