@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -e '.[test,parity]'
+	$(BIN)/pip install -e '.[test,parity,search]'
 	touch $@
 
 install: $(VENV)/.installed

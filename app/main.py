@@ -46,18 +46,25 @@ navigation = st.navigation(
     ]
 )
 
-with st.sidebar:
-    ss = st.session_state
-    recipe = ss[state.RECIPE]
-    st.caption("Current recipe")
-    inputs = state.referenced_refs(recipe)
+
+def recipe_summary(where) -> None:
+    """The sidebar's one-line summary of the session's recipe."""
+    recipe = st.session_state[state.RECIPE]
     engine = (recipe.get("alignment") or {}).get("engine")
     what = " · ".join(f"`{x}`" for x in (engine, recipe.get("merge_method")) if x)
-    st.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(inputs)} model(s)")
+    where.markdown(f"**{recipe.get('name') or '(unnamed)'}** · {what} · {len(state.referenced_refs(recipe))} model(s)")
+
+
+with st.sidebar:
+    st.caption("Current recipe")
+    summary = st.empty()
+    recipe_summary(summary)
     st.caption("Workspace")
     st.code(str(workspace.root), language=None)
     from suture.app import ui
 
     ui.trust_toggle()
+    ui.jobs_panel()
 
 navigation.run()
+recipe_summary(summary)  # again after the page wrote the form's values: the summary follows the form at once

@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from suture.app.services import read_report
 from suture.app.workspace import Workspace
+from suture.merge.errors import InputError
 from suture.merge.evaluate import shown_barrier
+from suture.merge.report import as_report, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ def _number(value: Any) -> float | None:
 
 
 def summarize(folder: Path, report: Mapping[str, Any]) -> RunSummary:
-    """The summary of one run from its report (and recipe, for the run's name and base model)."""
-    from suture.recipes.runner import non_finite_problem
-
+    """The summary of one run from its report.json data (and recipe, for the run's name and base model)."""
     recipe = _recipe(folder)
     stitch = report.get("method") and isinstance(report.get("source"), Mapping)
     if stitch:
@@ -111,7 +110,7 @@ def summarize(folder: Path, report: Mapping[str, Any]) -> RunSummary:
         barrier_path=str(path) if path is not None else None,
         loss_barrier=clean_barrier(chosen.get("loss")),
         accuracy_barrier=clean_barrier(chosen.get("accuracy")),
-        problem=non_finite_problem(report),
+        problem=as_report(dict(report), str(report_file)).non_finite_problem(),  # the Report's own rule
         curves={str(k): list(v) for k, v in curves.items() if isinstance(v, list) and v},
     )
 
@@ -121,12 +120,11 @@ def list_runs(workspace: Workspace) -> list[RunSummary]:
     runs = []
     for folder in workspace.list_outputs():
         try:
-            report = read_report(folder)
-        except (OSError, ValueError) as exc:
-            logger.warning("results: %s/report.json is not readable JSON (%s); left out", folder.name, exc)
+            report = read_report(folder).to_json()  # the one reader: a malformed file is one line naming it
+        except (OSError, InputError) as exc:
+            logger.warning("results: %s left out (%s)", folder.name, exc)
             continue
-        if isinstance(report, Mapping):
-            runs.append(summarize(folder, report))
+        runs.append(summarize(folder, report))
     return sorted(runs, key=lambda r: r.finished, reverse=True)
 
 

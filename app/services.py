@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ import streamlit as st
 from suture.app.state import canonical, is_local_ref, recipe_yaml, referenced_refs, slug
 from suture.app.workspace import Workspace, WorkspaceError
 from suture.merge.errors import InputError, RecipeError, SutureError
+from suture.merge.report import as_report, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -185,25 +185,12 @@ def inspect_model(ref: str, stamp: str = "", groups: bool = False) -> dict[str, 
 
 def permutation_groups(path: str) -> list[dict[str, Any]] | dict[str, str]:
     """Permutation groups of a stored model, or {"error": why} when they cannot be derived here."""
+    from suture.merge.derive import spec_for_store
     from suture.merge.store import open_store
 
     store = open_store(path)
-    spec_for_store = None
-    for module_name in ("suture.merge.derive", "suture.merge.graph"):
-        try:
-            spec_for_store = getattr(importlib.import_module(module_name), "spec_for_store", None)
-        except ImportError:
-            continue
-        if spec_for_store is not None:
-            break
     try:
-        if spec_for_store is not None:
-            return spec_for_store(store).describe()
-        from suture.merge.graph.families import spec_from_names
-
-        return spec_from_names({n: store.shape(n) for n in store.names()}, store.config).describe()
-    except ImportError:
-        return {"error": f"permutation groups are {NOT_AVAILABLE}"}
+        return spec_for_store(store).describe()
     except SutureError as exc:
         return {"error": str(exc)}
     finally:
@@ -347,9 +334,7 @@ class MergeOutcome:
     @property
     def problem(self) -> str | None:
         """Why the finished folder is not a good result (NaN/Inf output tensors), or None: shown as a failure."""
-        from suture.recipes.runner import non_finite_problem
-
-        return non_finite_problem(self.report)
+        return as_report(self.report).non_finite_problem()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for session state."""
@@ -387,15 +372,40 @@ def run_merge(
     if (out / "report.json").is_file() and not recompute:
         logger.info("reusing %s", out)
         files = sorted(p.name for p in out.iterdir() if p.is_file())
-        return MergeOutcome(out, files, json.loads((out / "report.json").read_text()), cached=True)
+        return MergeOutcome(out, files, read_report(out).to_json(), cached=True)
     options = RunOptions(device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code)
     result = run_recipe(data, out, options, progress=progress)
     return MergeOutcome(result.out_dir, sorted(result.files), result.report, cached=False)
 
 
-def read_report(out_dir: str | Path) -> dict[str, Any]:
-    """report.json of a finished output folder."""
-    return json.loads((Path(out_dir) / "report.json").read_text())
+def start_merge_job(
+    recipe: Mapping[str, Any],
+    workspace: Workspace,
+    *,
+    device: str = "auto",
+    recompute: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Check the recipe here (paths, trust), then run it as a background job (app/jobs.py) into the folder
+    :func:`run_merge` would use; a finished folder is reused as a job that ends at once."""
+    from suture.app.jobs import JobStore
+
+    data = canonical(recipe)
+    check_recipe_paths(data, workspace, trust_remote_code=trust_remote_code)
+    data.pop("publish", None)  # the Publish page pushes explicitly, with the token the user gives there
+    out = output_dir_for(data, workspace, device)
+    store = JobStore(workspace.root)
+    label = data.get("name") or data.get("merge_method") or (data.get("alignment") or {}).get("engine") or "recipe"
+    if (out / "report.json").is_file() and not recompute:
+        return store.record_reused(data, out, label=label)
+    return store.start(data, out, label=label, device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code)
+
+
+def finished_run(out_dir: str | Path, *, cached: bool = False) -> dict[str, Any]:
+    """What the result panels show for a finished output folder (the `LAST_RUN` entry)."""
+    out = Path(out_dir)
+    outcome = MergeOutcome(out, sorted(p.name for p in out.iterdir() if p.is_file()), read_report(out).to_json(), cached=cached)
+    return outcome.as_dict()
 
 
 def alignment_objective(report: Mapping[str, Any]) -> dict[str, list[float]]:
@@ -451,12 +461,12 @@ def barrier_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     Columns name the barrier they hold (the rise above the endpoints' line, Frankle et al. 2020); float noise
     around zero (|x| < 1e-6, an exact endpoint match) is shown as 0 rather than as a tiny improvement.
     """
-    from suture.app.results import clean_barrier
+    from suture.merge.evaluate import shown_barrier
 
     section = evaluation_section(report)
     mids = section.get("midpoint_accuracy") or {}
     return [{"path": str(label),
-             **{BARRIER_COLUMNS.get(k, k): clean_barrier(v) if k in BARRIER_COLUMNS else v for k, v in b.items() if v is not None},
+             **{BARRIER_COLUMNS.get(k, k): shown_barrier(v) if k in BARRIER_COLUMNS else v for k, v in b.items() if v is not None},
              **({"midpoint accuracy": mids[label]} if label in mids else {})}
             for label, b in (section.get("barriers") or {}).items() if isinstance(b, Mapping)]
 
@@ -513,7 +523,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     """
     import torch
 
-    from suture.merge.plan import resolve_device
+    from suture.merge.execute import resolve_device
     from suture.recipes.runner import load, open_models, reference_key
     from suture.recipes.schema import ModelRef
     from suture.recipes.sections import parse_alignment, parse_evaluate
@@ -611,7 +621,8 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
     """Hidden features (samples x units) at every permutation group's tap of a runnable model."""
     import torch
 
-    from suture.merge.activations import group_taps, unit_features
+    from suture.merge.activations import group_taps
+    from suture.merge.measure import capture, tap_site
 
     # a private copy: hooks on the shared cached module could see another session's forward pass
     net = copy.deepcopy(module(str(resolve(ref)), stamp))
@@ -619,23 +630,8 @@ def layer_features(ref: str, data_spec: str, split: str = "test", max_items: int
     taps = group_taps(net, data.inputs[:2])
     if not taps:
         raise InputError(f"{ref}: no hidden layers were found to compare")
-    modules = dict(net.named_modules())
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for group, group_taps_ in taps.items():
-        tap = group_taps_[0]
-
-        def hook(mod, args, output, tap=tap, group=group):
-            value = args[0] if tap.where == "input" else output
-            captured[group] = unit_features(value.detach(), tap.axis, tap.inner)
-
-        handles.append(modules[tap.module].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            net(data.inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with capture(net, {group: tap_site(group_taps_[0]) for group, group_taps_ in taps.items()}) as captured, torch.no_grad():
+        net(data.inputs)
     names = [g for g in taps if g in captured]
     return names, [captured[g].numpy() for g in names]
 
@@ -708,14 +704,14 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
 
     Its models and data files must lie in the workspace (or be demo/Hub models and bundled data).
     """
-    from suture.stitch.pipeline import run_stitch as execute
+    from suture.recipes.stitch_section import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
     text = json.dumps(section, sort_keys=True, default=str)
     digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
     out = workspace.outputs / f"stitch-{digest}"
     if (out / "report.json").is_file() and not recompute:
-        return {"out_dir": str(out), "report": json.loads((out / "report.json").read_text()), "cached": True}
+        return {"out_dir": str(out), "report": read_report(out).to_json(), "cached": True}
     report = execute(dict(section), out, device=device, progress=progress, trust_remote_code=trust_remote_code)
     return {"out_dir": str(out), "report": report, "cached": False}
 
@@ -802,9 +798,11 @@ def readable(exc: BaseException) -> str:
     """One line for st.error: library errors as they are, other failures with their type (tokens masked)."""
     from suture.merge.redact import redact
 
+    from suture.app.jobs import sentence
+
     if isinstance(exc, (SutureError, WorkspaceError, RecipeError)):
-        return redact(str(exc))
-    return redact(f"{type(exc).__name__}: {exc}")
+        return sentence(redact(str(exc)))
+    return sentence(redact(f"{type(exc).__name__}: {exc}"))
 
 
 __all__ = [
@@ -846,6 +844,8 @@ __all__ = [
     "runner_engines",
     "run_merge",
     "run_stitch",
+    "start_merge_job",
+    "finished_run",
     "runnable",
     "similarity_matrix",
     "card_parts",

@@ -131,47 +131,144 @@ class ProgressPanel:
         self.bar.progress(fraction, text=text[:120])
 
 
+ACTIVE_JOB = "active_job"  # the job this session started or opened (its id); the job itself lives on disk
+JOB_POLL_S = 1.0
+
+
+def job_store():
+    """The workspace's jobs (app/jobs.py): shared by every session and page, kept across reloads."""
+    from suture.app.jobs import JobStore
+
+    return JobStore(workspace().root)
+
+
+def _for_recipe(recipe: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A recipe as a job stores it (canonical, without `publish`), to tell whether a result belongs to the form."""
+    if recipe is None:
+        return None
+    return {k: v for k, v in recipe.items() if k != "publish"}
+
+
+def open_job(job: Any) -> None:
+    """Make a finished job the session's result (its recipe becomes the form's recipe)."""
+    ss = st.session_state
+    ss[ACTIVE_JOB] = job.id
+    if job.recipe:
+        ss[state.RECIPE] = state.canonical(job.recipe)
+        ss[state.VERSION] = int(ss.get(state.VERSION, 0)) + 1
+    ss[state.LAST_RUN] = {**services.finished_run(job.out_dir, cached=job.cached), "job": job.id}
+
+
+def _job_outcome(job: Any, recipe: Mapping[str, Any] | None) -> None:
+    """The end of the session's job, shown in full where the user looks (never in a collapsed box)."""
+    from suture.app import jobs
+
+    ss = st.session_state
+    if job.state == jobs.FINISHED:
+        if (ss.get(state.LAST_RUN) or {}).get("job") != job.id:
+            ss[state.LAST_RUN] = {**services.finished_run(job.out_dir, cached=job.cached), "job": job.id}
+        with st.status("Merge finished" if not job.cached else "Merge reused from an earlier run", state="complete", expanded=False):
+            st.progress(1.0, text="done" if not job.cached else "reused the earlier result")
+    elif job.state == jobs.FAILED:
+        ss.pop(state.LAST_RUN, None)
+        st.status("Merge failed" + (": non-finite output" if "NaN/Inf" in (job.error or "") else ""), state="error", expanded=False)
+        st.error(job.error or "The merge failed.")
+    else:
+        ss.pop(state.LAST_RUN, None)
+        st.warning(job.error or "Cancelled.")
+
+
+def _running_job(job_id: str, key: str) -> None:
+    """A running job's stage and progress, refreshed every second; Cancel stops its worker."""
+    from suture.app import jobs
+
+    job = job_store().get(job_id)
+    if not job.active:
+        st.rerun()  # the whole page shows the outcome (and the result) now
+    label = ProgressPanel.STAGES.get(job.stage, job.stage or "starting")
+    with st.status(f"Running: {label}", expanded=True):
+        text = f"{label}: {job.done}/{job.total}" + (f" — {job.detail}" if job.detail else "") if job.total else label
+        st.progress(job.progress, text=f"{text} · {job.elapsed:.0f} s"[:120])
+        if st.button("Cancel", key=f"{key}.cancel"):
+            ended = job_store().cancel(job.id)
+            if ended.state == jobs.FINISHED:
+                st.toast("The job had already finished: its result is kept.")
+            st.rerun()
+
+
 def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    """Run and Cancel buttons, the progress panel and the outcome; returns the finished run (or None)."""
+    """Run button, the session's job (progress, Cancel, outcome); returns the finished run shown (or None).
+
+    The run is a background job (app/jobs.py): it goes on while the user visits other pages, and Cancel kills it."""
     ss = st.session_state
     valid, problem = state.validate(recipe)
-    c1, c2, c3, c4 = st.columns([1.2, 1, 1.2, 2.6])
+    c1, c3, c4 = st.columns([1.2, 1.2, 2.6])
     devices = services.devices()
     current = ss.get(state.DEVICE, "auto")
     device = c3.selectbox("Device", devices, index=devices.index(current) if current in devices else 0, key=f"{key}.device")
     ss[state.DEVICE] = device
     recompute = c4.checkbox("Recompute even if this recipe already has a result", key=f"{key}.recompute")
     run = c1.button("Run merge", type="primary", disabled=valid is None, key=f"{key}.run")
-    # clicking Cancel while a run is going reruns the script: the runner is interrupted at its next progress
-    # report and its temporary output folder is removed, so nothing partial is left behind
-    cancel = c2.button("Cancel", key=f"{key}.cancel")
     if problem:
         st.error(problem)
-    if cancel and not run:
-        st.warning("Cancelled: no output was written for the interrupted run.")
-        return None
-    if not run or valid is None:
-        return None
-    try:
-        prepare_demo_models(state.referenced_refs(valid))
-    except Exception as exc:  # shown as one readable line, never a traceback
-        error(exc)
-        return None
-    with st.status("Running merge…", expanded=True) as status:
-        panel = ProgressPanel(status)
+    if run and valid is not None:
         try:
-            outcome = services.run_merge(valid, workspace(), device=device, progress=panel, recompute=recompute,
-                                         trust_remote_code=trusted())
-        except Exception as exc:  # library errors, and e.g. out of memory or a full disk: one readable line
-            status.update(label="Merge failed", state="error")
+            prepare_demo_models(state.referenced_refs(valid))
+            job = services.start_merge_job(valid, workspace(), device=device, recompute=recompute, trust_remote_code=trusted())
+        except Exception as exc:  # shown as one readable line, never a traceback
             error(exc)
             return None
-        if outcome.problem:  # a folder was written, but its weights are not usable: never shown as a success
-            status.update(label="Merge failed: non-finite output", state="error")
-            st.error(outcome.problem)
-            ss.pop(state.LAST_RUN, None)
-            return None
-        panel.bar.progress(1.0, text="done" if not outcome.cached else "reused the earlier result")
-        status.update(label="Merge finished" if not outcome.cached else "Merge reused from an earlier run", state="complete", expanded=False)
-    ss[state.LAST_RUN] = outcome.as_dict()
-    return ss[state.LAST_RUN]
+        ss[ACTIVE_JOB] = job.id
+        ss.pop(state.LAST_RUN, None)
+    job_id = ss.get(ACTIVE_JOB)
+    if not job_id:
+        return None
+    try:
+        job = job_store().get(job_id)
+    except SutureError:
+        ss.pop(ACTIVE_JOB, None)
+        return None
+    if job.active:
+        st.fragment(run_every=JOB_POLL_S)(_running_job)(job.id, key)
+        return None
+    if _for_recipe(job.recipe) != _for_recipe(valid):
+        ss.pop(state.LAST_RUN, None)  # the form changed since: the old banner and result no longer describe it
+        return None
+    _job_outcome(job, valid)
+    return ss.get(state.LAST_RUN)
+
+
+JOBS_LISTED = 6
+
+
+def _jobs_list() -> None:
+    """The workspace's recent jobs: state, stage, progress, elapsed time and recipe; a finished one opens."""
+    from suture.app import jobs
+
+    store = job_store()
+    listed = store.list()[:JOBS_LISTED]
+    if not listed:
+        st.caption("No jobs yet: a run started on Align & merge or Recipe is listed here.")
+        return
+    icons = {jobs.RUNNING: ":material/progress_activity:", jobs.FINISHED: ":material/check_circle:",
+             jobs.FAILED: ":material/error:", jobs.CANCELLED: ":material/cancel:"}
+    for job in listed:
+        with st.container(border=True, key=f"job-{job.id}"):
+            stage = ProgressPanel.STAGES.get(job.stage, job.stage)
+            where = f" · {stage} {job.progress:.0%}" if job.active and stage else ""
+            st.markdown(f"{icons.get(job.state, '')} **{job.label}** · {job.state}{where} · {job.elapsed:.0f} s")
+            if job.state == jobs.FAILED and job.error:
+                st.caption(job.error)
+            if job.state == jobs.FINISHED and st.button("Open result", key=f"jobs.open.{job.id}"):
+                open_job(job)
+                st.switch_page("views/align_merge.py")
+            if job.active and st.button("Cancel", key=f"jobs.cancel.{job.id}"):
+                store.cancel(job.id)
+                st.rerun()
+
+
+def jobs_panel() -> None:
+    """The Jobs panel of the sidebar, refreshed while a job runs (jobs live on disk, so a reload keeps them)."""
+    st.caption("Jobs")
+    running = any(job.active for job in job_store().list()[:JOBS_LISTED])
+    (st.fragment(run_every=JOB_POLL_S)(_jobs_list) if running else _jobs_list)()

@@ -19,6 +19,7 @@ from typing import Any
 
 from suture.merge.errors import InputError, ParameterError
 from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
+from suture.merge.report import Report
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +365,58 @@ def write_model_card(out_dir: str | Path, **kwargs: Any) -> Path:
     return readme
 
 
+# ---------------------------------------------------------------------------------------------- from a report
+
+STITCH_PLOT = "accuracy.png"  # the stitch pipeline's accuracy figure, shown on the card when it was drawn
+
+
+def _merge_rows(evaluation: Any) -> list[dict[str, Any]]:
+    """Inputs and the merge under loss/accuracy; each interpolation path under its own "loss barrier" and
+    "midpoint accuracy" columns (a barrier is not a loss, so it never sits under one; noise below 1e-6 reads 0)."""
+    from suture.merge.evaluate import shown_barrier
+
+    rows = [{"model": key, **{k: round(v, 4) for k, v in m.model_dump(exclude_unset=True).items()}} for key, m in evaluation.models.items()]
+    rows.append({"model": "merged", **{k: round(v, 4) for k, v in evaluation.merged.model_dump(exclude_unset=True).items()}})
+    for label, b in evaluation.barriers.items():
+        loss = shown_barrier(b.loss)
+        rows.append({"model": f"{label} path", "loss barrier": "" if loss is None else round(loss, 4),
+                     **({"midpoint accuracy": round(evaluation.midpoint_accuracy[label], 4)} if label in evaluation.midpoint_accuracy else {})})
+    return rows
+
+
+def report_card(report: Report) -> dict[str, Any]:
+    """build_model_card's arguments read from a run's Report (inputs, method, engine, evaluation, plot, stitch)."""
+    if report.kind == "stitch":
+        source, target = report.source, report.target
+        return {
+            "inputs": [source.model, target.model],
+            "method": f"stitch ({report.method})",
+            "engine": "stitching",
+            "evaluation": {k: row.model_dump(include={"accuracy", "f1_macro", "skipped"}, exclude_unset=True)
+                           for k, row in report.evaluate.results.items()},
+            "plot_path": STITCH_PLOT if STITCH_PLOT in report.plots else None,
+            "stitched": {"source": f"{source.model} up to layer {source.layer}",
+                         "target": f"{target.model} from layer {target.layer}", "method": report.method},
+        }
+    engine = report.alignment.engine if report.alignment is not None else None
+    evaluation = report.evaluation
+    rows = None
+    if report.kind == "merge" and evaluation is not None and evaluation.merged is not None:
+        rows = _merge_rows(evaluation)  # an engine that builds the model gives its own rows (BuiltModel.card_rows)
+    return {
+        "inputs": list(report.models),
+        "method": report.merge_method or engine or "",
+        "engine": engine,
+        "evaluation": rows,
+        "plot_path": evaluation.plot if evaluation is not None else None,
+    }
+
+
+def write_report_card(out_dir: str | Path, report: Report, **kwargs: Any) -> Path:
+    """README.md for a finished run, described by its Report (kwargs add or replace build_model_card's arguments)."""
+    return write_model_card(out_dir, **{**report_card(report), **kwargs})
+
+
 __all__ = [
     "METHOD_PAPERS",
     "STITCHING_PAPERS",
@@ -374,4 +427,6 @@ __all__ = [
     "common_license",
     "build_model_card",
     "write_model_card",
+    "report_card",
+    "write_report_card",
 ]

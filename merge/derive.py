@@ -124,7 +124,8 @@ def example_input(data: Any = None, input_shape: Sequence[int] | None = None) ->
         if isinstance(inputs, Mapping):
             raise InputError("tracing needs a tensor input; give `input_shape` for models fed dicts")
         return inputs[:2]
-    raise InputError("deriving a spec by tracing needs an example input: give calibration `data` or `input_shape`")
+    raise InputError("deriving a spec by tracing needs an example input: give calibration data or an input shape",
+                     field=("input_shape",))
 
 
 def derive_spec(
@@ -135,7 +136,11 @@ def derive_spec(
     input_shape: Sequence[int] | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[PermutationSpec, Architecture | None]:
-    """The permutation spec of a model (traced when runnable, else from names + config) and its architecture."""
+    """The permutation spec of a model (traced when runnable, else from names + config) and its architecture.
+
+    A runnable model is traced on two items of `data`, on zeros of `input_shape`, or (given neither) on zeros
+    shaped for its first Linear or Conv layer.
+    """
     arch = architecture_of(store, architecture, trust_remote_code=trust_remote_code)
     from suture.merge.hf_module import HFArchitecture
 
@@ -143,7 +148,9 @@ def derive_spec(
         return _family_spec(store), arch
     if arch is not None:
         module = load_module(store, arch)
-        return _trace_spec(store, module, example_input(data, input_shape), arch, hint="alignment.input_shape"), arch
+        if data is None and input_shape is None:  # the first layer tells the input of a plain MLP/CNN
+            input_shape = first_layer_input_shape(module)
+        return _trace_spec(store, module, example_input(data, input_shape), arch), arch
     return _family_spec(store), None
 
 
@@ -155,7 +162,8 @@ def _family_spec(store: TensorStore) -> PermutationSpec:
     if family is None:
         raise AlignmentError(
             f"{store.source}: cannot tell the architecture (no config.json model_type Suture knows, no recorded "
-            "architecture); name it in the recipe as `architecture: package.module:factory`"
+            "architecture); name its factory as package.module:factory",
+            field=("architecture",),
         )
     spec = spec_from_names(store.shapes(), store.config, family)
     spec.validate(store.shapes())
@@ -178,8 +186,8 @@ def spec_for_store(store: TensorStore, input_shape: Sequence[int] | None = None,
     shape = tuple(int(d) for d in input_shape) if input_shape else first_layer_input_shape(module)
     if shape is None:
         raise InputError(f"{store.source}: cannot tell the input shape of {arch.factory} (no Linear or Conv layer found); "
-                         "give it, e.g. `suture inspect --groups --input-shape 1,3,32,32`")
-    return _trace_spec(store, module, torch.zeros(shape), arch, hint="--input-shape")
+                         "give it, e.g. 1,3,32,32", field=("input_shape",))
+    return _trace_spec(store, module, torch.zeros(shape), arch)
 
 
 def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -> tuple[int, ...] | None:
@@ -201,7 +209,7 @@ def first_layer_input_shape(module: nn.Module, spatial: int = DEFAULT_SPATIAL) -
     return None
 
 
-def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture, hint: str) -> PermutationSpec:
+def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, arch: Architecture) -> PermutationSpec:
     """spec_from_module with one clear line (factory, input shape, what to give instead) when tracing fails."""
     from suture.merge.errors import SutureError
     from suture.merge.graph.trace import spec_from_module
@@ -217,7 +225,7 @@ def _trace_spec(store: TensorStore, module: nn.Module, example: torch.Tensor, ar
             root = root.__cause__
         first = (str(root).strip().splitlines() or [type(root).__name__])[0]
         raise InputError(f"{store.source}: tracing {arch.factory} on an input of shape {list(example.shape)} failed "
-                         f"({first}); give the model's input shape ({hint})") from None
+                         f"({first}); give the model's input shape", field=("input_shape",)) from None
     try:
         spec.validate(store.shapes())
     except ValueError as exc:

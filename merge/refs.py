@@ -23,7 +23,7 @@ def cache_dir() -> Path:
 
 def _finetune(key: str) -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from suture.merge.zoo import demo_finetunes
+        from suture.merge.demo import demo_finetunes
 
         return demo_finetunes(cache / "demo")[key]
 
@@ -32,7 +32,7 @@ def _finetune(key: str) -> Callable[[Path], Path]:
 
 def _task(key: str, kind: str = "mlp") -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from suture.merge.zoo import demo_tasks
+        from suture.merge.demo import demo_tasks
 
         return demo_tasks(cache / "demo", kind)[key]
 
@@ -41,7 +41,7 @@ def _task(key: str, kind: str = "mlp") -> Callable[[Path], Path]:
 
 def _seeded(kind: str, seed: int) -> Callable[[Path], Path]:
     def build(cache: Path) -> Path:
-        from suture.merge.zoo import demo_models
+        from suture.merge.demo import demo_models
 
         return demo_models(cache / "demo", kind=kind, seeds=(seed,))[0]
 

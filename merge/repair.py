@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from suture.merge.data import CalibrationData, Inputs, inputs_to, iter_batches
 from suture.merge.errors import InputError
+from suture.merge.measure import RunningMoments, Site, capture, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -196,43 +198,34 @@ def channel_stats(
     missing = [n for n in names if n not in by_name]
     if missing:
         raise InputError(f"{type(module).__name__} has no module(s) {missing}; expected the same architecture on both sides")
-    sums: dict[str, list[Any]] = {}
-    handles = []
-
-    def hook_for(name: str, dim: int):
-        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            x = out.detach().double().movedim(dim, -1)
-            x = x.reshape(-1, x.shape[-1])
-            acc = sums.setdefault(name, [0, 0.0, 0.0])
-            acc[0] += x.shape[0]
-            acc[1] = acc[1] + x.sum(0)
-            acc[2] = acc[2] + (x * x).sum(0)
-
-        return hook
-
+    sites = {}
     for name in names:
         dim = _channel_dim(by_name[name])
         if dim is None:
             raise InputError(f"module {name!r} is a {type(by_name[name]).__name__}; REPAIR handles Linear, Conv and norm layers")
-        handles.append(by_name[name].register_forward_hook(hook_for(name, dim)))
-    was_training = module.training
-    module.eval()
-    try:
+        sites[name] = Site(name, "output", partial(_channels, dim=dim), f"REPAIR {name!r}")
+    moments: dict[str, RunningMoments] = {}
+    with eval_mode(module), capture(module, sites, keep="all") as seen:
         for inputs in data:
+            seen.clear()
             _run(module, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
+            for name, blocks in seen.items():
+                for x in blocks:  # a module run twice in one pass counts twice
+                    if name not in moments:
+                        moments[name] = RunningMoments(x.shape[1])
+                    moments[name].update(x)
     out = {}
     for name in names:
-        if name not in sums:
+        if name not in moments:
             raise InputError(f"module {name!r} did not run on the calibration data")
-        n, s, sq = sums[name]
-        mean = s / n
-        var = (sq / n - mean * mean).clamp_min(0.0)
-        out[name] = (mean.float(), var.sqrt().float())
+        out[name] = (moments[name].mean.float(), moments[name].std.float())
     return out
+
+
+def _channels(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows = every item and position, columns = the channels on ``dim``."""
+    x = x.double().movedim(dim, -1)
+    return x.reshape(-1, x.shape[-1])
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ The full layout of a member's axis is therefore ``(outer, units, inner)``, with 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +57,21 @@ class Member:
 def axis_length(size: int, member: Member) -> int:
     """Length of a member's axis for a group of `size` units: outer * size * repeat * inner."""
     return member.outer * size * member.repeat * member.inner
+
+
+def axis_problem(group: PermGroup, member: Member, shape: Sequence[int]) -> str | None:
+    """Why a group's member does not fit a tensor of `shape` (no such axis, wrong length), or None when it fits.
+
+    The one check behind spec validation and every engine's own refusal, so they agree on what fits.
+    """
+    shape = tuple(shape)
+    if not -len(shape) <= member.axis < len(shape):
+        return f"group {group.name!r}: tensor {member.tensor!r} has no axis {member.axis} (shape {list(shape)})"
+    if shape[member.axis] != axis_length(group.size, member):
+        layout = f", {member.layout()}" if member.layout() else ""
+        return (f"group {group.name!r} (size {group.size}{layout}) does not fit tensor {member.tensor!r} "
+                f"axis {member.axis} of length {shape[member.axis]}")
+    return None
 
 
 @dataclass
@@ -147,14 +162,9 @@ class PermutationSpec:
             for m in group.members:
                 if m.tensor not in shapes:
                     raise ValueError(f"group {group.name!r} names tensor {m.tensor!r}, which the model does not have")
-                shape = tuple(shapes[m.tensor])
-                if not -len(shape) <= m.axis < len(shape):
-                    raise ValueError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis} (shape {shape})")
-                if shape[m.axis] != axis_length(group.size, m):
-                    raise ValueError(
-                        f"group {group.name!r} (size {group.size}, repeat {m.repeat}, inner {m.inner}, outer {m.outer}) "
-                        f"does not fit tensor {m.tensor!r} axis {m.axis} of length {shape[m.axis]}"
-                    )
+                problem = axis_problem(group, m, tuple(shapes[m.tensor]))
+                if problem:
+                    raise ValueError(problem)
 
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """One structured random permutation per group (identity for frozen groups)."""

@@ -74,6 +74,17 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     _add_verbosity(p)
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search recipe values (weights, densities, method, ...) with Ray Tune and Optuna")
+    p.add_argument("spec", help="search spec YAML: a base recipe, the space to search and the objective")
+    p.add_argument("out_dir", help="results folder: trials.csv/json, objective.png, best_recipe.yaml, ray/ (state)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (e.g. 10.0.0.1:6379 or auto); default: start Ray here")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default: the spec's search.trials)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once (and CPUs of the local Ray; default 1)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in out_dir")
+    _add_verbosity(p)
+
+
 def _add_trust(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="build architectures that a model's config.json names outside Suture's zoo (runs that code)")
@@ -94,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_push(sub)
     _add_app(sub)
+    _add_search(sub)
     return parser
 
 
@@ -200,7 +212,21 @@ def cmd_app(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "push": cmd_push, "app": cmd_app}
+def cmd_search(args: argparse.Namespace) -> int:
+    """`suture search`: Ray Tune trials; Tune's progress table unless --quiet. 130 when stopped early."""
+    from suture.recipes.search import load_search_spec
+    from suture.recipes.search_run import run_search
+
+    if args.workers < 1 or (args.trials is not None and args.trials < 1):
+        raise SystemExit("error: --workers and --trials must be at least 1")
+    spec = load_search_spec(args.spec)
+    result = run_search(spec, args.out_dir, address=args.address, trials=args.trials, workers=args.workers,
+                        resume=args.resume, verbose=0 if args.quiet else 2 if args.verbose else 1)
+    print(result.summary())
+    return 0 if result.finished else 130
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "push": cmd_push, "app": cmd_app, "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

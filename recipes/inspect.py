@@ -11,15 +11,9 @@ logger = logging.getLogger(__name__)
 
 def detect_family(names: list[str], config: dict | None) -> str | None:
     """The model family from config.json or tensor names (None when unknown)."""
-    try:
-        from suture.merge.graph.families import detect_family as detect
-    except ImportError:  # family specs not available in this build
-        detect = None
-    if detect is not None:
-        return detect(names, config)
-    if config and config.get("model_type"):
-        return str(config["model_type"])
-    return None
+    from suture.merge.graph.families import detect_family as detect
+
+    return detect(names, config)
 
 
 def inspect_model(ref: str, *, allow_pickle: bool = False, groups: bool = False, input_shape: list[int] | None = None,
@@ -61,7 +55,8 @@ def derive_groups(store, input_shape: list[int] | None = None, *, trust_remote_c
     except UntrustedCodeError:
         raise  # a refusal, not a missing feature: the command fails with the opt-in to use
     except SutureError as exc:
-        return {"error": str(exc)}
+        flag = {("input_shape",): " (give it with --input-shape, e.g. 1,3,32,32)"}.get(exc.field, "")
+        return {"error": f"{exc}{flag}"}
     return spec.describe()
 
 

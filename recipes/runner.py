@@ -2,7 +2,8 @@
 
 Order of work: validate the recipe (no tensor read), resolve model references, open lazy stores, check
 names and shapes across models, build the plan, stream it through the writer inside an atomic folder, then
-add config, tokenizer, the recipe as run, report.json and the model card. Progress goes to a callback
+add config and tokenizer; the artifact finisher (recipes/artifacts.py) then writes report.json, the recipe as
+run and the model card, and publishes the finished folder when the recipe asks. Progress goes to a callback
 ``progress(stage, done, total, detail)`` (tqdm in the CLI, st.progress in the app).
 """
 
@@ -21,12 +22,13 @@ import torch
 
 from suture.merge import __version__
 from suture.merge.align.engines import BuiltModel
-from suture.merge.errors import RecipeError
-from suture.merge.plan import execute_plan, infer_output, resolve_device
+from suture.merge.errors import InputError, OptionError, RecipeError, SutureError
+from suture.merge.execute import execute_plan, infer_output, resolve_device
+from suture.merge.report import NON_FINITE_LISTED, read_report
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from suture.recipes import steps
-from suture.recipes.planning import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
-from suture.recipes.publish import publish
+from suture.recipes.artifacts import finish, publish_output
+from suture.recipes.plan import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
 from suture.recipes.sections import parse_alignment, parse_evaluate, parse_publish
 from suture.recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-NON_FINITE_LISTED = 100  # tensor names kept in report.json's non_finite section (the count is exact)
 
 
 @dataclass
@@ -60,58 +61,43 @@ class RunResult:
     url: str | None = None  # set when the recipe's publish section pushed the result
 
     def summary(self) -> str:
-        """A few lines for the terminal."""
-        r = self.report
-        if "evaluate" in r and "source" in r:  # a stitch
-            head = (f"stitched {r['source']['model']} (layer {r['source']['layer']}) into {r['target']['model']} "
-                    f"(layer {r['target']['layer']}) with {r['method']} in {r.get('seconds_total', 0):.1f} s")
+        """A few lines for the terminal, read from the report.json the run wrote."""
+        r = read_report(self.out_dir)
+        if r.kind == "stitch":
+            head = (f"stitched {r.source.model} (layer {r.source.layer}) into {r.target.model} "
+                    f"(layer {r.target.layer}) with {r.method} in {r.seconds_total or 0:.1f} s")
             lines = [head, f"output: {self.out_dir}"] + [f"  {name}" for name in sorted(self.files)]
-            lines.append(f"evaluation on {r['evaluate']['data']} ({r['evaluate']['n']} items):")
-            for label, row in r["evaluate"]["results"].items():
-                acc = row.get("accuracy")
-                lines.append(f"  {label:<28} " + (f"accuracy {acc:.4f}" if acc is not None else f"skipped: {row.get('skipped')}"))
+            lines.append(f"evaluation on {r.evaluate.data} ({r.evaluate.n} items):")
+            for label, row in r.evaluate.results.items():
+                lines.append(f"  {label:<28} " + (f"accuracy {row.accuracy:.4f}" if row.accuracy is not None else f"skipped: {row.skipped}"))
             return "\n".join(lines)
-        if r.get("merge_method"):
-            head = (f"merged {r.get('tensors', 0)} tensors with {r.get('merge_method')} "
-                    f"({r.get('bytes_written', 0) / 1e6:,.1f} MB) in {r.get('seconds_total', 0):.1f} s on {r.get('device')}")
+        if r.merge_method:
+            head = (f"merged {r.tensors or 0} tensors with {r.merge_method} "
+                    f"({(r.bytes_written or 0) / 1e6:,.1f} MB) in {r.seconds_total or 0:.1f} s on {r.device}")
         else:
-            head = f"{r.get('alignment', {}).get('engine', 'built')}: {len(r.get('models', []))} models in {r.get('seconds_total', 0):.1f} s on {r.get('device')}"
+            head = f"{r.alignment.engine if r.alignment else 'built'}: {len(r.models)} models in {r.seconds_total or 0:.1f} s on {r.device}"
         lines = [head, f"output: {self.out_dir}"]
         lines += [f"  {name}" for name in sorted(self.files)]
-        problem = non_finite_problem(r)
+        problem = r.non_finite_problem()
         if problem:
             lines.append(f"warning: {problem}")
-        evaluation = r.get("evaluation")
+        evaluation = r.evaluation
         if evaluation:
-            lines.append(f"evaluation on {evaluation['data']} ({evaluation['split']}, {evaluation['items']} items):")
-            for key, m in evaluation.get("models", {}).items():
-                lines.append(f"  {key:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
-            for label in ("merged", "ensemble"):
-                if label in evaluation:
-                    m = evaluation[label]
-                    lines.append(f"  {label:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
-            for label, m in evaluation.get("baselines", {}).items():
-                lines.append(f"  {label:<28} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
-            for row in evaluation.get("stop_sweep", []):
+            lines.append(f"evaluation on {evaluation.data} ({evaluation.split}, {evaluation.items} items):")
+            rows = list(evaluation.models.items()) + [(label, m) for label, m in (("merged", evaluation.merged), ("ensemble", evaluation.ensemble)) if m]
+            for label, m in rows + list(evaluation.baselines.items()):
+                lines.append(f"  {label:<28} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}")
+            for row in evaluation.stop_sweep:
                 lines.append(f"  {'zip up to ' + str(row['stop_at']):<28} accuracy {row['accuracy']:.4f}")
-            for label, b in evaluation.get("barriers", {}).items():
-                mid = evaluation.get("midpoint_accuracy", {}).get(label)
+            for label, b in evaluation.barriers.items():
+                mid = evaluation.midpoint_accuracy.get(label)
                 mid_text = f", midpoint accuracy {mid:.4f}" if mid is not None else ""
-                lines.append(f"  {label + ' path':<28} loss barrier {b['loss']:.4f}{mid_text}")
+                lines.append(f"  {label + ' path':<28} loss barrier {b.loss:.4f}{mid_text}")
         if self.url:
             lines.append(f"published: {self.url}")
         return "\n".join(lines)
 
 
-def non_finite_problem(report: Mapping[str, Any]) -> str | None:
-    """One line when report.json records output tensors with NaN/Inf (such a result must not pass as good)."""
-    section = report.get("non_finite") or {}
-    if not section.get("count"):
-        return None
-    from suture.merge.writer import non_finite_summary
-
-    return (f"{section['count']} output tensor(s) contain NaN/Inf after the cast to the output dtype: "
-            f"{non_finite_summary(section.get('tensors', []), section['count'])}; rerun with --strict to refuse such output")
 
 
 def load(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
@@ -185,6 +171,15 @@ def _apply_blend(r: Recipe, blend: float, reference: str | None) -> Recipe:
     return parse_recipe(data, source=r.source)
 
 
+# Core errors name the setting at fault in their own terms (SutureError.field); these live at the recipe's top
+# level, every other one is an `alignment:` setting of the same name.
+_TOP_LEVEL_FIELDS = {"architecture"}
+
+
+def _recipe_key(field: tuple) -> tuple:
+    return field if field[0] in _TOP_LEVEL_FIELDS else ("alignment", *field)
+
+
 def run_recipe(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     out_dir: str | Path,
@@ -192,7 +187,18 @@ def run_recipe(
     *,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run a recipe end to end and return where the output went."""
+    """Run a recipe end to end and return where the output went (a core error names its recipe key and line)."""
+    r = load(recipe)
+    try:
+        return _run_recipe(r, out_dir, options, progress=progress)
+    except SutureError as exc:
+        if not exc.field or isinstance(exc, RecipeError) or r.stitch is not None:
+            raise
+        message, kind = (exc.message, InputError) if isinstance(exc, OptionError) else (str(exc), type(exc))
+        raise kind(f"{r.where(_recipe_key(exc.field))}: {message}") from None
+
+
+def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None, *, progress: Progress | None) -> RunResult:
     started = time.perf_counter()
     options = options or RunOptions()
     r = load(recipe)
@@ -242,6 +248,7 @@ def run_recipe(
                 store.close()
         files = list(shards) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
         files += _write_side_files(tmp, r, models, reference, n_layers, vocab, out_dtype)
+        library = _library_name(models.stores[reference].config)
         extra: dict[str, Any] = {}
         if outcome is not None:
             extra["alignment"] = {"engine": alignment.engine, **outcome.report()}
@@ -276,21 +283,16 @@ def run_recipe(
             **extra,
             "seconds_total": round(time.perf_counter() - started, 3),  # after evaluation, which can dominate
         }
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        files.append("report.json")
-        files.append(_write_card(tmp, r, models, report))
+        typed, written = finish(tmp, r, report, library_name=library)
+        files += written
     out = Path(out_dir).expanduser().resolve()
     logger.info("merged %d tensors into %s", stats.tensors, out)
-    result = RunResult(out, files, report)
-    if publish_section is not None:
-        result.url = publish(out, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
-    return result
+    return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, progress))
 
 
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
     """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
-    from suture.merge.card import write_model_card
-    from suture.stitch.pipeline import run_stitch, validate_stitch_section
+    from suture.recipes.stitch_section import run_stitch, validate_stitch_section
 
     if r.models or r.slices or r.merge_method:
         raise r.error(("stitch",), "a stitch recipe names its models in the stitch section; drop merge_method/models/slices")
@@ -300,28 +302,10 @@ def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progres
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
         report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options))
         report["seconds_total"] = round(time.perf_counter() - started, 3)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (tmp / "suture_recipe.yml").write_text(r.to_yaml())
-        source, target = r.stitch["source"], r.stitch["target"]
-        evaluation = {k: {m: v for m, v in row.items() if m in ("accuracy", "f1_macro", "skipped")}
-                      for k, row in report["evaluate"]["results"].items()}
-        write_model_card(
-            tmp,
-            inputs=[str(source["model"]), str(target["model"])],
-            method=f"stitch ({section.method})",
-            engine="stitching",
-            recipe_yaml=r.to_yaml(),
-            evaluation=evaluation,
-            plot_path="accuracy.png" if (tmp / "accuracy.png").is_file() else None,
-            stitched={"source": f"{source['model']} up to layer {source.get('layer')}",
-                      "target": f"{target['model']} from layer {target.get('layer')}", "method": section.method},
-            name=r.name,
-        )
+        typed, _ = finish(tmp, r, report)
         files = sorted(p.name for p in tmp.iterdir())
-    result = RunResult(Path(out_dir).expanduser().resolve(), files, report)
-    if publish_section is not None:
-        result.url = publish(result.out_dir, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
-    return result
+    out = Path(out_dir).expanduser().resolve()
+    return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, progress))
 
 
 def _run_built(r: Recipe, built: BuiltModel, evaluation_section, publish_section, models: OpenedModels, out_dir,
@@ -332,27 +316,19 @@ def _run_built(r: Recipe, built: BuiltModel, evaluation_section, publish_section
         evaluation = None
         if evaluation_section is not None and built.evaluate is not None:
             evaluation = built.evaluate(tmp, evaluation_section, progress)
-        (tmp / "suture_recipe.yml").write_text(r.to_yaml())
         report = {"suture_version": __version__, "merge_method": None, "models": list(models.refs), "device": str(device),
                   "alignment": dict(built.summary), **({"evaluation": evaluation} if evaluation else {}),
                   "seconds_total": round(time.perf_counter() - started, 3)}
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        from suture.merge.card import write_model_card
-
-        rows = built.card_rows(evaluation) if evaluation and built.card_rows else None
-        write_model_card(tmp, inputs=list(models.refs), method=built.engine, engine=built.engine, recipe_yaml=r.to_yaml(),
-                         evaluation=rows, plot_path=evaluation.get("plot") if evaluation else None, name=r.name)
+        typed, _ = finish(tmp, r, report, card_rows=built.card_rows)
         files = sorted(p.name for p in tmp.iterdir())
     for store in models.stores.values():
         store.close()
-    result = RunResult(Path(out_dir).expanduser().resolve(), files, report)
-    if publish_section is not None:
-        result.url = publish(result.out_dir, publish_section, (lambda f, m: progress("publish", int(f * 100), 100, m)) if progress else None)
-    return result
+    out = Path(out_dir).expanduser().resolve()
+    return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, progress))
 
 
 def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str, n_layers: int | None, vocab: Any, out_dtype: torch.dtype | None) -> list[str]:
-    """config.json (updated), generation config, tokenizer files and the recipe as run."""
+    """config.json (updated), generation config and tokenizer files (the finisher adds the recipe as run)."""
     written = []
     ref_folder = models.folder(reference)
     config = _output_config(models.stores[reference].config, r, n_layers, vocab, out_dtype, reference)
@@ -374,26 +350,10 @@ def _write_side_files(tmp: Path, r: Recipe, models: OpenedModels, reference: str
         apply_chat_template(r.chat_template, {k: models.folder(k) for k in models.refs}, tmp)
         if "tokenizer_config.json" not in written:
             written.append("tokenizer_config.json")
-    (tmp / "suture_recipe.yml").write_text(r.to_yaml())
-    written.append("suture_recipe.yml")
     return written
 
 
-def _write_card(tmp: Path, r: Recipe, models: OpenedModels, report: dict[str, Any]) -> str:
-    from suture.merge.card import write_model_card
-
-    config = models.stores[reference_key(r)].config or {}
-    library = "transformers" if config.get("architectures") and "suture_architecture" not in config else None
-    evaluation = report.get("evaluation")
-    write_model_card(
-        tmp,
-        inputs=[str(ref) for ref in r.referenced_models()],
-        method=r.merge_method or "",
-        engine=report["alignment"]["engine"] if "alignment" in report else None,
-        recipe_yaml=r.to_yaml(),
-        evaluation=steps.evaluation_rows(evaluation) if evaluation else None,
-        plot_path=evaluation.get("plot") if evaluation else None,
-        library_name=library,
-        name=r.name,
-    )
-    return "README.md"
+def _library_name(config: Mapping[str, Any] | None) -> str | None:
+    """The card's library_name: transformers for a transformers config, none for a zoo/recipe architecture."""
+    config = config or {}
+    return "transformers" if config.get("architectures") and "suture_architecture" not in config else None

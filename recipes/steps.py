@@ -257,16 +257,3 @@ def _permutation_path(spec: Any, ref_store: TensorStore, ref_state: dict, other_
     return permute_state(other_state, spec, match.perms)
 
 
-def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the model card's evaluation table: models under loss/accuracy, paths under their own
-    "loss barrier" and "midpoint accuracy" columns (a barrier is not a loss, so it never sits under one)."""
-    from suture.merge.evaluate import shown_barrier
-
-    rows = [{"model": key, **{k: round(v, 4) for k, v in m.items()}} for key, m in evaluation.get("models", {}).items()]
-    rows.append({"model": "merged", **{k: round(v, 4) for k, v in evaluation["merged"].items()}})
-    mids = evaluation.get("midpoint_accuracy", {})
-    for label, b in evaluation.get("barriers", {}).items():
-        loss = shown_barrier(b.get("loss"))
-        rows.append({"model": f"{label} path", "loss barrier": "" if loss is None else round(loss, 4),
-                     **({"midpoint accuracy": round(mids[label], 4)} if label in mids else {})})
-    return rows

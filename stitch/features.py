@@ -31,6 +31,7 @@ from torch import nn
 
 from suture.merge.data import CalibrationData, Inputs, encode_texts, inputs_to, iter_batches
 from suture.merge.errors import InputError
+from suture.merge.measure import Site, capture, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -552,29 +553,17 @@ def capture_module_features(
     if missing:
         sample = [n for n in found if n][:12]
         raise InputError(f"no submodule named {missing}; the model has e.g. {sample}")
-    store: dict[str, list[torch.Tensor]] = {s: [] for s in submodules}
-    handles = []
 
-    def hook(name: str) -> Callable:
-        def grab(_m: nn.Module, _args: Any, output: Any) -> None:
-            t = output[0] if isinstance(output, (tuple, list)) else output
-            t = getattr(t, "last_hidden_state", t)
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"submodule {name!r} returned a {type(output).__name__}, not a tensor")
-            t = t.detach().float().cpu()
-            store[name].append(flatten_features(t) if flatten else t)
+    def shape(t: torch.Tensor) -> torch.Tensor:
+        t = t.float().cpu()
+        return flatten_features(t) if flatten else t
 
-        return grab
-
-    was_training = module.training
-    module.eval().to(device)
-    try:
-        for s in submodules:
-            handles.append(found[s].register_forward_hook(hook(s)))
+    sites = {s: Site(s, "output", shape, f"submodule {s!r}") for s in submodules}
+    module.to(device)
+    with eval_mode(module), capture(module, sites, keep="all", unwrap=True) as store:
         for batch in _batches(inputs, batch_size):
             run_module(module, inputs_to(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-    return {s: torch.cat(v) for s, v in store.items()}
+    silent = [s for s in submodules if s not in store]
+    if silent:
+        raise InputError(f"submodule(s) {silent} did not run on the data")
+    return {s: torch.cat(store[s]) for s in submodules}

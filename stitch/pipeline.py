@@ -1,27 +1,19 @@
-"""The recipe's ``stitch:`` section, executed: fit a stitch between two models, evaluate it, save the artifact.
+"""Stitching two models end to end: fit a stitch between them, evaluate it, save the artifact.
 
-Section shape (validated with pydantic before any model or data is touched; errors name the key, e.g.
-``stitch.source.layer``)::
-
-    stitch:
-      source: {model: demo:mlp-seed1, layer: 2}          # layer: index, negative index, stage name; default: penultimate
-      target: {model: demo:mlp-seed2, layer: 2}          # HF encoders: pooling: mean|cls, max_length
-      method: procrustes    # relative | procrustes | linear | ortho_linear | affine | ot | learned
-      options: {}           # constructor options of the method (translator / RelativeProjector / learned ridge)
-      anchors: {count: 256, selection: random, data: sklearn:digits, split: train, seed: 0, tokens: false}
-      head: {kind: auto, weight_decay: auto}   # auto | model | logistic | linear; data/split (default: the anchors' data)
-      learned: {epochs: 0, lr: 0.001, batch_size: 64}    # fine-tuning of the learned stitch (A, B frozen)
-      evaluate: {data: sklearn:digits, split: test, compare: [relative, learned], similarity: true, plot: true}
-      plan: {method: learned, pairs: [[1, 1], [2, 2]]}   # optional: score (i, j) cut pairs
+`stitch_models` takes a validated stitch configuration (the recipe's ``stitch:`` section, whose schema lives
+in :mod:`suture.recipes.stitch_section`): source and target (model, layer, pooling), method and options,
+anchors, head, learned fine-tuning, evaluation and an optional cut-pair plan. A wrong setting raises
+:class:`~suture.merge.errors.OptionError` whose ``field`` names the setting (e.g. ``("source", "layer")``),
+so a caller can point at its own key.
 
 The stitched model (A's prefix, the stitch, B's suffix or head) is written to ``<out>/stitched/``;
 ``<out>/report.json`` holds accuracy and macro F1 of source-only, target-only, naive absolute stitching,
 the stitch and every compared method, CKA at the cut and the layer-similarity matrix; plots are
 ``similarity.png`` (CKA heatmap) and ``accuracy.png`` (accuracy by method).
 
-``anchors.tokens: true`` (two Hugging Face encoders with the same tokenizer) fits translators and the
-learned stitch on every token state of the anchor texts: a d-wide space needs more than d anchors to
-pin down a map, and a few dozen texts give thousands of tokens.
+Token anchors (two Hugging Face encoders with the same tokenizer) fit translators and the learned stitch on
+every token state of the anchor texts: a d-wide space needs more than d anchors to pin down a map, and a
+few dozen texts give thousands of tokens.
 
 ``procrustes`` and ``ortho_linear`` default here to ``scale="global"`` (one scale per side), which keeps
 them exact for a rotated and rescaled copy of a space; pass ``options: {scale: feature}`` for the
@@ -30,18 +22,16 @@ per-feature standardisation of Maiorca et al.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from suture.merge.data import CalibrationData, load_dataset
-from suture.merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, OptionError
 from suture.stitch.anchors import select_anchors
 from suture.stitch.features import Chain, flatten_features, load_chain
 from suture.stitch.heads import train_head
@@ -53,134 +43,15 @@ from suture.stitch.stitched import RelativeStitch, StitchedModel, classification
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "StitchSection", "run_stitch", "validate_stitch_section"]
+__all__ = ["METHODS", "PLAN_METHODS", "make_estimator", "stitch_models"]
 
-Method = Literal["relative", "procrustes", "linear", "ortho_linear", "affine", "ot", "learned"]
 METHODS = ("relative", "procrustes", "linear", "ortho_linear", "affine", "ot", "learned")
-DataSpec = StrictStr | dict[str, Any]
+PLAN_METHODS = tuple(m for m in METHODS if m != "relative")  # cut-pair scoring fits translators or learned stitches
 Progress = Callable[[str, int, int, str], None]
-Where = Callable[[tuple], str]
-_DEFAULT_DATA = "sklearn:digits"
 
 
-# --------------------------------------------------------------------------------------------------
-# schema
-
-
-class _S(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSide(_S):
-    """`source:` / `target:`: a model reference and the layer to cut at."""
-
-    model: StrictStr
-    layer: StrictInt | StrictStr | None = None
-    pooling: Literal["mean", "cls"] = "mean"
-    max_length: StrictInt = Field(128, ge=2)
-
-
-class AnchorsSection(_S):
-    """`anchors:`: how many parallel anchors, how they are picked, from which data."""
-
-    count: StrictInt = Field(256, ge=1)
-    selection: Literal["random", "stratified", "farthest", "kmeans"] = "random"
-    data: DataSpec = _DEFAULT_DATA
-    split: Literal["train", "test", "all"] = "train"
-    max_items: StrictInt | None = Field(None, ge=1)
-    seed: StrictInt = 0
-    tokens: StrictBool = False
-
-
-class HeadSection(_S):
-    """`head:`: use the target's own layers after the cut, or train a linear/logistic head on its features.
-
-    ``weight_decay: auto`` picks the L2 strength by cross-validation on the head's training features; every
-    trained head of the run (target, source-only baseline, relative) is fitted with the same setting.
-    """
-
-    kind: Literal["auto", "model", "logistic", "linear"] = "auto"
-    data: DataSpec | None = None
-    split: Literal["train", "test", "all"] = "train"
-    max_items: StrictInt | None = Field(None, ge=1)
-    weight_decay: StrictFloat | StrictInt | StrictStr = "auto"
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _weight_decay(cls, value: float | int | str) -> float | int | str:
-        if value == "auto" or (not isinstance(value, str) and value >= 0):
-            return value
-        raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
-
-
-class LearnedSection(_S):
-    """`learned:`: fine-tuning of the learned stitch after its closed-form initialisation."""
-
-    epochs: StrictInt = Field(0, ge=0)
-    lr: StrictFloat = Field(1e-3, gt=0)
-    batch_size: StrictInt = Field(64, ge=1)
-    seed: StrictInt = 0
-
-
-class EvaluateSection(_S):
-    """`evaluate:`: held-out data, methods to compare, similarity heatmap and plots."""
-
-    data: DataSpec | None = None
-    split: Literal["train", "test", "all"] = "test"
-    max_items: StrictInt | None = Field(None, ge=1)
-    batch_size: StrictInt = Field(256, ge=1)
-    compare: list[Method] = Field(default_factory=list)
-    similarity: StrictBool = True
-    plot: StrictBool = True
-
-
-class PlanSection(_S):
-    """`plan:`: score candidate (source layer, target layer) pairs."""
-
-    method: Literal["procrustes", "linear", "ortho_linear", "affine", "ot", "learned"] = "learned"
-    pairs: list[list[StrictInt]] | None = None
-    source_layers: list[StrictInt] | None = None
-    target_layers: list[StrictInt] | None = None
-
-
-class StitchSection(_S):
-    """The whole `stitch:` section."""
-
-    source: ModelSide
-    target: ModelSide
-    method: Method
-    options: dict[str, Any] = Field(default_factory=dict)
-    anchors: AnchorsSection = Field(default_factory=AnchorsSection)
-    head: HeadSection = Field(default_factory=HeadSection)
-    learned: LearnedSection = Field(default_factory=LearnedSection)
-    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
-    plan: PlanSection | None = None
-    save: StrictBool = True
-
-
-def _label(path: tuple, where: Where | None) -> str:
-    return where(path) if where else ".".join(str(p) for p in path)
-
-
-def _error(path: tuple, message: str, where: Where | None) -> RecipeError:
-    return RecipeError(f"{_label(path, where)}: {message}")
-
-
-def validate_stitch_section(section: Any, where: Where | None = None) -> StitchSection:
-    """Validate a `stitch:` mapping (types, allowed values, method options); errors name keys like stitch.source.layer."""
-    if not isinstance(section, Mapping):
-        raise _error(("stitch",), f"expected a mapping with source, target and method, got {type(section).__name__}", where)
-    try:
-        cfg = StitchSection.model_validate(dict(section))
-    except ValidationError as exc:
-        problems = [f"{_label(('stitch', *err['loc']), where)}: {err['msg']}" for err in exc.errors()]
-        raise RecipeError("; ".join(problems)) from None
-    # Method options are checked by building the (unfitted) estimator now, not after minutes of work.
-    try:
-        _make_estimator(cfg.method, cfg.options)
-    except (TypeError, InputError) as exc:
-        raise _error(("stitch", "options"), f"does not fit method {cfg.method!r} ({exc})", where) from None
-    return cfg
+def _error(field: tuple, message: str) -> OptionError:
+    return OptionError(field, message)
 
 
 def _method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,7 +61,8 @@ def _method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _make_estimator(method: str, options: Mapping[str, Any]) -> Any:
+def make_estimator(method: str, options: Mapping[str, Any]) -> Any:
+    """The unfitted estimator of a stitch method (None for `learned`); wrong options raise TypeError or InputError."""
     opts = _method_options(method, options)
     if method == "relative":
         return RelativeProjector(**opts)
@@ -206,11 +78,11 @@ def _make_estimator(method: str, options: Mapping[str, Any]) -> Any:
 # helpers
 
 
-def _load_data(spec: Any, split: str, max_items: int | None, tokenizer: Any, key: tuple, where: Where | None) -> CalibrationData:
+def _load_data(spec: Any, split: str, max_items: int | None, tokenizer: Any, key: tuple) -> CalibrationData:
     try:
         data = load_dataset(spec, split=split, tokenizer=tokenizer, max_items=max_items)  # type: ignore[arg-type]
     except InputError as exc:
-        raise _error(key, str(exc), where) from None
+        raise _error(key, str(exc)) from None
     return data
 
 
@@ -279,20 +151,20 @@ def _figure_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Pa
 # the run
 
 
-def run_stitch(
-    section: Mapping[str, Any] | StitchSection,
+def stitch_models(
+    cfg: Any,
     out_dir: str | Path,
     *,
     device: str = "cpu",
     progress: Progress | None = None,
-    where: Where | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Execute a `stitch:` section: write <out>/stitched/, <out>/report.json and plots; return the report.
+    """Fit, evaluate and save a stitch: write <out>/stitched/, <out>/report.json and plots; return the report.
 
-    `trust_remote_code` lets the models' own files name architecture code outside Suture's zoo.
+    `cfg` is a validated stitch configuration (:class:`suture.recipes.stitch_section.StitchSection` or an
+    object with its fields). `trust_remote_code` lets the models' own files name architecture code outside
+    Suture's zoo. Settings that do not fit the models or data raise OptionError naming the setting.
     """
-    cfg = section if isinstance(section, StitchSection) else validate_stitch_section(section, where)
     out = Path(out_dir)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -301,53 +173,53 @@ def run_stitch(
         if progress:
             progress(name, done, total, detail)
 
-    # -- models and cut points (errors name the recipe key) ---------------------------------------
+    # -- models and cut points (errors name the setting) -------------------------------------------
     step("load", 0, 2, cfg.source.model)
     chains = []
     for side, spec in (("source", cfg.source), ("target", cfg.target)):
         try:
             chains.append(load_chain(spec.model, pooling=spec.pooling, max_length=spec.max_length, trust_remote_code=trust_remote_code))
-        except (InputError, RecipeError) as exc:
-            raise _error(("stitch", side, "model"), str(exc), where) from None
+        except InputError as exc:
+            raise _error((side, "model"), str(exc)) from None
     A, B = chains
     step("load", 2, 2, cfg.target.model)
     try:
         i = A.resolve_layer(cfg.source.layer, "layer")
     except InputError as exc:
-        raise _error(("stitch", "source", "layer"), str(exc), where) from None
+        raise _error(("source", "layer"), str(exc)) from None
     try:
         j = B.resolve_layer(cfg.target.layer, "layer")
     except InputError as exc:
-        raise _error(("stitch", "target", "layer"), str(exc), where) from None
+        raise _error(("target", "layer"), str(exc)) from None
     if i == 0 and A.kind != "hf":
-        raise _error(("stitch", "source", "layer"), "layer 0 is the raw input; cut after at least one layer", where)
+        raise _error(("source", "layer"), "layer 0 is the raw input; cut after at least one layer")
     head_kind = cfg.head.kind
     if head_kind == "auto":
         head_kind = "model" if B.has_head else "logistic"
     if head_kind == "model" and not B.has_head:
-        raise _error(("stitch", "head", "kind"), "the target is an encoder without a classifier; use logistic or linear", where)
+        raise _error(("head", "kind"), "the target is an encoder without a classifier; use logistic or linear")
     if cfg.method == "learned" and head_kind != "model" and cfg.learned.epochs > 0:
         logger.info("learned stitch fine-tuned through a trained head (the target has no head of its own)")
 
     # -- data ---------------------------------------------------------------------------------------
     tok = _tokenizer(A, B)
-    anchors_data = _load_data(cfg.anchors.data, cfg.anchors.split, cfg.anchors.max_items, tok, ("stitch", "anchors", "data"), where)
+    anchors_data = _load_data(cfg.anchors.data, cfg.anchors.split, cfg.anchors.max_items, tok, ("anchors", "data"))
     head_data = anchors_data
     if cfg.head.data is not None:
-        head_data = _load_data(cfg.head.data, cfg.head.split, cfg.head.max_items, tok, ("stitch", "head", "data"), where)
+        head_data = _load_data(cfg.head.data, cfg.head.split, cfg.head.max_items, tok, ("head", "data"))
     eval_spec = cfg.evaluate.data if cfg.evaluate.data is not None else cfg.anchors.data
-    eval_data = _load_data(eval_spec, cfg.evaluate.split, cfg.evaluate.max_items, tok, ("stitch", "evaluate", "data"), where)
+    eval_data = _load_data(eval_spec, cfg.evaluate.split, cfg.evaluate.max_items, tok, ("evaluate", "data"))
     if eval_data.labels is None:
-        raise _error(("stitch", "evaluate", "data"), "evaluation needs labelled data", where)
+        raise _error(("evaluate", "data"), "evaluation needs labelled data")
     if cfg.anchors.count > len(anchors_data):
-        raise _error(("stitch", "anchors", "count"), f"{cfg.anchors.count} anchors asked for, but the anchor data has only {len(anchors_data)} items", where)
+        raise _error(("anchors", "count"), f"{cfg.anchors.count} anchors asked for, but the anchor data has only {len(anchors_data)} items")
     if cfg.anchors.tokens and not (A.kind == "hf" and B.kind == "hf"):
-        raise _error(("stitch", "anchors", "tokens"), "token anchors need two Hugging Face encoders", where)
+        raise _error(("anchors", "tokens"), "token anchors need two Hugging Face encoders")
     if cfg.anchors.selection == "stratified" and anchors_data.labels is None:
-        raise _error(("stitch", "anchors", "selection"), "stratified selection needs labelled anchor data", where)
+        raise _error(("anchors", "selection"), "stratified selection needs labelled anchor data")
     needs_labels = head_kind != "model" or cfg.method == "relative" or "relative" in cfg.evaluate.compare or cfg.learned.epochs > 0
     if needs_labels and head_data.labels is None:
-        raise _error(("stitch", "head", "data"), "training a head (or fine-tuning) needs labelled data", where)
+        raise _error(("head", "data"), "training a head (or fine-tuning) needs labelled data")
     timings["load"] = time.perf_counter() - t0
 
     # -- features -------------------------------------------------------------------------------------
@@ -357,7 +229,7 @@ def run_stitch(
     fa_anchor_all = A.features(anchors_data, i, batch_size=bs, device=device)[i]
     fb_anchor_all = B.features(anchors_data, j, batch_size=bs, device=device)[j]
     if fa_anchor_all.shape[0] != fb_anchor_all.shape[0]:
-        raise _error(("stitch", "anchors", "data"), f"anchors are not parallel: A gave {fa_anchor_all.shape[0]} rows, B {fb_anchor_all.shape[0]}", where)
+        raise _error(("anchors", "data"), f"anchors are not parallel: A gave {fa_anchor_all.shape[0]} rows, B {fb_anchor_all.shape[0]}")
     if head_data is anchors_data:
         fa_head, fb_head = fa_anchor_all, fb_anchor_all
     else:
@@ -386,17 +258,16 @@ def run_stitch(
         ta = A.features(sub, i, batch_size=bs, device=device, tokens=True)[i]
         tb = B.features(sub, j, batch_size=bs, device=device, tokens=True)[j]
         if ta.shape[0] != tb.shape[0]:
-            raise _error(("stitch", "anchors", "tokens"), f"token anchors are not parallel: A's tokenizer gave {ta.shape[0]} tokens, B's {tb.shape[0]}", where)
+            raise _error(("anchors", "tokens"), f"token anchors are not parallel: A's tokenizer gave {ta.shape[0]} tokens, B's {tb.shape[0]}")
         token_anchors = (ta, tb)
     else:
         token_anchors = None
     if cfg.method in ("procrustes", "ortho_linear") and _width(flatten_features(xa[:1])) != _width(flatten_features(xb[:1])):
         if not _method_options(cfg.method, cfg.options).get("allow_padding", True):
             raise _error(
-                ("stitch", "options", "allow_padding"),
+                ("options", "allow_padding"),
                 f"source layer {i} has width {xa.shape[1]} and target layer {j} width {xb.shape[1]}; "
                 "zero-padding is needed but allow_padding is false",
-                where,
             )
 
     # -- the target side: own suffix or a trained head ----------------------------------------------
@@ -460,7 +331,7 @@ def run_stitch(
                     model = make_stitched(A, i, st, target=B, target_layer=j, info=info)
         except InputError as exc:
             if m == cfg.method:
-                raise _error(("stitch", "method"), f"{m}: {exc}", where) from None
+                raise _error(("method",), f"{m}: {exc}") from None
             results[m] = {"accuracy": None, "f1_macro": None, "skipped": str(exc)}
             continue
         model.eval()
@@ -500,7 +371,7 @@ def run_stitch(
                 method=p.method, batch_size=bs, device=device,
             )
         except InputError as exc:
-            raise _error(("stitch", "plan"), str(exc), where) from None
+            raise _error(("plan",), str(exc)) from None
         step("plan", 1, 1, "")
     if cfg.evaluate.plot:
         plots.append(_figure_accuracy(results, out / "accuracy.png").name)
@@ -512,6 +383,8 @@ def run_stitch(
         report["artifact"] = "stitched"
     timings["total"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from suture.merge.report import write_report
+
+    write_report(out, report)  # the typed report.json every reader reads
     logger.info("stitch %s: %s", cfg.method, {k: v.get("accuracy") for k, v in results.items()})
     return report

@@ -5,7 +5,8 @@ scatter matrices X^T X, Y^T Y, X^T Y (plus, for the unbiased CKA estimator, a fe
 norms). One code path therefore serves in-memory tensors (a single "batch") and streams of batches
 (:class:`StreamingSimilarity`). An n x n Gram matrix is formed only to shrink in-memory features that
 are wider than they are many (an exact reduction for every metric but PWCCA) and in
-:class:`MinibatchCKA`, which follows the minibatch estimator of Nguyen et al. (2021).
+:class:`MinibatchCKA`, which follows the minibatch estimator of Nguyen et al. (2021). Linear CKA and the
+HSIC estimators themselves live in :mod:`merge.measure`, shared with depth alignment.
 
 Conventions:
 
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from suture.merge.errors import InputError
+from suture.merge.measure import as_features, cka_from_hsic, cka_from_scatter, hsic_unbiased_gram, hsic_unbiased_sums, linear_cka
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +61,6 @@ EIG_RTOL = 1e-10
 
 # --------------------------------------------------------------------------------------------------
 # input handling
-
-
-def _as_features(x: Any, what: str) -> torch.Tensor:
-    """Return `x` as a 2-D float64 tensor (n, features); trailing axes are flattened."""
-    t = torch.as_tensor(x)
-    if t.ndim == 0:
-        raise InputError(f"{what}: expected a (n, features) tensor, got a scalar")
-    if t.ndim == 1:
-        t = t.unsqueeze(1)
-    elif t.ndim > 2:
-        t = t.reshape(t.shape[0], -1)
-    if t.shape[1] == 0:
-        raise InputError(f"{what}: has zero features (shape {tuple(t.shape)})")
-    if not (t.is_floating_point() or t.is_complex()):
-        t = t.to(_DTYPE)
-    if t.is_complex():
-        raise InputError(f"{what}: complex features are not supported")
-    t = t.to(_DTYPE)
-    if not bool(torch.isfinite(t).all()):
-        raise InputError(f"{what}: contains NaN or infinite values")
-    return t
 
 
 def _centre_and_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -198,54 +179,15 @@ class _CrossStats:
             self.bx += b @ xs
 
 
-def _hsic_u_from_sums(
-    n: int,
-    sxy: torch.Tensor,
-    sx: torch.Tensor,
-    sy: torch.Tensor,
-    sum_a: float,
-    sum_b: float,
-    sum_ab: float,
-    ay: torch.Tensor,
-    bx: torch.Tensor,
-) -> float:
-    """Unbiased HSIC (Song et al., 2012) of linear kernels from Gram-free sums.
-
-    With K = X X^T, L = Y Y^T, K~ and L~ their copies with zeroed diagonals, a_i = |x_i|^2, b_i = |y_i|^2:
-    tr(K~L~) = |X^T Y|_F^2 - sum a_i b_i;  1^T K~ 1 = |sum x|^2 - sum a_i;
-    1^T K~ L~ 1 = sx^T (X^T Y) sy - sy^T (sum a_i y_i) - sx^T (sum b_i x_i) + sum a_i b_i.
-    """
-    tr_kl = float((sxy * sxy).sum()) - sum_ab
-    k1 = float(sx @ sx) - sum_a
-    l1 = float(sy @ sy) - sum_b
-    kl1 = float(sx @ (sxy @ sy)) - float(sy @ ay) - float(sx @ bx) + sum_ab
-    return (tr_kl + k1 * l1 / ((n - 1) * (n - 2)) - 2.0 * kl1 / (n - 2)) / (n * (n - 3))
-
-
-def hsic_unbiased_gram(K: torch.Tensor, L: torch.Tensor) -> float:
-    """Unbiased HSIC estimator (Song et al., 2012) from two n x n Gram matrices (n >= 4)."""
-    n = K.shape[0]
-    if n < 4:
-        raise InputError(f"unbiased HSIC needs at least 4 samples, got {n}")
-    K = K.to(_DTYPE).clone()
-    L = L.to(_DTYPE).clone()
-    K.fill_diagonal_(0.0)
-    L.fill_diagonal_(0.0)
-    k1 = K.sum(dim=1)
-    l1 = L.sum(dim=1)
-    value = float((K * L).sum()) + float(k1.sum()) * float(l1.sum()) / ((n - 1) * (n - 2)) - 2.0 * float(k1 @ l1) / (n - 2)
-    return value / (n * (n - 3))
-
-
 def _pair_moments(a: _SideStats, b: _SideStats, c: _CrossStats) -> Moments:
     """Centred moments of one (A-layer, B-layer) pair from running sums."""
     n = a.n
     sxy = c.S - torch.outer(a.s, b.s) / n
     hsic = None
     if a.unbiased and n >= 4:
-        hxy = _hsic_u_from_sums(n, c.S, a.s, b.s, a.sum_a, b.sum_a, c.sum_ab, c.ay, c.bx)
-        hxx = _hsic_u_from_sums(n, a.S, a.s, a.s, a.sum_a, a.sum_a, a.sum_a2, a.ax, a.ax)
-        hyy = _hsic_u_from_sums(n, b.S, b.s, b.s, b.sum_a, b.sum_a, b.sum_a2, b.ax, b.ax)
+        hxy = hsic_unbiased_sums(n, c.S, a.s, b.s, a.sum_a, b.sum_a, c.sum_ab, c.ay, c.bx)
+        hxx = hsic_unbiased_sums(n, a.S, a.s, a.s, a.sum_a, a.sum_a, a.sum_a2, a.ax, a.ax)
+        hyy = hsic_unbiased_sums(n, b.S, b.s, b.s, b.sum_a, b.sum_a, b.sum_a2, b.ax, b.ax)
         hsic = (hxy, hxx, hyy)
     return Moments(n, a.centred_scatter(), b.centred_scatter(), sxy, hsic)
 
@@ -267,12 +209,7 @@ def _range(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cka_biased(m: Moments) -> float:
-    num = float((m.sxy * m.sxy).sum())
-    den = math.sqrt(float((m.sxx * m.sxx).sum()) * float((m.syy * m.syy).sum()))
-    if not den > 0.0:
-        logger.warning("linear CKA: a feature set has zero variance (n=%d); returning 0", m.n)
-        return 0.0
-    return min(max(num / den, 0.0), 1.0)
+    return cka_from_scatter(m.sxy, m.sxx, m.syy)
 
 
 def _cka_unbiased(m: Moments) -> float:
@@ -280,12 +217,7 @@ def _cka_unbiased(m: Moments) -> float:
         raise InputError(f"unbiased CKA needs at least 4 samples, got {m.n}")
     if m.hsic_u is None:
         raise InputError("unbiased CKA: these moments were accumulated without unbiased statistics")
-    hxy, hxx, hyy = m.hsic_u
-    if not (hxx > 0.0 and hyy > 0.0):
-        logger.warning("unbiased CKA: self-HSIC is not positive (n=%d, %.3g, %.3g); returning 0", m.n, hxx, hyy)
-        return 0.0
-    # The unbiased estimator may go slightly negative for independent features; keep its sign.
-    return min(max(hxy / math.sqrt(hxx * hyy), -1.0), 1.0)
+    return cka_from_hsic(*m.hsic_u, unbiased=True)
 
 
 def _cca(
@@ -510,7 +442,7 @@ class StreamingSimilarity:
         return len(self._a), len(self._b)
 
     def _convert(self, x: Any, what: str) -> torch.Tensor:
-        t = _as_features(x, what)
+        t = as_features(x, what)
         device = self.device if self.device is not None else torch.as_tensor(x).device
         return t.to(device=device, dtype=self.dtype)
 
@@ -593,8 +525,8 @@ class MinibatchCKA:
 
     def update(self, feats_a: Sequence[Any] | Any, feats_b: Sequence[Any] | Any) -> "MinibatchCKA":
         """Add one batch of per-layer features of A and B."""
-        la = [_as_features(x, f"features of A, layer {i}") for i, x in enumerate(_as_layer_list(feats_a, "features of A"))]
-        lb = [_as_features(y, f"features of B, layer {j}") for j, y in enumerate(_as_layer_list(feats_b, "features of B"))]
+        la = [as_features(x, f"features of A, layer {i}") for i, x in enumerate(_as_layer_list(feats_a, "features of A"))]
+        lb = [as_features(y, f"features of B, layer {j}") for j, y in enumerate(_as_layer_list(feats_b, "features of B"))]
         counts = {x.shape[0] for x in la + lb}
         if len(counts) != 1:
             raise InputError(f"batch {self.batches + self.skipped}: layers have different sample counts {sorted(counts)}")
@@ -644,8 +576,8 @@ class MinibatchCKA:
 def _accumulate_in_memory(
     feats_a: list[Any], feats_b: list[Any], met: Metric
 ) -> StreamingSimilarity:
-    xa = [_as_features(x, f"features of A, layer {i}") for i, x in enumerate(feats_a)]
-    xb = [_as_features(y, f"features of B, layer {j}") for j, y in enumerate(feats_b)]
+    xa = [as_features(x, f"features of A, layer {i}") for i, x in enumerate(feats_a)]
+    xb = [as_features(y, f"features of B, layer {j}") for j, y in enumerate(feats_b)]
     counts = {x.shape[0] for x in xa + xb}
     if len(counts) != 1:
         detail = ", ".join(f"A[{i}]={x.shape[0]}" for i, x in enumerate(xa))
@@ -668,11 +600,6 @@ def similarity(x: Any, y: Any, metric: str | Metric = "cka", **kwargs: Any) -> S
     acc = _accumulate_in_memory([x], [y], met)
     value = met.from_moments(acc.moments(0, 0), **kwargs)
     return SimilarityResult(met.name, float(value), acc.n, met.higher_is_more_similar)
-
-
-def linear_cka(x: Any, y: Any, unbiased: bool = False) -> float:
-    """Linear CKA between two feature sets (biased, or unbiased HSIC estimator)."""
-    return similarity(x, y, "cka_unbiased" if unbiased else "cka").value
 
 
 def svcca(x: Any, y: Any, keep_variance: float = 0.99, keep_dims: int | None = None) -> float:

@@ -15,7 +15,7 @@ from suture.merge.align.weight_matching import weight_matching
 from suture.merge.data import CalibrationData
 from suture.merge.errors import AlignmentError, InputError
 from suture.merge.graph.trace import Tap, spec_from_module
-from suture.merge.zoo import train
+from suture.merge.demo import train
 from suture.merge.spec import permute_state
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM
 from tests.test_weight_matching import GQAttention, attention_spec
@@ -85,8 +85,8 @@ def test_feature_stats_match_direct_computation():
     torch.testing.assert_close(stats.cross_corr(), joint[:5, 5:], atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(stats.joint_corr(), joint, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(stats.self_corr("b"), joint[5:, 5:], atol=1e-10, rtol=1e-9)
-    torch.testing.assert_close(stats.mean_a, xa.double().mean(0))
-    torch.testing.assert_close(stats.std_b, xb.double().std(0, unbiased=False))
+    torch.testing.assert_close(stats.a.mean, xa.double().mean(0))
+    torch.testing.assert_close(stats.b.std, xb.double().std(0, unbiased=False))
     torch.testing.assert_close(stats.cross_cov(), torch.cov(torch.cat([xa, xb], 1).T.double(), correction=0)[:5, 5:])
     assert stats.cross_corr().argmax(1).tolist() == [1, 3, 0, 4, 2]
     single = FeatureStats(5, paired=False)

@@ -63,11 +63,22 @@ def load_example(at: AppTest, name: str) -> dict:
     return at.session_state[state.RECIPE]
 
 
+def finish_job(at: AppTest) -> AppTest:
+    """Wait for the session's background job (app/jobs.py) to end, then rerun the page to show its outcome."""
+    from suture.app.jobs import JobStore
+    from suture.app.ui import ACTIVE_JOB
+
+    JobStore(at.session_state[state.WORKSPACE]).wait(at.session_state[ACTIVE_JOB], timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
 def run_demo_merge(at: AppTest, example: str | None = None) -> dict:
     if example:
         load_example(at, example)
     at.switch_page("views/align_merge.py").run()
-    click(at, "am.run")
+    finish_job(click(at, "am.run"))
     assert not at.error, [e.value for e in at.error]
     return at.session_state[state.LAST_RUN]
 
@@ -293,7 +304,7 @@ def test_demo_merge_shows_the_barrier_plot_and_is_reused(ws):
     at.radio(key="am.eval_metric").set_value("loss").run()
     assert not at.exception and at.session_state[state.LAST_RUN] == last
     # the same recipe again: the finished folder is reused
-    click(at, "am.run")
+    finish_job(click(at, "am.run"))
     again = at.session_state[state.LAST_RUN]
     assert again["cached"] and again["out_dir"] == last["out_dir"]
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
@@ -465,7 +476,7 @@ def test_bad_recipes_and_failing_runs_show_readable_errors(ws, tmp_path):
     at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(mixed).run()
     click(at, "recipe.apply")
     assert state.referenced_refs(at.session_state[state.RECIPE]) == [(ws.root / "models" / n).as_posix() for n in ("a.safetensors", "b.safetensors")]
-    click(at, "recipe.run")
+    finish_job(click(at, "recipe.run"))
     assert any("different shapes" in e.value for e in at.error), [e.value for e in at.error]
     assert at.status[0].state == "error" and not list(ws.outputs.iterdir())
 
@@ -478,7 +489,7 @@ def test_non_finite_merge_is_shown_as_failed_not_as_a_success(ws):
     at = start("recipe")
     at.text_area(key=state.widget_key(at.session_state, "recipe.text")).set_value(text).run()
     click(at, "recipe.apply")
-    click(at, "recipe.run")
+    finish_job(click(at, "recipe.run"))
     assert any("NaN/Inf" in e.value and "layers.0.weight" in e.value for e in at.error), [e.value for e in at.error]
     assert at.status[0].state == "error"
     assert state.LAST_RUN not in at.session_state
@@ -497,7 +508,7 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
     alpha.set_value(0.4).run()
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"]["alpha"] == 0.4 and "merge_method" not in recipe
-    click(at, "am.run")
+    finish_job(click(at, "am.run"))
     assert not at.error, [e.value for e in at.error]
     report = at.session_state[state.LAST_RUN]["report"]
     assert report["alignment"]["engine"] == "zipit" and report["alignment"]["alpha"] == 0.4
@@ -519,13 +530,13 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
 
 
 def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
-    from suture.merge import zoo
+    from suture.merge import demo, zoo
     from suture.merge.data import load_dataset
 
     data = load_dataset("sklearn:digits", split="train")
     for name, widths, seed in (("narrow", [64, 32, 32, 10], 1), ("wide", [64, 48, 48, 10], 2)):
         module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths)
-        zoo.train(module, data, epochs=8, seed=seed)
+        demo.train(module, data, epochs=8, seed=seed)
         zoo.save_module(module, ws.root / "models" / name, "suture.merge.zoo:mlp", {"widths": widths})
     text = ("name: ot-widths\nmerge_method: linear\nmodels:\n  - model: models/narrow\n    parameters: {weight: 0.5}\n"
             "  - model: models/wide\n    parameters: {weight: 0.5}\nalignment: {engine: ot, data: sklearn:digits}\n"
@@ -538,7 +549,7 @@ def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
     [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn").run()
     [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0].set_value(0.05).run()
     assert at.session_state[state.RECIPE]["alignment"]["solver"] == "sinkhorn"
-    click(at, "am.run")
+    finish_job(click(at, "am.run"))
     assert not at.error, [e.value for e in at.error]
     report = at.session_state[state.LAST_RUN]["report"]
     assert report["alignment"]["engine"] == "ot"

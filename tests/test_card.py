@@ -311,13 +311,15 @@ def test_method_is_required():
 
 
 def test_demo_inputs_and_barrier_rows_are_labelled_for_what_they_are():
-    from suture.recipes.steps import evaluation_rows
+    from suture.merge.card import report_card
+    from suture.merge.report import as_report
 
     evaluation = {"models": {"demo:mlp-seed1": {"loss": 0.0957, "accuracy": 0.9861}},
                   "merged": {"loss": 0.112, "accuracy": 0.9777},
                   "barriers": {"naive": {"loss": 0.52971, "accuracy": 0.05}, "aligned": {"loss": 2e-9, "accuracy": 0.0}},
                   "midpoint_accuracy": {"naive": 0.9387, "aligned": 0.9777}}
-    text = build_model_card(inputs=["demo:mlp-seed1", "demo:mlp-seed2"], method="linear", evaluation=evaluation_rows(evaluation))
+    report = as_report({"merge_method": "linear", "models": ["demo:mlp-seed1", "demo:mlp-seed2"], "evaluation": evaluation})
+    text = build_model_card(**report_card(report))
     # a barrier is not a loss: its rows fill the barrier column, and rounding noise reads 0
     assert "| model | loss | accuracy | loss barrier | midpoint accuracy |" in text
     assert "| naive path |  |  | 0.5297 | 0.9387 |" in text and "| aligned path |  |  | 0 | 0.9777 |" in text

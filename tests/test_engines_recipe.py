@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).parents[1] / "recipes" / "examples"
 @pytest.fixture(scope="module")
 def mlps(tmp_path_factory):
     """Digits MLPs: two of width 128 (seeds 1, 2), one of width 192, one with 3 hidden layers."""
-    from suture.merge import zoo
+    from suture.merge import demo, zoo
     from suture.merge.data import load_dataset
 
     root = tmp_path_factory.mktemp("ot-mlps")
@@ -26,7 +26,7 @@ def mlps(tmp_path_factory):
     for name, widths, seed in (("a", [64, 128, 128, 10], 1), ("b", [64, 128, 128, 10], 2),
                                ("wide", [64, 192, 192, 10], 3), ("deep", [64, 128, 128, 128, 10], 4)):
         module = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=widths)
-        zoo.train(module, data, epochs=20, seed=seed)
+        demo.train(module, data, epochs=20, seed=seed)
         out[name] = zoo.save_module(module, root / name, "suture.merge.zoo:mlp", {"widths": widths})
     return out
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suture.merge import zoo
+from suture.merge import demo, zoo
 from suture.merge.data import CalibrationData, load_dataset
 from suture.merge.errors import InputError
 from suture.merge.evaluate import barrier, evaluate, interpolate_states, interpolation_curve
@@ -188,7 +188,7 @@ def test_plot_writes_png_with_two_panels(tmp_path):
 @pytest.fixture(scope="session")
 def demo_pair(tmp_path_factory):
     # Shared base temp dir: the pair is trained once per session whichever test module asks first.
-    paths = zoo.demo_models(tmp_path_factory.getbasetemp() / "suture-demo-zoo", "mlp")
+    paths = demo.demo_models(tmp_path_factory.getbasetemp() / "suture-demo-zoo", "mlp")
     return [zoo.load_module(p) for p in paths]
 
 

@@ -508,3 +508,46 @@ def test_weight_matching_recovers_planted_permutation_minilm():
     spec = spec_from_store(open_store(folder))  # names, shapes and config.json straight from the folder
     assert spec.family == "bert" and len(spec.active_groups()) == 12
     _assert_recovers(spec, state, seed=11)
+
+
+TOY_FAMILY = '''
+"""A toy family: `enc.<i>.lin` linear layers of one width, chained (for the discovery test)."""
+
+from suture.merge.graph.families_common import Family, SpecBuilder, layer_indices, suffix_rule
+
+
+def build_toy(b: SpecBuilder, config) -> None:
+    names = list(b.shapes)
+    idx = layer_indices(names, "enc.")
+    for i in idx[:-1]:
+        b.add(f"h{i}", f"enc.{i}.lin.weight", 0, "out", required=True)
+        b.add(f"h{i}", f"enc.{i}.lin.bias", 0, "out")
+        b.add(f"h{i}", f"enc.{i + 1}.lin.weight", 1, "in", required=True)
+
+
+FAMILY = Family(("toy",), build_toy, suffix_rule(".toy_marker", "toy"), aliases=("toy-net",))
+'''
+
+
+def test_a_new_family_is_one_module(tmp_path, monkeypatch):
+    """A `families_<name>.py` beside the others is found, detected by config and by names, and builds a checked spec."""
+    from suture.merge import graph
+    from suture.merge.graph import families
+
+    (tmp_path / "families_toy.py").write_text(TOY_FAMILY)
+    monkeypatch.setattr(graph, "__path__", [*graph.__path__, str(tmp_path)])
+    found = families._discover()
+    monkeypatch.setattr(families, "_FAMILIES", found)
+    monkeypatch.setattr(families, "FAMILIES", {t: f for f in found for t in f.model_types})
+    monkeypatch.setattr(families, "ALIASES", {a: f.name for f in found for a in f.aliases})
+    try:
+        assert [f.name for f in found][-1] == "chain"  # the fallback is still asked last
+        shapes = {"enc.0.lin.weight": (8, 4), "enc.0.lin.bias": (8,), "enc.1.lin.weight": (3, 8), "enc.1.lin.bias": (3,)}
+        assert detect_family(shapes, {"model_type": "toy"}) == "toy"
+        assert detect_family([*shapes, "x.toy_marker"], None) == "toy"
+        spec = spec_from_names(shapes, None, "toy-net")
+        assert {g.name: g.size for g in spec} == {"h0": 8}
+        assert "toy" in families.supported_families() and "llama" in families.supported_families()
+    finally:
+        import sys
+        sys.modules.pop("suture.merge.graph.families_toy", None)

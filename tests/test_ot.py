@@ -15,7 +15,8 @@ from suture.merge.errors import AlignmentError, InputError
 from suture.merge.evaluate import evaluate
 from suture.merge.graph.trace import spec_from_module
 from suture.merge.spec import Member, PermGroup, PermutationSpec, permute_state
-from suture.merge.zoo import mlp, resnet_small, train
+from suture.merge.demo import train
+from suture.merge.zoo import mlp, resnet_small
 
 W = [64, 128, 128, 10]
 WIDE = [64, 192, 192, 10]

@@ -18,7 +18,8 @@ from suture.merge.align.depth import (
 from suture.merge.data import load_dataset
 from suture.merge.errors import AlignmentError, InputError
 from suture.merge.evaluate import evaluate
-from suture.merge.zoo import mlp, resnet_small, train
+from suture.merge.demo import train
+from suture.merge.zoo import mlp, resnet_small
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from suture.merge import zoo
+from suture.merge import demo, zoo
 from suture.merge.data import CalibrationData, load_dataset
 from suture.merge.errors import InputError
 from suture.merge.evaluate import evaluate, interpolate_states, interpolation_curve
@@ -186,7 +186,7 @@ def test_interpolation_curve_with_repair_matches_manual_repair():
 @pytest.fixture(scope="session")
 def demo_pair(tmp_path_factory):
     # Shared base temp dir: the pair is trained once per session whichever test module asks first.
-    paths = zoo.demo_models(tmp_path_factory.getbasetemp() / "suture-demo-zoo", "mlp")
+    paths = demo.demo_models(tmp_path_factory.getbasetemp() / "suture-demo-zoo", "mlp")
     return [zoo.load_module(p) for p in paths]
 
 

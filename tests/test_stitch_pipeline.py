@@ -11,8 +11,8 @@ import torch
 from suture.merge.data import load_dataset
 from suture.merge.errors import RecipeError
 from suture.merge.evaluate import evaluate
-from suture.merge.zoo import demo_models
-from suture.stitch.pipeline import run_stitch, validate_stitch_section
+from suture.merge.demo import demo_models
+from suture.recipes.stitch_section import run_stitch, validate_stitch_section
 from suture.stitch.stitched import load_stitched
 
 

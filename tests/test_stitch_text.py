@@ -25,7 +25,7 @@ from suture.merge.errors import RecipeError  # noqa: E402
 from suture.stitch.features import chain_inputs, load_chain  # noqa: E402
 from suture.stitch.heads import train_head  # noqa: E402
 from suture.stitch.learned import fit_linear_stitch  # noqa: E402
-from suture.stitch.pipeline import run_stitch  # noqa: E402
+from suture.recipes.stitch_section import run_stitch  # noqa: E402
 from suture.stitch.relative import RelativeProjector  # noqa: E402
 from suture.stitch.similarity import linear_cka  # noqa: E402
 from suture.stitch.stitched import RelativeStitch, TranslatorStitch, evaluate_stitched, load_stitched, make_stitched, predict  # noqa: E402

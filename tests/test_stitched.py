@@ -12,7 +12,8 @@ from torch import nn
 from suture.merge.data import load_dataset
 from suture.merge.errors import InputError
 from suture.merge.evaluate import evaluate
-from suture.merge.zoo import build_architecture, demo_models, resnet_small
+from suture.merge.demo import demo_models
+from suture.merge.zoo import build_architecture, resnet_small
 from suture.stitch.anchors import select_anchors
 from suture.stitch.features import capture_module_features, chain_from_module, load_chain
 from suture.stitch.heads import head_accuracy, train_head

@@ -17,7 +17,7 @@ from suture.merge.data import CalibrationData
 from suture.merge.errors import AlignmentError
 from suture.merge.graph.trace import spec_from_module
 from suture.merge.align.ot import _sum_units, map_axis
-from suture.merge.zoo import train
+from suture.merge.demo import train
 from suture.merge.spec import Member, PermGroup, PermutationSpec, expand_index, permute_state, unit_matrix
 from suture.merge.align.zipit import apply_units
 from tests.test_trace_spec import CNN, MLP, ResNet, SwiGLU, TinyLM, _randomize

@@ -18,7 +18,8 @@ from suture.merge.multihead import MultiHeadModel, is_multihead, load_multihead,
 from suture.merge.spec import permute_state
 from suture.merge.align.zipit import apply_units, lstsq_unmerge, resolve_stop, save_zip_result, zip_models
 from suture.merge.align.zipit_match import identity_match, permute_match, zip_match
-from suture.merge.zoo import build_seeded, load_module, train
+from suture.merge.demo import train
+from suture.merge.zoo import build_seeded, load_module
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +276,9 @@ class _Ensemble(nn.Module):
 def five_plus_five():
     """Per architecture: two models trained on digits 0-4 and 5-9 from different seeds, and the data.
 
-    The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.zoo.TASK_TRAINING["resnet"]).
+    The ResNets are trained exactly as ``demo:task-resnet-*`` (merge.demo.TASK_TRAINING["resnet"]).
     """
-    from suture.merge.zoo import TASK_DATA, TASK_TRAINING
+    from suture.merge.demo import TASK_DATA, TASK_TRAINING
 
     train_sets = [_half("0-4", "train", 0), _half("5-9", "train", 5)]
     test = load_dataset("sklearn:digits", split="test")

@@ -10,9 +10,9 @@ import torch
 import torch.fx
 from safetensors.torch import save_file
 
-from suture.merge import zoo
+from suture.merge import demo, zoo
 from suture.merge.data import load_dataset
-from suture.merge.errors import InputError, RecipeError
+from suture.merge.errors import InputError, UntrustedCodeError
 from suture.merge.evaluate import evaluate
 
 TINY = (64, 32, 10)
@@ -26,7 +26,7 @@ def demo_cache(tmp_path_factory):
 
 def _train_tiny(seed: int, epochs: int = 2, max_items: int | None = 400) -> torch.nn.Module:
     model = zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=TINY)
-    zoo.train(model, load_dataset("sklearn:digits", split="train", max_items=max_items), epochs=epochs, seed=seed)
+    demo.train(model, load_dataset("sklearn:digits", split="train", max_items=max_items), epochs=epochs, seed=seed)
     return model
 
 
@@ -51,7 +51,7 @@ def test_training_learns():
 
 def test_target_accuracy_stops_early():
     model = zoo.build_seeded("mlp", 0, widths=TINY)
-    history = zoo.train(
+    history = demo.train(
         model, load_dataset("sklearn:digits", split="train"), epochs=50, seed=0,
         eval_data=load_dataset("sklearn:digits"), target_accuracy=0.9,
     )
@@ -96,7 +96,7 @@ def test_build_architecture_references():
     ],
 )
 def test_build_architecture_errors(ref, kwargs, fragment):
-    with pytest.raises(RecipeError, match=fragment):
+    with pytest.raises(InputError, match=fragment):
         zoo.build_architecture(ref, **kwargs)
 
 
@@ -135,14 +135,14 @@ def test_load_module_errors(tmp_path):
 
 
 def test_demo_models_cache_and_rebuild(tmp_path):
-    first = zoo.demo_models(tmp_path, "mlp", seeds=(1, 2), epochs=1, widths=[64, 16, 10])
+    first = demo.demo_models(tmp_path, "mlp", seeds=(1, 2), epochs=1, widths=[64, 16, 10])
     assert [p.name.split("-")[:2] for p in first] == [["mlp", "seed1"], ["mlp", "seed2"]]
     assert all(len(p.name.split("-")) == 3 for p in first)  # non-default settings get a hash suffix
     config = json.loads((first[0] / "config.json").read_text())
     assert config["suture_architecture"] == {"factory": "suture.merge.zoo:mlp", "kwargs": {"widths": [64, 16, 10]}}
     assert config["suture_demo"]["recipe"]["seed"] == 1 and config["suture_demo"]["recipe"]["epochs"] == 1
     stamp = os.stat(first[0] / "model.safetensors").st_mtime_ns
-    again = zoo.demo_models(tmp_path, "mlp", seeds=(1, 2), epochs=1, widths=[64, 16, 10])
+    again = demo.demo_models(tmp_path, "mlp", seeds=(1, 2), epochs=1, widths=[64, 16, 10])
     assert again == first and os.stat(first[0] / "model.safetensors").st_mtime_ns == stamp
     a, b = (zoo.load_module(p) for p in first)
     acc = evaluate(a, load_dataset("sklearn:digits"))["accuracy"]
@@ -150,11 +150,11 @@ def test_demo_models_cache_and_rebuild(tmp_path):
     assert not torch.equal(a.layers[0].weight, b.layers[0].weight)
     assert not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(InputError, match="demo kind 'gpt'"):
-        zoo.demo_models(tmp_path, "gpt")
+        demo.demo_models(tmp_path, "gpt")
 
 
 def test_real_demo_pair_reaches_target_accuracy(demo_cache):
-    paths = zoo.demo_models(demo_cache, "mlp")
+    paths = demo.demo_models(demo_cache, "mlp")
     assert [p.name for p in paths] == ["mlp-seed1", "mlp-seed2"]
     test = load_dataset("sklearn:digits")
     for path in paths:
@@ -165,14 +165,14 @@ def test_real_demo_pair_reaches_target_accuracy(demo_cache):
 
 
 def test_demo_resnet_trains(tmp_path):
-    paths = zoo.demo_models(tmp_path, "resnet", seeds=(1,), epochs=4)  # the default is 20 epochs (≈0.99)
+    paths = demo.demo_models(tmp_path, "resnet", seeds=(1,), epochs=4)  # the default is 20 epochs (≈0.99)
     model = zoo.load_module(paths[0])
     assert isinstance(model, zoo.ResNetSmall)
     assert evaluate(model, load_dataset("sklearn:digits?shape=image"))["accuracy"] >= 0.95
 
 
 def test_demo_finetunes_specialise(tmp_path):
-    folders = zoo.demo_finetunes(tmp_path)
+    folders = demo.demo_finetunes(tmp_path)
     assert set(folders) == {"base", "ft_0_4", "ft_5_9"}
     low, high = load_dataset("sklearn:digits?classes=0-4"), load_dataset("sklearn:digits?classes=5-9")
     base, ft_low, ft_high = (zoo.load_module(folders[k]) for k in ("base", "ft_0_4", "ft_5_9"))
@@ -184,3 +184,24 @@ def test_demo_finetunes_specialise(tmp_path):
     assert sb.keys() == sl.keys() and not torch.equal(sb["layers.0.weight"], sl["layers.0.weight"])
     config = json.loads((folders["ft_0_4"] / "config.json").read_text())
     assert config["suture_demo"]["recipe"]["data"] == "sklearn:digits?classes=0-4"
+
+
+@pytest.mark.parametrize("factory", ["suture.merge.zoo:mlp", "merge.zoo:mlp", "merge.zoo:resnet_small", "mlp"])
+def test_saved_factory_references_keep_loading(tmp_path, factory):
+    """Configs saved before and after the namespace move (and the factories/demo split) rebuild the same module."""
+    kwargs = {"widths": list(TINY)} if "resnet" not in factory else {"width": 4, "num_classes": 3}
+    model = zoo.build_seeded(factory, 0, **kwargs)
+    folder = zoo.save_module(model, tmp_path / "m", factory, kwargs)
+    # no trust opt-in: the old spelling is recognised as the zoo's own factory, not foreign code
+    loaded = zoo.load_module(folder)
+    assert type(loaded) is type(model) and type(model).__module__ == "suture.merge.zoo"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert zoo.canonical_factory(factory).startswith("suture.merge.zoo:") or factory == "mlp"
+    # training lives in suture.merge.demo; the factories module stays importable without it
+    assert not hasattr(zoo, "train") and not hasattr(zoo, "demo_models") and callable(demo.train)
+
+
+def test_foreign_factory_in_a_saved_config_still_needs_trust(tmp_path):
+    zoo.save_module(zoo.mlp(TINY), tmp_path / "m", "tests._user_models:small_cnn", {})
+    with pytest.raises(UntrustedCodeError, match="tests._user_models:small_cnn"):
+        zoo.load_module(tmp_path / "m")

@@ -13,12 +13,8 @@ st.caption(
     "model B's (latent translation, or relative representations) and see how well it carries over to held-out data."
 )
 
-try:
-    metrics = services.metrics_catalogue()
-    translators = services.translators()
-except ImportError:
-    st.warning(f"Stitching is {services.NOT_AVAILABLE}.")
-    st.stop()
+metrics = services.metrics_catalogue()
+translators = services.translators()
 
 runnable = [r for r in ss[state.LIBRARY] if ui.model_kind(r) != "hub" and services.runnable(r)]
 if len(runnable) < 1:
@@ -95,11 +91,7 @@ else:
 
 # ------------------------------------------------------------------------------------------------ run the stitch
 st.subheader("Run the stitch")
-try:
-    from suture.stitch.pipeline import METHODS as STITCH_METHODS
-except ImportError:
-    st.info(f"Running a stitched model end to end (A up to the cut, the map, then B) is {services.NOT_AVAILABLE}.")
-    st.stop()
+from suture.recipes.stitch_section import METHODS as STITCH_METHODS  # noqa: E402 - a Streamlit page runs top to bottom
 
 given = ss[state.RECIPE].get("stitch")
 if isinstance(given, dict):
@@ -126,7 +118,7 @@ else:
         "evaluate": {"data": ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)},
     }
     if use_planner:
-        from suture.stitch.pipeline import PlanSection
+        from suture.recipes.stitch_section import PlanSection
 
         planner_methods = PlanSection.model_fields["method"].annotation.__args__
         section["plan"] = {"method": run_method if run_method in planner_methods else "procrustes"}

@@ -201,11 +201,12 @@ def _align(request: AlignRequest):
     from suture.merge.hf_module import HFArchitecture, hf_taps
 
     if request.data is None:
-        raise AlignmentError("activation matching needs calibration data: set alignment.data (e.g. sklearn:digits)")
+        raise AlignmentError("activation matching needs calibration data (e.g. sklearn:digits)", field=("data",))
 
     def match(spec, ref_store, store, arch, step):
         if arch is None:
-            raise AlignmentError("activation matching needs a runnable architecture (`architecture:` in the recipe, or a model saved by Suture's zoo)")
+            raise AlignmentError("activation matching needs a runnable architecture (a package.module:factory, or a model saved by "
+                                 "Suture's zoo)", field=("architecture",))
         batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
         module_a = load_module(ref_store, arch)
         # transformers models are not traced: the family spec's members say where each group shows

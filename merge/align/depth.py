@@ -26,23 +26,11 @@ import torch
 from torch import nn
 
 from suture.merge.data import CalibrationData, iter_batches
-from suture.merge.errors import AlignmentError, InputError
+from suture.merge.errors import AlignmentError, InputError, OptionError
+from suture.merge.measure import linear_cka
 from suture.merge.zoo import MLP
 
 logger = logging.getLogger(__name__)
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features (rows = samples)."""
-    if x.shape[0] != y.shape[0]:
-        raise InputError(f"CKA needs the same samples for both layers, got {x.shape[0]} and {y.shape[0]} rows")
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    num = (y.T @ x).pow(2).sum()
-    den = (x.T @ x).norm() * (y.T @ y).norm()
-    if float(den) <= 0:
-        return 0.0  # a constant layer carries no similarity
-    return float((num / den).clamp(0.0, 1.0))
 
 
 def _require_mlp(module: nn.Module, label: str) -> MLP:
@@ -163,7 +151,7 @@ def balance_depths(module_a: nn.Module, module_b: nn.Module, data: CalibrationDa
     if a.widths[0] != b.widths[0] or a.widths[-1] != b.widths[-1]:
         raise AlignmentError(f"the models' inputs/outputs differ: {a.widths[0]}->{a.widths[-1]} vs {b.widths[0]}->{b.widths[-1]}")
     if not isinstance(data, CalibrationData) or len(data) == 0:
-        raise InputError("depth alignment needs calibration data (CKA on activations): set alignment.data")
+        raise OptionError(("data",), "depth alignment needs calibration data (CKA on activations)")
     fa, fb = hidden_features(a, data, max_items=max_items), hidden_features(b, data, max_items=max_items)
     a_shallow = len(fa) <= len(fb)
     shallow, deep = (fa, fb) if a_shallow else (fb, fa)
@@ -193,9 +181,9 @@ def fuse_depths(
     from suture.merge.graph.trace import spec_from_module
 
     if not 0.0 <= blend <= 1.0:
-        raise InputError(f"alignment.blend must be in [0, 1], got {blend}")
+        raise OptionError(("blend",), f"must be in [0, 1], got {blend}")
     if ot_options.get("target_widths"):
-        raise InputError("alignment.target_widths is not supported together with different depths")
+        raise OptionError(("target_widths",), "is not supported together with different depths")
     a, b, info = balance_depths(module_a, module_b, data, max_items=max_items)
     x = data.inputs[:2]
     spec_a, spec_b = spec_from_module(a, x), spec_from_module(b, x)

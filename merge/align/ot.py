@@ -44,7 +44,7 @@ from suture.merge.align.ot_solve import (
     solve_plan,
 )
 from suture.merge.align.weight_matching import tensor_accessor
-from suture.merge.errors import AlignmentError, InputError
+from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, unit_matrix
 
 logger = logging.getLogger(__name__)
@@ -217,17 +217,17 @@ def _maps_from_plan(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_options(ground_metric: str, distance: str, solver: str, marginals: str, reg: float, max_iter: int, stop_thr: float) -> None:
     if ground_metric not in ("weights", "activations"):
-        raise InputError(f"alignment.ground_metric {ground_metric!r}: expected 'weights' or 'activations'")
+        raise OptionError(("ground_metric",), f"{ground_metric!r}: expected 'weights' or 'activations'")
     if distance not in ("euclidean", "cosine"):
-        raise InputError(f"alignment.distance {distance!r}: expected 'euclidean' or 'cosine'")
+        raise OptionError(("distance",), f"{distance!r}: expected 'euclidean' or 'cosine'")
     if solver not in ("emd", "sinkhorn"):
-        raise InputError(f"alignment.solver {solver!r}: expected 'emd' or 'sinkhorn'")
+        raise OptionError(("solver",), f"{solver!r}: expected 'emd' or 'sinkhorn'")
     if marginals not in ("uniform", "activation"):
-        raise InputError(f"alignment.marginals {marginals!r}: expected 'uniform' or 'activation'")
+        raise OptionError(("marginals",), f"{marginals!r}: expected 'uniform' or 'activation'")
     if solver == "sinkhorn" and not reg > 0:
-        raise InputError(f"alignment.reg must be > 0 for sinkhorn, got {reg}")
+        raise OptionError(("reg",), f"must be > 0 for sinkhorn, got {reg}")
     if max_iter < 1 or not stop_thr > 0:
-        raise InputError(f"alignment.max_iter must be >= 1 and stop_thr > 0, got {max_iter} and {stop_thr}")
+        raise OptionError(("max_iter",), f"must be >= 1 and stop_thr > 0, got {max_iter} and {stop_thr}")
 
 
 def check_compatible(
@@ -313,8 +313,8 @@ def ot_align(
     if target_widths:
         _check_targets(spec_a, target_widths)
         if ground_metric == "activations" or marginals == "activation":
-            raise InputError("alignment.target_widths works with ground_metric: weights and marginals: uniform only "
-                             "(the compressed reference has no recorded activations)")
+            raise OptionError(("target_widths",), "works with ground_metric: weights and marginals: uniform only "
+                              "(the compressed reference has no recorded activations)")
     check_compatible(spec_a if not target_widths else _resized(spec_a, target_widths), spec_b, names_a, names_b,
                      lambda n: _target_shape(spec_a, target_widths, n, shape_a(n)), shape_b)
     needs_data = ground_metric == "activations" or marginals == "activation"
@@ -322,10 +322,10 @@ def ot_align(
     if needs_data:
         what = "ground_metric: activations" if ground_metric == "activations" else "marginals: activation"
         if not activations:
-            raise InputError(f"alignment.{what} needs calibration data (alignment.data), and none was given")
+            raise OptionError(("data",), f"{what} needs calibration data, and none was given")
         missing = [g for g in solved if g not in activations]
         if missing:
-            raise InputError(f"alignment.{what}: no activations were captured for groups {missing[:3]} "
+            raise InputError(f"{what}: no activations were captured for groups {missing[:3]} "
                              "(are they reached by the calibration inputs?)")
     options = dict(ground_metric=ground_metric, distance=distance, normalize=normalize, solver=solver, reg=reg,
                    max_iter=max_iter, stop_thr=stop_thr, marginals=marginals, device=str(device))
@@ -413,7 +413,7 @@ def transport_state(
 def fuse_states(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], blend: float = 0.5) -> dict[str, torch.Tensor]:
     """blend * A + (1 - blend) * B for same-shaped floating tensors (others from A)."""
     if not 0.0 <= blend <= 1.0:
-        raise InputError(f"alignment.blend must be in [0, 1], got {blend}")
+        raise OptionError(("blend",), f"must be in [0, 1], got {blend}")
     out = {}
     for name, a in state_a.items():
         if name not in state_b:
@@ -431,14 +431,14 @@ def fuse_states(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch
 def _check_targets(spec: PermutationSpec, target_widths: Mapping[str, int]) -> None:
     for name, width in target_widths.items():
         if name not in spec.groups:
-            raise InputError(f"alignment.target_widths names group {name!r}, which the model does not have "
-                             f"(groups: {list(spec.groups)[:8]})")
+            raise OptionError(("target_widths",), f"names group {name!r}, which the model does not have "
+                                                   f"(groups: {list(spec.groups)[:8]})")
         g = spec.groups[name]
         if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= g.size:
-            raise InputError(f"alignment.target_widths[{name!r}] = {width!r}: expected an integer between 1 and the "
-                             f"reference width {g.size}")
+            raise OptionError(("target_widths", name), f"{width!r}: expected an integer between 1 and the "
+                                                         f"reference width {g.size}")
         if g.frozen or g.kind != "free":
-            raise InputError(f"alignment.target_widths[{name!r}]: group is {'frozen' if g.frozen else g.kind} and cannot be narrowed")
+            raise OptionError(("target_widths", name), f"group is {'frozen' if g.frozen else g.kind} and cannot be narrowed")
 
 
 def _resized(spec: PermutationSpec, target_widths: Mapping[str, int]) -> PermutationSpec:
@@ -550,15 +550,15 @@ def align_with_ot(
     """Collect activation moments when the options need them, transport B; returns (narrowed reference or None, B in the reference basis, result)."""
     unknown = sorted(set(options) - set(OT_OPTIONS))
     if unknown:
-        raise InputError(f"alignment: unknown option(s) {unknown} for engine ot; expected some of {list(OT_OPTIONS)}")
+        raise InputError(f"unknown option(s) {unknown} for engine ot; expected some of {list(OT_OPTIONS)}")
     needs = options.get("ground_metric") == "activations" or options.get("marginals") == "activation"
     activations = None
     if needs:
         if module_a is None or module_b is None:
-            raise InputError("alignment.ground_metric: activations / marginals: activation need runnable models "
-                             "(`architecture:` in the recipe, or models saved by Suture's zoo)")
+            raise OptionError(("ground_metric",), "activations / marginals: activation need runnable models "
+                              "(a named architecture, or models saved by Suture's zoo)")
         if batches is None or example_input is None:
-            raise InputError("alignment.ground_metric: activations / marginals: activation need calibration data (alignment.data)")
+            raise OptionError(("data",), "ground_metric: activations / marginals: activation need calibration data")
         # validate everything else before running the models
         _check_options(options.get("ground_metric", "weights"), options.get("distance", "euclidean"),
                        options.get("solver", "emd"), options.get("marginals", "uniform"), options.get("reg", DEFAULT_REG),
@@ -660,7 +660,7 @@ def _align(request: AlignRequest) -> AlignmentOutcome:
                                kind="transported")
     others = [k for k in stores if k != reference]
     if ot_options.get("target_widths") and len(others) != 1:
-        raise AlignmentError("alignment.target_widths: compression is defined for one reference and one other model")
+        raise AlignmentError("compression is defined for one reference and one other model", field=("target_widths",))
     example = example_input(data, settings.input_shape) if (data is not None or settings.input_shape) else None
     for i, key in enumerate(others):
         if progress:
@@ -714,7 +714,8 @@ def _fuse_depths(stores, reference, key, settings: OTOptions, arch_ref, arch_b, 
     if len(stores) != 2 or arch_ref is None or arch_b is None:
         raise AlignmentError("models of different depths fuse only as a pair of runnable MLPs (suture.merge.zoo:mlp)")
     if data is None:
-        raise AlignmentError("fusing models of different depths aligns layers by CKA on activations: set alignment.data")
+        raise AlignmentError("fusing models of different depths aligns layers by CKA on activations: give calibration data",
+                             field=("data",))
     options = {k: v for k, v in settings.solver_options().items() if k != "target_widths"}
     fused = fuse_depths(load_module(stores[reference], arch_ref), load_module(stores[key], arch_b), data,
                         blend=settings.blend, **options)

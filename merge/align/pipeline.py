@@ -107,7 +107,7 @@ def align_models(
     """Align every model to `reference` with the engine `options` names (see merge.align.engines)."""
     engine = get_engine(options.engine)
     if reference not in stores:
-        raise AlignmentError(f"alignment.reference {reference!r} is not one of the recipe's models {list(stores)}")
+        raise AlignmentError(f"{reference!r} is not one of the models {list(stores)}", field=("reference",))
     request = AlignRequest(stores, reference, options, architecture=architecture, data=data, device=device,
                            progress=progress, trust_remote_code=trust_remote_code)
     return engine.align(request)

@@ -20,7 +20,7 @@ from suture.merge.align import MatchResult
 from suture.merge.align.assignment import assignment_score, timed_assign
 from suture.merge.threads import single_threaded_if_small
 from suture.merge.errors import AlignmentError, InputError
-from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem, expand_index, unit_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,9 @@ class WeightCosts:
         for group in self.groups:
             for m in self.used[group.name]:
                 ndim = self.a[m.tensor].dim()
-                if not -ndim <= m.axis < ndim:
-                    raise AlignmentError(f"group {group.name!r}: tensor {m.tensor!r} has no axis {m.axis}")
-                expected = axis_length(group.size, m)
-                if self.a[m.tensor].shape[m.axis] != expected:
-                    raise AlignmentError(
-                        f"group {group.name!r} (size {group.size}) does not fit tensor {m.tensor!r} axis {m.axis} "
-                        f"of length {self.a[m.tensor].shape[m.axis]}"
-                    )
+                problem = axis_problem(group, m, self.a[m.tensor].shape)
+                if problem:
+                    raise AlignmentError(problem)
                 self.axes.setdefault(m.tensor, {})[m.axis % ndim] = (group, m)
 
     def permuted_b(self, name: str, perms: Mapping[str, torch.Tensor], skip_axis: int | None = None) -> torch.Tensor:

@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,15 +50,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from suture.merge.activations import unit_features
 from suture.merge.data import Inputs, inputs_to
 from suture.merge.evaluate import model_logits
-from suture.merge.errors import AlignmentError, InputError
+from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.graph.trace import Tap, trace_module
+from suture.merge.measure import DeadUnits, RunningMoments, capture, eval_mode, tap_site
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
-from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length
 from suture.merge.align.zipit_match import MATCHERS, ZipMatch, match
+from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def zip_models(
     if len(modules) < 2:
         raise InputError(f"zipit needs at least two models, got {len(modules)}")
     if matcher not in MATCHERS:
-        raise InputError(f"alignment.matcher {matcher!r}: expected one of {', '.join(MATCHERS)}")
+        raise OptionError(("matcher",), f"{matcher!r}: expected one of {', '.join(MATCHERS)}")
     if heads not in ("concat", "average"):
         raise InputError(f"heads {heads!r}: expected 'concat' or 'average'")
     if unmerge not in ("copy", "lstsq", "fit"):
@@ -282,7 +283,7 @@ def resolve_stop(spec: PermutationSpec, stop_at: str) -> str:
         for m in group.members:
             if m.role == "out" and (m.tensor == stop_at or m.tensor.rsplit(".", 1)[0] == stop_at):
                 return group.name
-    raise InputError(f"alignment.stop_at {stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
+    raise OptionError(("stop_at",), f"{stop_at!r}: no such group or layer; expected one of {', '.join(spec.groups)}")
 
 
 def _check_zippable(group: PermGroup) -> None:
@@ -303,44 +304,27 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
         for name, slots in axes.items():
             if name not in st:
                 raise AlignmentError(f"spec tensor {name!r} is missing from model {i}")
-            for axis, (group, member) in slots.items():
-                if st[name].shape[axis] != axis_length(spec.groups[group].size, member):
-                    raise AlignmentError(f"model {i}: tensor {name!r} axis {axis} does not fit group {group!r}")
+            for group, member in slots.values():
+                problem = axis_problem(spec.groups[group], member, st[name].shape)
+                if problem:
+                    raise AlignmentError(f"model {i}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------- features
-class _StackedStats:
-    """Running sums of the stacked (k*n) features of one group."""
+# ZipIt judges a unit dead against the most varying unit of the stack, not against its own mean
+ZIPIT_DEAD = DeadUnits(rel_mean=0.0, floor=1e-12, rel_peak=1e-12)
+
+
+class _StackedStats(RunningMoments):
+    """Running first and second moments of the stacked (k*n) features of one group."""
 
     def __init__(self, width: int, device: torch.device) -> None:
-        self.count = 0
-        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        super().__init__(width, gram=True, device=device)
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.to(self.sum.device, torch.float64)
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.gram += x.T @ x
-
-    def second_moment(self) -> torch.Tensor:
-        """E[x x^T] of the stacked features (uncentred: the layers reading them see the raw values)."""
-        return self.gram / self.count
-
-    def corr(self, eps: float = 1e-12) -> torch.Tensor:
-        mean = self.sum / self.count
-        cov = self.gram / self.count - torch.outer(mean, mean)
-        var = cov.diagonal().clamp_min(0)
-        std = var.sqrt()
-        corr = cov / (torch.outer(std, std) + eps)
+    def corr(self, eps: float = 1e-12) -> torch.Tensor:  # type: ignore[override]
         # constant units (dead ReLUs) carry no signal: they match each other perfectly and nothing else,
         # so they are never averaged into a live unit
-        dead = var <= eps * max(float(var.max()), eps)
-        if bool(dead.any()):
-            corr[dead, :] = 0.0
-            corr[:, dead] = 0.0
-            corr[dead.unsqueeze(1) & dead.unsqueeze(0)] = 1.0
-        return corr
+        return super().corr(eps, dead=ZIPIT_DEAD, dead_with_dead=1.0)
 
 
 def stacked_correlations(
@@ -356,37 +340,26 @@ def stacked_stats(
     """Per group, running first and second moments of all models' units stacked model by model."""
     dev = torch.device(device)
     stats: dict[str, _StackedStats] = {}
-    records: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in modules]
-    handles = []
-    modes = [(m, m.training) for mod in modules for m in mod.modules()]
-    try:
-        for mod, rec in zip(modules, records):
-            for group, group_taps in taps.items():
-                for t, tap in enumerate(group_taps):
-                    handles.append(_hook(mod, tap, (group, t), rec))
-        for mod in modules:
-            mod.eval()
-        seen = 0
-        with torch.no_grad():
-            for inputs in batches:
-                for mod, rec in zip(modules, records):
-                    rec.clear()
-                    x = inputs_to(inputs, next((p.device for p in mod.parameters()), torch.device("cpu")))
-                    mod(**x) if isinstance(x, Mapping) else mod(x)
-                for key in records[0]:
-                    feats = [rec[key] for rec in records]
-                    if any(f.shape != feats[0].shape for f in feats):
-                        raise AlignmentError(f"group {key[0]!r}: models produced features of different shapes")
-                    group = key[0]
-                    if group not in stats:
-                        stats[group] = _StackedStats(feats[0].shape[1] * len(feats), dev)
-                    stats[group].update(torch.cat(feats, dim=1))
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.train(mode)
+    sites = {(group, t): tap_site(tap) for group, group_taps in taps.items() for t, tap in enumerate(group_taps)}
+    seen = 0
+    with ExitStack() as stack:
+        records = [stack.enter_context(capture(mod, sites, error=AlignmentError)) for mod in modules]
+        stack.enter_context(eval_mode(*modules))
+        stack.enter_context(torch.no_grad())
+        for inputs in batches:
+            for mod, rec in zip(modules, records):
+                rec.clear()
+                x = inputs_to(inputs, next((p.device for p in mod.parameters()), torch.device("cpu")))
+                mod(**x) if isinstance(x, Mapping) else mod(x)
+            for key in records[0]:
+                feats = [rec[key] for rec in records]
+                if any(f.shape != feats[0].shape for f in feats):
+                    raise AlignmentError(f"group {key[0]!r}: models produced features of different shapes")
+                group = key[0]
+                if group not in stats:
+                    stats[group] = _StackedStats(feats[0].shape[1] * len(feats), dev)
+                stats[group].update(torch.cat(feats, dim=1))
+            seen += 1
     if seen == 0:
         raise InputError("no calibration batches were given")
     missing = [g for g in taps if g not in stats]
@@ -424,22 +397,6 @@ def fitted_unmerges(
         gzz = gzz + ridge * (float(gzz.diagonal().mean()) + 1e-12) * torch.eye(gzz.shape[0], dtype=gzz.dtype, device=gzz.device)
         out[g] = torch.linalg.solve(gzz, gxz.T).T.to(torch.float32).cpu()
     return out
-
-
-def _hook(module: nn.Module, tap: Tap, key: tuple[str, int], store: dict) -> Any:
-    try:
-        sub = module.get_submodule(tap.module)
-    except AttributeError as exc:
-        raise AlignmentError(f"group {key[0]!r}: the model has no module {tap.module!r} to observe") from exc
-
-    def grab(value: Any) -> None:
-        if not isinstance(value, torch.Tensor):
-            raise AlignmentError(f"tap {tap.module!r} ({tap.where}) did not see a tensor")
-        store[key] = unit_features(value.detach(), tap.axis, tap.inner)
-
-    if tap.where == "input":
-        return sub.register_forward_pre_hook(lambda _m, args: grab(args[0] if args else None))
-    return sub.register_forward_hook(lambda _m, _a, out: grab(out))
 
 
 # ----------------------------------------------------------------------------------------- heads
@@ -618,13 +575,13 @@ def _align(request: AlignRequest) -> BuiltModel:
              for key, store in stores.items()}
     missing = [k for k, a in archs.items() if a is None]
     if missing:
-        raise AlignmentError(f"alignment.engine zipit runs the models on data: {missing} have no runnable architecture "
-                             "(name it in the recipe as `architecture: package.module:factory`)")
+        raise AlignmentError(f"zipit runs the models on data: {missing} have no runnable architecture "
+                             "(give one as package.module:factory)", field=("architecture",))
     for arch in archs.values():
         refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
                   "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
     if options.data is None or request.data is None:
-        raise AlignmentError("alignment.data: zipit needs calibration data (e.g. sklearn:digits)")
+        raise AlignmentError("zipit needs calibration data (e.g. sklearn:digits)", field=("data",))
     modules = [load_module(stores[k], archs[k]) for k in stores]
     arch_dicts = [{"factory": archs[k].factory, "kwargs": archs[k].kwargs} for k in stores]
     chosen = {"alpha": options.alpha, "beta": options.beta, "matcher": options.matcher, "heads": options.heads,

@@ -1,10 +1,12 @@
 """Permutation specs for known model families, derived from tensor names and config.json alone (no model code).
 
 Families: ``llama`` / ``mistral`` / ``qwen2`` / ``qwen3``, ``gpt2``, ``bert`` / ``roberta``, ``vit``, and
-``chain`` (plain MLP / CNN stacks; aliases ``mlp``, ``cnn``). Each ``families_<name>`` module writes its architecture down as group
-memberships; :class:`~merge.graph.families_common.SpecBuilder` sizes the groups from the shapes and checks
-them. Tensors a family does not know are left untouched and listed in ``spec.notes``; no group is invented
-for them.
+``chain`` (plain MLP / CNN stacks; aliases ``mlp``, ``cnn``). Each ``families_<name>`` module writes its
+architecture down as group memberships and declares a module-level ``FAMILY``
+(:class:`~merge.graph.families_common.Family`: model types, builder, name-based detection), which this module
+finds on import, so a new family is one new module. :class:`~merge.graph.families_common.SpecBuilder` sizes
+the groups from the shapes and checks them. Tensors a family does not know are left untouched and listed in
+``spec.notes``; no group is invented for them.
 
 Design: every permutation a spec can draw must leave the model's function unchanged.
 
@@ -43,43 +45,37 @@ than a guess: its extra tensors could read permuted axes); without it the tensor
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import pkgutil
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from suture.merge import graph
 from suture.merge.errors import InputError
-from suture.merge.graph.families_bert import build_bert
-from suture.merge.graph.families_chain import build_chain, looks_like_chain
-from suture.merge.graph.families_common import SpecBuilder
-from suture.merge.graph.families_gpt2 import build_gpt2
-from suture.merge.graph.families_llama import build_llama
-from suture.merge.graph.families_vit import build_vit
+from suture.merge.graph.families_common import Family, SpecBuilder
 from suture.merge.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-Builder = Callable[[SpecBuilder, Mapping[str, Any] | None], None]
 
-FAMILIES: dict[str, Builder] = {
-    "llama": build_llama,
-    "mistral": build_llama,
-    "qwen2": build_llama,
-    "qwen3": build_llama,
-    "gpt2": build_gpt2,
-    "bert": build_bert,
-    "roberta": build_bert,
-    "vit": build_vit,
-    "chain": build_chain,
-}
-ALIASES = {"mlp": "chain", "cnn": "chain"}
+def _discover() -> list[Family]:
+    """Every ``FAMILY`` declared by a ``families_<name>`` module of this package (name order, fallbacks last).
 
-# name patterns that identify a family when config.json does not (checked in this order)
-_NAME_RULES: tuple[tuple[str, str], ...] = (
-    (".self_attn.q_proj.weight", "llama"),
-    (".attn.c_attn.weight", "gpt2"),
-    (".attention.self.query.weight", "bert"),
-    (".layernorm_before.weight", "vit"),
-)
+    A module that fails to import is a bug to see, not a family to skip: its error propagates.
+    """
+    found = []
+    for info in sorted(pkgutil.iter_modules(graph.__path__), key=lambda i: i.name):
+        if info.name.startswith("families_"):
+            family = getattr(importlib.import_module(f"{graph.__name__}.{info.name}"), "FAMILY", None)
+            if isinstance(family, Family):
+                found.append(family)
+    return sorted(found, key=lambda f: f.fallback)
+
+
+_FAMILIES = _discover()
+FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
+ALIASES: dict[str, str] = {a: f.name for f in _FAMILIES for a in f.aliases}
 
 
 def supported_families() -> list[str]:
@@ -98,13 +94,11 @@ def detect_family(names: Iterable[str], config: Mapping[str, Any] | None) -> str
             logger.info("model_type %r has no name-based spec; use tracing", model_type)
             return None
         return family
-    for suffix, family in _NAME_RULES:
-        hits = [n for n in names if n.endswith(suffix)]
-        if hits:
-            if family == "bert" and any(n.startswith("roberta.") for n in hits):
-                return "roberta"
-            return family
-    return "chain" if looks_like_chain(names) else None
+    for family in _FAMILIES:
+        found = family.detect(names)
+        if found is not None:
+            return found
+    return None
 
 
 def spec_from_names(
@@ -130,11 +124,11 @@ def spec_from_names(
                 f"(supported: {', '.join(supported_families())}); trace the model instead"
             )
     family = _normalise(family)
-    builder_fn = FAMILIES.get(family)
-    if builder_fn is None:
+    declared = FAMILIES.get(family)
+    if declared is None:
         raise InputError(f"unknown model family {family!r} (supported: {', '.join(supported_families())})")
     builder = SpecBuilder(family, names_to_shapes, permute_outputs=permute_outputs)
-    builder_fn(builder, config)
+    declared.build(builder, config)
     spec = builder.build()
     logger.info(
         "family %s: %d groups (%d frozen), %d notes",

@@ -22,6 +22,7 @@ from typing import Any
 from suture.merge.graph.families_attention import add_attention, head_layout
 from suture.merge.graph.families_common import (
     RESIDUAL,
+    Family,
     SpecBuilder,
     config_int,
     declares_head,
@@ -120,3 +121,13 @@ def _add_heads(b: SpecBuilder, prefix: str, top: str, cfg: Mapping[str, Any]) ->
         b.output_group(R, "the last hidden state")
         if pooled:
             b.output_group(P, "the pooler output")
+
+
+def _detect(names: list[str]) -> str | None:
+    hits = [n for n in names if n.endswith(".attention.self.query.weight")]
+    if not hits:
+        return None
+    return "roberta" if any(n.startswith("roberta.") for n in hits) else "bert"
+
+
+FAMILY = Family(("bert", "roberta"), build_bert, _detect)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from suture.merge.errors import InputError
-from suture.merge.graph.families_common import SpecBuilder, natural_key
+from suture.merge.graph.families_common import Family, SpecBuilder, natural_key
 
 PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _SKIP_HINTS = re.compile(r"(?:^|[._])(?:shortcut|downsample|skip|residual|res_conv|identity)(?:$|[._\d])")
@@ -174,3 +174,7 @@ def _norm_host(
             f"the layer before it in name order, {host!r}, has {sizes[host]} outputs"
         )
     return host
+
+
+FAMILY = Family(("chain",), build_chain, lambda names: "chain" if looks_like_chain(names) else None,
+                aliases=("mlp", "cnn"), fallback=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from suture.merge.errors import InputError
@@ -19,6 +20,32 @@ from suture.merge.spec import GroupKind, Member, PermGroup, PermutationSpec, Rol
 logger = logging.getLogger(__name__)
 
 RESIDUAL = "residual"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a ``families_<name>`` module declares as its module-level ``FAMILY`` (found by merge.graph.families).
+
+    `model_types`: config.json ``model_type`` values it covers (the first is its name); `build` fills a
+    SpecBuilder; `detect` tells the family from tensor names alone when there is no config.json (None: not
+    this family); `aliases`: other names accepted by ``spec_from_names(family=...)``; a `fallback` family's
+    `detect` runs only after every other family's.
+    """
+
+    model_types: tuple[str, ...]
+    build: Callable[[SpecBuilder, Mapping[str, Any] | None], None]
+    detect: Callable[[list[str]], str | None]
+    aliases: tuple[str, ...] = ()
+    fallback: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0]
+
+
+def suffix_rule(suffix: str, family: str) -> Callable[[list[str]], str | None]:
+    """A `Family.detect` that names `family` when any tensor name ends with `suffix`."""
+    return lambda names: family if any(n.endswith(suffix) for n in names) else None
 
 _DIGITS = re.compile(r"(\d+)")
 

@@ -18,12 +18,14 @@ from typing import Any
 from suture.merge.graph.families_attention import head_layout
 from suture.merge.graph.families_common import (
     RESIDUAL,
+    Family,
     SpecBuilder,
     config_int,
     declares_head,
     find_prefix,
     layer_indices,
     parent_of,
+    suffix_rule,
 )
 
 _ANCHOR = r"h\.\d+\.attn\.c_attn\.weight"
@@ -76,3 +78,6 @@ def _add_fused_attention(b: SpecBuilder, group: str, attn: str, layout: tuple[in
         return
     n_heads, _n_kv, head_dim = layout  # GPT-2 has no grouped-query attention: K and V have all n_head heads
     b.declare(group, "heads_within", head_dim=head_dim, size=n_heads * head_dim)
+
+
+FAMILY = Family(("gpt2",), build_gpt2, suffix_rule(".attn.c_attn.weight", "gpt2"))

@@ -15,12 +15,14 @@ from typing import Any
 from suture.merge.graph.families_attention import add_attention, head_layout
 from suture.merge.graph.families_common import (
     RESIDUAL,
+    Family,
     SpecBuilder,
     config_int,
     declares_head,
     find_prefix,
     layer_indices,
     parent_of,
+    suffix_rule,
 )
 
 _ANCHOR = r"layers\.\d+\.self_attn\.q_proj\.weight"
@@ -63,3 +65,6 @@ def build_llama(b: SpecBuilder, config: Mapping[str, Any] | None) -> None:
     heads = [b.add(R, top + head, 1, "in") for head in ("lm_head.weight", "score.weight")]
     if not any(heads) and not declares_head(config):
         b.output_group(R, "the last hidden state")
+
+
+FAMILY = Family(("llama", "mistral", "qwen2", "qwen3"), build_llama, suffix_rule(".self_attn.q_proj.weight", "llama"))

@@ -18,12 +18,14 @@ from typing import Any
 from suture.merge.graph.families_attention import add_attention, head_layout
 from suture.merge.graph.families_common import (
     RESIDUAL,
+    Family,
     SpecBuilder,
     config_int,
     declares_head,
     find_prefix,
     layer_indices,
     parent_of,
+    suffix_rule,
 )
 
 _ANCHOR = r"(?:layers|encoder\.layer)\.\d+\.layernorm_before\.weight"
@@ -84,3 +86,6 @@ def build_vit(b: SpecBuilder, config: Mapping[str, Any] | None) -> None:
         b.output_group(R, "the last hidden state")
         if pooled:
             b.output_group("pooler", "the pooler output")
+
+
+FAMILY = Family(("vit",), build_vit, suffix_rule(".layernorm_before.weight", "vit"))

@@ -2,7 +2,8 @@
 
 Importing this package registers every built-in method: linear, slerp, nuslerp, multislerp, karcher,
 task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-model_stock, sce, nearswap, passthrough, arcee_fusion, ram and ramplus_tl. Use ``run_method(name, MergeInputs(...))`` to merge one
+model_stock, sce, nearswap, passthrough, arcee_fusion, ram, ramplus_tl, and the data-free subspace merges
+tsv_m, iso_c, iso_cts and wudi. Use ``run_method(name, MergeInputs(...))`` to merge one
 tensor; it fills defaults and checks the inputs first. A new method is one module in this package
 with a kernel decorated with ``@merge_method`` (see :mod:`suture.merge.methods.registry`).
 """

@@ -1,4 +1,4 @@
-"""Merge plans: which output tensor comes from which inputs, through which method, and their execution.
+"""Executing merge plans: stream each tensor task through its merge method into the writer.
 
 A plan is a list of :class:`TensorTask` objects, built by the recipe runner (or by Python code directly).
 Execution streams: for each task it reads the source tensors from their lazy stores onto the chosen device,
@@ -170,3 +170,34 @@ def execute_plan(
         del result
     stats.bytes_written = writer.bytes_written
     return stats
+
+
+class _MemorySink:
+    """Stands in for ShardedWriter: keeps each output tensor in a dict (searches evaluate merges without writing)."""
+
+    def __init__(self, entries: Sequence[TensorEntry]) -> None:
+        self.shards = [type("_Shard", (), {"entries": list(entries)})()]
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor.detach().cpu()
+        self.bytes_written += tensor.numel() * tensor.element_size()
+
+
+def execute_in_memory(
+    tasks: Sequence[TensorTask],
+    stores: Mapping[str, TensorStore],
+    out_dtype: torch.dtype | None,
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The merged state dict, computed exactly as :func:`execute_plan` computes it for the writer (same casts, same seed).
+
+    Peak memory is the output model plus one tensor per input model: inputs stay in their lazy stores.
+    """
+    sink = _MemorySink([infer_output(t, stores, out_dtype) for t in tasks])
+    execute_plan(tasks, stores, sink, device=device, compute_dtype=compute_dtype, seed=seed)  # type: ignore[arg-type]
+    return sink.tensors

@@ -1,4 +1,4 @@
-"""From a validated recipe and opened models to a plan of tensor tasks.
+"""Planning a merge: from a validated recipe and opened models to a plan of tensor tasks (executed by merge.execute).
 
 `models:` recipes merge every tensor of the reference model across models; `slices:` recipes renumber layers
 consecutively across slices (frankenmerges). Per-tensor parameters come from the recipe's resolver, and
@@ -16,7 +16,7 @@ import torch
 
 from suture.merge.errors import InputError, RecipeError
 from suture.merge.layers import SliceLayout, find_layer, num_layers, rename_layer, tensor_section
-from suture.merge.plan import SourceRef, TensorTask
+from suture.merge.execute import SourceRef, TensorTask
 from suture.merge.store import TensorStore, open_store
 from suture.recipes.params import ParamResolver
 from suture.recipes.schema import ModelRef, Recipe

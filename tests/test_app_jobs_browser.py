@@ -1,0 +1,143 @@
+"""Jobs in a real browser (Debian chromium through Playwright): a merge goes on while the user visits other pages
+and its result opens from the Jobs panel; Cancel during a long evaluation kills the worker and leaves no temporary
+folder; a failure's reason and a NaN merge are shown as failures without expanding anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, app_server  # noqa: F401 - the server fixture
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402 - test_app_browser skips when it is missing
+
+from suture.app.jobs import STEP_DELAY_ENV, JobStore  # noqa: E402
+from tests.test_jobs import gone  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def slow_jobs(monkeypatch):
+    """Workers sleep at each progress report (an env var only tests set), so a job is still running when clicked."""
+    monkeypatch.setenv(STEP_DELAY_ENV, "0.3")
+
+
+def open_app(p, url: str):
+    browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Models")).to_be_visible(timeout=120_000)
+    return browser, page
+
+
+def go(page, name: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()
+    expect(page.get_by_role("heading", name=name, exact=True)).to_be_visible(timeout=60_000)
+
+
+def apply_recipe(page, text: str) -> None:
+    go(page, "Recipe")
+    box = page.get_by_label("Or edit the YAML")
+    box.fill(text)
+    box.press("Control+Enter")
+    page.get_by_role("button", name="Apply the edited YAML").click()
+    expect(page.get_by_text("Applied the edited recipe.")).to_be_visible(timeout=60_000)
+
+
+def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(app_server, slow_jobs):
+    url, workspace, log = app_server
+    with sync_playwright() as p:
+        browser, page = open_app(p, url)
+        try:
+            go(page, "Align & merge")
+            page.get_by_role("button", name="Run merge").click()
+            expect(page.get_by_text("Running:").first).to_be_visible(timeout=60_000)
+            store = JobStore(workspace)
+            [job] = store.list()
+            # leave for other pages while it runs; the sidebar keeps listing it
+            go(page, "Stitch")
+            go(page, "Models")
+            assert store.get(job.id).active, "the job should still be running (slow_jobs)"
+            panel = page.locator(f".st-key-job-{job.id}")
+            expect(panel).to_contain_text("running", timeout=30_000)
+            assert psutil.Process(job.pid).is_running()
+            expect(panel).to_contain_text("finished", timeout=150_000)
+            panel.get_by_role("button", name="Open result").click()
+            expect(page.get_by_role("heading", name="Align & merge")).to_be_visible(timeout=60_000)
+            success = page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Merged 8 tensors with linear")
+            expect(success).to_be_visible(timeout=60_000)
+            expect(page.locator(".st-key-barrier-plot").get_by_test_id("stImage")).to_be_visible(timeout=60_000)
+            text = success.inner_text()
+        finally:
+            browser.close()
+    assert store.get(job.id).state == "finished" and Path(job.out_dir).name in text
+
+
+def test_cancel_during_a_long_evaluation_kills_the_worker(app_server, slow_jobs):
+    url, workspace, log = app_server
+    store = JobStore(workspace)
+    with sync_playwright() as p:
+        browser, page = open_app(p, url)
+        try:
+            go(page, "Align & merge")
+            page.get_by_role("button", name="Run merge").click()
+            status = page.get_by_test_id("stExpander").filter(has_text="Running: evaluating")
+            expect(status).to_be_visible(timeout=120_000)
+            [job] = store.list()
+            out = Path(job.out_dir)
+            assert [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "evaluating inside its temp folder"
+            page.get_by_role("button", name="Cancel").first.click()
+            warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Cancelled")
+            expect(warning).to_be_visible(timeout=60_000)
+        finally:
+            browser.close()
+    assert gone(job.pid), "the worker must be gone after Cancel"
+    assert store.get(job.id).state == "cancelled"
+    assert not out.exists() and not [q for q in out.parent.iterdir() if ".suture-" in q.name and not q.name.endswith(".lock")]
+
+
+FAILING = """merge_method: linear
+models:
+  - model: models/a.safetensors
+    parameters: {weight: 1.0}
+  - model: models/b.safetensors
+    parameters: {weight: 1.0}
+"""
+OVERFLOW = """merge_method: linear
+out_dtype: float16
+models:
+  - model: models/big.safetensors
+    parameters: {weight: 1.0}
+"""
+
+
+def test_failures_and_nan_merges_show_their_reason_in_full(app_server):
+    url, workspace, log = app_server
+    models = workspace / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    save_file({"layers.0.weight": torch.ones(8, 4)}, str(models / "a.safetensors"))
+    save_file({"layers.0.weight": torch.ones(16, 4)}, str(models / "b.safetensors"))
+    save_file({"layers.0.weight": torch.full((4, 4), 1e5)}, str(models / "big.safetensors"))
+    with sync_playwright() as p:
+        browser, page = open_app(p, url)
+        try:
+            apply_recipe(page, FAILING)
+            page.get_by_role("button", name="Run merge").click()
+            error = page.locator('[data-testid="stAlertContentError"]').filter(has_text="different shapes")
+            expect(error).to_be_visible(timeout=120_000)  # visible at once: not inside a collapsed box
+            assert "<dict>" not in error.inner_text()
+            apply_recipe(page, OVERFLOW)
+            page.get_by_role("button", name="Run merge").click()
+            nan = page.locator('[data-testid="stAlertContentError"]').filter(has_text="NaN/Inf")
+            expect(nan).to_be_visible(timeout=120_000)
+            assert "layers.0.weight" in nan.inner_text()
+            expect(page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Merged")).to_have_count(0)
+        finally:
+            browser.close()
+    states = sorted(j.state for j in JobStore(workspace).list())
+    assert states == ["failed", "failed"]
