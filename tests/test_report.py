@@ -131,7 +131,8 @@ def test_summary_card_and_app_read_the_same_report_from_the_folder(merged):
     assert services.evaluation_rows(outcome.report)[-1] == {"model": "merged", "merged": True, "loss": 0.5, "accuracy": 0.8}
 
     card = write_report_card(out, report).read_text()
-    assert "| aligned path: loss barrier | 0.25 | 0.625 |" in card and "| merged | 0.5 | 0.8 |" in card
+    # the path's barrier under its own column, not under "loss"
+    assert "| aligned path |  |  | 0.25 | 0.625 |" in card and "| merged | 0.5 | 0.8 |  |  |" in card
     assert card == build_model_card(**report_card(report), recipe_yaml=(out / "suture_recipe.yml").read_text())
 
 
