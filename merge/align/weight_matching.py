@@ -22,6 +22,7 @@ from suture.merge.align.assignment import assignment_score, timed_assign
 from suture.merge.threads import single_threaded_if_small
 from suture.merge.errors import AlignmentError, InputError
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, expand_index, unit_matrix
+from suture.merge.store import DictStore, PickleStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ def tensor_accessor(params: Any, label: str) -> tuple[set[str], Callable[[str], 
 def reads_fresh_copies(params: Any) -> bool:
     """Whether each read of `params` makes a new tensor (a safetensors file) rather than returning one
     already in memory (a state dict, an in-memory or memory-mapped store): such sources are streamed."""
-    from suture.merge.store import DictStore, PickleStore
-
     return not isinstance(params, (Mapping, DictStore, PickleStore))
 
 
