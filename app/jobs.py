@@ -40,7 +40,8 @@ JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"
 OUTCOME_FILE = "outcome.json"
 LOG_FILE = "log.txt"
-STEP_DELAY_ENV = "SUTURE_TEST_JOB_STEP_DELAY"  # seconds slept at each progress report: read only by tests' slow jobs
+# Seconds slept at each progress report ("0.3"), or only in one stage ("evaluate:1"): read only by tests' slow jobs
+STEP_DELAY_ENV = "SUTURE_TEST_JOB_STEP_DELAY"
 GRACE_S = 5.0
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose `suture` package the worker imports
@@ -294,7 +295,8 @@ def work(folder: Path) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+    delay_stage, _, delay_text = (os.environ.get(STEP_DELAY_ENV) or "").rpartition(":")
+    delay = float(delay_text or 0)
     last = [0.0]
 
     def progress(stage: str, done: int, total: int, detail: str = "") -> None:
@@ -302,7 +304,7 @@ def work(folder: Path) -> int:
         if now - last[0] >= _PROGRESS_EVERY_S or done >= total:
             last[0] = now
             _write_json(folder / PROGRESS_FILE, {"stage": stage, "done": done, "total": total, "detail": str(detail)[:200]})
-        if delay:
+        if delay and delay_stage in ("", stage):
             time.sleep(delay)
 
     try:

@@ -23,8 +23,15 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture
 def slow_jobs(monkeypatch):
-    """Workers sleep at each progress report (an env var only tests set), so a job is still running when clicked."""
+    """Workers sleep at each progress report (an env var only tests set, before the server starts: its workers
+    inherit the server's environment), so a job is still running when clicked."""
     monkeypatch.setenv(STEP_DELAY_ENV, "0.3")
+
+
+@pytest.fixture
+def slow_evaluation(monkeypatch):
+    """Only the evaluation is slow: a job reaches it quickly, then stays there until cancelled."""
+    monkeypatch.setenv(STEP_DELAY_ENV, "evaluate:2")
 
 
 def open_app(p, url: str):
@@ -49,7 +56,7 @@ def apply_recipe(page, text: str) -> None:
     expect(page.get_by_text("Applied the edited recipe.")).to_be_visible(timeout=60_000)
 
 
-def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(app_server, slow_jobs):
+def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(slow_jobs, app_server):
     url, workspace, log = app_server
     with sync_playwright() as p:
         browser, page = open_app(p, url)
@@ -78,7 +85,7 @@ def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(app_ser
     assert store.get(job.id).state == "finished" and Path(job.out_dir).name in text
 
 
-def test_cancel_during_a_long_evaluation_kills_the_worker(app_server, slow_jobs):
+def test_cancel_during_a_long_evaluation_kills_the_worker(slow_evaluation, app_server):
     url, workspace, log = app_server
     store = JobStore(workspace)
     with sync_playwright() as p:

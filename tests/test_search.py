@@ -19,7 +19,7 @@ from suture.recipes.search import load_search_spec, parse_search_spec
 from suture.recipes.search_run import METRIC, run_search, state_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "recipes" / "examples" / "search_tasks.yaml"
+SPEC = ROOT / "recipes" / "searches" / "tasks.yaml"
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
