@@ -2,7 +2,9 @@
 
 The page never computes: it writes a job record under ``<workspace>/jobs/<id>/`` and starts
 ``python -m suture.app.jobs <job folder>`` in a new session (its own process group), so Cancel can kill the
-whole group and the job outlives page switches and browser reloads. Files of a job folder:
+whole group and the job outlives page switches and browser reloads. A ``search`` job runs ``suture search``'s
+:func:`suture.recipes.search_run.run_search` in the worker with a local Ray whose processes (GCS, raylet, trial
+workers) stay in the worker's process group, so the same Cancel stops them all. Files of a job folder:
 
 * ``job.json`` -- written by the app at start: kind, label, recipe, output folder, device, pid, started;
 * ``progress.json`` -- replaced atomically by the worker at each progress report (stage, done, total);
@@ -125,7 +127,7 @@ def _claim_outcome(folder: Path, state: str, error: str | None = None) -> bool:
 
 def _completed_by(job: Job) -> bool:
     """Whether this job's output folder holds a finished report written after the job started."""
-    report = Path(job.out_dir) / "report.json"
+    report = Path(job.out_dir) / ("trials.json" if job.kind == "search" else "report.json")
     try:
         return report.stat().st_mtime >= job.started - 1.0
     except OSError:
@@ -169,11 +171,19 @@ class JobStore:
     def start(self, recipe: Mapping[str, Any], out_dir: str | Path, *, label: str, device: str = "auto",
               overwrite: bool = False, trust_remote_code: bool = False) -> Job:
         """Write the job record and start its worker in a new process group; returns the running job."""
+        return self._launch({"kind": "run", "label": label, "out_dir": str(out_dir), "recipe": dict(recipe), "device": device,
+                             "overwrite": overwrite, "trust_remote_code": trust_remote_code})
+
+    def start_search(self, spec_path: str | Path, out_dir: str | Path, *, label: str, trials: int, workers: int) -> Job:
+        """Start a merge search (``suture search SPEC OUT --trials N --workers K``, local Ray) as a job."""
+        return self._launch({"kind": "search", "label": label, "out_dir": str(out_dir), "spec": str(spec_path),
+                             "trials": int(trials), "workers": int(workers)})
+
+    def _launch(self, fields: Mapping[str, Any]) -> Job:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         folder = self.root / job_id
         folder.mkdir()
-        record = {"id": job_id, "kind": "run", "label": label, "out_dir": str(out_dir), "started": time.time(),
-                  "recipe": dict(recipe), "device": device, "overwrite": overwrite, "trust_remote_code": trust_remote_code}
+        record = {"id": job_id, **fields, "started": time.time()}
         _write_json(folder / JOB_FILE, record)
         with (folder / LOG_FILE).open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "suture.app.jobs", str(folder)], cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -181,7 +191,7 @@ class JobStore:
         # reap it when it ends, so a finished worker leaves no zombie behind in the server process
         threading.Thread(target=proc.wait, daemon=True, name=f"reap-{job_id}").start()
         _write_json(folder / JOB_FILE, {**record, "pid": proc.pid})
-        logger.info("started job %s (pid %d): %s", job_id, proc.pid, label)
+        logger.info("started %s job %s (pid %d): %s", record["kind"], job_id, proc.pid, record["label"])
         return self.get(job_id)
 
     def record_reused(self, recipe: Mapping[str, Any], out_dir: str | Path, *, label: str) -> Job:
@@ -288,7 +298,7 @@ def _problem_of(report: Mapping[str, Any]) -> str | None:
 def work(folder: Path) -> int:
     """Run the job recorded in `folder` and record its outcome (the worker process's whole life)."""
     record = _read_json(folder / JOB_FILE)
-    job = Job(folder=folder, id=record["id"], kind=record["kind"], label=record["label"], out_dir=record["out_dir"],
+    job = Job(folder=folder, id=record["id"], kind=record.get("kind", "run"), label=record["label"], out_dir=record["out_dir"],
               started=float(record["started"]))
 
     def interrupted(signum, frame):  # noqa: ARG001 - SIGTERM unwinds like Ctrl-C: the output's temp folder goes
@@ -312,9 +322,14 @@ def work(folder: Path) -> int:
         from suture.merge.redact import redact
         from suture.recipes.runner import RunOptions, run_recipe
 
-        options = RunOptions(device=record.get("device", "auto"), overwrite=bool(record.get("overwrite")),
-                             trust_remote_code=bool(record.get("trust_remote_code")))
         try:
+            if job.kind == "search":
+                _search(record, progress)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                _claim_outcome(folder, FINISHED)
+                return 0
+            options = RunOptions(device=record.get("device", "auto"), overwrite=bool(record.get("overwrite")),
+                                 trust_remote_code=bool(record.get("trust_remote_code")))
             result = run_recipe(dict(record["recipe"]), job.out_dir, options, progress=progress)
         except SutureError as exc:
             _claim_outcome(folder, FAILED, sentence(redact(str(exc))))
@@ -334,6 +349,30 @@ def work(folder: Path) -> int:
         else:
             _claim_outcome(folder, CANCELLED, "Cancelled: the worker was stopped and no output was written.")
         return 130
+
+
+def _search(record: Mapping[str, Any], progress: Any) -> None:
+    """Run the search in this process (local Ray), reporting trials finished / total while Tune runs."""
+    from suture.recipes.search import load_search_spec
+    from suture.recipes.search_run import run_search, trial_results
+
+    spec = load_search_spec(record["spec"])
+    total = int(record.get("trials") or spec.search.trials)
+    stop = threading.Event()
+
+    def watch() -> None:  # Tune's trial results on disk are the progress: one result per finished trial
+        while not stop.wait(0.5):
+            progress("search", sum(t.get("objective") is not None for t in trial_results(record["out_dir"])), total)
+
+    progress("search", 0, total)
+    watcher = threading.Thread(target=watch, daemon=True, name="search-progress")
+    watcher.start()
+    try:
+        result = run_search(spec, record["out_dir"], trials=total, workers=int(record.get("workers") or 1), verbose=0)
+    finally:
+        stop.set()
+        watcher.join()
+    progress("search", sum(t.get("objective") is not None for t in result.trials), total)
 
 
 def main(argv: list[str] | None = None) -> int:

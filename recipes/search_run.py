@@ -258,6 +258,26 @@ def run_search(
     return result
 
 
+def trial_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Trials read from Tune's result files while a search runs (``OUT/ray/search/<trial>/result.json``), in
+    creation order: its values (``config``) and, once it finished, its ``objective`` and held-out score."""
+    rows = []
+    for folder in (Path(out_dir) / "ray" / EXPERIMENT).glob("*/"):
+        if not folder.name.startswith("trial"):
+            continue
+        try:
+            lines = (folder / "result.json").read_text(encoding="utf-8").strip().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+        except (OSError, ValueError):
+            last = {}
+        rows.append({"_order": _trial_order(str(folder)), **(last.get("config") or {}),
+                     **{k: last[k] for k in (METRIC, "heldout") if k in last}})
+    rows.sort(key=lambda r: r.pop("_order"))
+    for i, row in enumerate(rows):
+        row["trial"] = i
+    return rows
+
+
 def _all_done(rows: list[dict[str, Any]]) -> bool:
     return all(r["status"] in ("TERMINATED", "ERROR") for r in rows)
 
