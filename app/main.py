@@ -41,6 +41,7 @@ navigation = st.navigation(
         st.Page(PAGES / "align_merge.py", title="Align & merge", icon=":material/call_merge:", url_path="merge"),
         st.Page(PAGES / "stitch.py", title="Stitch", icon=":material/link:"),
         st.Page(PAGES / "recipe.py", title="Recipe", icon=":material/description:"),
+        st.Page(PAGES / "search.py", title="Search", icon=":material/manage_search:"),
         st.Page(PAGES / "results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
         st.Page(PAGES / "publish.py", title="Publish", icon=":material/cloud_upload:"),
     ]

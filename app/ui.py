@@ -260,6 +260,9 @@ def _jobs_list() -> None:
             if job.state == jobs.FAILED and job.error:
                 st.caption(job.error)
             if job.state == jobs.FINISHED and st.button("Open result", key=f"jobs.open.{job.id}"):
+                if job.kind == "search":  # its trials and best recipe are on the Search page
+                    st.session_state["search_job"] = job.id
+                    st.switch_page("views/search.py")
                 open_job(job)
                 st.switch_page("views/align_merge.py")
             if job.active and st.button("Cancel", key=f"jobs.cancel.{job.id}"):

@@ -1,0 +1,124 @@
+"""Search: `suture search` as a background job — pick or upload a spec, start it, watch trials, load the best recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from suture.app import services, state, ui
+
+ss = st.session_state
+ws = ui.workspace()
+SEARCHES = Path(__file__).resolve().parents[2] / "recipes" / "searches"
+SEARCH_JOB = "search_job"  # the search job this session started or opened (its id)
+TRIALS = (1, 200)
+WORKERS = (1, 16)
+
+st.title("Search")
+st.caption("Search recipe values (weights, densities, method...) with Ray Tune and Optuna; the same as "
+           "`suture search SPEC OUT --trials N --workers K`. It runs as a job: Cancel stops it and its Ray processes.")
+
+# the bundled examples, then the specs kept in the workspace (uploads land there)
+examples = {p.stem: p for p in sorted(SEARCHES.glob("*.yaml"))}
+examples |= {f"workspace: {p.name}": p for p in sorted((ws.root / "searches").glob("*.y*ml"))}
+choice = st.selectbox("Search spec", [*examples, "upload"], key="search.spec")
+spec_path: Path | None = examples.get(choice)
+if choice == "upload":
+    uploaded = st.file_uploader("Upload a search spec (YAML)", type=["yaml", "yml"], key="search.upload")
+    if uploaded is not None:  # kept in the workspace, so a relative base recipe resolves there
+        spec_path = ws.root / "searches" / f"{state.slug(Path(uploaded.name).stem, 'search')}.yaml"
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_bytes(uploaded.getvalue())
+
+spec = None
+if spec_path is not None:
+    from suture.recipes.search import load_search_spec
+
+    try:
+        spec = load_search_spec(spec_path)
+        services.check_recipe_paths(spec.base.to_dict(), ws)
+    except Exception as exc:  # one readable line, never a traceback
+        spec = None
+        ui.error(exc)
+    else:
+        with st.expander(f"{spec_path.name}: {len(spec.param_names())} values searched, "
+                         f"{spec.evaluate.metric} on {', '.join(spec.evaluate.task_names())}"):
+            st.code(spec_path.read_text(encoding="utf-8"), language="yaml")
+
+c1, c2, c3 = st.columns([1, 1, 1.2])
+trials = c1.number_input(f"Trials ({TRIALS[0]}-{TRIALS[1]})", min_value=TRIALS[0], max_value=TRIALS[1],
+                         value=min(max(spec.search.trials if spec else 12, TRIALS[0]), TRIALS[1]), step=1, key="search.trials")
+workers = c2.number_input(f"Workers ({WORKERS[0]}-{WORKERS[1]}, one CPU each)", min_value=WORKERS[0], max_value=WORKERS[1],
+                          value=1, step=1, key="search.workers")
+if c3.button("Start search", type="primary", disabled=spec is None, key="search.start"):
+    try:
+        ui.prepare_demo_models(state.referenced_refs(spec.base.to_dict()))
+        out = ws.root / "outputs" / f"search-{state.slug(spec.base.name or spec_path.stem, 'search')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        job = ui.job_store().start_search(spec_path, out, label=f"search {spec_path.stem}", trials=int(trials), workers=int(workers))
+    except Exception as exc:  # one readable line, never a traceback
+        ui.error(exc)
+    else:
+        ss[SEARCH_JOB] = job.id
+
+
+def trials_view(out: Path, finished: bool) -> None:
+    """The trials table, the objective-vs-trial plot and (at the end) the best recipe with a Load button."""
+    from suture.recipes.search_run import trial_results
+
+    summary = json.loads((out / "trials.json").read_text()) if finished and (out / "trials.json").is_file() else None
+    rows = summary["trials"] if summary else trial_results(out)
+    if not rows:
+        st.caption("No trial has reported yet.")
+        return
+    st.dataframe(rows, hide_index=True)
+    if (out / "objective.png").is_file():
+        st.image(str(out / "objective.png"), caption="Objective per trial (dots), best so far (line), held-out (crosses)")
+    else:
+        st.line_chart({"objective": [r.get("objective") for r in rows]})
+    best = (summary or {}).get("best")
+    if best and (out / "best_recipe.yaml").is_file():
+        held = f", held-out {best['heldout']:.4f}" if best.get("heldout") is not None else ""
+        st.success(f"Best: trial {best['trial']} with objective {best['objective']:.4f}{held}.")
+        text = (out / "best_recipe.yaml").read_text(encoding="utf-8")
+        st.code(text, language="yaml")
+        if st.button("Load the best recipe into the workbench", key="search.load_best"):
+            try:
+                state.import_recipe(ss, text, ws)
+            except Exception as exc:  # one readable line, never a traceback
+                ui.error(exc)
+            else:
+                ss[state.NOTICE] = f"Loaded the best recipe of the search (trial {best['trial']})."
+                st.switch_page("views/recipe.py")
+
+
+def running(job_id: str) -> None:
+    """Progress and live trials, refreshed every second while the search runs."""
+    job = ui.job_store().get(job_id)
+    if not job.active:
+        st.rerun()
+    with st.status(f"Searching: {job.done}/{job.total} trials", expanded=True):
+        st.progress(job.progress, text=f"{job.done}/{job.total} trials finished · {job.elapsed:.0f} s")
+        if st.button("Cancel", key="search.cancel"):
+            ui.job_store().cancel(job.id)
+            st.rerun()
+    trials_view(Path(job.out_dir), finished=False)
+
+
+job_id = ss.get(SEARCH_JOB)
+if job_id:
+    from suture.app import jobs
+
+    job = ui.job_store().get(job_id)
+    st.subheader(f"Search {job.id}")
+    st.caption(f"Results in {ws.relative(job.out_dir)}")
+    if job.active:
+        st.fragment(run_every=ui.JOB_POLL_S)(running)(job.id)
+    elif job.state == jobs.FINISHED:
+        trials_view(Path(job.out_dir), finished=True)
+    elif job.state == jobs.FAILED:
+        st.error(job.error or "The search failed.")
+    else:
+        st.warning(job.error or "Cancelled.")
