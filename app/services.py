@@ -30,7 +30,6 @@ from suture.merge.report import as_report, read_report
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, str], None]
-NOT_AVAILABLE = "not available in this build"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -815,7 +814,6 @@ __all__ = [
     "zip_group_rows",
     "zipit_rows",
     "MergeOutcome",
-    "NOT_AVAILABLE",
     "alignment_objective",
     "check_ref",
     "check_recipe_paths",

@@ -204,17 +204,12 @@ def write_report(folder: str | Path, report: Report | dict[str, Any]) -> Report:
 
 def read_report(folder: str | Path) -> Report:
     """report.json of a finished output folder; a missing, unreadable or malformed one is refused in one line."""
+    from suture.merge.store import read_json  # the one JSON reader: regular files only, size and nesting capped
+
     path = Path(folder) / REPORT_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no report.json (not a finished Suture output folder)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: no report.json (not a finished Suture output folder)")
+    data = read_json(path)
     return as_report(data, str(path))
 
 
