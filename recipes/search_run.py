@@ -29,6 +29,8 @@ from suture.recipes.search import EvaluateSpec, SearchSpec
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "search"
+#: the settings a search started with (its trial count), read back on --resume
+SETTINGS = "search_settings.json"
 METRIC = "objective"
 TrialHook = Callable[[dict[str, Any]], None]
 
@@ -229,7 +231,10 @@ def run_search(
         raise RecipeError(f"{out}: already holds a search; pass --resume to continue it or choose another folder")
     if resume and not experiment.exists():
         raise RecipeError(f"{out}: no search to resume (no {experiment})")
+    wanted = _resumed_trials(out, trials) if resume else trials or spec.search.trials
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / SETTINGS).write_text(json.dumps({"trials": wanted}) + "\n")
     started = start_ray(address, workers)
     try:
         trainable = _trainable(spec, trial_hook)
@@ -243,7 +248,7 @@ def run_search(
             tuner = tune.Tuner(
                 trainable,
                 param_space=_space(spec),
-                tune_config=tune.TuneConfig(search_alg=_searcher(spec, resume), num_samples=trials or spec.search.trials,
+                tune_config=tune.TuneConfig(search_alg=_searcher(spec, resume), num_samples=wanted,
                                             max_concurrent_trials=workers),
                 run_config=tune.RunConfig(storage_path=str(storage), name=EXPERIMENT, verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)),
@@ -253,7 +258,6 @@ def run_search(
     finally:
         if started:
             ray.shutdown()
-    wanted = trials or spec.search.trials
     result = _write_outputs(spec, out, rows, finished=sum(r.get(METRIC) is not None for r in rows) >= wanted or resume and _all_done(rows))
     return result
 
@@ -276,6 +280,19 @@ def trial_results(out_dir: str | Path) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         row["trial"] = i
     return rows
+
+
+def _resumed_trials(out: Path, trials: int | None) -> int:
+    """The trial count a search started with; Ray Tune restores that count, so a different --trials is refused."""
+    from suture.merge.store import read_json
+
+    saved = read_json(out / SETTINGS).get("trials") if (out / SETTINGS).exists() else None
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        raise RecipeError(f"{out / SETTINGS}: missing or without a trial count; this search cannot be resumed")
+    if trials is not None and trials != saved:
+        raise RecipeError(f"{out}: --trials {trials} cannot change a search on --resume: it was started with "
+                          f"{saved} trials (Ray Tune restores that count); leave --trials out or start a new search")
+    return saved
 
 
 def _all_done(rows: list[dict[str, Any]]) -> bool:
