@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,20 @@ class SearchResult:
         return "\n".join(lines)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse at once a HOST:PORT (or ray://HOST:PORT) where nothing listens: Ray would retry for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RecipeError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as exc:
+        raise RecipeError(f"--address {address}: cannot reach a Ray cluster there ({getattr(exc, 'strerror', None) or exc}); "
+                          "start one with `ray start --head` or leave --address out to run Ray here") from exc
+
+
 def start_ray(address: str | None, workers: int) -> bool:
     """Connect to `address`, or start a local Ray with `workers` CPUs; True when this call started it."""
     import ray
@@ -200,6 +215,7 @@ def start_ray(address: str | None, workers: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -282,13 +298,20 @@ def trial_results(out_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _resumed_trials(out: Path, trials: int | None) -> int:
-    """The trial count a search started with; Ray Tune restores that count, so a different --trials is refused."""
+def saved_trials(out_dir: str | Path) -> int:
+    """The trial count the search in `out_dir` started with (from ``search_settings.json``)."""
     from suture.merge.store import read_json
 
-    saved = read_json(out / SETTINGS).get("trials") if (out / SETTINGS).exists() else None
+    settings = Path(out_dir) / SETTINGS
+    saved = read_json(settings).get("trials") if settings.exists() else None
     if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
-        raise RecipeError(f"{out / SETTINGS}: missing or without a trial count; this search cannot be resumed")
+        raise RecipeError(f"{settings}: missing or without a trial count; this search cannot be resumed")
+    return saved
+
+
+def _resumed_trials(out: Path, trials: int | None) -> int:
+    """The trial count a search started with; Ray Tune restores that count, so a different --trials is refused."""
+    saved = saved_trials(out)
     if trials is not None and trials != saved:
         raise RecipeError(f"{out}: --trials {trials} cannot change a search on --resume: it was started with "
                           f"{saved} trials (Ray Tune restores that count); leave --trials out or start a new search")

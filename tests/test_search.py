@@ -99,6 +99,13 @@ def test_resume_keeps_the_trial_count_it_started_with(tmp_path):
         run_search(load_search_spec(SPEC), tmp_path, trials=5, resume=True)
 
 
+def test_an_address_where_no_cluster_listens_is_refused_at_once(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RecipeError, match="--address 127.0.0.1:1: cannot reach a Ray cluster there"):
+        run_search(load_search_spec(SPEC), tmp_path, address="127.0.0.1:1")
+    assert time.monotonic() - started < 30 and not ray.is_initialized()
+
+
 def test_starting_over_an_existing_search_is_refused(tmp_path):
     (tmp_path / "ray" / "search").mkdir(parents=True)
     with pytest.raises(RecipeError, match="already holds a search; pass --resume"):
