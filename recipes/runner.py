@@ -300,7 +300,8 @@ def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progres
     publish_section = parse_publish(r.publish, r.where)
     device = resolve_device(options.device)
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options))
+        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options),
+                            write_report=False)  # finish() writes report.json once, with the totals
         report["seconds_total"] = round(time.perf_counter() - started, 3)
         typed, _ = finish(tmp, r, report)
         files = sorted(p.name for p in tmp.iterdir())
