@@ -56,15 +56,12 @@ def lm_kind(module: nn.Module) -> LMKind | None:
     Read from ``suture_objective`` (set by :mod:`merge.hf_module` on modules built from config.json) or, for a
     transformers model passed directly, from its class name (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``).
     """
+    from suture.merge.hf_module import _objective  # the one rule that reads a class name
+
     objective = getattr(module, "suture_objective", None)
     if objective in ("causal", "masked"):
         return objective
-    name = type(module).__name__
-    if name.endswith("ForMaskedLM"):
-        return "masked"
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal"
-    return None
+    return _objective(module)
 
 
 def perplexity(loss: float) -> float:

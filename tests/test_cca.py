@@ -160,3 +160,20 @@ def test_cca_recipe_errors_are_one_line(tmp_path, alignment, pattern):
     with pytest.raises(SutureError, match=pattern) as err:
         run_recipe(recipe, tmp_path / "out")
     assert "\n" not in str(err.value)
+
+
+def test_cca_on_a_cnn_maps_conv_channels_and_leaves_batchnorm_groups():
+    from tests._user_models import small_cnn
+
+    torch.manual_seed(0)
+    a = small_cnn().eval()
+    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    traced = trace_module(a, x[:2])
+    perms = {name: (p if name == "mid" else torch.arange(len(p))) for name, p in traced.spec.random_permutations(1).items()}
+    b = small_cnn().eval()
+    b.load_state_dict(permute_state(a.state_dict(), traced.spec, perms))
+    result = cca_align(traced.spec, a, b, [x], traced.taps, reg=1e-9)
+    assert "BatchNorm2d" in result.skipped["z_stem"] and set(result.correlations) == {"mid"}
+    aligned = cca_state(traced.spec, b.state_dict(), result)
+    torch.testing.assert_close(aligned["mid.weight"], a.state_dict()["mid.weight"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(aligned["a_head.weight"], a.state_dict()["a_head.weight"], atol=1e-4, rtol=1e-4)
