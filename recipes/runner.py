@@ -83,10 +83,13 @@ class RunResult:
             lines.append(f"warning: {problem}")
         evaluation = r.evaluation
         if evaluation:
-            lines.append(f"evaluation on {evaluation.data} ({evaluation.split}, {evaluation.items} items):")
+            lm = evaluation.language_model
+            lm_text = f", {lm['kind']} LM per token" if lm and lm.get("kind") else ""
+            lines.append(f"evaluation on {evaluation.data} ({evaluation.split}, {evaluation.items} items{lm_text}):")
             rows = list(evaluation.models.items()) + [(label, m) for label, m in (("merged", evaluation.merged), ("ensemble", evaluation.ensemble)) if m]
             for label, m in rows + list(evaluation.baselines.items()):
-                lines.append(f"  {label:<28} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}")
+                ppl = f"  perplexity {m.perplexity:.2f} ({m.tokens} tokens)" if m.perplexity is not None else ""
+                lines.append(f"  {label:<28} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}{ppl}")
             for row in evaluation.stop_sweep:
                 lines.append(f"  {'zip up to ' + str(row['stop_at']):<28} accuracy {row['accuracy']:.4f}")
             for label, b in evaluation.barriers.items():
