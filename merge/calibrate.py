@@ -182,9 +182,10 @@ def collect_fisher(module: nn.Module, md: ModelData, *, batch_size: int, device:
                 items += 1
     if items == 0:
         raise InputError(f"{md.where}: data {md.data.name!r} is empty")
-    fishers = {id(p): sums[id(p)] / items for p in params}
+    # accumulated in float64, kept in float32: one model-sized copy per model until the merge runs
+    fishers = {id(p): (sums[id(p)] / items).float() for p in params}
     # the model's whole-Fisher L2 norm: Fisher merging may normalise each model by it (FusionBench's default)
-    norm = float(torch.sqrt(sum(f.pow(2).sum() for f in fishers.values()))) if fishers else 0.0
+    norm = float(torch.sqrt(sum(f.double().pow(2).sum() for f in fishers.values()))) if fishers else 0.0
     return {name: {"fisher": fishers[id(p)], "count": items, "norm": norm} for name, p in named.items()}
 
 
