@@ -135,7 +135,7 @@ def test_collect_gram_is_the_mean_input_gram_without_padding():
 
 def _softmax_fisher(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed form: d(-log p_y)/dW = (p - e_y) x^T, d/db = p - e_y, squared and averaged over items."""
-    p = torch.softmax(lin(x).double(), dim=1)
+    p = torch.softmax(lin(x).detach().double(), dim=1)
     r = p - nn.functional.one_hot(y, p.shape[1]).double()
     return (r.unsqueeze(2) * x.double().unsqueeze(1)).pow(2).mean(0), r.pow(2).mean(0)
 
