@@ -14,7 +14,7 @@ from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 T = torch.tensor
 ALL_METHODS = {
-    "tsv_m", "iso_c", "iso_cts", "wudi",
+    "tsv_m", "iso_c", "iso_cts", "wudi", "regmean", "regmean_plusplus", "fisher",
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
     "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl",
@@ -521,7 +521,7 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         if name == "passthrough":
             mp = [{"scale": 2.0}]
         inputs = MergeInputs("w", tensors, mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=_stats(m, tensors))
         out = run_method(m, inputs)
         assert out.dtype == dtype and out.device.type == device and out.shape == (6, 5)
         assert torch.isfinite(out.float()).all()
@@ -533,8 +533,23 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         # the same seeded CPU generator drives the masks wherever the tensors live: GPU == CPU
         xs, base = _all_method_inputs("cpu", torch.float32)
         inputs = MergeInputs("w", xs[:n], mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=_stats(m, xs[:n]))
         torch.testing.assert_close(results[torch.float32].cpu(), run_method(m, inputs), atol=1e-5, rtol=1e-5)
+
+
+def _stats(m, tensors):
+    """Statistics a data-driven method reads (a Gram matrix per weight, or a Fisher per entry); None for the rest."""
+    if m.needs_data is None:
+        return None
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for t in tensors:
+        if m.needs_data == "gram":
+            x = torch.randn(20, t.shape[1], generator=g, dtype=torch.float64)
+            out.append({"gram": (x.T @ x / 20).to(t.device), "count": 20})
+        else:
+            out.append({"fisher": torch.rand(t.shape, generator=g).to(t.device), "norm": 1.0})
+    return out
 
 
 def test_parameter_ranges_are_checked_before_the_kernel_runs():
