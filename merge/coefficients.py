@@ -38,6 +38,7 @@ from torch import nn
 from suture.merge.data import CalibrationData, Inputs
 from suture.merge.errors import InputError
 from suture.merge.layers import find_layer, tensor_section
+from suture.merge.threads import single_threaded_if_small
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,6 @@ class LearnSettings:
     clip_grad_norm: float | None = None
     cosine: bool = False
     objective: Objective = "entropy"
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -281,7 +281,7 @@ class LearnedCoefficients:
             "steps": s.steps,
             "settings": {"init": s.init, "lr": s.lr, "optimizer": s.optimizer, "weight_decay": s.weight_decay,
                          "clamp": list(s.clamp) if s.clamp else None, "clip_grad_norm": s.clip_grad_norm,
-                         "cosine": s.cosine, "seed": s.seed},
+                         "cosine": s.cosine},
             "groups": list(self.grouping.labels),
             "coefficients": {v: [float(x) for x in self.values[k]] for k, v in enumerate(self.vectors)},
             "loss_first": losses[0] if losses else None,
@@ -352,6 +352,12 @@ def _clamped(raw: torch.Tensor, clamp: tuple[float, float] | None) -> torch.Tens
     return raw if clamp is None else raw.clamp(clamp[0], clamp[1])
 
 
+def _threads(base: Mapping[str, torch.Tensor], names: Sequence[str]):
+    """One CPU thread for small models: tiny products on a busy machine run far faster (and reproducibly)."""
+    largest = max((base[n] for n in names), key=lambda t: t.numel())
+    return single_threaded_if_small(largest.numel(), largest.device)
+
+
 def learn_coefficients(
     base: Mapping[str, torch.Tensor],
     finetuned: Sequence[Mapping[str, torch.Tensor]],
@@ -367,7 +373,8 @@ def learn_coefficients(
 
     ``finetuned`` are the fine-tuned models' tensors (the task vectors are taken against ``base``);
     ``tasks`` the objectives, each with a forward that reads merged parameters. Deterministic: batches
-    come in each objective's fixed order and nothing else is random. ``progress`` is called after each step.
+    come in each objective's fixed (seeded, see :func:`module_objective`) order and nothing else is
+    random. ``progress`` is called after each step.
     """
     if not finetuned:
         raise InputError("learning merge coefficients needs at least one fine-tuned model")
@@ -380,15 +387,27 @@ def learn_coefficients(
     if len(names) != len(finetuned):
         raise InputError(f"{len(finetuned)} fine-tuned models but {len(names)} names")
     vectors = task_vectors(base, finetuned, grouping.names)
-    torch.manual_seed(settings.seed)
     raw = torch.full((len(finetuned), len(grouping)), float(settings.init), dtype=torch.float32, requires_grad=True)
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls([raw], lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.steps, 1))
                  if settings.cosine else None)
     history: list[dict[str, Any]] = []
+    with _threads(base, grouping.names):
+        _run_steps(base, vectors, grouping, tasks, settings, raw, optimizer, scheduler, history, progress, stage)
+    values = _clamped(raw.detach(), settings.clamp).clone()
+    if history:
+        logger.info("merge coefficients learned: loss %.4f -> %.4f", history[0]["loss"], history[-1]["loss"])
+    return LearnedCoefficients(tuple(names), grouping, values, settings, history)
+
+
+def _run_steps(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]], grouping: Grouping,
+               tasks: Sequence[TaskObjective], settings: LearnSettings, raw: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scheduler: Any, history: list[dict[str, Any]],
+               progress: Progress | None, stage: str) -> None:
+    """The optimisation steps of :func:`learn_coefficients` (appends one history entry per step)."""
     logger.info("learning %d x %d merge coefficients (%s, %s) for %d steps on %d tasks",
-                len(finetuned), len(grouping), grouping.granularity, settings.objective, settings.steps, len(tasks))
+                len(vectors), len(grouping), grouping.granularity, settings.objective, settings.steps, len(tasks))
     for step in range(settings.steps):
         params = merged_parameters(base, vectors, grouping, _clamped(raw, settings.clamp))
         per_task = {}
@@ -411,17 +430,13 @@ def learn_coefficients(
         logger.debug("step %d/%d: loss %.6f %s", step + 1, settings.steps, history[-1]["loss"], per_task)
         if progress is not None:
             progress(stage, step + 1, settings.steps, f"loss {history[-1]['loss']:.4f}")
-    values = _clamped(raw.detach(), settings.clamp).clone()
-    if history:
-        logger.info("merge coefficients learned: loss %.4f -> %.4f", history[0]["loss"], history[-1]["loss"])
-    return LearnedCoefficients(tuple(names), grouping, values, settings, history)
 
 
 def evaluate_loss(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                   learned: LearnedCoefficients, tasks: Sequence[TaskObjective], objective: str | None = None) -> float:
     """The summed objective over every batch of every task, at the learned coefficients (no gradients)."""
     vectors = task_vectors(base, finetuned, learned.grouping.names)
-    with torch.no_grad():
+    with torch.no_grad(), _threads(base, learned.grouping.names):
         params = merged_parameters(base, vectors, learned.grouping, learned.values)
         total = 0.0
         for task in tasks:
