@@ -159,6 +159,11 @@ def digits_scaling() -> tuple[np.ndarray, np.ndarray]:
 # --- spec parsing -------------------------------------------------------------------------------
 
 
+def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(source, options) of a spec without reading any data; a malformed spec raises InputError."""
+    return _parse_spec(spec)
+
+
 def _parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, Mapping):
         options = dict(spec)

@@ -231,6 +231,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     tasks, n_layers, vocab = build(r, models)
     out_dtype = torch_dtype(r.out_dtype or r.dtype)
     entries = [infer_output(t, models.stores, out_dtype) for t in tasks]
+    model_stats, data_report = _data_statistics(r, tasks, models, architecture, device, seed, _trusts(r, options), progress)
 
     def merge_progress(done: int, total: int, name: str) -> None:
         if progress:
@@ -240,7 +241,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
         writer = ShardedWriter(tmp, entries, max_shard_size=shard_size, metadata={"format": "pt", "suture_version": __version__, "merge_method": r.merge_method or ""},
                               strict=options.strict)
         try:
-            stats = execute_plan(tasks, models.stores, writer, device=device, compute_dtype=torch_dtype(r.dtype), seed=seed, progress=merge_progress)
+            stats = execute_plan(tasks, models.stores, writer, device=device, compute_dtype=torch_dtype(r.dtype), seed=seed,
+                                 progress=merge_progress, stats=model_stats)
             shards = writer.finish()
         finally:
             writer.abort()
@@ -249,7 +251,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
         files = list(shards) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
         files += _write_side_files(tmp, r, models, reference, n_layers, vocab, out_dtype)
         library = _library_name(models.stores[reference].config)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"data": data_report} if data_report else {}
         if outcome is not None:
             extra["alignment"] = {"engine": alignment.engine, **outcome.report()}
             if alignment.repair != "none":
@@ -288,6 +290,29 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     out = Path(out_dir).expanduser().resolve()
     logger.info("merged %d tensors into %s", stats.tensors, out)
     return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, progress))
+
+
+def _data_statistics(r: Recipe, tasks: list, models: OpenedModels, architecture: Any, device: torch.device, seed: int,
+                     trust_remote_code: bool, progress: Progress | None) -> tuple[dict | None, dict[str, Any] | None]:
+    """Data-driven methods: each model's statistics on its own data, and what report.json records about them."""
+    from suture.merge.methods import get_method
+
+    method = get_method(r.merge_method or "")
+    if method.needs_data is None:
+        return None, None
+    from suture.recipes.calibration import data_options, model_statistics
+
+    started = time.perf_counter()
+    stats = model_statistics(r, method, tasks, models.stores, architecture, device, seed=seed,
+                             trust_remote_code=trust_remote_code, progress=progress)
+    opts = data_options(r)
+    specs = {str(e.model): e.data for e in r.models or [] if str(e.model) in stats}
+    report = {"statistics": method.needs_data, "sequential": method.sequential, "split": opts.split,
+              "max_items": opts.max_items, "models": {k: v if isinstance(v, str) else dict(v) for k, v in specs.items()},
+              "seconds": round(time.perf_counter() - started, 3)}
+    if method.needs_data == "fisher":
+        report["labels"] = opts.labels
+    return stats, report
 
 
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
