@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suture.merge.data import CalibrationData, Inputs
+from suture.merge.data import CalibrationData, Inputs, inputs_to
 from suture.merge.errors import InputError
 from suture.merge.layers import find_layer, tensor_section
 from suture.merge.threads import single_threaded_if_small
@@ -175,10 +175,12 @@ def module_forward(module: nn.Module) -> Forward:
 
 
 def module_objective(name: str, module: nn.Module, data: CalibrationData, *, batch_size: int = 16,
-                     labelled: bool = True, seed: int = 0, max_items: int | None = None) -> TaskObjective:
+                     labelled: bool = True, seed: int = 0, max_items: int | None = None,
+                     device: torch.device | str = "cpu") -> TaskObjective:
     """A task objective from a module (trunk + this task's head) and its data, in a seeded shuffled order.
 
-    ``labelled=False`` drops the labels (AdaMerging's unlabelled test-time setting).
+    ``labelled=False`` drops the labels (AdaMerging's unlabelled test-time setting); the batches are moved
+    to ``device`` once, up front.
     """
     if batch_size < 1:
         raise InputError(f"task {name!r}: batch_size must be at least 1, got {batch_size}")
@@ -192,7 +194,7 @@ def module_objective(name: str, module: nn.Module, data: CalibrationData, *, bat
     batches = []
     for start in range(0, n, batch_size):
         inputs, labels = data[order[start:start + batch_size]]
-        batches.append((inputs, labels if labelled else None))
+        batches.append((inputs_to(inputs, device), labels.to(device) if labelled and labels is not None else None))
     return TaskObjective(name, module_forward(module), batches)
 
 
@@ -387,7 +389,9 @@ def learn_coefficients(
     if len(names) != len(finetuned):
         raise InputError(f"{len(finetuned)} fine-tuned models but {len(names)} names")
     vectors = task_vectors(base, finetuned, grouping.names)
-    raw = torch.full((len(finetuned), len(grouping)), float(settings.init), dtype=torch.float32, requires_grad=True)
+    device = base[grouping.names[0]].device
+    raw = torch.full((len(finetuned), len(grouping)), float(settings.init), dtype=torch.float32, device=device,
+                     requires_grad=True)
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls([raw], lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.steps, 1))
@@ -395,7 +399,7 @@ def learn_coefficients(
     history: list[dict[str, Any]] = []
     with _threads(base, grouping.names):
         _run_steps(base, vectors, grouping, tasks, settings, raw, optimizer, scheduler, history, progress, stage)
-    values = _clamped(raw.detach(), settings.clamp).clone()
+    values = _clamped(raw.detach(), settings.clamp).cpu().clone()
     if history:
         logger.info("merge coefficients learned: loss %.4f -> %.4f", history[0]["loss"], history[-1]["loss"])
     return LearnedCoefficients(tuple(names), grouping, values, settings, history)
@@ -411,7 +415,7 @@ def _run_steps(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, 
     for step in range(settings.steps):
         params = merged_parameters(base, vectors, grouping, _clamped(raw, settings.clamp))
         per_task = {}
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=raw.device)
         for task in tasks:
             inputs, labels = task.batch(step)
             loss = _task_loss(task, task.forward(params, inputs), labels, settings.objective)
