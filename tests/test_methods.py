@@ -18,7 +18,7 @@ ALL_METHODS = {
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
     "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl",
-}
+} | {"adamerging", "atlas"}  # task-arithmetic weights learned from data (tests/test_coefficients*.py)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -520,8 +520,10 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         mp = [{"weight": w, "density": 0.6} for w in (1.0, 0.5, 0.8)[:n]]
         if name == "passthrough":
             mp = [{"scale": 2.0}]
+        # learned-coefficient methods read each model's weight from the statistics the recipe runner learns
+        stats = [{"coefficient": p["weight"]} for p in mp] if m.needs_data == "coefficients" else None
         inputs = MergeInputs("w", tensors, mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=stats)
         out = run_method(m, inputs)
         assert out.dtype == dtype and out.device.type == device and out.shape == (6, 5)
         assert torch.isfinite(out.float()).all()
@@ -533,7 +535,7 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         # the same seeded CPU generator drives the masks wherever the tensors live: GPU == CPU
         xs, base = _all_method_inputs("cpu", torch.float32)
         inputs = MergeInputs("w", xs[:n], mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=stats)
         torch.testing.assert_close(results[torch.float32].cpu(), run_method(m, inputs), atol=1e-5, rtol=1e-5)
 
 

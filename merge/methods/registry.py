@@ -216,6 +216,8 @@ def _problem(pdef: ParamDef, err: Any, value: Any) -> str:
         return f"must be true or false, got {value!r}"
     if kind == "finite_number":
         return f"must be finite, got {value!r}"
+    if kind.startswith("int_"):
+        return f"must be a whole number, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"must be {pdef.bounds}, got {value!r}"
     if isinstance(value, int) and not isinstance(value, bool):
