@@ -74,14 +74,14 @@ def learn_recipe_coefficients(
     settings, granularity = coefficient_setup(method.name, params, labelled)
     base = stores[base_key].state_dict(device)
     finetuned = [stores[k].state_dict(device) for k in keys]
-    objectives, parameters = [], None
+    objectives = []
     for md in entries:
         module = md.build().to(device)
-        if parameters is None:
-            parameters = [n for n, _ in module.named_parameters()]
         objectives.append(module_objective(md.key, module, md.data, batch_size=opts.batch_size, seed=seed, device=device,
                                            labelled=settings.objective == "cross_entropy"))
-    names = learnable_names(base, finetuned, only=parameters)
+    # every floating-point tensor the models share, buffers included: in eval mode BatchNorm's running
+    # statistics enter the forward too, so they follow the learned weights like the parameters they belong to
+    names = learnable_names(base, finetuned)
     learned = learn_coefficients(base, finetuned, group_tensors(names, granularity), objectives, settings,
                                  vector_names=keys, progress=progress, stage=method.name)
     stats = {k: {n: {"coefficient": w} for n, w in learned.weights(i).items()} for i, k in enumerate(keys)}
