@@ -72,8 +72,10 @@ def _run(module: nn.Module, inputs: Inputs, md: ModelData) -> Any:
 
     try:
         return run_module(module, inputs)
-    except SutureError:
-        raise
+    except SutureError as exc:
+        if str(exc).startswith(md.where):
+            raise
+        raise InputError(f"{md.where}: running data {md.data.name!r} through model {md.key} failed: {exc}") from None
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
         shape = {k: list(v.shape) for k, v in inputs.items()} if isinstance(inputs, Mapping) else list(inputs.shape)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

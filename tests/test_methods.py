@@ -14,7 +14,7 @@ from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 T = torch.tensor
 ALL_METHODS = {
-    "tsv_m", "iso_c", "iso_cts", "wudi",
+    "tsv_m", "iso_c", "iso_cts", "wudi", "regmean", "regmean_plusplus", "fisher",
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
     "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl",
