@@ -74,3 +74,32 @@ def test_missing_data_and_bad_settings_name_the_key(tmp_path):
     recipe["parameters"]["init"] = 1.5
     with pytest.raises(RecipeError, match="init"):
         run_recipe(recipe, tmp_path / "y")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """Two tiny BERT text classifiers fine-tuned from one base (tests/_tiny_bert.py), built on one thread (10x faster)."""
+    from suture.merge.threads import single_threaded
+    from tests._tiny_bert import build
+
+    with single_threaded():
+        return build(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def test_adamerging_beats_task_arithmetic_on_two_tiny_bert_text_tasks(tiny_bert, tmp_path):
+    """Entropy on each task's unlabelled test sentences; scored with their labels against task arithmetic at 0.3."""
+    from tests.test_data_driven import _task_scores
+
+    p = tiny_bert
+    ta = run_recipe({"merge_method": "task_arithmetic", "base_model": str(p["base"]),
+                     "models": [{"model": str(p[t]), "parameters": {"weight": 0.3}} for t in "ab"]}, tmp_path / "ta")
+    ada = run_recipe({"merge_method": "adamerging", "base_model": str(p["base"]),
+                      "models": [{"model": str(p[t]), "data": str(p[f"{t}_test"])} for t in "ab"],
+                      "data": {"max_items": 128, "batch_size": 16}, "parameters": {"steps": 100}}, tmp_path / "ada")
+    scores = {"ta": _task_scores(ta.out_dir, p), "ada": _task_scores(ada.out_dir, p)}
+    loss = {k: sum(v[t]["loss"] for t in "ab") / 2 for k, v in scores.items()}
+    accuracy = {k: sum(v[t]["accuracy"] for t in "ab") / 2 for k, v in scores.items()}
+    assert loss["ada"] < 0.5 * loss["ta"] and accuracy["ada"] >= accuracy["ta"], scores
+    assert ada.report["data"]["loss_last"] < ada.report["data"]["loss_first"]
+    exported = run_recipe(ada.out_dir / "task_arithmetic_recipe.yaml", tmp_path / "exported")
+    assert _same(ada.out_dir, exported.out_dir)
