@@ -142,10 +142,28 @@ class TaskObjective:
     name: str
     forward: Forward
     batches: Sequence[tuple[Inputs, torch.Tensor | None]]
+    where: str = ""  # what error messages name (e.g. a recipe key and its line); default: the task's name
 
     def batch(self, step: int) -> tuple[Inputs, torch.Tensor | None]:
         """The batch used at ``step`` (the batches are cycled in their fixed order)."""
         return self.batches[step % len(self.batches)]
+
+    @property
+    def label(self) -> str:
+        """How messages name this task."""
+        return self.where or f"task {self.name!r}"
+
+    def logits(self, params: dict[str, torch.Tensor], inputs: Inputs) -> torch.Tensor:
+        """The forward on one batch; a failure (inputs that do not fit the model) is one InputError line."""
+        from suture.merge.errors import SutureError
+
+        try:
+            return self.forward(params, inputs)
+        except SutureError as exc:
+            raise InputError(f"{self.label}: {exc}") from None
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"{self.label}: running its data through the model failed: {first}") from None
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -176,7 +194,7 @@ def module_forward(module: nn.Module) -> Forward:
 
 def module_objective(name: str, module: nn.Module, data: CalibrationData, *, batch_size: int = 16,
                      labelled: bool = True, seed: int = 0, max_items: int | None = None,
-                     device: torch.device | str = "cpu") -> TaskObjective:
+                     device: torch.device | str = "cpu", where: str = "") -> TaskObjective:
     """A task objective from a module (trunk + this task's head) and its data, in a seeded shuffled order.
 
     ``labelled=False`` drops the labels (AdaMerging's unlabelled test-time setting); the batches are moved
@@ -195,18 +213,18 @@ def module_objective(name: str, module: nn.Module, data: CalibrationData, *, bat
     for start in range(0, n, batch_size):
         inputs, labels = data[order[start:start + batch_size]]
         batches.append((inputs_to(inputs, device), labels.to(device) if labelled and labels is not None else None))
-    return TaskObjective(name, module_forward(module), batches)
+    return TaskObjective(name, module_forward(module), batches, where)
 
 
 def _task_loss(task: TaskObjective, logits: torch.Tensor, labels: torch.Tensor | None, objective: str) -> torch.Tensor:
     if objective == "entropy" or labels is None:
         if objective == "cross_entropy":
-            raise InputError(f"task {task.name!r}: cross-entropy needs labelled batches")
+            raise InputError(f"{task.label}: cross-entropy needs labelled batches")
         return softmax_entropy(logits)
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-        raise InputError(f"task {task.name!r}: logits of shape {tuple(logits.shape)} do not fit {labels.shape[0]} labels")
+        raise InputError(f"{task.label}: logits of shape {tuple(logits.shape)} do not fit {labels.shape[0]} labels")
     if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
-        raise InputError(f"task {task.name!r}: labels range {int(labels.min())}..{int(labels.max())} "
+        raise InputError(f"{task.label}: labels range {int(labels.min())}..{int(labels.max())} "
                          f"but the model has {logits.shape[1]} outputs")
     return F.cross_entropy(logits.float(), labels)
 
@@ -418,7 +436,7 @@ def _run_steps(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, 
         total = torch.zeros((), dtype=torch.float32, device=raw.device)
         for task in tasks:
             inputs, labels = task.batch(step)
-            loss = _task_loss(task, task.forward(params, inputs), labels, settings.objective)
+            loss = _task_loss(task, task.logits(params, inputs), labels, settings.objective)
             per_task[task.name] = float(loss.detach())
             total = total + loss
         if not torch.isfinite(total):
@@ -444,7 +462,7 @@ def evaluate_loss(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[
         params = merged_parameters(base, vectors, learned.grouping, learned.values)
         total = 0.0
         for task in tasks:
-            losses = [float(_task_loss(task, task.forward(params, x), y, objective or learned.settings.objective))
+            losses = [float(_task_loss(task, task.logits(params, x), y, objective or learned.settings.objective))
                       for x, y in task.batches]
             total += sum(losses) / len(losses)
     return total

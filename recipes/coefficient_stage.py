@@ -78,7 +78,7 @@ def learn_recipe_coefficients(
     for md in entries:
         module = md.build().to(device)
         objectives.append(module_objective(md.key, module, md.data, batch_size=opts.batch_size, seed=seed, device=device,
-                                           labelled=settings.objective == "cross_entropy"))
+                                           labelled=settings.objective == "cross_entropy", where=md.where))
     # every floating-point tensor the models share, buffers included: in eval mode BatchNorm's running
     # statistics enter the forward too, so they follow the learned weights like the parameters they belong to
     names = learnable_names(base, finetuned)

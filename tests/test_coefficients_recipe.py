@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from suture.merge.errors import RecipeError
+from suture.merge.errors import InputError, RecipeError
 from suture.merge.zoo import load_state
 from suture.recipes.runner import run_recipe
 
@@ -74,6 +74,11 @@ def test_missing_data_and_bad_settings_name_the_key(tmp_path):
     recipe["parameters"]["init"] = 1.5
     with pytest.raises(RecipeError, match="init"):
         run_recipe(recipe, tmp_path / "y")
+    recipe = _recipe()
+    recipe["models"][1]["data"] = "sklearn:iris"  # 4 features for a 64-input MLP
+    with pytest.raises(InputError, match=r"^models\[1\]\.data.*: running its data through the model failed: .*shapes") as err:
+        run_recipe(recipe, tmp_path / "z")
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
