@@ -112,9 +112,8 @@ def export_recipe(
     recipe: dict[str, Any] = {}
     if name:
         recipe["name"] = name
-    recipe.update({"merge_method": "task_arithmetic", "base_model": str(base_model), "models": []})
-    for k, ref in enumerate(models):
-        recipe["models"].append({"model": str(ref), "parameters": {"weight": 0.0}})
+    recipe.update({"merge_method": "task_arithmetic", "base_model": str(base_model),
+                   "models": [{"model": str(ref), "parameters": {"weight": 0.0}} for ref in models]})
     recipe["parameters"] = {"normalize": False, "lambda": 1.0}
     if dtype:
         recipe["dtype"] = dtype
@@ -124,7 +123,7 @@ def export_recipe(
             recipe["models"][k]["parameters"]["weight"] = setting
             if _resolved_weights(recipe, names, n_layers, k) == values:
                 break
-        else:  # pragma: no cover - the exact-name list always resolves; kept as a guard against silent drift
+        else:  # the exact-name list always resolves (longest names first); a guard against silent drift
             raise InputError(f"model {models[k]}: no weight setting reproduces the learned coefficients")
     return recipe
 
