@@ -249,3 +249,18 @@ def test_bad_settings_are_one_line_errors():
         LearnSettings(lr=0.0)
     with pytest.raises(InputError, match="objective"):
         LearnSettings(objective="mse")  # type: ignore[arg-type]
+
+
+def test_export_never_lets_a_shorter_filter_capture_a_longer_name():
+    """'w' is a substring of 'ww': a fallback for the common value would give 'ww' the weight of 'w'."""
+    from suture.merge.coefficients import LearnedCoefficients
+    from suture.recipes.params import ParamResolver
+    from suture.recipes.runner import load
+
+    names = ["w", "ww", "www"]
+    learned = LearnedCoefficients(("m",), group_tensors(names, "tensor"), torch.tensor([[1.0, 2.0, 2.0]]), ADAMERGING)
+    recipe = export_recipe(learned, base_model="base", models=["m"], names=names, n_layers=None)
+    setting = recipe["models"][0]["parameters"]["weight"]
+    assert [c.get("filter") for c in setting] == ["www", "ww", "w"]  # the full list, longest first
+    resolver = ParamResolver(load(recipe))
+    assert [resolver.get("weight", n, model="m") for n in names] == [1.0, 2.0, 2.0]
