@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 import torch.nn.functional as F
@@ -372,7 +372,7 @@ def _clamped(raw: torch.Tensor, clamp: tuple[float, float] | None) -> torch.Tens
     return raw if clamp is None else raw.clamp(clamp[0], clamp[1])
 
 
-def _threads(base: Mapping[str, torch.Tensor], names: Sequence[str]):
+def _threads(base: Mapping[str, torch.Tensor], names: Sequence[str]) -> ContextManager[None]:
     """One CPU thread for small models: tiny products on a busy machine run far faster (and reproducibly)."""
     largest = max((base[n] for n in names), key=lambda t: t.numel())
     return single_threaded_if_small(largest.numel(), largest.device)

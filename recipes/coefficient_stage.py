@@ -84,6 +84,7 @@ def learn_recipe_coefficients(
     names = learnable_names(base, finetuned)
     learned = learn_coefficients(base, finetuned, group_tensors(names, granularity), objectives, settings,
                                  vector_names=keys, progress=progress, stage=method.name)
+    del base, finetuned, objectives  # the merge itself reads the stores tensor by tensor
     stats = {k: {n: {"coefficient": w} for n, w in learned.weights(i).items()} for i, k in enumerate(keys)}
     base_names = stores[base_key].names()
     exported = export_recipe(learned, base_model=_portable_ref(models, base_key),
