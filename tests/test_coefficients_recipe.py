@@ -108,3 +108,12 @@ def test_adamerging_beats_task_arithmetic_on_two_tiny_bert_text_tasks(tiny_bert,
     assert ada.report["data"]["loss_last"] < ada.report["data"]["loss_first"]
     exported = run_recipe(ada.out_dir / "task_arithmetic_recipe.yaml", tmp_path / "exported")
     assert _same(ada.out_dir, exported.out_dir)
+
+
+def test_the_run_seed_fixes_the_batch_order_and_so_the_coefficients(tmp_path):
+    def coefficients(seed: int, out: str) -> dict:
+        return run_recipe(_recipe(seed=seed), tmp_path / out).report["data"]["coefficients"]
+
+    first = coefficients(1, "a")
+    assert coefficients(1, "b") == first
+    assert coefficients(2, "c") != first
