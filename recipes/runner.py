@@ -257,6 +257,10 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
                 store.close()
         files = list(shards) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
         files += _write_side_files(tmp, r, models, reference, n_layers, vocab, out_dtype)
+        if data_report and data_report.get("statistics") == "coefficients":
+            from suture.recipes.coefficient_stage import write_learned_recipe
+
+            files += write_learned_recipe(tmp, data_report)
         library = _library_name(models.stores[reference].config)
         extra: dict[str, Any] = {"data": data_report} if data_report else {}
         if outcome is not None:
@@ -307,6 +311,11 @@ def _data_statistics(r: Recipe, tasks: list, models: OpenedModels, architecture:
     method = get_method(r.merge_method or "")
     if method.needs_data is None:
         return None, None
+    if method.needs_data == "coefficients":  # AdaMerging / aTLAS: weights learned on every model's data at once
+        from suture.recipes.coefficient_stage import learn_recipe_coefficients
+
+        return learn_recipe_coefficients(r, method, tasks, models, architecture, device, seed=seed,
+                                         trust_remote_code=trust_remote_code, progress=progress)
     from suture.recipes.calibration import data_options, model_statistics
 
     started = time.perf_counter()

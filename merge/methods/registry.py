@@ -39,9 +39,11 @@ Positive = Annotated[Number, Field(gt=0)]
 #: true or false (strings such as 'yes' are refused)
 Flag = StrictBool
 #: statistics a data-driven method asks for: "gram" (per nn.Linear weight: {"gram": E[x x^T] of its inputs,
-#: "count": rows seen}) or "fisher" (per parameter: {"fisher": the diagonal Fisher, shaped like the tensor})
-StatsKind = Literal["gram", "fisher"]
-STATS_KINDS: tuple[str, ...] = ("gram", "fisher")
+#: "count": rows seen}), "fisher" (per parameter: {"fisher": the diagonal Fisher, shaped like the tensor}) or
+#: "coefficients" (per tensor: {"coefficient": a task-arithmetic weight learned on every model's data at once,
+#: AdaMerging / aTLAS, see merge.coefficients})
+StatsKind = Literal["gram", "fisher", "coefficients"]
+STATS_KINDS: tuple[str, ...] = ("gram", "fisher", "coefficients")
 
 
 class MethodParams(BaseModel):
@@ -214,6 +216,8 @@ def _problem(pdef: ParamDef, err: Any, value: Any) -> str:
         return f"must be true or false, got {value!r}"
     if kind == "finite_number":
         return f"must be finite, got {value!r}"
+    if kind.startswith("int_"):
+        return f"must be a whole number, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"must be {pdef.bounds}, got {value!r}"
     if isinstance(value, int) and not isinstance(value, bool):
