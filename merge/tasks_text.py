@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -124,6 +125,35 @@ FINETUNE_TASKS = ("reviews", "tweets", "genre", "country")
 HELDOUT_TASKS = ("pets",)
 
 
+def read_split_file(path: str | Path) -> TextSplit:
+    """A split from a text file: one ``text<TAB>label`` per line, labels integers from 0 (one line names a bad row)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the split ({exc})") from None
+    texts, labels = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        text, tab, label = line.rpartition("\t")
+        if not tab or not label.strip().isdigit():
+            raise InputError(f"{path} line {number}: expected 'text<TAB>label' with an integer label >= 0")
+        texts.append(text)
+        labels.append(int(label))
+    if not texts:
+        raise InputError(f"{path}: no rows")
+    return TextSplit(texts, labels)
+
+
+def write_split_file(path: str | Path, split: TextSplit, *, labels: bool = True) -> Path:
+    """Write a split as ``text<TAB>label`` lines (or bare texts when ``labels`` is false: unlabelled data)."""
+    path = Path(path)
+    rows = [" ".join(t.split()) + (f"\t{y}" if labels else "") for t, y in zip(split.texts, split.labels)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def task_names() -> list[str]:
     """Every built-in task name."""
     return list(LOADERS)
@@ -151,4 +181,5 @@ def load_task(name: str, seed: int = 0) -> TextTask:
     return task
 
 
-__all__ = ["FINETUNE_TASKS", "HELDOUT_TASKS", "SPLITS", "TextSplit", "TextTask", "load_task", "task_names"]
+__all__ = ["FINETUNE_TASKS", "HELDOUT_TASKS", "SPLITS", "TextSplit", "TextTask", "load_task", "read_split_file", "task_names",
+           "write_split_file"]

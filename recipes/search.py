@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from suture.merge.errors import RecipeError
 from suture.recipes.schema import Recipe, _parse_path, load_recipe, parse_recipe
-from suture.recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line
+from suture.recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line, validation_message
 
 Number = StrictFloat | StrictInt
 Scalar = StrictStr | StrictFloat | StrictInt | StrictBool
@@ -214,12 +214,7 @@ def parse_search_spec(data: Any, *, source: str = "<dict>", lines: dict[KeyPath,
     try:
         spec = SearchSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            path = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "constrained-")))
-            line = nearest_line(lines, path)
-            problems.append(f"{format_path(path)}{f' (line {line})' if line else ''}: {err['msg']}")
-        raise RecipeError(f"{source}: " + "; ".join(problems)) from None
+        raise RecipeError(validation_message(source, exc, lines)) from None
     spec._source, spec._lines = source, dict(lines or {})
     if isinstance(spec.recipe, str):
         base_path = Path(spec.recipe).expanduser()

@@ -181,6 +181,16 @@ def load_yaml_with_lines(text: str, source: str = "<string>") -> tuple[Any, Line
         loader.dispose()
 
 
+def validation_message(source: str, exc: Any, lines: Mapping[KeyPath, int] | None) -> str:
+    """A pydantic ValidationError as one line: ``SOURCE: key.path (line N): problem; ...``."""
+    problems = []
+    for err in exc.errors():
+        path = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "constrained-")))
+        line = nearest_line(lines, path)
+        problems.append(f"{format_path(path)}{f' (line {line})' if line else ''}: {err['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
 def _syntax_error(exc: yaml.MarkedYAMLError, source: str) -> RecipeError:
     mark = exc.problem_mark or exc.context_mark
     where = f"{source} line {mark.line + 1}, column {mark.column + 1}" if mark else source
@@ -188,4 +198,5 @@ def _syntax_error(exc: yaml.MarkedYAMLError, source: str) -> RecipeError:
     return RecipeError(f"{where}: YAML syntax error: {what or exc}")
 
 
-__all__ = ["MAX_ALIAS_EXPANSIONS", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line"]
+__all__ = ["MAX_ALIAS_EXPANSIONS", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line",
+           "validation_message"]
