@@ -46,6 +46,9 @@ class TrainRecipe:
     warmup: float = 0.1
     max_length: int = 48
     data_seed: int = 0  # which seeded split of the task (merge.tasks_text.load_task)
+    # the 30,522 x 384 word-embedding table stays at the base's values: half the optimizer's work on a CPU, and a
+    # table every fine-tune shares merges to itself under any method (every other encoder weight trains)
+    freeze_word_embeddings: bool = True
 
     def key(self, base: str | Path) -> str:
         """A short hash of the recipe and the base weights' identity (path, size, modification time)."""
@@ -91,10 +94,14 @@ def _train(task: str, base: Path, seed: int, recipe: TrainRecipe, out: Path, pro
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = BertModel.from_pretrained(str(base))  # keeps the pooler, unused and untouched, so names match the base
     head = torch.nn.Linear(model.config.hidden_size, len(data.classes))
+    frozen = ("pooler.", "embeddings.word_embeddings.") if recipe.freeze_word_embeddings else ("pooler.",)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(frozen))
     no_decay = ("bias", "LayerNorm.weight")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [
-        {"params": [p for n, p in model.named_parameters() if not n.startswith("pooler") and not n.endswith(no_decay)], "weight_decay": recipe.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if not n.startswith("pooler") and n.endswith(no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in trained if not n.endswith(no_decay)], "weight_decay": recipe.weight_decay},
+        {"params": [p for n, p in trained if n.endswith(no_decay)], "weight_decay": 0.0},
         {"params": list(head.parameters()), "lr": recipe.head_lr, "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(params, lr=recipe.lr)
