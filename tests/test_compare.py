@@ -184,7 +184,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "suture.recipes.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_runs_and_bad_specs_are_one_line(setup):
+def test_cli_runs_and_bad_specs_are_one_line(setup, capsys):
+    from suture.recipes.cli import main
+
     root = setup["root"]
     ok = _cli("compare", "-q", str(_write(root, "cli.yaml", _spec(root, [{"method": "task_arithmetic", "parameters": {"lambda": 0.5}}]))), str(root / "cli-out"))
     assert ok.returncode == 0, ok.stderr
@@ -196,12 +198,14 @@ def test_cli_runs_and_bad_specs_are_one_line(setup):
         "base-params": ([{"method": "base", "parameters": {"lambda": 1}}], "rows[0].parameters (line"),
     }
     for name, (rows, where) in cases.items():
-        bad = _cli("compare", str(_write(root, f"bad-{name}.yaml", _spec(root, rows))), str(root / f"bad-{name}"))
-        assert bad.returncode == 2, (name, bad.stderr)
-        lines = bad.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], (name, bad.stderr)
+        code = main(["compare", str(_write(root, f"bad-{name}.yaml", _spec(root, rows))), str(root / f"bad-{name}")])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], (name, err)
         assert not (root / f"bad-{name}").exists()
     missing = _spec(root, [{"method": "linear"}])
     del missing["tasks"][0]["model"]
-    bad = _cli("compare", str(_write(root, "bad-model.yaml", missing)), str(root / "bad-model"))
-    assert bad.returncode == 2 and "tasks[0]" in bad.stderr and "needs model" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    code = main(["compare", str(_write(root, "bad-model.yaml", missing)), str(root / "bad-model")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tasks[0] (line" in err and "needs model" in err and len(err.strip().splitlines()) == 1
