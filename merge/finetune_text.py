@@ -38,9 +38,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 class TrainRecipe:
     """How a fine-tune is trained; every field is part of the cache key."""
 
-    steps: int = 120
+    steps: int = 160
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 1e-4
     head_lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: float = 0.1
@@ -131,6 +131,7 @@ def _train(task: str, base: Path, seed: int, recipe: TrainRecipe, out: Path, pro
             logger.info("%s step %d/%d loss %.4f", task, step + 1, recipe.steps, np.mean(losses[-25:]))
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
+    _match_base_names(out / "model.safetensors", base / "model.safetensors")
     for name in TOKENIZER_FILES:
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
@@ -138,6 +139,25 @@ def _train(task: str, base: Path, seed: int, recipe: TrainRecipe, out: Path, pro
     return {"task": task, "seed": seed, "base": str(base), "recipe": asdict(recipe), "sizes": data.sizes(),
             "classes": list(data.classes), "seconds": round(time.perf_counter() - started, 1),
             "final_loss": float(np.mean(losses[-20:]))}
+
+
+def _match_base_names(saved: Path, base_file: Path) -> None:
+    """Give the fine-tune exactly the base file's tensor names, so merges line up name for name.
+
+    A base saved by an older transformers keeps buffers (``embeddings.position_ids``) that ``save_pretrained``
+    now leaves out: those are copied from the base unchanged; names the base lacks are dropped.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if not base_file.is_file():
+        return
+    state = load_file(str(saved))
+    with safe_open(str(base_file), "pt") as f:
+        names = list(f.keys())
+        out = {n: state[n] if n in state else f.get_tensor(n) for n in names}
+    if set(out) != set(state):
+        save_file({k: v.contiguous() for k, v in out.items()}, str(saved), metadata={"format": "pt"})
 
 
 __all__ = ["TrainRecipe", "finetune", "finetune_dir"]

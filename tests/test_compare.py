@@ -209,3 +209,18 @@ def test_cli_runs_and_bad_specs_are_one_line(setup, capsys):
     code = main(["compare", str(_write(root, "bad-model.yaml", missing)), str(root / "bad-model")])
     err = capsys.readouterr().err
     assert code == 2 and "tasks[0] (line" in err and "needs model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_folders_carry_exactly_the_base_tensor_names(tmp_path):
+    """A base saved with a buffer save_pretrained now omits (position_ids) still lines up with its fine-tunes."""
+    from safetensors.torch import load_file, save_file
+
+    from suture.merge.finetune_text import _match_base_names
+
+    base = {"embeddings.position_ids": torch.arange(8)[None], "w": torch.zeros(2, 2), "pooler.dense.weight": torch.ones(2)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": torch.full((2, 2), 3.0), "pooler.dense.weight": torch.ones(2), "extra": torch.ones(1)}, tmp_path / "ft.safetensors")
+    _match_base_names(tmp_path / "ft.safetensors", tmp_path / "base.safetensors")
+    got = load_file(tmp_path / "ft.safetensors")
+    assert set(got) == set(base)
+    assert torch.equal(got["embeddings.position_ids"], base["embeddings.position_ids"]) and torch.equal(got["w"], torch.full((2, 2), 3.0))
