@@ -28,6 +28,18 @@ def style_axes(ax: Any) -> None:
     ax.tick_params(labelsize=FONT["tick"])
 
 
+def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Render a Figure on the Agg canvas (no pyplot state) and write it as PNG, making the folder."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+
+    FigureCanvasAgg(fig)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    return out
+
+
 def legend_below(fig: Any, ax: Any) -> None:
     """One legend for the figure, under its panels, so it never covers a line (the layout makes room for it)."""
     handles, labels = ax.get_legend_handles_labels()
@@ -85,20 +97,15 @@ def plot_interpolation(
     dpi: int = 120,
 ) -> Path:
     """Write a PNG with a loss panel and an accuracy panel (or the named metrics) for labelled curves."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig = interpolation_figure(curves, metric, title)
-    FigureCanvasAgg(fig)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    out = save_png(fig, path, dpi)
     logger.info("wrote interpolation plot %s", out)
     return out
 
 
 def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float | None, path: str | Path, dpi: int = 120) -> Path:
     """Accuracy of partial zips against the layer zipping stops at (full zip first), with the ensemble as a line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not sweep:
@@ -115,16 +122,12 @@ def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float
     ax.grid(True, alpha=0.3)
     style_axes(ax)
     legend_below(fig, ax)
-    FigureCanvasAgg(fig)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    out = save_png(fig, path, dpi)
     return out
 
 
 def plot_compare(rows: Mapping[str, Mapping[str, float]], path: str | Path, *, individual: float | None = None, dpi: int = 120) -> Path:
     """Horizontal bars per compared row (one bar per figure, e.g. average and held-out accuracy), best on top."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not rows:
@@ -145,8 +148,5 @@ def plot_compare(rows: Mapping[str, Mapping[str, float]], path: str | Path, *, i
     ax.grid(True, axis="x", alpha=0.3)
     style_axes(ax)
     legend_below(fig, ax)
-    FigureCanvasAgg(fig)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    out = save_png(fig, path, dpi)
     return out

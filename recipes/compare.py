@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from suture.merge import __version__
 from suture.merge.errors import InputError, RecipeError, SutureError
 from suture.merge.tasks_text import SPLITS, TextSplit, load_task, read_split_file, task_names, write_split_file
 from suture.merge.text_heads import HEAD_DIR, LinearHead, encode, fit_probe, load_head
-from suture.recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line, validation_message
+from suture.recipes.yaml_lines import KeyPath, format_path, nearest_line, read_yaml_file, validate_spec
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,7 @@ class CompareSpec(_Section):
 
 def parse_compare_spec(data: Any, *, source: str = "<dict>", lines: Mapping[KeyPath, int] | None = None) -> CompareSpec:
     """Validate spec data; every problem is one RecipeError naming the spec, the key path and its line."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a compare spec is a mapping with base, tasks, rows (and evaluation)")
-    try:
-        spec = CompareSpec.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(validation_message(source, exc, lines)) from None
-    spec._source, spec._lines = source, dict(lines or {})
+    spec = validate_spec(CompareSpec, data, source, lines, "compare spec is a mapping with base, tasks, rows (and evaluation)")
     _check_names(spec)
     _check_files(spec)
     for i, row in enumerate(spec.rows):
@@ -182,11 +176,8 @@ def parse_compare_spec(data: Any, *, source: str = "<dict>", lines: Mapping[KeyP
 
 def load_compare_spec(path: str | Path) -> CompareSpec:
     """Read and validate a compare spec YAML file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RecipeError(f"compare spec {path} not found")
-    data, lines = load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
-    return parse_compare_spec(data, source=str(path), lines=lines)
+    data, lines, source = read_yaml_file(path, "compare spec")
+    return parse_compare_spec(data, source=source, lines=lines)
 
 
 def _check_names(spec: CompareSpec) -> None:

@@ -97,7 +97,7 @@ def _spec(root: Path, rows: list, validation: dict | None = None) -> dict:
     tasks = [{"name": n, "model": n, "data": {"validation": (validation or {}).get(n, f"{n}-validation.txt"), "test": f"{n}-test.txt"}}
              for n in ("colours", "foods")]
     tasks.append({"name": "held", "heldout": True, "data": {"train": "held-train.txt", "validation": "held-validation.txt", "test": "held-test.txt"}})
-    return {"base": "base", "tasks": tasks, "evaluation": {"max_length": 16, "batch_size": 32, "device": "cpu"}, "rows": rows}
+    return {"base": "base", "tasks": tasks, "evaluation": {"max_length": 16, "batch_size": 32, "device": "cpu", "threads": 1}, "rows": rows}
 
 
 def _write(root: Path, name: str, spec: dict) -> Path:
