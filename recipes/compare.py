@@ -564,7 +564,7 @@ def table_markdown(report: Mapping[str, Any]) -> str:
     c = report["compare"]
     merged = [t["name"] for t in c["tasks"] if not t["heldout"]]
     held = [t["name"] for t in c["tasks"] if t["heldout"]]
-    head = ["row", *merged, "average", "normalized", *[f"{h} (held out)" for h in held], "time s", "peak MB", "needs", "chosen"]
+    head = ["row", *merged, "average", "normalized", *[f"{h} (held out)" for h in held], "merge s", "total s", "peak MB", "needs", "chosen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in c["rows"]:
         if "error" in r:
@@ -573,7 +573,7 @@ def table_markdown(report: Mapping[str, Any]) -> str:
         acc = r["accuracy"]
         chosen = ", ".join(f"{k}={v}" for k, v in (r.get("chosen") or {}).items()) or "—"
         cells = [r["name"], *[_fmt(acc[t]) for t in merged], _fmt(r["average"]), _fmt(r["normalized_average"]),
-                 *[_fmt(acc[h]) for h in held], f"{r['seconds_total']:.1f}", f"{r['peak_memory_mb']:.0f}", _needs_text(r["needs"]), chosen]
+                 *[_fmt(acc[h]) for h in held], f"{r['seconds_merge']:.1f}", f"{r['seconds_total']:.1f}", f"{r['peak_memory_mb']:.0f}", _needs_text(r["needs"]), chosen]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
