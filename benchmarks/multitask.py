@@ -7,7 +7,7 @@ Each fine-tune trains the whole encoder and a linear head (suture.merge.finetune
 is cached under SUTURE_CACHE/multitask by task, seed and recipe, so a rerun only merges and scores.
 
 The script writes a compare spec (every data-free method in the registry that merges N models, task arithmetic
-with λ chosen on validation, and rows for regmean / regmean_plus_plus / fisher / adamerging / atlas whenever
+with λ chosen on validation, and rows for regmean / regmean_plusplus / fisher / adamerging / atlas whenever
 those methods are registered) beside OUT and runs `suture compare` on it. Floors (issue 15): the table holds
 >= 4 tasks and >= 12 methods; RegMean and AdaMerging each beat task arithmetic; the best normalised average is
 >= 0.90. Training runs at the process's own priority: start it under `nice -n 10` on a shared machine.
@@ -50,7 +50,7 @@ DATA_FREE = [
 # Data-driven rows, added only when the method is registered (what each consumes, per its paper).
 DATA_DRIVEN = [
     {"method": "regmean", "data": {"labels": False, "examples": 256}},
-    {"method": "regmean_plus_plus", "data": {"labels": False, "examples": 256}},
+    {"method": "regmean_plusplus", "data": {"labels": False, "examples": 256}},
     {"method": "fisher", "data": {"labels": True, "examples": 256}},
     {"method": "adamerging", "data": {"labels": False, "examples": 256, "split": "test"}},  # entropy on unlabelled test inputs
     {"method": "atlas", "data": {"labels": True, "examples": 64}},
