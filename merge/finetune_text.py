@@ -1,7 +1,8 @@
 """Fine-tune a pretrained text encoder plus a linear head on one task, cached by task, seed and recipe.
 
 The multi-task merging benchmark needs N fine-tunes of one base (Ilharco et al., 2023, "Editing Models with
-Task Arithmetic": every encoder weight moves, each task keeps its own head). Training is short and CPU-sized:
+Task Arithmetic": the encoder's weights move, each task keeps its own head; here the word-embedding table
+stays at the base's values by default, see ``TrainRecipe.freeze_word_embeddings``). Training is short and CPU-sized:
 batches sorted into per-batch padding, sequences cut at ``max_length``, AdamW with linear warm-up and decay,
 the fresh head on a larger learning rate than the pretrained encoder. The result is a Hugging Face folder
 (``save_pretrained``: the encoder's tensors under the base's names, config, tokenizer) with ``head/`` beside
