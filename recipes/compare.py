@@ -443,7 +443,7 @@ def _run(spec: CompareSpec, out_dir: str | Path, overwrite: bool, progress: Prog
         for t in tasks:
             if not t.spec.heldout:
                 scorer.load_weights(spec.path(t.spec.model))
-                individual.update(scorer.score("test", [t]))
+                individual.update({k: round(v, 4) for k, v in scorer.score("test", [t]).items()})
         individual_seconds = time.perf_counter() - t0
         listed = [r for r in spec.rows]
         for i, row in enumerate(listed):
