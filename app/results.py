@@ -47,6 +47,13 @@ class RunSummary:
     accuracy_barrier: float | None = None
     problem: str | None = None
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    table: str | None = None  # a `suture compare` run: its table.md (one row per method)
+    plot: Path | None = None  # ... and its plot.png
+
+    @property
+    def is_compare(self) -> bool:
+        """True for a `suture compare` output (many methods side by side) rather than one merge."""
+        return self.table is not None
 
     @property
     def failed(self) -> bool:
@@ -74,8 +81,26 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
+def _summarize_compare(folder: Path, compare: Mapping[str, Any]) -> RunSummary:
+    """A `suture compare` output: named by its rows, its figure the best row's average test accuracy."""
+    rows = [r for r in compare.get("rows") or [] if isinstance(r, Mapping)]
+    averages = [_number(r.get("average")) for r in rows if r.get("method") not in ("base", "individual")]
+    try:
+        table = (folder / "table.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        table = "(table.md missing)"
+    report_file = folder / "report.json"
+    return RunSummary(folder=folder, name=folder.name, method=f"compare ({len(rows)} rows)", engine=None,
+                      models=[str(t.get("name")) for t in compare.get("tasks") or [] if isinstance(t, Mapping)],
+                      finished=datetime.fromtimestamp(report_file.stat().st_mtime) if report_file.exists() else datetime.now(),
+                      accuracy=max((a for a in averages if a is not None), default=None), table=table,
+                      plot=folder / "plot.png" if (folder / "plot.png").is_file() else None)
+
+
 def summarize(folder: Path, report: Mapping[str, Any]) -> RunSummary:
     """The summary of one run from its report.json data (and recipe, for the run's name and base model)."""
+    if isinstance(report.get("compare"), Mapping):
+        return _summarize_compare(folder, report["compare"])
     recipe = _recipe(folder)
     stitch = report.get("method") and isinstance(report.get("source"), Mapping)
     if stitch:

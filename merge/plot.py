@@ -28,6 +28,18 @@ def style_axes(ax: Any) -> None:
     ax.tick_params(labelsize=FONT["tick"])
 
 
+def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Render a Figure on the Agg canvas (no pyplot state) and write it as PNG, making the folder."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+
+    FigureCanvasAgg(fig)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    return out
+
+
 def legend_below(fig: Any, ax: Any) -> None:
     """One legend for the figure, under its panels, so it never covers a line (the layout makes room for it)."""
     handles, labels = ax.get_legend_handles_labels()
@@ -85,20 +97,15 @@ def plot_interpolation(
     dpi: int = 120,
 ) -> Path:
     """Write a PNG with a loss panel and an accuracy panel (or the named metrics) for labelled curves."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig = interpolation_figure(curves, metric, title)
-    FigureCanvasAgg(fig)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    out = save_png(fig, path, dpi)
     logger.info("wrote interpolation plot %s", out)
     return out
 
 
 def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float | None, path: str | Path, dpi: int = 120) -> Path:
     """Accuracy of partial zips against the layer zipping stops at (full zip first), with the ensemble as a line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not sweep:
@@ -115,8 +122,31 @@ def plot_stop_sweep(sweep: Sequence[Mapping[str, Any]], ensemble_accuracy: float
     ax.grid(True, alpha=0.3)
     style_axes(ax)
     legend_below(fig, ax)
-    FigureCanvasAgg(fig)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    out = save_png(fig, path, dpi)
+    return out
+
+
+def plot_compare(rows: Mapping[str, Mapping[str, float]], path: str | Path, *, individual: float | None = None, dpi: int = 120) -> Path:
+    """Horizontal bars per compared row (one bar per figure, e.g. average and held-out accuracy), best on top."""
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise InputError("nothing to plot: no compared rows")
+    names = sorted(rows, key=lambda n: rows[n].get("average", 0.0))
+    figures = list(next(iter(rows.values())))
+    height = 0.8 / max(len(figures), 1)
+    fig = Figure(figsize=(7.0, 1.2 + 0.32 * len(names) * max(1, len(figures) / 1.5)), layout="constrained")
+    ax = fig.subplots()
+    for k, figure in enumerate(figures):
+        ys = [i + (k - (len(figures) - 1) / 2) * height for i in range(len(names))]
+        ax.barh(ys, [rows[n].get(figure, float("nan")) for n in names], height=height, label=figure)
+    if individual is not None:
+        ax.axvline(individual, linestyle="--", color="gray", label="individual fine-tunes (average)")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("test accuracy")
+    ax.set_xlim(0.0, 1.0)
+    ax.grid(True, axis="x", alpha=0.3)
+    style_axes(ax)
+    legend_below(fig, ax)
+    out = save_png(fig, path, dpi)
     return out

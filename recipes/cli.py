@@ -85,6 +85,14 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     _add_verbosity(p)
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="merge the same fine-tunes with many methods and score each per task: a side-by-side table")
+    p.add_argument("spec", help="compare spec YAML: base, tasks (fine-tune + data each), rows (method, parameters, grid)")
+    p.add_argument("out_dir", help="results folder: report.json, table.md, plot.png (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_verbosity(p)
+
+
 def _add_trust(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="build architectures that a model's config.json names outside Suture's zoo (runs that code)")
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_app(sub)
     _add_search(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -129,8 +138,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     """`suture run`: execute a recipe with a tqdm progress bar."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from suture.recipes.runner import RunOptions, dry_run, run_recipe
 
     options = RunOptions(
@@ -147,10 +154,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         plan = dry_run(recipe, options)
         print(json.dumps(plan, indent=2))
         return 0
-    bars: dict[str, tqdm] = {}
+    bars: dict = {}
+    try:
+        result = run_recipe(recipe, args.out_dir, options, progress=_tqdm_progress(bars, args.quiet))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(result.summary())
+    return 0
+
+
+def _tqdm_progress(bars: dict, quiet: bool):
+    """A ``progress(stage, done, total, detail)`` callback drawing one tqdm bar per stage (none with --quiet)."""
+    from tqdm import tqdm
 
     def progress(stage: str, done: int, total: int, detail: str = "") -> None:
-        if args.quiet:
+        if quiet:
             return
         bar = bars.get(stage)
         if bar is None:
@@ -159,8 +178,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.n = done
         bar.set_postfix_str(detail[-40:], refresh=True)
 
+    return progress
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`suture compare`: every row of a compare spec merged and scored per task; report.json, table.md, plot.png."""
+    from suture.recipes.compare import load_compare_spec, run_compare
+
+    spec = load_compare_spec(args.spec)  # validated before any model loads: a bad key is one line
+    bars: dict = {}
     try:
-        result = run_recipe(recipe, args.out_dir, options, progress=progress)
+        result = run_compare(spec, args.out_dir, overwrite=args.overwrite, progress=_tqdm_progress(bars, args.quiet))
     finally:
         for bar in bars.values():
             bar.close()
@@ -226,7 +254,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if result.finished else 130
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "push": cmd_push, "app": cmd_app, "search": cmd_search}
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "push": cmd_push, "app": cmd_app, "search": cmd_search, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

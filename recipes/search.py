@@ -14,11 +14,11 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from suture.merge.errors import RecipeError
 from suture.recipes.schema import Recipe, _parse_path, load_recipe, parse_recipe
-from suture.recipes.yaml_lines import KeyPath, format_path, load_yaml_with_lines, nearest_line
+from suture.recipes.yaml_lines import KeyPath, format_path, nearest_line, read_yaml_file, validate_spec
 
 Number = StrictFloat | StrictInt
 Scalar = StrictStr | StrictFloat | StrictInt | StrictBool
@@ -209,18 +209,7 @@ def _set(data: Any, path: KeyPath, value: Any) -> None:
 
 def parse_search_spec(data: Any, *, source: str = "<dict>", lines: dict[KeyPath, int] | None = None) -> SearchSpec:
     """Validate spec data; one RecipeError naming the spec, key path and line for every problem."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a search spec is a mapping with recipe, space, evaluate and search keys")
-    try:
-        spec = SearchSpec.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            path = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "constrained-")))
-            line = nearest_line(lines, path)
-            problems.append(f"{format_path(path)}{f' (line {line})' if line else ''}: {err['msg']}")
-        raise RecipeError(f"{source}: " + "; ".join(problems)) from None
-    spec._source, spec._lines = source, dict(lines or {})
+    spec = validate_spec(SearchSpec, data, source, lines, "search spec is a mapping with recipe, space, evaluate and search keys")
     if isinstance(spec.recipe, str):
         base_path = Path(spec.recipe).expanduser()
         if not base_path.is_absolute() and source not in ("<dict>", "<string>"):
@@ -245,8 +234,5 @@ def parse_search_spec(data: Any, *, source: str = "<dict>", lines: dict[KeyPath,
 
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Read and validate a search spec YAML file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RecipeError(f"search spec {path} not found")
-    data, lines = load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
-    return parse_search_spec(data, source=str(path), lines=lines)
+    data, lines, source = read_yaml_file(path, "search spec")
+    return parse_search_spec(data, source=source, lines=lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -181,6 +182,39 @@ def load_yaml_with_lines(text: str, source: str = "<string>") -> tuple[Any, Line
         loader.dispose()
 
 
+def read_yaml_file(path: str | Path, what: str) -> tuple[Any, LineMap, str]:
+    """A spec file's data, line map and source name; a missing file is one RecipeError naming ``what``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"{what} {path} not found")
+    data, lines = load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+    return data, lines, str(path)
+
+
+def validate_spec(model: Any, data: Any, source: str, lines: Mapping[KeyPath, int] | None, keys: str) -> Any:
+    """A pydantic spec model from YAML data, with ``_source``/``_lines`` set; problems are one RecipeError line."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a {keys}")
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(validation_message(source, exc, lines)) from None
+    spec._source, spec._lines = source, dict(lines or {})
+    return spec
+
+
+def validation_message(source: str, exc: Any, lines: Mapping[KeyPath, int] | None) -> str:
+    """A pydantic ValidationError as one line: ``SOURCE: key.path (line N): problem; ...``."""
+    problems = []
+    for err in exc.errors():
+        path = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "constrained-")))
+        line = nearest_line(lines, path)
+        problems.append(f"{format_path(path)}{f' (line {line})' if line else ''}: {err['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
 def _syntax_error(exc: yaml.MarkedYAMLError, source: str) -> RecipeError:
     mark = exc.problem_mark or exc.context_mark
     where = f"{source} line {mark.line + 1}, column {mark.column + 1}" if mark else source
@@ -188,4 +222,5 @@ def _syntax_error(exc: yaml.MarkedYAMLError, source: str) -> RecipeError:
     return RecipeError(f"{where}: YAML syntax error: {what or exc}")
 
 
-__all__ = ["MAX_ALIAS_EXPANSIONS", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line"]
+__all__ = ["MAX_ALIAS_EXPANSIONS", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "KeyPath", "LineMap", "format_path", "load_yaml_with_lines", "nearest_line",
+           "read_yaml_file", "validate_spec", "validation_message"]

@@ -97,3 +97,44 @@ def test_same_label_runs_are_told_apart_and_failed_runs_say_so(ws: Workspace):
     assert failed.failed and "NaN/Inf" in failed.problem
     status = {row["folder"]: row["status"] for row in results.overview_rows(runs)}
     assert status["ties-ffffffffff"].startswith("failed") and status["ties-0123456789"] == "ok"
+
+
+def _compare_run(ws: Workspace) -> Path:
+    from suture.merge.plot import plot_compare
+    from suture.recipes.compare import table_markdown
+
+    row = {"needs": {"data": "none", "examples": 0, "selection": None}, "seconds_total": 1.0, "seconds_merge": 0.5, "peak_memory_mb": 3.0,
+           "heldout": {"held": 0.6}}
+    report = {"models": ["a", "b"], "compare": {
+        "tasks": [{"name": "a", "heldout": False}, {"name": "b", "heldout": False}, {"name": "held", "heldout": True}],
+        "individual": {"a": 0.9, "b": 0.8},
+        "rows": [{**row, "name": "individual", "method": "individual", "accuracy": {"a": 0.9, "b": 0.8, "held": 0.6},
+                  "average": 0.85, "normalized_average": 1.0},
+                 {**row, "name": "ties", "method": "ties", "accuracy": {"a": 0.7, "b": 0.6, "held": 0.5},
+                  "average": 0.65, "normalized_average": 0.764, "chosen": {"lambda": 0.5}}]}}
+    out = _run(ws, "compare-1", report, when=1_700_000_900.0)
+    (out / "table.md").write_text(table_markdown(report))
+    plot_compare({"individual": {"average": 0.85}, "ties": {"average": 0.65}}, out / "plot.png", individual=0.85)
+    return out
+
+
+def test_a_compare_output_is_listed_with_its_table_and_plot(ws: Workspace):
+    out = _compare_run(ws)
+    runs = results.list_runs(ws)
+    assert runs[0].folder == out and runs[0].is_compare and not runs[1].is_compare
+    assert runs[0].method == "compare (2 rows)" and runs[0].accuracy == 0.65  # the best merge, not the fine-tunes
+    assert "| ties | 0.7000 | 0.6000 | 0.6500 | 0.7640 | 0.5000 |" in runs[0].table and "lambda=0.5" in runs[0].table
+    assert runs[0].plot == out / "plot.png" and runs[0].models == ["a", "b", "held"]
+
+
+def test_results_page_shows_a_compare_table_and_plot(ws: Workspace, monkeypatch: pytest.MonkeyPatch):
+    from streamlit.testing.v1 import AppTest
+
+    _compare_run(ws)
+    monkeypatch.setenv("SUTURE_WORKSPACE", str(ws.root))
+    at = AppTest.from_file(str(Path(results.__file__).parent / "main.py"), default_timeout=120).run()
+    at.switch_page("views/results.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="results.compare_run").value.startswith("compare (2 rows)")
+    assert any("| ties | 0.7000 |" in m.value for m in at.markdown)
+    assert len(at.get("image")) == 1

@@ -25,6 +25,15 @@ st.dataframe(results.overview_rows(runs), hide_index=True, width="stretch", key=
 
 labels = results.unique_labels(runs)
 by_label = dict(zip(labels, runs))
+compares = [label for label, r in by_label.items() if r.is_compare]
+if compares:
+    st.subheader("Method comparisons")
+    shown = by_label[st.selectbox("Comparison", compares, key="results.compare_run",
+                                  help="A `suture compare` output: every method's accuracy per task on the same fine-tunes.")]
+    with st.container(key="results-compare-table"):
+        st.markdown(shown.table)
+    if shown.plot is not None:
+        st.image(str(shown.plot))
 chosen = st.multiselect("Compare runs", labels, key="results.compare", placeholder="Choose two or more runs",
                         help="Pick two or more runs to see their figures side by side and their interpolation curves in one plot.")
 picked = [by_label[label] for label in chosen if label in by_label]
