@@ -697,6 +697,35 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
             "mean cosine (translated A vs B)": float(cos.mean()), "test samples": float(ya.shape[0])}
 
 
+def stitch_output_dir(section: Mapping[str, Any], workspace: Workspace, device: str) -> Path:
+    """outputs/stitch-<hash of the section and device>: one folder per stitch, reused when finished."""
+    text = json.dumps(section, sort_keys=True, default=str)
+    return workspace.outputs / f"stitch-{hashlib.sha256(chr(10).join([text, device]).encode()).hexdigest()[:10]}"
+
+
+def start_stitch_job(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", recompute: bool = False,
+                     trust_remote_code: bool = False):
+    """Check a `stitch:` section's paths here, then run it as a background ``stitch`` job: the worker runs the recipe
+    ``{stitch: section}`` through the recipe runner (atomic output folder, report, card), as ``suture run`` would."""
+    from suture.app.jobs import STITCH, JobStore
+
+    recipe = {"stitch": dict(section)}
+    check_recipe_paths(recipe, workspace, trust_remote_code=trust_remote_code)
+    out = stitch_output_dir(section, workspace, device)
+    store = JobStore(workspace.root)
+    sides = [str((section.get(side) or {}).get("model", "?")) for side in ("source", "target")]
+    label = f"stitch ({section.get('method')}): {sides[0]} → {sides[1]}"
+    if (out / "report.json").is_file() and not recompute:
+        return store.record_reused(recipe, out, label=label, kind=STITCH)
+    return store.start(recipe, out, label=label, device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code,
+                       kind=STITCH)
+
+
+def finished_stitch(out_dir: str | Path, *, cached: bool = False) -> dict[str, Any]:
+    """What the Stitch page shows for a finished stitch folder: its folder and report."""
+    return {"out_dir": str(out_dir), "report": read_report(Path(out_dir)).to_json(), "cached": cached}
+
+
 def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", progress: Progress | None = None,
                recompute: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run a `stitch:` section into outputs/stitch-<hash> (a finished folder is reused); returns out_dir and report.
@@ -706,9 +735,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
     from suture.recipes.stitch_section import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
-    text = json.dumps(section, sort_keys=True, default=str)
-    digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
-    out = workspace.outputs / f"stitch-{digest}"
+    out = stitch_output_dir(section, workspace, device)
     if (out / "report.json").is_file() and not recompute:
         return {"out_dir": str(out), "report": read_report(out).to_json(), "cached": True}
     report = execute(dict(section), out, device=device, progress=progress, trust_remote_code=trust_remote_code)
@@ -786,6 +813,24 @@ def card_parts(body: str) -> list[tuple[str, str]]:
     return parts + [("text", body[at:])]
 
 
+def start_push_job(out_dir: str | Path, workspace: Workspace, repo_id: str, *, private: bool, token: str | None):
+    """Push a finished, good output folder to the Hub as a background ``publish`` job (token via the worker's
+    environment only). A folder outside the workspace or one whose weights or losses are not finite is refused."""
+    from suture.app.jobs import JobStore
+    from suture.app.results import summarize
+
+    folder = workspace.resolve(out_dir, must_exist=True)
+    problem = summarize(folder, read_report(folder).to_json()).problem
+    if problem:
+        raise InputError(f"{workspace.relative(folder)}: not published: {problem}")
+    if not token:
+        from suture.merge.hub import LOGIN_HINT
+
+        raise InputError(f"cannot publish {repo_id}: no Hugging Face token; {LOGIN_HINT}")
+    return JobStore(workspace.root).start_publish(folder, repo_id, private=private, token=token,
+                                                  label=f"publish {workspace.relative(folder)} → {repo_id}")
+
+
 def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, progress: Callable[[float, str], None] | None = None) -> str:
     """Publish an output folder to the Hub; returns the URL."""
     from suture.merge.hub import push_folder
@@ -842,6 +887,10 @@ __all__ = [
     "runner_engines",
     "run_merge",
     "run_stitch",
+    "start_push_job",
+    "start_stitch_job",
+    "finished_stitch",
+    "stitch_output_dir",
     "start_merge_job",
     "finished_run",
     "runnable",

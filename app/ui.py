@@ -114,7 +114,8 @@ def prepare_demo_models(refs: list[str] | tuple[str, ...]) -> None:
 class ProgressPanel:
     """A progress callback for the runner that drives an st.progress bar inside an st.status box."""
 
-    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "zip": "zipping", "evaluate": "evaluating", "publish": "publishing"}
+    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "zip": "zipping", "evaluate": "evaluating",
+              "publish": "publishing", "features": "computing features", "stitch": "fitting the stitch", "plan": "scoring cuts"}
 
     def __init__(self, status: Any) -> None:
         self.status = status
@@ -178,7 +179,7 @@ def _job_outcome(job: Any, recipe: Mapping[str, Any] | None) -> None:
         st.warning(job.error or "Cancelled.")
 
 
-def _running_job(job_id: str, key: str) -> None:
+def running_job(job_id: str, key: str) -> None:
     """A running job's stage and progress, refreshed every second; Cancel stops its worker."""
     from suture.app import jobs
 
@@ -229,7 +230,7 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
         ss.pop(ACTIVE_JOB, None)
         return None
     if job.active:
-        st.fragment(run_every=JOB_POLL_S)(_running_job)(job.id, key)
+        st.fragment(run_every=JOB_POLL_S)(running_job)(job.id, key)
         return None
     if _for_recipe(job.recipe) != _for_recipe(valid):
         ss.pop(state.LAST_RUN, None)  # the form changed since: the old banner and result no longer describe it
@@ -239,6 +240,28 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
 
 
 JOBS_LISTED = 6
+STITCH_JOB, PUBLISH_JOB = "stitch.job", "publish.job"  # the job the Stitch / Publish page shows (its id)
+# job kinds whose result another page than Align & merge shows: (session key of the job id, page)
+RESULT_PAGES = {"search": ("search_job", "views/search.py"), "stitch": (STITCH_JOB, "views/stitch.py"),
+                "publish": (PUBLISH_JOB, "views/publish.py")}
+
+
+def page_job(session_key: str, key: str) -> Any:
+    """The job a page shows (its id under `session_key`): progress and Cancel while it runs (refreshed every second),
+    else the job as it ended (None when there is none)."""
+    ss = st.session_state
+    job_id = ss.get(session_key)
+    if not job_id:
+        return None
+    try:
+        job = job_store().get(job_id)
+    except SutureError:
+        ss.pop(session_key, None)
+        return None
+    if job.active:
+        st.fragment(run_every=JOB_POLL_S)(running_job)(job.id, key)
+        return None
+    return job
 
 
 def _jobs_list() -> None:
@@ -260,9 +283,10 @@ def _jobs_list() -> None:
             if job.state == jobs.FAILED and job.error:
                 st.caption(job.error)
             if job.state == jobs.FINISHED and st.button("Open result", key=f"jobs.open.{job.id}"):
-                if job.kind == "search":  # its trials and best recipe are on the Search page
-                    st.session_state["search_job"] = job.id
-                    st.switch_page("views/search.py")
+                if job.kind in RESULT_PAGES:  # a search, stitch or push: its own page shows the result
+                    session_key, page = RESULT_PAGES[job.kind]
+                    st.session_state[session_key] = job.id
+                    st.switch_page(page)
                 open_job(job)
                 st.switch_page("views/align_merge.py")
             if job.active and st.button("Cancel", key=f"jobs.cancel.{job.id}"):

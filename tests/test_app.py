@@ -4,6 +4,7 @@ confinement, readable errors, stitching diagnostics and publishing to a local Hu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -651,9 +652,17 @@ def test_stitch_page_runs_the_stitch(ws):
     at.selectbox(key="stitch.run.method").set_value("procrustes")
     at.checkbox(key="stitch.run.plan").check()
     click(at, "stitch.run")
+    # the stitch runs in a worker process (a `stitch` job), not in the page script
+    from suture.app.jobs import JobStore
+
+    [job] = JobStore(ws.root).list()
+    assert job.kind == "stitch" and job.pid != os.getpid() and job.recipe["stitch"]["method"] == "procrustes"
+    JobStore(ws.root).wait(job.id, timeout=TIMEOUT)
+    at.run()
     assert not at.error, [e.value for e in at.error]
     assert at.status[-1].state == "complete"
     done = at.session_state["stitch.run.result"]
+    assert done["job"] == job.id and Path(done["out_dir"]) == Path(job.out_dir)
     report = done["report"]
     assert Path(done["out_dir"]).parent == ws.outputs and (Path(done["out_dir"]) / "stitched").is_dir()
     assert report["source"] == {**report["source"], "model": "demo:mlp-seed1", "layer": 2}
@@ -669,6 +678,40 @@ def test_stitch_page_runs_the_stitch(ws):
     assert len(planned) == 9 and planned["accuracy"].notna().all()
     same = planned[planned["source_layer"] == planned["target_layer"]]
     assert same["cka"].min() > planned[planned["source_layer"] != planned["target_layer"]]["cka"].min()
+    # a new session (a reloaded browser) opens the finished stitch from the Jobs panel
+    again = start("models")
+    click(again, f"jobs.open.{job.id}")
+    assert any(t.value == "Stitch" for t in again.title)
+    assert again.session_state["stitch.run.result"]["out_dir"] == done["out_dir"]
+    assert any(Path(done["out_dir"]).name in s.value for s in again.success), [s.value for s in again.success]
+
+
+def test_cancel_of_a_stitch_job_kills_its_worker_and_leaves_no_temporary_folder(ws, monkeypatch):
+    import time
+
+    from suture.app.jobs import STEP_DELAY_ENV, JobStore
+    from tests.test_jobs import gone
+
+    monkeypatch.setenv(STEP_DELAY_ENV, "features:3")  # the worker (inheriting this environment) lingers in "features"
+    at = start("stitch")
+    at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
+    at.selectbox(key="stitch.b").set_value("demo:mlp-seed2")
+    click(at, "stitch.run")
+    store = JobStore(ws.root)
+    [job] = store.list()
+    deadline = time.monotonic() + TIMEOUT
+    while store.get(job.id).stage != "features" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = Path(job.out_dir)
+    assert [q for q in ws.outputs.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "stitching inside its temp folder"
+    at.run()
+    assert any("Running: computing features" in s.label for s in at.status), [s.label for s in at.status]
+    click(at, "stitch.job.cancel")
+    assert gone(job.pid), "the worker must be gone after Cancel"
+    assert store.get(job.id).state == "cancelled"
+    assert any("Cancelled" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert "stitch.run.result" not in at.session_state and not at.success
+    assert [q.name for q in ws.outputs.iterdir() if not q.name.endswith(".lock")] == []
 
 
 def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):

@@ -123,21 +123,30 @@ else:
         planner_methods = PlanSection.model_fields["method"].annotation.__args__
         section["plan"] = {"method": run_method if run_method in planner_methods else "procrustes"}
 if st.button("Run the stitch", type="primary", key="stitch.run"):
-    with st.status("Stitching…", expanded=True) as status:
-        bar = st.progress(0.0, text="starting")
-        try:
-            models = [section.get("source", {}).get("model"), section.get("target", {}).get("model")]
-            ui.prepare_demo_models([m for m in models if isinstance(m, str)])
-            result = services.run_stitch(section, ui.workspace(), trust_remote_code=ui.trusted(), progress=lambda stage, done, total, detail="": bar.progress(
-                min(max(done / total, 0.0), 1.0) if total else 0.0, text=f"{stage}: {done}/{total} {detail}"[:120]))
-        except Exception as exc:  # shown as one readable line, never a traceback
-            status.update(label="Stitching failed", state="error")
-            ui.error(exc)
+    try:
+        models = [section.get("source", {}).get("model"), section.get("target", {}).get("model")]
+        ui.prepare_demo_models([m for m in models if isinstance(m, str)])
+        job = services.start_stitch_job(section, ui.workspace(), trust_remote_code=ui.trusted())
+    except Exception as exc:  # shown as one readable line, never a traceback
+        ui.error(exc)
+    else:  # a background job: it goes on while the user visits other pages, and Cancel kills its worker
+        ss[ui.STITCH_JOB] = job.id
+        ss.pop("stitch.run.result", None)
+job = ui.page_job(ui.STITCH_JOB, "stitch.job")
+if job is not None:
+    if job.state == "finished":
+        if (ss.get("stitch.run.result") or {}).get("job") != job.id:
+            ss["stitch.run.result"] = {**services.finished_stitch(job.out_dir, cached=job.cached), "job": job.id}
+        st.status("Stitch reused from an earlier run" if job.cached else "Stitch finished", state="complete", expanded=False)
+    else:  # failed or cancelled: the reason in full, where the user looks
+        ss.pop("stitch.run.result", None)
+        if job.state == "failed":
+            st.status("Stitching failed", state="error", expanded=False)
+            st.error(job.error or "The stitch failed.")
         else:
-            status.update(label="Stitch finished", state="complete", expanded=False)
-            ss["stitch.run.result"] = result
+            st.warning(job.error or "Cancelled.")
 done = ss.get("stitch.run.result")
-if done:
+if done and job is not None:
     report = done["report"]
     st.success(f"Stitched {report['source']['model']} (layer {report['source']['layer']}) into {report['target']['model']} "
                f"(layer {report['target']['layer']}) with {report['method']}: {ui.workspace().relative(done['out_dir'])}")
