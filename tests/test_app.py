@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from suture.app import services, state  # noqa: E402
 from suture.app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+from suture.merge.errors import SutureError  # noqa: E402
 from tests.hub_server import DEFAULT_TOKEN  # noqa: E402
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -726,10 +727,18 @@ def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
     token_box = [t for t in at.text_input if "token" in t.label.lower()][0]
     token_box.set_value(DEFAULT_TOKEN).run()
     click(at, "publish.push")
+    # the push runs in a worker process (a `publish` job); its record holds no token
+    from suture.app.jobs import JobStore
+    from suture.app.ui import PUBLISH_JOB
+
+    job = JobStore(ws.root).get(at.session_state[PUBLISH_JOB])
+    assert job.kind == "publish" and job.pid != os.getpid()
+    job = JobStore(ws.root).wait(job.id, timeout=TIMEOUT)
+    at.run()
     assert not at.error, [e.value for e in at.error]
     url = f"{hub_server.url}/tester/workbench-demo"
-    assert at.session_state["publish.url"] == url
-    assert any(url in s.value for s in at.success)
+    assert job.state == "finished" and job.result["url"] == url
+    assert any(url in s.value for s in at.success), [s.value for s in at.success]
     pushed = hub_server.list_files("tester/workbench-demo")
     assert {"model.safetensors", "README.md", "suture_recipe.yml", "report.json"} <= set(pushed)
     assert hub_server.file_bytes("tester/workbench-demo", "model.safetensors") == (Path(last["out_dir"]) / "model.safetensors").read_bytes()
@@ -768,11 +777,19 @@ def test_publish_previews_the_card_plot_and_holds_back_non_finite_results(ws):
         (folder / "README.md").write_text("---\ntags:\n- merge\n---\n\n# merged\n\n## Evaluation\n\n"
                                           "![Evaluation plot](interpolation.png)\n\nafter the plot\n")
     Figure(figsize=(2, 1)).savefig(good / "interpolation.png")
+    diverged = ws.outputs / "diverged-0123456789"  # finite weights, but the merged model's loss is NaN
+    diverged.mkdir()
+    (diverged / "report.json").write_text(json.dumps({"merge_method": "linear", "models": ["demo:mlp-seed1", "demo:mlp-seed2"],
+                                                      "evaluation": {"merged": {"loss": float("nan"), "accuracy": 0.1}}}))
     at = start("publish")
     assert not at.exception, [e.value for e in at.exception]
     box = at.selectbox(key="publish.folder")
     assert len(box.options) == 1 and "good-0123456789" in box.options[0] and "linear · demo:mlp-seed1" in box.options[0]
     assert any("nan-0123456789" in w.value and "NaN/Inf" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any("diverged-0123456789" in w.value and "merged model loss = nan" in w.value for w in at.warning)
+    with pytest.raises(SutureError, match="diverged-0123456789: not published: non-finite evaluation figures"):
+        services.start_push_job(diverged, ws, "tester/x", private=False, token="t")
+    assert not (ws.root / "jobs").exists() or not list((ws.root / "jobs").iterdir())
     assert len(at.get("image")) == 1  # the card's plot, loaded from the folder
     body = "\n".join(m.value for m in at.markdown)
     assert "after the plot" in body and "![Evaluation plot]" not in body
