@@ -311,6 +311,24 @@ def engine_options(engine: str) -> list[dict[str, Any]]:
     return [w.as_dict() for w in form_fields(found.options.model_json_schema(), own + list(found.form_common))]
 
 
+def engine_value_problem(engine: str, name: str, value: Any) -> str | None:
+    """Why `value` does not fit an engine's option (its pydantic Options decide), or None when it fits."""
+    from suture.app.forms import field_problem
+    from suture.merge.align.engines import find_engine
+
+    found = find_engine(engine)
+    if found is None or name not in found.options.model_fields:
+        return None
+    return field_problem(found.options, name, value)
+
+
+def method_value_problem(method: str, name: str, value: Any) -> str | None:
+    """Why `value` does not fit a merge method's parameter (the method registry decides), or None when it fits."""
+    from suture.merge.methods import get_method
+
+    return get_method(method).value_problem(name, value)
+
+
 def devices() -> list[str]:
     """Devices the merge may run on here."""
     import torch
@@ -853,6 +871,8 @@ __all__ = [
     "alignment_matrices",
     "demo_ready",
     "engine_options",
+    "engine_value_problem",
+    "method_value_problem",
     "common_alignment_keys",
     "stop_sweep_rows",
     "transport_rows",

@@ -45,6 +45,24 @@ def error(exc: BaseException) -> None:
     st.error(services.readable(exc))
 
 
+def number_field(label: str, shown: float | int, *, integer: bool, bounds: str, problem: Any, key: str,
+                 help: str | None = None, step: float | None = None, where: Any = st) -> tuple[float | int, str | None]:
+    """A number typed as it is: the range is part of the label, and a value outside it (or of the wrong type) is an
+    error right below the field, never clamped (st.number_input without min/max keeps what was typed).
+
+    `problem(value)` says why a value does not fit (the method or engine registry decides); returns (value, error)."""
+    shown_label = f"{label} {bounds.removeprefix('in ')}" if bounds.startswith("in ") else f"{label} ({bounds})" if bounds else label
+    if integer:
+        raw = where.number_input(shown_label, value=int(shown), step=1, help=help, key=key)
+    else:
+        raw = where.number_input(shown_label, value=float(shown), step=step or 0.05, format="%g", help=help, key=key)
+    value = int(raw) if integer else float(raw)
+    error = problem(value)
+    if error:
+        where.error(f"{label}: {error.rstrip('.')}.")
+    return value, error
+
+
 def model_label(ref: str) -> str:
     """How a model reference is shown: demo models with their description, local paths inside the workspace."""
     from suture.merge.refs import DEMO_MODELS
@@ -197,12 +215,15 @@ def running_job(job_id: str, key: str) -> None:
             st.rerun()
 
 
-def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+def run_panel(recipe: Mapping[str, Any], key: str, blocked: str | None = None) -> dict[str, Any] | None:
     """Run button, the session's job (progress, Cancel, outcome); returns the finished run shown (or None).
 
-    The run is a background job (app/jobs.py): it goes on while the user visits other pages, and Cancel kills it."""
+    The run is a background job (app/jobs.py): it goes on while the user visits other pages, and Cancel kills it.
+    `blocked` (fields in error on the page) turns Run off and says why."""
     ss = st.session_state
     valid, problem = state.validate(recipe)
+    if blocked:
+        valid, problem = None, blocked
     c1, c3, c4 = st.columns([1.2, 1.2, 2.6])
     devices = services.devices()
     current = ss.get(state.DEVICE, "auto")

@@ -94,6 +94,18 @@ def frame(at: AppTest, *columns: str):
     raise AssertionError(f"no table with columns {columns}: {[list(d.value.columns) for d in at.dataframe]}")
 
 
+def number(at: AppTest, name: str):
+    """The numeric field named `name` (its label goes on with the range it accepts, e.g. "density [0, 1]")."""
+    found = [n for n in at.number_input if n.label == name or n.label.startswith(name + " [") or n.label.startswith(name + " (")]
+    assert found, [n.label for n in at.number_input]
+    return found[0]  # the first (a per-model parameter: the first model's)
+
+
+def apply(at: AppTest, form: str) -> AppTest:
+    """Submit one of Align & merge's forms ("align" options or "params"): its fields take effect only then."""
+    return click(at, state.widget_key(at.session_state, "am", f"{form}-apply"))
+
+
 def tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
@@ -316,11 +328,24 @@ def test_form_widgets_edit_the_recipe(ws):
     at = start()
     load_example(at, "ties_finetunes")
     at.switch_page("views/align_merge.py").run()
-    density = [n for n in at.number_input if n.label == "density"][0]
-    density.set_value(0.3).run()
+    density = number(at, "density")
+    density.set_value(0.3)
+    apply(at, "params")
     recipe = at.session_state[state.RECIPE]
     assert recipe["models"][0]["parameters"]["density"] == 0.3
     assert recipe["models"][1]["parameters"]["density"] == 0.5
+    # the range is shown, and a value outside it is an error right below the field: never clamped, never run
+    assert density.label == "density [0, 1]"
+    number(at, "density").set_value(99999999999999999999)
+    apply(at, "params")
+    assert number(at, "density").value == pytest.approx(1e20)  # what was typed, not 1
+    assert any(e.value.startswith("density: must be in [0, 1], got 1e+20") for e in at.error), [e.value for e in at.error]
+    assert at.session_state[state.RECIPE]["models"][0]["parameters"]["density"] == 0.3  # the last valid value
+    assert at.button(key="am.run").disabled and any("Out of range: density" in e.value for e in at.error)
+    number(at, "density").set_value(0.4)
+    apply(at, "params")
+    assert not at.error and not at.button(key="am.run").disabled
+    assert at.session_state[state.RECIPE]["models"][0]["parameters"]["density"] == 0.4
     at.selectbox(key=state.widget_key(at.session_state, "am", "method")).set_value("task_arithmetic").run()
     recipe = at.session_state[state.RECIPE]
     assert recipe["merge_method"] == "task_arithmetic" and recipe["base_model"] == "demo:base"
@@ -344,26 +369,35 @@ def test_form_widgets_edit_the_recipe(ws):
     assert at.session_state[state.RECIPE]["alignment"] == {"engine": "weight_matching"}
     assert not any("not available in this build" in w.value for w in at.warning)
     labels = {n.label: n.value for n in at.number_input}
-    assert labels["Max iterations"] == 100 and "alpha (merge decay)" not in labels
+    assert labels["Max iterations (≥ 1)"] == 100 and not any(label.startswith("alpha") for label in labels)
+    number(at, "Max iterations").set_value(0)
+    apply(at, "align")
+    assert any(e.value == "Max iterations: must be greater than or equal to 1, got 0." for e in at.error), [e.value for e in at.error]
+    assert at.session_state[state.RECIPE]["alignment"] == {"engine": "weight_matching"} and at.button(key="am.run").disabled
+    number(at, "Max iterations").set_value(100)
+    apply(at, "align")
+    assert not at.error
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("ot").run()
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"] == {"engine": "ot", "data": "sklearn:digits"} and recipe["merge_method"] == "ties"
-    shown = {w.label for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_input]}
+    shown = {w.label.split(" (")[0].split(" [")[0] for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_input]}
     assert {"Ground metric", "Distance", "Solver", "Unit masses", "Normalize features", "Target widths", "Reference share"} <= shown
     assert "Sinkhorn regularisation" not in shown and "Seed" not in shown and "Matcher" not in shown
     solver = [b for b in at.selectbox if b.label == "Solver"][0]
     assert solver.value == "emd" and "Singh & Jaggi" in " ".join(c.value for c in at.caption)
-    solver.set_value("sinkhorn").run()
-    reg = [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0]
+    solver.set_value("sinkhorn")
+    apply(at, "align")
+    reg = number(at, "Sinkhorn regularisation")
     assert reg.value == pytest.approx(0.05)
-    reg.set_value(0.1).run()
+    reg.set_value(0.1)
+    apply(at, "align")
     assert at.session_state[state.RECIPE]["alignment"] == {"engine": "ot", "data": "sklearn:digits", "solver": "sinkhorn", "reg": 0.1}
     # ZipIt builds the model itself: its options replace the merge method, the OT options are dropped
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("zipit").run()
     assert not at.exception, [e.value for e in at.exception]
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"] == {"engine": "zipit", "data": "sklearn:digits"}, recipe["alignment"]
-    labels = {w.label: w.value for w in [*at.selectbox, *at.number_input, *at.text_input]}
+    labels = {w.label.split(" [")[0].removesuffix(" (≥ 0)"): w.value for w in [*at.selectbox, *at.number_input, *at.text_input]}
     assert labels["alpha (merge decay)"] == 0.5 and labels["beta (within-model budget)"] == 1.0
     assert labels["Matcher"] == "zip" and labels["Heads"] == "concat" and labels["Zip up to group"] == ""
     assert "Solver" not in labels and "Method" not in labels
@@ -374,7 +408,8 @@ def test_recipe_round_trip_export_import_identical_state(ws):
     at = start()
     load_example(at, "ties_finetunes")
     at.switch_page("views/align_merge.py").run()
-    [n for n in at.number_input if n.label == "lambda"][0].set_value(0.8).run()
+    number(at, "lambda").set_value(0.8)
+    apply(at, "params")
     at.text_input(key=state.widget_key(at.session_state, "am", "name")).set_value("round trip").run()
     at.switch_page("views/recipe.py").run()
     before = dict(at.session_state[state.RECIPE])
@@ -506,8 +541,9 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
     at.switch_page("views/align_merge.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("no merge method applies" in i.value for i in at.info)
-    alpha = [n for n in at.number_input if n.label == "alpha (merge decay)"][0]
-    alpha.set_value(0.4).run()
+    alpha = number(at, "alpha (merge decay)")
+    alpha.set_value(0.4)
+    apply(at, "align")
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"]["alpha"] == 0.4 and "merge_method" not in recipe
     finish_job(click(at, "am.run"))
@@ -548,8 +584,10 @@ def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
     click(at, "recipe.apply")
     at.switch_page("views/align_merge.py").run()
     assert at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value == "ot"
-    [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn").run()
-    [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0].set_value(0.05).run()
+    [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn")
+    apply(at, "align")
+    number(at, "Sinkhorn regularisation").set_value(0.05)
+    apply(at, "align")
     assert at.session_state[state.RECIPE]["alignment"]["solver"] == "sinkhorn"
     finish_job(click(at, "am.run"))
     assert not at.error, [e.value for e in at.error]
