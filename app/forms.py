@@ -75,6 +75,11 @@ def bounds_text(prop: Mapping[str, Any]) -> str:
     return ""
 
 
+def field_bounds(model: Any, name: str) -> str:
+    """The range of field `name` of a pydantic model, as :func:`bounds_text` writes it."""
+    return bounds_text(model.model_json_schema()["properties"][name])
+
+
 def field_problem(model: Any, name: str, value: Any) -> str | None:
     """Why `value` does not fit field `name` of a pydantic model (type, range), as a short phrase; None when it fits."""
     from pydantic import TypeAdapter, ValidationError

@@ -803,12 +803,39 @@ def stitch_result_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             for k, r in results.items() if isinstance(r, Mapping) and not (k == "stitch" and chosen in results)]
 
 
-def format_cut(row: Mapping[str, Any]) -> str:
-    """A planner row as a sentence: "A layer 3 → B layer 3: accuracy 0.912, CKA 0.87"."""
-    parts = [f"A layer {row.get('source_layer')} → B layer {row.get('target_layer')}"]
-    figures = [f"{name} {row[key]:.3f}" for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("cka", "CKA"))
-               if isinstance(row.get(key), (int, float))]
-    return parts[0] + (": " + ", ".join(figures) if figures else "")
+@st.cache_data(show_spinner=False, max_entries=32)
+def stage_names(ref: str, stamp: str = "", trust_remote_code: bool = False) -> list[str]:
+    """The names of a model's stages as the stitch cuts it (``layers.0``, ``layers.1``... for a zoo MLP; an encoder's
+    blocks as ``encoder.layer.0``...): cutting "at layers.1" keeps the features leaving that module."""
+    from suture.stitch.features import load_chain
+
+    chain = load_chain(str(resolve(ref)), trust_remote_code=trust_remote_code)
+    if chain.kind == "hf":
+        return [f"encoder.layer.{k}" for k in range(chain.num_layers)]
+    return list(chain.names)
+
+
+def cut_choices(names: Sequence[str], *, encoder: bool = False) -> list[str]:
+    """Where a model can be cut: after any stage but the last (its output) for a torch model, any block of an encoder."""
+    return list(names) if encoder or len(names) < 2 else list(names[:-1])
+
+
+def layer_name(names: Sequence[str], index: Any) -> str:
+    """The stitch pipeline's representation index (features after the first `index` stages) as the stage's name."""
+    if isinstance(index, int) and 0 < index <= len(names):
+        return names[index - 1]
+    return "input" if index == 0 else str(index)
+
+
+def format_cut(row: Mapping[str, Any], names_a: Sequence[str] = (), names_b: Sequence[str] = ()) -> dict[str, Any]:
+    """A planner row as the page shows it: the cut in A and B by module name, figures rounded to 3 decimals."""
+    out: dict[str, Any] = {"cut in A": layer_name(names_a, row.get("source_layer")), "cut in B": layer_name(names_b, row.get("target_layer"))}
+    for key, name in (("accuracy", "stitched accuracy"), ("f1_macro", "macro F1"), ("cka", "CKA")):
+        value = row.get(key)
+        out[name] = f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+    if row.get("error"):
+        out["error"] = str(row["error"])
+    return out
 
 
 _CARD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
@@ -917,6 +944,9 @@ __all__ = [
     "similarity_matrix",
     "card_parts",
     "format_cut",
+    "cut_choices",
+    "layer_name",
+    "stage_names",
     "matching_layer",
     "stitch_result_rows",
     "split_card",

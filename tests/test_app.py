@@ -678,16 +678,29 @@ def test_stitch_helpers_match_cuts_and_show_each_result_once():
     report = {"method": "procrustes", "evaluate": {"results": {
         "target_head": {"accuracy": 0.9}, "procrustes": {"accuracy": 0.8, "f1_macro": 0.79}, "stitch": {"accuracy": 0.8, "f1_macro": 0.79}}}}
     assert [r["model"] for r in services.stitch_result_rows(report)] == ["target_head", "procrustes (chosen)"]
-    assert services.format_cut({"source_layer": 3, "target_layer": 2, "cka": 0.8712, "accuracy": 0.9123, "f1_macro": None}) == (
-        "A layer 3 → B layer 2: accuracy 0.912, CKA 0.871")
+    names = ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert services.format_cut({"source_layer": 3, "target_layer": 2, "cka": 0.8712, "accuracy": 0.9123, "f1_macro": None}, names, names) == {
+        "cut in A": "layers.2", "cut in B": "layers.1", "stitched accuracy": "0.912", "macro F1": "—", "CKA": "0.871"}
+    assert services.cut_choices(names) == names[:3] and services.layer_name(names, 0) == "input"
 
 
 def test_stitch_page_runs_the_stitch(ws):
     at = start("stitch")
     at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
     at.selectbox(key="stitch.b").set_value("demo:mlp-seed2")
-    at.number_input(key="stitch.run.layer_a").set_value(2)
-    at.number_input(key="stitch.run.layer_b").set_value(2)
+    at.run()
+    # one convention: cuts are module names (those of the similarity heatmap), B's cut follows A's, penultimate by default
+    assert at.selectbox(key="stitch.run.layer_a").options == ["layers.0", "layers.1", "layers.2"]
+    assert at.selectbox(key="stitch.run.layer_a").value == "layers.2" == at.selectbox(key="stitch.run.layer_b").value
+    assert not any("counted from" in c.value for c in at.caption)
+    at.selectbox(key="stitch.run.layer_a").set_value("layers.1").run()
+    assert at.selectbox(key="stitch.run.layer_b").value == "layers.1"
+    assert number(at, "Anchors").label == "Anchors (≥ 1)"
+    number(at, "Anchors").set_value(0)
+    click(at, "stitch.run")  # out of range: an error under the field, nothing starts
+    assert any(e.value == "Anchors: must be greater than or equal to 1, got 0." for e in at.error), [e.value for e in at.error]
+    assert not (ws.root / "jobs").exists() or not list((ws.root / "jobs").iterdir())
+    number(at, "Anchors").set_value(256)
     at.selectbox(key="stitch.run.method").set_value("procrustes")
     at.checkbox(key="stitch.run.plan").check()
     click(at, "stitch.run")
@@ -711,12 +724,17 @@ def test_stitch_page_runs_the_stitch(ws):
     assert "stitch" not in results.index and list(results.index).count(chosen) == 1
     assert results.loc[chosen, "accuracy"] > 0.8 and results.loc["naive_absolute", "accuracy"] < 0.5
     assert results.loc[chosen, "accuracy"] == pytest.approx(report["evaluate"]["results"]["stitch"]["accuracy"])
-    assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity and accuracy plots of the run
-    # the planner's table: every pair of the three hidden layers, CKA highest on the diagonal of equal depths
-    planned = frame(at, "source_layer", "target_layer", "cka")
-    assert len(planned) == 9 and planned["accuracy"].notna().all()
-    same = planned[planned["source_layer"] == planned["target_layer"]]
-    assert same["cka"].min() > planned[planned["source_layer"] != planned["target_layer"]]["cka"].min()
+    assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity (drawn with module names) and accuracy
+    assert any("cut at layers.1" in s.value and "(at layers.1)" in s.value for s in at.success), [s.value for s in at.success]
+    # the planner's table: every pair of the three hidden layers by module name, CKA highest on the diagonal
+    planned = [d.value for d in at.dataframe if "cut in A" in d.value.columns]
+    best, table = planned
+    assert len(best) == 1 and len(table) == 9 and set(table["cut in A"]) == {"layers.0", "layers.1", "layers.2"}
+    cka = table["CKA"].astype(float)
+    same = table["cut in A"] == table["cut in B"]
+    assert cka[same].min() > cka[~same].min()
+    top = max(report["plan"]["rows"], key=lambda r: (round(r["accuracy"], 12), r["cka"]))
+    assert best.iloc[0]["stitched accuracy"] == f"{top['accuracy']:.3f}"
     # a new session (a reloaded browser) opens the finished stitch from the Jobs panel
     again = start("models")
     click(again, f"jobs.open.{job.id}")
