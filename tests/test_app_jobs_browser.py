@@ -148,3 +148,35 @@ def test_failures_and_nan_merges_show_their_reason_in_full(app_server):
             browser.close()
     states = sorted(j.state for j in JobStore(workspace).list())
     assert states == ["failed", "failed"]
+
+
+@pytest.fixture
+def slow_features(monkeypatch):
+    """Only the stitch's feature stage is slow: the job reaches it quickly, then stays there until cancelled."""
+    monkeypatch.setenv(STEP_DELAY_ENV, "features:10")
+
+
+def test_a_stitch_runs_as_a_job_and_cancel_kills_its_worker(slow_features, app_server):
+    url, workspace, log = app_server
+    store = JobStore(workspace)
+    with sync_playwright() as p:
+        browser, page = open_app(p, url)
+        try:
+            go(page, "Stitch")
+            page.get_by_role("button", name="Run the stitch").click()
+            status = page.get_by_test_id("stExpander").filter(has_text="Running: computing features")
+            expect(status).to_be_visible(timeout=120_000)
+            [job] = store.list()
+            assert job.kind == "stitch" and psutil.Process(job.pid).is_running()
+            expect(page.locator(f".st-key-job-{job.id}")).to_contain_text("running", timeout=30_000)  # in the Jobs panel
+            out = Path(job.out_dir)
+            assert [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "stitching inside its temp folder"
+            page.get_by_role("button", name="Cancel").first.click()
+            warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Cancelled")
+            expect(warning).to_be_visible(timeout=60_000)
+            expect(page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Stitched")).to_have_count(0)
+        finally:
+            browser.close()
+    assert gone(job.pid), "the worker must be gone after Cancel"
+    assert store.get(job.id).state == "cancelled"
+    assert [q.name for q in out.parent.iterdir() if not q.name.endswith(".lock")] == []

@@ -88,6 +88,7 @@ if st.button("Push", type="primary", disabled=not repo_id.strip(), key="publish.
         ui.error(exc)
     else:
         ss[ui.PUBLISH_JOB] = job.id
+        st.rerun()  # the sidebar's Jobs panel lists it at once
 job = ui.page_job(ui.PUBLISH_JOB, "publish.job")
 if job is not None:
     if job.state == "finished" and job.result.get("url"):

@@ -170,6 +170,7 @@ if run:
     else:  # a background job: it goes on while the user visits other pages, and Cancel kills its worker
         ss[ui.STITCH_JOB] = job.id
         ss.pop("stitch.run.result", None)
+        st.rerun()  # the sidebar's Jobs panel lists it at once
 job = ui.page_job(ui.STITCH_JOB, "stitch.job")
 if job is not None:
     if job.state == "finished":
