@@ -242,16 +242,9 @@ def run_panel(recipe: Mapping[str, Any], key: str, blocked: str | None = None) -
             return None
         ss[ACTIVE_JOB] = job.id
         ss.pop(state.LAST_RUN, None)
-    job_id = ss.get(ACTIVE_JOB)
-    if not job_id:
-        return None
-    try:
-        job = job_store().get(job_id)
-    except SutureError:
-        ss.pop(ACTIVE_JOB, None)
-        return None
-    if job.active:
-        st.fragment(run_every=JOB_POLL_S)(running_job)(job.id, key)
+        st.rerun()  # the sidebar's Jobs panel lists it at once
+    job = page_job(ACTIVE_JOB, key)
+    if job is None:  # none yet, or still running (its progress and Cancel are shown)
         return None
     if _for_recipe(job.recipe) != _for_recipe(valid):
         ss.pop(state.LAST_RUN, None)  # the form changed since: the old banner and result no longer describe it

@@ -85,27 +85,40 @@ def test_a_job_continues_across_pages_and_its_result_opens_from_the_list(slow_jo
     assert store.get(job.id).state == "finished" and Path(job.out_dir).name in text
 
 
+def start_and_cancel(page, store: JobStore, page_name: str, button: str, running: str):
+    """Start a job from a page, wait until it shows `running` (working inside its temporary folder), click Cancel and
+    wait for the page's "Cancelled"; returns the job and its output folder."""
+    go(page, page_name)
+    page.get_by_role("button", name=button).click()
+    expect(page.get_by_test_id("stExpander").filter(has_text=running)).to_be_visible(timeout=120_000)
+    [job] = store.list()
+    assert psutil.Process(job.pid).is_running()
+    out = Path(job.out_dir)
+    assert [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "working inside its temp folder"
+    expect(page.locator(f".st-key-job-{job.id}")).to_contain_text("running", timeout=30_000)  # listed in the Jobs panel
+    page.get_by_role("button", name="Cancel").first.click()
+    warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Cancelled")
+    expect(warning).to_be_visible(timeout=60_000)
+    return job, out
+
+
+def assert_cancelled(store: JobStore, job, out: Path) -> None:
+    """No worker, a cancelled record, and nothing of the output (only the output's empty lock file may stay)."""
+    assert gone(job.pid), "the worker must be gone after Cancel"
+    assert store.get(job.id).state == "cancelled"
+    assert not out.exists() and not [q for q in out.parent.iterdir() if ".suture-" in q.name and not q.name.endswith(".lock")]
+
+
 def test_cancel_during_a_long_evaluation_kills_the_worker(slow_evaluation, app_server):
     url, workspace, log = app_server
     store = JobStore(workspace)
     with sync_playwright() as p:
         browser, page = open_app(p, url)
         try:
-            go(page, "Align & merge")
-            page.get_by_role("button", name="Run merge").click()
-            status = page.get_by_test_id("stExpander").filter(has_text="Running: evaluating")
-            expect(status).to_be_visible(timeout=120_000)
-            [job] = store.list()
-            out = Path(job.out_dir)
-            assert [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "evaluating inside its temp folder"
-            page.get_by_role("button", name="Cancel").first.click()
-            warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Cancelled")
-            expect(warning).to_be_visible(timeout=60_000)
+            job, out = start_and_cancel(page, store, "Align & merge", "Run merge", "Running: evaluating")
         finally:
             browser.close()
-    assert gone(job.pid), "the worker must be gone after Cancel"
-    assert store.get(job.id).state == "cancelled"
-    assert not out.exists() and not [q for q in out.parent.iterdir() if ".suture-" in q.name and not q.name.endswith(".lock")]
+    assert_cancelled(store, job, out)
 
 
 FAILING = """merge_method: linear
@@ -162,21 +175,9 @@ def test_a_stitch_runs_as_a_job_and_cancel_kills_its_worker(slow_features, app_s
     with sync_playwright() as p:
         browser, page = open_app(p, url)
         try:
-            go(page, "Stitch")
-            page.get_by_role("button", name="Run the stitch").click()
-            status = page.get_by_test_id("stExpander").filter(has_text="Running: computing features")
-            expect(status).to_be_visible(timeout=120_000)
-            [job] = store.list()
-            assert job.kind == "stitch" and psutil.Process(job.pid).is_running()
-            expect(page.locator(f".st-key-job-{job.id}")).to_contain_text("running", timeout=30_000)  # in the Jobs panel
-            out = Path(job.out_dir)
-            assert [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "stitching inside its temp folder"
-            page.get_by_role("button", name="Cancel").first.click()
-            warning = page.locator('[data-testid="stAlertContentWarning"]').filter(has_text="Cancelled")
-            expect(warning).to_be_visible(timeout=60_000)
+            job, out = start_and_cancel(page, store, "Stitch", "Run the stitch", "Running: computing features")
             expect(page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Stitched")).to_have_count(0)
         finally:
             browser.close()
-    assert gone(job.pid), "the worker must be gone after Cancel"
-    assert store.get(job.id).state == "cancelled"
-    assert [q.name for q in out.parent.iterdir() if not q.name.endswith(".lock")] == []
+    assert job.kind == "stitch"
+    assert_cancelled(store, job, out)
