@@ -27,12 +27,14 @@ c1, c2 = st.columns(2)
 default_b = 1 if len(runnable) > 1 else 0
 ref_a = c1.selectbox("Model A", runnable, format_func=ui.model_label, key="stitch.a")
 ref_b = c2.selectbox("Model B", runnable, index=default_b, format_func=ui.model_label, key="stitch.b")
-c3, c4, c5 = st.columns(3)
-data_spec = c3.text_input("Data (same inputs through both models)", value=ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA), key="stitch.data")
-samples = c4.slider("Samples", 64, 1000, 360, step=8, key="stitch.samples")
-metric = c5.selectbox("Similarity", list(metrics), key="stitch.metric", help="\n\n".join(f"**{k}**: {v}" for k, v in metrics.items()))
+with st.form("stitch.similarity.form", border=False):  # the options apply (and are checked) on the button only
+    c3, c4, c5 = st.columns(3)
+    data_spec = c3.text_input("Data (same inputs through both models)", value=ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA), key="stitch.data")
+    samples = c4.slider("Samples", 64, 1000, 360, step=8, key="stitch.samples")
+    metric = c5.selectbox("Similarity", list(metrics), key="stitch.metric", help="\n\n".join(f"**{k}**: {v}" for k, v in metrics.items()))
+    compute = st.form_submit_button("Compute similarity", type="primary", key="stitch.compute")
 
-if st.button("Compute similarity", type="primary", key="stitch.compute"):
+if compute:
     try:
         data_spec = services.confine_data(data_spec, ui.workspace())
     except Exception as exc:  # a data file outside the workspace, or missing
@@ -65,7 +67,7 @@ st.subheader("Cut and map")
 if not layers:
     st.caption("Compute the similarity first: the cut is chosen among the layers it lists.")
 else:
-    k1, k2, k3, k4 = st.columns(4)
+    k1, k2, k3 = st.columns([1, 1, 2])
 
     def _b_follows_a() -> None:
         """Choosing cut A moves cut B to the matching layer (the same name, else the same depth); B stays editable."""
@@ -75,10 +77,12 @@ else:
     if ss.get("stitch.layer_b") not in layers["b"]:
         ss["stitch.layer_b"] = services.matching_layer(layer_a, layers["a"], layers["b"])
     layer_b = k2.selectbox("Cut in B (features entering)", layers["b"], key="stitch.layer_b")
-    method = k3.selectbox("Method", translators, key="stitch.method",
-                          help="A latent translation estimator (Procrustes: orthogonal map), or 'relative': compare relative representations")
-    anchors = k4.slider("Anchors", 10, 500, 64, key="stitch.anchors")
-    if st.button("Fit the map", key="stitch.fit"):
+    with k3.form("stitch.fit.form", border=False):  # method and anchors apply on the button only
+        method = st.selectbox("Method", translators, key="stitch.method",
+                              help="A latent translation estimator (Procrustes: orthogonal map), or 'relative': compare relative representations")
+        anchors = st.slider("Anchors", 10, 500, 64, key="stitch.anchors")
+        fit = st.form_submit_button("Fit the map", key="stitch.fit")
+    if fit:
         try:
             with st.spinner("Fitting on anchors (train split), scoring on the test split…"):
                 scores = services.stitch_fit(ref_a, layer_a, ref_b, layer_b, request["data_spec"] if request else data_spec, method, anchors)
