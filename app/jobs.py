@@ -23,6 +23,7 @@ finished even when Cancel arrived at that moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout whose `suture` packag
 _PROGRESS_EVERY_S = 0.2
 
 
+SEARCH_SETTINGS = ("spec", "trials", "workers", "address", "resume")
+
+
 @dataclass
 class Job:
     """A job as read from its folder: what it runs, where it stands, and how it ended."""
@@ -75,6 +79,8 @@ class Job:
     finished: float | None = None
     error: str | None = None
     cached: bool = False
+    # a search job's settings: spec, trials, workers, address, resume
+    settings: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)  # what a finished job hands back beyond its folder (a push's url)
 
     @property
@@ -185,10 +191,26 @@ class JobStore:
         return self._launch({"kind": kind, "label": label, "out_dir": str(out_dir), "recipe": dict(recipe), "device": device,
                              "overwrite": overwrite, "trust_remote_code": trust_remote_code})
 
-    def start_search(self, spec_path: str | Path, out_dir: str | Path, *, label: str, trials: int, workers: int) -> Job:
-        """Start a merge search (``suture search SPEC OUT --trials N --workers K``, local Ray) as a job."""
+    def start_search(self, spec_path: str | Path, out_dir: str | Path, *, label: str, trials: int | None, workers: int,
+                     address: str | None = None, resume: bool = False) -> Job:
+        """Start a merge search (``suture search SPEC OUT --trials N --workers K [--address A] [--resume]``) as a job.
+
+        Without `address` the worker starts a local Ray; with `resume` it continues the search in `out_dir` to the
+        trial count it started with (`trials` is then ignored)."""
         return self._launch({"kind": "search", "label": label, "out_dir": str(out_dir), "spec": str(spec_path),
-                             "trials": int(trials), "workers": int(workers)})
+                             "trials": None if resume else int(trials or 0) or None, "workers": int(workers),
+                             "address": address or None, "resume": bool(resume)})
+
+    def pause(self, job_id: str) -> Job:
+        """Stop a running search so it can be resumed: SIGINT to the worker alone, as Ctrl-C on ``suture search``.
+
+        Ray Tune saves the experiment state and the worker writes the trials so far; the job then ends as
+        finished with an unfinished search (``trials.json``'s ``finished`` is false) that Resume continues."""
+        job = self.get(job_id)
+        if job.active and job.kind == "search" and job.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job.pid, signal.SIGINT)
+        return self.get(job_id)
 
     def start_publish(self, out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, label: str) -> Job:
         """Push a finished output folder to the Hub as a job; the token goes to the worker's environment only."""
@@ -234,7 +256,8 @@ class JobStore:
             raise InputError(f"job {job_id}: no such job in {self.root}")
         job = Job(folder=folder, id=record["id"], kind=record.get("kind", "run"), label=record.get("label", ""),
                   out_dir=record.get("out_dir", ""), started=float(record.get("started", 0.0)), pid=record.get("pid"),
-                  recipe=record.get("recipe") or {}, cached=bool(record.get("cached")))
+                  recipe=record.get("recipe") or {}, cached=bool(record.get("cached")),
+                  settings={k: record[k] for k in SEARCH_SETTINGS if k in record})
         progress = _read_json(folder / PROGRESS_FILE)
         job.stage, job.done, job.total, job.detail = (progress.get("stage", ""), int(progress.get("done", 0)),
                                                       int(progress.get("total", 0)), progress.get("detail", ""))
@@ -389,10 +412,11 @@ def work(folder: Path) -> int:
 def _search(record: Mapping[str, Any], progress: Any) -> None:
     """Run the search in this process (local Ray), reporting trials finished / total while Tune runs."""
     from suture.recipes.search import load_search_spec
-    from suture.recipes.search_run import run_search, trial_results
+    from suture.recipes.search_run import run_search, saved_trials, trial_results
 
     spec = load_search_spec(record["spec"])
-    total = int(record.get("trials") or spec.search.trials)
+    resume = bool(record.get("resume"))
+    total = saved_trials(record["out_dir"]) if resume else int(record.get("trials") or spec.search.trials)
     stop = threading.Event()
 
     def watch() -> None:  # Tune's trial results on disk are the progress: one result per finished trial
@@ -403,7 +427,8 @@ def _search(record: Mapping[str, Any], progress: Any) -> None:
     watcher = threading.Thread(target=watch, daemon=True, name="search-progress")
     watcher.start()
     try:
-        result = run_search(spec, record["out_dir"], trials=total, workers=int(record.get("workers") or 1), verbose=0)
+        result = run_search(spec, record["out_dir"], trials=None if resume else total, workers=int(record.get("workers") or 1),
+                            address=record.get("address") or None, resume=resume, verbose=0)
     finally:
         stop.set()
         watcher.join()

@@ -26,6 +26,7 @@ from suture.app.state import canonical, is_local_ref, recipe_yaml, referenced_re
 from suture.app.workspace import Workspace, WorkspaceError
 from suture.merge.errors import InputError, RecipeError, SutureError
 from suture.merge.report import as_report, read_report
+from suture.merge.store import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -597,8 +598,8 @@ def runnable(ref_or_path: str) -> bool:
         return False
     config = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        return ARCH_KEY in json.loads(config.read_text())
-    except (OSError, ValueError):
+        return ARCH_KEY in read_json(config)
+    except SutureError:
         return False
 
 

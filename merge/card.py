@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from suture.merge.errors import InputError, ParameterError
+from suture.merge.errors import InputError, ParameterError, SutureError
 from suture.merge.hub import hub_cache_dir, hub_endpoint, is_hub_id, split_hub_ref
 from suture.merge.report import Report
+from suture.merge.store import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,10 @@ def _license_from_folder(folder: Path) -> dict[str, str] | None:
     config = folder / "config.json"
     if config.is_file():
         try:
-            data = json.loads(config.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = read_json(config)
+        except SutureError:  # an unreadable config only means no license is known
             data = {}
-        if isinstance(data, dict) and isinstance(data.get("license"), str):
+        if isinstance(data.get("license"), str):
             return {"license": data["license"]}
     return None
 

@@ -19,7 +19,10 @@ Recipes name their data with one string (or a dict with the same fields). Accept
     One item per line; an optional label follows a TAB. Integer labels are kept; other labels are
     numbered in sorted order (``label_names`` keeps the names). Encoded with the given Hugging Face
     tokenizer (an object, or a local tokenizer folder) into padded ``input_ids`` + ``attention_mask``,
-    truncated to ``max_length`` (default 128).
+    truncated to ``max_length`` (default 128). With ``block_size=N`` the file is plain text instead (no
+    labels): tokenized as a whole and cut into items of exactly N tokens (the tokenizer's special tokens,
+    e.g. BERT's [CLS] ... [SEP], included; the incomplete last block dropped), as language models are
+    trained and evaluated. The tokenizer's mask token and special ids are kept in ``meta["tokenizer"]``.
 
 String options follow ``?`` as ``key=value`` pairs joined by ``&``; a dict spec carries the source under
 ``source`` (or ``path``) and the options as keys, e.g. ``{"source": "sklearn:digits", "classes": [0, 1]}``.
@@ -47,7 +50,7 @@ SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 TRAIN_FRACTION = 0.8
 SPLIT_SEED = 0
 _STD_FLOOR = 1e-6
-_KNOWN_OPTIONS = {"classes", "relabel", "shape", "max_items", "inputs_key", "labels_key", "max_length", "split"}
+_KNOWN_OPTIONS = {"classes", "relabel", "shape", "max_items", "inputs_key", "labels_key", "max_length", "split", "block_size"}
 
 
 @dataclass
@@ -127,7 +130,7 @@ def load_dataset(
         if not path.exists():
             raise InputError(f"data {source!r}: file not found; expected 'sklearn:<name>' or a .safetensors, .npz or .txt file")
         suffix = path.suffix.lower()
-        _refuse_options(source, options, {"inputs_key", "labels_key", "max_length", "classes"})
+        _refuse_options(source, options, {"inputs_key", "labels_key", "max_length", "classes", "block_size"})
         if suffix == ".safetensors":
             data = _load_tensor_file(path, options, _read_safetensors(path))
         elif suffix == ".npz":
@@ -157,6 +160,11 @@ def digits_scaling() -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- spec parsing -------------------------------------------------------------------------------
+
+
+def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(source, options) of a spec without reading any data; a malformed spec raises InputError."""
+    return _parse_spec(spec)
 
 
 def _parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -349,7 +357,8 @@ def _load_tensor_file(path: Path, options: Mapping[str, Any], tensors: dict[str,
 
 def _resolve_tokenizer(tokenizer: Any, path: Path) -> Any:
     if tokenizer is None:
-        raise InputError(f"data file {str(path)!r}: text data needs a tokenizer (pass tokenizer=, or give the recipe a tokenizer)")
+        raise InputError(f"data file {str(path)!r}: text data needs a tokenizer (pass tokenizer=; in a recipe, the "
+                         "reference model's folder must hold its tokenizer files, e.g. tokenizer.json)")
     if isinstance(tokenizer, (str, Path)):
         try:
             from transformers import AutoTokenizer
@@ -368,6 +377,8 @@ def _load_text(path: Path, options: Mapping[str, Any], tokenizer: Any) -> Calibr
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"data file {str(path)!r}: not UTF-8 text ({exc})") from exc
+    if "block_size" in options:
+        return _load_blocks(path, raw, tok, _as_int(options["block_size"], str(path), "block_size"))
     texts: list[str] = []
     raw_labels: list[str] = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
@@ -397,7 +408,35 @@ def _load_text(path: Path, options: Mapping[str, Any], tokenizer: Any) -> Calibr
             labels = torch.tensor([lookup[s] for s in raw_labels], dtype=torch.long)
     max_length = _as_int(options.get("max_length", 128), str(path), "max_length")
     inputs = encode_texts(tok, texts, max_length=max_length)
-    return CalibrationData(inputs, labels, name=str(path), label_names=label_names, meta={"texts": texts})
+    return CalibrationData(inputs, labels, name=str(path), label_names=label_names,
+                           meta={"texts": texts, "tokenizer": tokenizer_meta(tok)})
+
+
+def tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
+    """What scoring needs from a tokenizer beyond the ids: its mask token (masked LMs) and special token ids."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    return {"mask_token_id": None if mask_id is None else int(mask_id),
+            "special_ids": sorted(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []))}
+
+
+def _load_blocks(path: Path, raw: str, tok: Any, block_size: int) -> CalibrationData:
+    """Plain text cut into items of exactly `block_size` tokens, each wrapped in the tokenizer's special tokens."""
+    if not raw.strip():
+        raise InputError(f"data file {str(path)!r}: no text; expected plain text to cut into blocks of {block_size} tokens")
+    prefix, suffix = _special_frame(tok, raw, path)
+    content = block_size - len(prefix) - len(suffix)
+    if content < 1:
+        raise InputError(f"data file {str(path)!r}: block_size={block_size} leaves no room for text beside the "
+                         f"tokenizer's {len(prefix) + len(suffix)} special tokens")
+    ids = tok(raw, add_special_tokens=False)["input_ids"]  # the whole text once; a length warning here is harmless
+    n_blocks = len(ids) // content
+    if n_blocks == 0:
+        raise InputError(f"data file {str(path)!r}: {len(ids)} tokens of text, fewer than one block of {block_size}")
+    rows = [prefix + list(ids[i * content:(i + 1) * content]) + suffix for i in range(n_blocks)]
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    logger.info("%s: %d tokens in %d blocks of %d (%d left over)", path, len(ids), n_blocks, block_size, len(ids) - n_blocks * content)
+    return CalibrationData({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, None, name=str(path),
+                           meta={"block_size": block_size, "tokenizer": tokenizer_meta(tok)})
 
 
 def encode_texts(tokenizer: Any, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
@@ -416,6 +455,22 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int = 128) -> dic
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _special_frame(tok: Any, raw: str, path: Path) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a text (BERT: [CLS], [SEP]; GPT-2: none).
+
+    Read off the first line encoded with and without special tokens, which works for every tokenizer class
+    (transformers 5's fast tokenizers no longer expose `build_inputs_with_special_tokens`).
+    """
+    probe = next(line for line in raw.splitlines() if line.strip())
+    framed = list(tok(probe)["input_ids"])
+    plain = list(tok(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain):]
+    raise InputError(f"data file {str(path)!r}: the tokenizer changes a text's own tokens when it adds its special tokens, "
+                     "so text cannot be cut into blocks with them; use one document per line (no block_size)")
 
 
 def _is_int(text: str) -> bool:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from suture.merge.data import CalibrationData, load_dataset
-from suture.merge.errors import InputError
+from suture.merge.errors import InputError, SutureError
+from suture.merge.store import read_json
 from suture.merge.threads import single_threaded
 from suture.merge.zoo import CONFIG_FILE, FACTORY_REFS, WEIGHTS_FILE, jsonable, build_seeded, load_into, load_state, save_module
 
@@ -106,8 +107,8 @@ def _demo_entry(settings: Mapping[str, Any], seed: int, data: str) -> dict[str, 
 
 def _cached(folder: Path, entry: Mapping[str, Any]) -> bool:
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        config = read_json(folder / CONFIG_FILE)
+    except SutureError:  # missing or damaged: not a cached demo model, so it is trained again
         return False
     return config.get(DEMO_KEY, {}).get("recipe") == entry and (folder / WEIGHTS_FILE).is_file()
 

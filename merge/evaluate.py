@@ -1,9 +1,9 @@
 """Evaluation of a module on data, along the linear path between two weight vectors, and loss barriers.
 
-Tasks are picked from the data: with labels it is classification (mean cross-entropy, top-1 accuracy on
-the logits); without labels and with token inputs it is causal language modelling (mean next-token
-cross-entropy over attended positions, next-token accuracy), or for masked-LM heads the same scores of each
-token at its own position. Models may return a tensor, a tuple (first
+Tasks are picked from the data: with class labels it is classification (mean cross-entropy, top-1 accuracy
+on the logits); token data without labels is language modelling, scored per token by
+:mod:`merge.lm_eval` (next-token loss for causal LMs, seeded 15 % masking for masked LMs; perplexity and the
+number of scored tokens are reported beside loss and accuracy). Models may return a tensor, a tuple (first
 item) or an object with ``.logits`` (Hugging Face outputs).
 """
 
@@ -48,32 +48,17 @@ def run_module(module: nn.Module, inputs: Inputs) -> Any:
     return module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
 
 
-def _batch_sums(logits: torch.Tensor, inputs: Inputs, labels: torch.Tensor | None, name: str,
-                shift: int = 1) -> tuple[float, float, int]:
-    """(sum of losses, number correct, number of scored items) for one batch.
-
-    Token logits are scored against the next token (`shift=1`, causal LM) or against the token at the same
-    position (`shift=0`, a masked-LM head read without masking: how well it reconstructs its input).
-    """
-    if labels is not None:
-        if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-            raise InputError(f"data {name!r}: model logits of shape {tuple(logits.shape)} do not fit {labels.shape[0]} class labels")
-        if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
-            low, high = int(labels.min()), int(labels.max())
-            raise InputError(f"data {name!r}: labels range {low}..{high} but the model has {logits.shape[1]} outputs")
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        return loss.item(), (logits.argmax(dim=1) == labels).sum().item(), labels.shape[0]
-    if isinstance(inputs, Mapping) and "input_ids" in inputs and logits.dim() == 3:
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask", torch.ones_like(ids))
-        end = logits.shape[1] - shift
-        shift_logits, target = logits[:, :end].float(), ids[:, shift:]
-        scored = mask[:, shift:].bool() & mask[:, :end].bool()
-        losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), target.reshape(-1), reduction="none")
-        flat = scored.reshape(-1)
-        correct = (shift_logits.argmax(-1) == target).reshape(-1) & flat
-        return losses[flat].sum().item(), correct.sum().item(), int(flat.sum().item())
-    raise InputError(f"data {name!r} has no labels, and the model output is not token logits; expected labelled data")
+def _batch_sums(logits: torch.Tensor, labels: torch.Tensor | None, name: str) -> tuple[float, float, int]:
+    """(sum of losses, number correct, number of items) for one batch of class labels."""
+    if labels is None:
+        raise InputError(f"data {name!r} has no labels, and it is not token data for a language model; expected labelled data")
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise InputError(f"data {name!r}: model logits of shape {tuple(logits.shape)} do not fit {labels.shape[0]} class labels")
+    if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
+        low, high = int(labels.min()), int(labels.max())
+        raise InputError(f"data {name!r}: labels range {low}..{high} but the model has {logits.shape[1]} outputs")
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss.item(), (logits.argmax(dim=1) == labels).sum().item(), labels.shape[0]
 
 
 @torch.no_grad()
@@ -83,23 +68,47 @@ def evaluate(
     """Mean loss and accuracy of ``module`` on ``dataset`` (module left in the mode it was in)."""
     if len(dataset) == 0:
         raise InputError(f"data {dataset.name!r} is empty")
+    lm = _language_model_data(module, dataset)
+    if lm is not None:
+        from suture.merge.lm_eval import lm_loss
+
+        return lm_loss(module, iter_batches(lm, batch_size), lm.meta["lm_kind"], device=device).as_dict()
     was_training = module.training
     module.eval()
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     total_loss, total_correct, total_n = 0.0, 0.0, 0
-    shift = 0 if getattr(module, "suture_objective", None) == "masked" else 1  # set by merge.hf_module
     try:
         for inputs, labels in iter_batches(dataset, batch_size):
             inputs = inputs_to(inputs, device)
             labels = None if labels is None else labels.to(device)
-            loss, correct, n = _batch_sums(model_logits(run_module(module, inputs)), inputs, labels, dataset.name, shift)
+            loss, correct, n = _batch_sums(model_logits(run_module(module, inputs)), labels, dataset.name)
             total_loss, total_correct, total_n = total_loss + loss, total_correct + correct, total_n + n
     finally:
         module.train(was_training)
     if total_n == 0:
-        raise InputError(f"data {dataset.name!r}: nothing to score (all sequences shorter than two tokens?)")
+        raise InputError(f"data {dataset.name!r}: nothing to score")
     return {"loss": total_loss / total_n, "accuracy": total_correct / total_n}
+
+
+def _language_model_data(module: nn.Module, dataset: CalibrationData) -> CalibrationData | None:
+    """The data prepared for per-token LM scoring (see :mod:`merge.lm_eval`), or None for other tasks.
+
+    Prepared data (per-token targets) is scored as it is; unlabelled token data is scored as the module's LM
+    objective (causal when the module does not declare one) with the default seeded masking.
+    """
+    from suture.merge.lm_eval import lm_data, lm_kind
+
+    kind = lm_kind(module)
+    prepared = dataset.meta.get("lm_kind")
+    if prepared is not None:
+        if kind is not None and kind != prepared:
+            raise InputError(f"data {dataset.name!r} was prepared for a {prepared} language model, but "
+                             f"{type(module).__name__} is a {kind} one")
+        return dataset
+    if dataset.labels is not None or not (isinstance(dataset.inputs, Mapping) and "input_ids" in dataset.inputs):
+        return None
+    return lm_data(dataset, kind or "causal")
 
 
 def interpolate_states(

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
 RowRemap = Callable[[torch.Tensor], torch.Tensor]
+#: per-model statistics of data-driven methods: model key -> tensor name -> statistics dict (merge.calibrate)
+ModelStats = Mapping[str, Mapping[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,17 @@ def execute_plan(
     compute_dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    stats: ModelStats | None = None,
 ) -> ExecutionStats:
-    """Run every task in order, streaming results into `writer`."""
+    """Run every task in order, streaming results into `writer`.
+
+    ``stats`` (data-driven methods): each source's statistics, looked up by its model key and tensor name,
+    reach the kernel as ``MergeInputs.stats`` (None for a tensor that model has none for).
+    """
     from suture.merge.methods import MergeInputs, get_method, run_method
 
     dev = resolve_device(device)
-    stats = ExecutionStats(device=str(dev))
+    timing = ExecutionStats(device=str(dev))
     entries = {e.name: e for s in writer.shards for e in s.entries}
     generator = torch.Generator(device=dev).manual_seed(seed)
     for i, task in enumerate(tasks):
@@ -150,6 +157,7 @@ def execute_plan(
                 params=task.params,
                 base=base,
                 generator=generator,
+                stats=None if stats is None else [stats.get(src.model, {}).get(src.tensor) for src in task.sources],
             )
             result = run_method(method, inputs)
             del inputs
@@ -161,15 +169,15 @@ def execute_plan(
         t2 = time.perf_counter()
         writer.write(task.out_name, result)
         t3 = time.perf_counter()
-        stats.seconds_reading += t1 - t0
-        stats.seconds_merging += t2 - t1
-        stats.seconds_writing += t3 - t2
-        stats.tensors += 1
+        timing.seconds_reading += t1 - t0
+        timing.seconds_merging += t2 - t1
+        timing.seconds_writing += t3 - t2
+        timing.tensors += 1
         if progress is not None:
             progress(i + 1, len(tasks), task.out_name)
         del result
-    stats.bytes_written = writer.bytes_written
-    return stats
+    timing.bytes_written = writer.bytes_written
+    return timing
 
 
 class _MemorySink:
@@ -193,11 +201,12 @@ def execute_in_memory(
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype | None = None,
     seed: int = 0,
+    stats: ModelStats | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged state dict, computed exactly as :func:`execute_plan` computes it for the writer (same casts, same seed).
 
     Peak memory is the output model plus one tensor per input model: inputs stay in their lazy stores.
     """
     sink = _MemorySink([infer_output(t, stores, out_dtype) for t in tasks])
-    execute_plan(tasks, stores, sink, device=device, compute_dtype=compute_dtype, seed=seed)  # type: ignore[arg-type]
+    execute_plan(tasks, stores, sink, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats)  # type: ignore[arg-type]
     return sink.tensors

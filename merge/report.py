@@ -33,10 +33,12 @@ class _Section(BaseModel):
 
 
 class Metrics(_Section):
-    """Loss and accuracy of one model on the evaluation data."""
+    """Loss and accuracy of one model on the evaluation data (language models: per token, with perplexity)."""
 
     loss: float | None = None
     accuracy: float | None = None
+    perplexity: float | None = None
+    tokens: int | None = None
 
 
 class Barrier(_Section):
@@ -53,6 +55,7 @@ class CurvePoint(_Section):
     t: float
     loss: float | None = None
     accuracy: float | None = None
+    perplexity: float | None = None
 
 
 class Evaluation(_Section):
@@ -61,6 +64,7 @@ class Evaluation(_Section):
     data: str | dict[str, Any] | None = None
     split: str | None = None
     items: int | None = None
+    language_model: dict[str, Any] | None = None  # kind (causal/masked), masking rate and seed, block size
     models: dict[str, Metrics] = Field(default_factory=dict)
     merged: Metrics | None = None
     ensemble: Metrics | None = None

@@ -146,10 +146,10 @@ class _TokenizerInfo:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read JSON ({exc})") from None
+    """A tokenizer file's JSON object, through the store's one reader (regular files only, size and nesting capped)."""
+    from suture.merge.store import read_json
+
+    return read_json(path)
 
 
 def _flags(entry: Mapping[str, Any]) -> dict[str, bool]:

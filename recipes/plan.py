@@ -145,8 +145,11 @@ class _Planner:
         names = ref_store.names()
         n_layers = num_layers(names, ref_store.config)
         resolver = ParamResolver(r, num_layers=n_layers)
+        own = set().union(*per_model_tensors(r, self.models).values()) if self.method.needs_data else set()
         tasks = []
         for name in names:
+            if name in own:  # a per-task head: kept per model, not merged
+                continue
             match = find_layer(name, generic=False)
             layer = match.index if match else None
             model_params, params = self._params(resolver, name, layer, n_layers, feed_refs, None)
@@ -195,6 +198,24 @@ class _Planner:
                 tasks.append(self._task(out_name, feed, base_name, model_params, params))
         non_layer("post", len(slices) - 1)
         return tasks, layout.num_layers
+
+
+def per_model_tensors(recipe: Recipe, models: OpenedModels) -> dict[str, list[str]]:
+    """Each model's tensors that not every merged model has with the same shape (per-task heads), by model key.
+
+    Only data-driven `models:` merges keep such tensors per model (the output is then a multi-head model);
+    every other merge refuses tensors whose shapes differ. Empty when all models share all tensors.
+    """
+    from suture.merge.methods import get_method
+
+    if recipe.slices or not recipe.models or recipe.merge_method is None or get_method(recipe.merge_method).needs_data is None:
+        return {}
+    method = get_method(recipe.merge_method)
+    feed, _ = _method_inputs(method, [m.model for m in recipe.models], recipe.base_model)
+    shapes = [models.stores[str(ref)].shapes() for ref in feed]
+    shared = {n for n, shape in shapes[0].items() if all(s.get(n) == shape for s in shapes[1:])}
+    own = {str(ref): [n for n in s if n not in shared] for ref, s in zip(feed, shapes)}
+    return own if any(own.values()) else {}
 
 
 def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, set[str]]:

@@ -28,7 +28,7 @@ from suture.merge.report import NON_FINITE_LISTED, read_report
 from suture.merge.writer import DEFAULT_SHARD_SIZE, ShardedWriter, atomic_output_dir, parse_size
 from suture.recipes import steps
 from suture.recipes.artifacts import finish, publish_output
-from suture.recipes.plan import OpenedModels, Progress, build, open_models, reference_key, torch_dtype
+from suture.recipes.plan import OpenedModels, Progress, build, open_models, per_model_tensors, reference_key, torch_dtype
 from suture.recipes.sections import parse_alignment, parse_evaluate, parse_publish
 from suture.recipes.schema import ModelRef, Recipe, load_recipe, parse_recipe
 
@@ -83,10 +83,13 @@ class RunResult:
             lines.append(f"warning: {problem}")
         evaluation = r.evaluation
         if evaluation:
-            lines.append(f"evaluation on {evaluation.data} ({evaluation.split}, {evaluation.items} items):")
+            lm = evaluation.language_model
+            lm_text = f", {lm['kind']} LM per token" if lm and lm.get("kind") else ""
+            lines.append(f"evaluation on {evaluation.data} ({evaluation.split}, {evaluation.items} items{lm_text}):")
             rows = list(evaluation.models.items()) + [(label, m) for label, m in (("merged", evaluation.merged), ("ensemble", evaluation.ensemble)) if m]
             for label, m in rows + list(evaluation.baselines.items()):
-                lines.append(f"  {label:<28} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}")
+                ppl = f"  perplexity {m.perplexity:.2f} ({m.tokens} tokens)" if m.perplexity is not None else ""
+                lines.append(f"  {label:<28} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}{ppl}")
             for row in evaluation.stop_sweep:
                 lines.append(f"  {'zip up to ' + str(row['stop_at']):<28} accuracy {row['accuracy']:.4f}")
             for label, b in evaluation.barriers.items():
@@ -231,6 +234,11 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     tasks, n_layers, vocab = build(r, models)
     out_dtype = torch_dtype(r.out_dtype or r.dtype)
     entries = [infer_output(t, models.stores, out_dtype) for t in tasks]
+    model_stats, data_report = _data_statistics(r, tasks, models, architecture, device, seed, _trusts(r, options), progress)
+    branches = per_model_tensors(r, models)
+    if branches:  # per-task heads: the merged trunk and each model's own head, as one multi-head model
+        return _run_heads(r, tasks, models, model_stats, data_report, branches, architecture, evaluation_section,
+                          publish_section, out_dir, options, device, seed, started)
 
     def merge_progress(done: int, total: int, name: str) -> None:
         if progress:
@@ -240,7 +248,8 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
         writer = ShardedWriter(tmp, entries, max_shard_size=shard_size, metadata={"format": "pt", "suture_version": __version__, "merge_method": r.merge_method or ""},
                               strict=options.strict)
         try:
-            stats = execute_plan(tasks, models.stores, writer, device=device, compute_dtype=torch_dtype(r.dtype), seed=seed, progress=merge_progress)
+            stats = execute_plan(tasks, models.stores, writer, device=device, compute_dtype=torch_dtype(r.dtype), seed=seed,
+                                 progress=merge_progress, stats=model_stats)
             shards = writer.finish()
         finally:
             writer.abort()
@@ -248,8 +257,12 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
                 store.close()
         files = list(shards) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
         files += _write_side_files(tmp, r, models, reference, n_layers, vocab, out_dtype)
+        if data_report and data_report.get("statistics") == "coefficients":
+            from suture.recipes.coefficient_stage import write_learned_recipe
+
+            files += write_learned_recipe(tmp, data_report)
         library = _library_name(models.stores[reference].config)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"data": data_report} if data_report else {}
         if outcome is not None:
             extra["alignment"] = {"engine": alignment.engine, **outcome.report()}
             if alignment.repair != "none":
@@ -290,6 +303,62 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, options: RunOptions | None,
     return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, progress))
 
 
+def _data_statistics(r: Recipe, tasks: list, models: OpenedModels, architecture: Any, device: torch.device, seed: int,
+                     trust_remote_code: bool, progress: Progress | None) -> tuple[dict | None, dict[str, Any] | None]:
+    """Data-driven methods: each model's statistics on its own data, and what report.json records about them."""
+    from suture.merge.methods import get_method
+
+    method = get_method(r.merge_method or "")
+    if method.needs_data is None:
+        return None, None
+    if method.needs_data == "coefficients":  # AdaMerging / aTLAS: weights learned on every model's data at once
+        from suture.recipes.coefficient_stage import learn_recipe_coefficients
+
+        return learn_recipe_coefficients(r, method, tasks, models, architecture, device, seed=seed,
+                                         trust_remote_code=trust_remote_code, progress=progress)
+    from suture.recipes.calibration import data_options, model_statistics
+
+    started = time.perf_counter()
+    stats = model_statistics(r, method, tasks, models.stores, architecture, device, seed=seed,
+                             trust_remote_code=trust_remote_code, progress=progress)
+    opts = data_options(r)
+    specs = {str(e.model): e.data for e in r.models or [] if str(e.model) in stats}
+    report = {"statistics": method.needs_data, "sequential": method.sequential, "split": opts.split,
+              "max_items": opts.max_items, "models": {k: v if isinstance(v, str) else dict(v) for k, v in specs.items()},
+              "seconds": round(time.perf_counter() - started, 3)}
+    if method.needs_data == "fisher":
+        report["labels"] = opts.labels
+    return stats, report
+
+
+def _run_heads(r: Recipe, tasks: list, models: OpenedModels, stats: Any, data_report: Any, branches: dict, architecture: Any,
+               evaluation_section: Any, publish_section: Any, out_dir, options: RunOptions, device: torch.device, seed: int,
+               started: float) -> RunResult:
+    """Data-driven merges whose models keep tensors of their own: a multi-head folder, its report and card."""
+    from suture.merge.evaluate import evaluate
+    from suture.recipes.heads import write_per_model_heads
+
+    with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
+        module, heads = write_per_model_heads(tmp, r, tasks, models.stores, branches, stats, architecture, device,
+                                              out_dtype=torch_dtype(r.out_dtype or r.dtype), compute_dtype=torch_dtype(r.dtype),
+                                              seed=seed, trust_remote_code=_trusts(r, options))
+        report: dict[str, Any] = {"suture_version": __version__, "merge_method": r.merge_method, "device": str(device), "seed": seed,
+                                  "models": [str(ref) for ref in r.referenced_models()], "tensors": len(tasks),
+                                  "data": data_report, "heads": heads}
+        if evaluation_section is not None:  # the members' logits side by side: joint accuracy over every task's classes
+            data = steps.load_data(evaluation_section.data, split=evaluation_section.split, max_items=evaluation_section.max_items)
+            report["evaluation"] = {"data": evaluation_section.data if isinstance(evaluation_section.data, str) else dict(evaluation_section.data),
+                                    "split": evaluation_section.split, "items": len(data), "models": {},
+                                    "merged": evaluate(module.cpu(), data, batch_size=evaluation_section.batch_size)}
+        report["seconds_total"] = round(time.perf_counter() - started, 3)
+        typed, _ = finish(tmp, r, report)
+        files = sorted(p.name for p in tmp.iterdir())
+    for store in models.stores.values():
+        store.close()
+    out = Path(out_dir).expanduser().resolve()
+    return RunResult(out, files, typed.to_json(), url=publish_output(out, publish_section, None))
+
+
 def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progress: Progress | None) -> RunResult:
     """Stitch recipes: A's prefix + a fitted stitch + B's suffix (or head), written as an artifact with report and card."""
     from suture.recipes.stitch_section import run_stitch, validate_stitch_section
@@ -300,7 +369,8 @@ def _run_stitch(r: Recipe, out_dir, options: RunOptions, started: float, progres
     publish_section = parse_publish(r.publish, r.where)
     device = resolve_device(options.device)
     with atomic_output_dir(out_dir, overwrite=options.overwrite) as tmp:
-        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options))
+        report = run_stitch(section, tmp, device=str(device), progress=progress, where=r.where, trust_remote_code=_trusts(r, options),
+                            write_report=False)  # finish() writes report.json once, with the totals
         report["seconds_total"] = round(time.perf_counter() - started, 3)
         typed, _ = finish(tmp, r, report)
         files = sorted(p.name for p in tmp.iterdir())

@@ -4,7 +4,8 @@ A recipe names a ``merge_method`` and either ``models`` (whole models to merge) 
 to merge or stack), with optional ``base_model``, ``parameters`` (see :mod:`recipes.params`), ``dtype``,
 ``out_dtype``, ``tokenizer_source`` / ``tokenizer`` and ``chat_template``, exactly as mergekit reads them.
 Suture adds ``name``, ``architecture``, ``allow_pickle``, ``trust_remote_code``, ``strict``, ``out_shard_size``, ``seed`` and the
-sections ``alignment``, ``stitch``, ``evaluate`` and ``publish``.
+sections ``alignment``, ``stitch``, ``evaluate`` and ``publish``; data-driven methods (RegMean, Fisher) read each
+model's own data from ``models[i].data`` with the top-level ``data`` options (max_items, batch_size, split, labels).
 
 Everything is checked before any tensor is read: unknown keys, wrong types and impossible combinations raise
 one :class:`~merge.errors.RecipeError` listing every problem with its key path and YAML line.
@@ -28,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Discriminator,
+    Field,
     PrivateAttr,
     StrictBool,
     StrictInt,
@@ -267,11 +269,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_data_spec(value: Any) -> Any:
+    """A data spec's form (source and options) is checked here; the files are read when the recipe runs."""
+    from suture.merge.data import parse_spec
+    from suture.merge.errors import InputError
+
+    try:
+        parse_spec(value)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+#: a model's own data (merge.data spec: 'sklearn:digits?classes=0-4', a .txt/.safetensors/.npz file, or a dict)
+DataSpec = Annotated[Union[StrictStr, dict[StrictStr, Any]], AfterValidator(_check_data_spec)]
+
+
 class ModelEntry(_Section):
-    """One item of ``models:``: a model and its parameters."""
+    """One item of ``models:``: a model, its parameters and (data-driven methods) its own data."""
 
     model: ModelRef
     parameters: Params | None = None
+    data: DataSpec | None = None
+
+
+class DataOptions(_Section):
+    """Top-level ``data:``: how data-driven methods read each model's ``data`` (FusionBench: 256 items, batch 32)."""
+
+    max_items: Annotated[StrictInt, Field(ge=1)] = 256
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 32
+    split: Literal["train", "test", "all"] = "train"
+    # Fisher merging: 'true' labels (empirical Fisher), labels 'sampled' from the model, or 'auto' (true when present)
+    labels: Literal["auto", "true", "sampled"] = "auto"
 
 
 class SliceSource(_Section):
@@ -399,11 +428,21 @@ class Recipe(_Section):
     strict: StrictBool = False
     out_shard_size: ShardSize | None = None
     seed: StrictInt | None = None
+    # options of data-driven methods (each model's data is `models[i].data`)
+    data: DataOptions | None = None
     # Sections that later work defines; kept as plain mappings until then.
     alignment: dict[str, Any] | None = None
     stitch: dict[str, Any] | None = None
     evaluate: dict[str, Any] | None = None
     publish: dict[str, Any] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_options(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError("the top-level `data` holds options (max_items, batch_size, split, labels); "
+                             "give each model its own data as models[i].data")
+        return value
 
     _source: str = PrivateAttr(default="<dict>")
     _lines: dict[KeyPath, int] = PrivateAttr(default_factory=dict)
@@ -714,6 +753,25 @@ def _check_method_inputs(r: Recipe, issues: _Issues) -> None:
             issues.add(("slices", i, "sources"), msg)
 
 
+def _check_data(r: Recipe, issues: _Issues) -> None:
+    """Data-driven methods need `data:` on every model they merge; other methods ignore it (warned)."""
+    m = _registered(r.merge_method) if r.merge_method is not None else None
+    entries = r.models or []
+    if m is None or m.needs_data is None:
+        for i, e in enumerate(entries):
+            if e.data is not None:
+                logger.warning("%s: merge method %r does not learn from data; `data` is ignored", _where(r, ("models", i, "data")), r.merge_method)
+        return
+    if r.slices:
+        issues.add(("merge_method",), f"merge method {m.name!r} learns from each model's data: list whole models under "
+                   "`models` (each with `data:`), not `slices`")
+        return
+    for i, e in enumerate(entries):
+        if e.data is None and not (m.uses_base and e.model == r.base_model):
+            issues.add(("models", i), f"merge method {m.name!r} learns from each model's data ({m.needs_data} statistics): "
+                       "give this model `data:` (e.g. sklearn:digits?classes=0-4, or a .txt/.safetensors/.npz file)")
+
+
 def _check_tokenizer(r: Recipe, issues: _Issues) -> None:
     if r.tokenizer_source is not None and r.tokenizer is not None:
         at = issues.line(("tokenizer_source",))
@@ -771,6 +829,7 @@ def _semantic_issues(
     _check_inputs(r, data, issues)
     _check_method_inputs(r, issues)
     _check_tokenizer(r, issues)
+    _check_data(r, issues)
     _check_param_values(r, issues)
     _warn_parameters(r)
     return list(issues)

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from suture.recipes.search import EvaluateSpec, SearchSpec
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "search"
+#: the settings a search started with (its trial count), read back on --resume
+SETTINGS = "search_settings.json"
 METRIC = "objective"
 TrialHook = Callable[[dict[str, Any]], None]
 
@@ -191,6 +194,20 @@ class SearchResult:
         return "\n".join(lines)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse at once a HOST:PORT (or ray://HOST:PORT) where nothing listens: Ray would retry for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RecipeError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as exc:
+        raise RecipeError(f"--address {address}: cannot reach a Ray cluster there ({getattr(exc, 'strerror', None) or exc}); "
+                          "start one with `ray start --head` or leave --address out to run Ray here") from exc
+
+
 def start_ray(address: str | None, workers: int) -> bool:
     """Connect to `address`, or start a local Ray with `workers` CPUs; True when this call started it."""
     import ray
@@ -198,6 +215,7 @@ def start_ray(address: str | None, workers: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -229,7 +247,10 @@ def run_search(
         raise RecipeError(f"{out}: already holds a search; pass --resume to continue it or choose another folder")
     if resume and not experiment.exists():
         raise RecipeError(f"{out}: no search to resume (no {experiment})")
+    wanted = _resumed_trials(out, trials) if resume else trials or spec.search.trials
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / SETTINGS).write_text(json.dumps({"trials": wanted}) + "\n")
     started = start_ray(address, workers)
     try:
         trainable = _trainable(spec, trial_hook)
@@ -243,7 +264,7 @@ def run_search(
             tuner = tune.Tuner(
                 trainable,
                 param_space=_space(spec),
-                tune_config=tune.TuneConfig(search_alg=_searcher(spec, resume), num_samples=trials or spec.search.trials,
+                tune_config=tune.TuneConfig(search_alg=_searcher(spec, resume), num_samples=wanted,
                                             max_concurrent_trials=workers),
                 run_config=tune.RunConfig(storage_path=str(storage), name=EXPERIMENT, verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)),
@@ -253,7 +274,6 @@ def run_search(
     finally:
         if started:
             ray.shutdown()
-    wanted = trials or spec.search.trials
     result = _write_outputs(spec, out, rows, finished=sum(r.get(METRIC) is not None for r in rows) >= wanted or resume and _all_done(rows))
     return result
 
@@ -276,6 +296,26 @@ def trial_results(out_dir: str | Path) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         row["trial"] = i
     return rows
+
+
+def saved_trials(out_dir: str | Path) -> int:
+    """The trial count the search in `out_dir` started with (from ``search_settings.json``)."""
+    from suture.merge.store import read_json
+
+    settings = Path(out_dir) / SETTINGS
+    saved = read_json(settings).get("trials") if settings.exists() else None
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        raise RecipeError(f"{settings}: missing or without a trial count; this search cannot be resumed")
+    return saved
+
+
+def _resumed_trials(out: Path, trials: int | None) -> int:
+    """The trial count a search started with; Ray Tune restores that count, so a different --trials is refused."""
+    saved = saved_trials(out)
+    if trials is not None and trials != saved:
+        raise RecipeError(f"{out}: --trials {trials} cannot change a search on --resume: it was started with "
+                          f"{saved} trials (Ray Tune restores that count); leave --trials out or start a new search")
+    return saved
 
 
 def _all_done(rows: list[dict[str, Any]]) -> bool:

@@ -68,7 +68,8 @@ def _alignment_problems(value: Any, exc: ValidationError, engines: list[Engine])
 
 
 class EvaluateSection(_Section):
-    """`evaluate: {data, points, split, batch_size, max_items, plot}`: interpolation paths, naive vs aligned."""
+    """`evaluate: {data, points, split, batch_size, max_items, plot, mask_rate, mask_seed}`: interpolation paths,
+    naive vs aligned. `mask_rate`/`mask_seed` fix the masked positions when a masked LM is scored on text."""
 
     data: DataSpec = "sklearn:digits"
     split: Literal["train", "test", "all"] = "test"
@@ -76,6 +77,8 @@ class EvaluateSection(_Section):
     batch_size: StrictInt = Field(256, ge=1)
     max_items: StrictInt | None = Field(None, ge=1)
     plot: StrictBool = True
+    mask_rate: float = Field(0.15, gt=0.0, lt=1.0)
+    mask_seed: StrictInt = Field(0, ge=0)
 
 
 def _validate(model: type[BaseModel], name: str, value: Any, where: Callable[[tuple], str] | None) -> Any:

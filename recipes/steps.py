@@ -164,11 +164,13 @@ def evaluate_output(
         raise RecipeError("evaluate: needs a runnable architecture (`architecture:` in the recipe, a model saved by Suture's zoo, or a Hugging Face folder)")
     data = load_data(section.data, split=section.split, max_items=section.max_items, store=raw_stores.get(reference))
     calib = load_data(section.data, split="train", max_items=section.max_items) if reset_bn else None
-    merged = evaluate(load_module(merged_store, arch), data, batch_size=section.batch_size)
+    merged_module = load_module(merged_store, arch)
+    data, lm = _language_model_data(merged_module, data, section)
+    merged = evaluate(merged_module, data, batch_size=section.batch_size)
     shapes = merged_store.shapes()
     merged_store.close()
     result: dict[str, Any] = {"data": section.data if isinstance(section.data, str) else dict(section.data), "split": section.split,
-                              "items": len(data), "merged": merged, "models": {}}
+                              "items": len(data), **({"language_model": lm} if lm else {}), "merged": merged, "models": {}}
     notes: list[str] = []
     for key, store in raw_stores.items():
         own = (architecture_of(store, trust_remote_code=trust_remote_code, chosen=architecture)
@@ -231,6 +233,27 @@ def evaluate_output(
         plot_interpolation(curves, folder / PLOT_NAME, title=f"{reference} → {other}")
         result["plot"] = PLOT_NAME
     return result
+
+
+def _language_model_data(module: torch.nn.Module, data: Any, section: EvaluateSection) -> tuple[Any, dict[str, Any] | None]:
+    """Token data without labels, for a language model: per-token targets fixed once (the same masked positions
+    for every model and path point) and what report.json records about them; other data unchanged."""
+    from suture.merge.lm_eval import lm_data, lm_kind
+
+    inputs = data.inputs
+    if data.labels is not None or not (isinstance(inputs, dict) and "input_ids" in inputs):
+        return data, None
+    kind = lm_kind(module)
+    if kind is None:
+        raise RecipeError(f"evaluate.data: {data.name!r} is text without labels, which is scored as language modelling, but the "
+                          f"merged model ({type(module).__name__}) has no causal or masked LM head")
+    data = lm_data(data, kind, mask_rate=section.mask_rate, seed=section.mask_seed)
+    info: dict[str, Any] = {"kind": kind}
+    if kind == "masked":
+        info.update(mask_rate=section.mask_rate, mask_seed=section.mask_seed)
+    if "block_size" in data.meta:
+        info["block_size"] = data.meta["block_size"]
+    return data, info
 
 
 def _with_notes(result: dict[str, Any], notes: list[str]) -> dict[str, Any]:

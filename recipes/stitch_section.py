@@ -162,10 +162,12 @@ def run_stitch(
     progress: Progress | None = None,
     where: Where | None = None,
     trust_remote_code: bool = False,
+    write_report: bool = True,
 ) -> dict[str, Any]:
     """Validate and run a `stitch:` section (see suture.stitch.pipeline.stitch_models); errors name the recipe key."""
     cfg = section if isinstance(section, StitchSection) else validate_stitch_section(section, where)
     try:
-        return stitch_models(cfg, out_dir, device=device, progress=progress, trust_remote_code=trust_remote_code)
+        return stitch_models(cfg, out_dir, device=device, progress=progress, trust_remote_code=trust_remote_code,
+                             write_report=write_report)
     except OptionError as exc:
         raise _error(("stitch", *exc.field), exc.message, where) from None

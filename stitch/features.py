@@ -302,14 +302,15 @@ def chain_from_module(module: nn.Module, *, architecture: tuple[str, dict[str, A
 
 
 def _is_hf_folder(path: Path) -> bool:
-    import json
+    from suture.merge.errors import SutureError
+    from suture.merge.store import read_json
 
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(cfg)
+    except SutureError:
         return False
     return "model_type" in data and "suture_architecture" not in data
 

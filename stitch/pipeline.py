@@ -158,8 +158,12 @@ def stitch_models(
     device: str = "cpu",
     progress: Progress | None = None,
     trust_remote_code: bool = False,
+    write_report: bool = True,
 ) -> dict[str, Any]:
     """Fit, evaluate and save a stitch: write <out>/stitched/, <out>/report.json and plots; return the report.
+
+    The recipe runner passes ``write_report=False``: its artifact finisher writes report.json once, with the
+    run's totals.
 
     `cfg` is a validated stitch configuration (:class:`suture.recipes.stitch_section.StitchSection` or an
     object with its fields). `trust_remote_code` lets the models' own files name architecture code outside
@@ -383,8 +387,9 @@ def stitch_models(
         report["artifact"] = "stitched"
     timings["total"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    from suture.merge.report import write_report
+    if write_report:
+        from suture.merge.report import write_report as write_typed
 
-    write_report(out, report)  # the typed report.json every reader reads
+        write_typed(out, report)  # the typed report.json every reader reads
     logger.info("stitch %s: %s", cfg.method, {k: v.get("accuracy") for k, v in results.items()})
     return report

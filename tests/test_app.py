@@ -362,7 +362,7 @@ def test_form_widgets_edit_the_recipe(ws):
     at.text_input(key=state.widget_key(at.session_state, "am", "data")).set_value("sklearn:digits").run()
     at.checkbox(key=state.widget_key(at.session_state, "am", "evaluate")).uncheck().run()
     # engines: each shows only its own options, filled with the library's defaults, which stay out of the recipe
-    assert services.runner_engines() == {"weight_matching", "activation_matching", "ot", "zipit"}
+    assert services.runner_engines() == {"weight_matching", "activation_matching", "ot", "zipit", "cca"}
     at.selectbox(key=state.widget_key(at.session_state, "am", "method")).set_value("ties").run()
     engine_box = at.selectbox(key=state.widget_key(at.session_state, "am", "engine"))
     engine_box.set_value("weight_matching").run()

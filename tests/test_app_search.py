@@ -65,6 +65,30 @@ def test_example_spec_loads_with_bounded_inputs_and_start_creates_a_search_job(w
     store.cancel(job_id, grace=2.0)  # the real search is the next test's
 
 
+@pytest.mark.parametrize("text, ok", [("auto", True), ("10.0.0.1:6379", True), ("ray://head.example:10001", True),
+                                      ("head:99999", False), ("http://x:1", False), ("10.0.0.1", False), ("a b:1", False)])
+def test_the_cluster_address_is_checked_next_to_its_field(ws, text, ok):
+    at = search_page()
+    at.text_input(key="search.address").input(text).run()
+    assert not at.exception, [e.value for e in at.exception]
+    if ok:
+        assert not at.error and not at.button(key="search.start").disabled
+    else:
+        assert [e.value for e in at.error] == [f"Ray cluster address {text!r} is not valid: use auto, HOST:PORT "
+                                               "(e.g. 10.0.0.1:6379) or ray://HOST:PORT, or leave it empty to start Ray here."]
+        assert at.button(key="search.start").disabled
+
+
+def test_a_search_job_on_a_cluster_address_passes_it_to_the_worker(ws):
+    store = JobStore(ws.root)
+    job = store.start_search(SPEC, ws.root / "outputs" / "remote", label="search tasks", trials=2, workers=1,
+                             address="127.0.0.1:1")  # nothing listens there: the worker fails in one line
+    ended = store.wait(job.id, timeout=TIMEOUT)
+    assert ended.settings["address"] == "127.0.0.1:1"
+    assert ended.state == jobs.FAILED and "--address 127.0.0.1:1: cannot reach a Ray cluster there" in ended.error
+    assert "Traceback" not in ended.error
+
+
 @pytest.mark.parametrize("text, expected", [
     ("recipe: {merge_method: linear}\nspace: nope\n", "space"),
     (SPEC.read_text().replace("demo:task-0-4", "/etc/models/a.safetensors"), "outside the workspace"),

@@ -30,7 +30,7 @@ ROOT = Path(__file__).parents[1]
 USER_NET = "tests._user_models:tiny_net"
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             initializer_range=0.2)
-WORDS = [f"w{i}" for i in range(98)]
+WORDS = [f"w{i}" for i in range(97)]
 CONFIGS = {
     "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                    initializer_range=0.2, bos_token_id=0, eos_token_id=0)),
@@ -141,10 +141,10 @@ def test_inspect_groups_with_a_bad_input_shape_is_one_line(user_cnn):
 def _save_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}, "[MASK]": 99}  # BERT is scored on masked tokens
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]").save_pretrained(folder)
 
 
 def _hf_pair(root: Path, family: str, seed: int = 0) -> tuple[Path, Path, dict[str, torch.Tensor]]:

@@ -14,11 +14,11 @@ from suture.merge.methods.task_arithmetic import sign_consensus_mask
 
 T = torch.tensor
 ALL_METHODS = {
-    "tsv_m", "iso_c", "iso_cts", "wudi",
+    "tsv_m", "iso_c", "iso_cts", "wudi", "regmean", "regmean_plusplus", "fisher",
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
     "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl",
-}
+} | {"adamerging", "atlas"}  # task-arithmetic weights learned from data (tests/test_coefficients*.py)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -521,7 +521,7 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         if name == "passthrough":
             mp = [{"scale": 2.0}]
         inputs = MergeInputs("w", tensors, mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=_stats(m, tensors, mp))
         out = run_method(m, inputs)
         assert out.dtype == dtype and out.device.type == device and out.shape == (6, 5)
         assert torch.isfinite(out.float()).all()
@@ -533,8 +533,26 @@ def test_every_method_runs_on_device_and_keeps_dtype(name, device):
         # the same seeded CPU generator drives the masks wherever the tensors live: GPU == CPU
         xs, base = _all_method_inputs("cpu", torch.float32)
         inputs = MergeInputs("w", xs[:n], mp, params, base=base if m.uses_base else None,
-                             generator=torch.Generator().manual_seed(7))
+                             generator=torch.Generator().manual_seed(7), stats=_stats(m, xs[:n], mp))
         torch.testing.assert_close(results[torch.float32].cpu(), run_method(m, inputs), atol=1e-5, rtol=1e-5)
+
+
+def _stats(m, tensors, mp):
+    """Statistics a data-driven method reads (a Gram matrix per weight, a Fisher per entry, or a learned
+    coefficient per model: here each model's weight); None for the rest."""
+    if m.needs_data is None:
+        return None
+    if m.needs_data == "coefficients":
+        return [{"coefficient": p["weight"]} for p in mp]
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for t in tensors:
+        if m.needs_data == "gram":
+            x = torch.randn(20, t.shape[1], generator=g, dtype=torch.float64)
+            out.append({"gram": (x.T @ x / 20).to(t.device), "count": 20})
+        else:
+            out.append({"fisher": torch.rand(t.shape, generator=g).to(t.device), "norm": 1.0})
+    return out
 
 
 def test_parameter_ranges_are_checked_before_the_kernel_runs():

@@ -407,7 +407,7 @@ def test_unknown_merge_method() -> None:
     assert _has(err, "merge_method", 11) and "did you mean 'linear'" in str(err)
     # the registry's names pass, and the error lists them
     assert load(LINEAR).merge_method == "linear"
-    assert "known methods: arcee_fusion, breadcrumbs" in str(err)
+    assert "known methods: adamerging, arcee_fusion, atlas, breadcrumbs" in str(err)
 
 
 def test_missing_merge_method() -> None:

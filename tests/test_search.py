@@ -90,6 +90,22 @@ def test_interrupted_search_resumes(tmp_path):
     assert "8 trials finished" in text
 
 
+def test_resume_keeps_the_trial_count_it_started_with(tmp_path):
+    (tmp_path / "ray" / "search").mkdir(parents=True)
+    with pytest.raises(RecipeError, match="without a trial count"):  # a search folder from elsewhere
+        run_search(load_search_spec(SPEC), tmp_path, resume=True)
+    (tmp_path / "search_settings.json").write_text('{"trials": 8}')
+    with pytest.raises(RecipeError, match="--trials 5 cannot change a search on --resume: it was started with 8"):
+        run_search(load_search_spec(SPEC), tmp_path, trials=5, resume=True)
+
+
+def test_an_address_where_no_cluster_listens_is_refused_at_once(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RecipeError, match="--address 127.0.0.1:1: cannot reach a Ray cluster there"):
+        run_search(load_search_spec(SPEC), tmp_path, address="127.0.0.1:1")
+    assert time.monotonic() - started < 30 and not ray.is_initialized()
+
+
 def test_starting_over_an_existing_search_is_refused(tmp_path):
     (tmp_path / "ray" / "search").mkdir(parents=True)
     with pytest.raises(RecipeError, match="already holds a search; pass --resume"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -17,9 +18,23 @@ SEARCH_JOB = "search_job"  # the search job this session started or opened (its 
 TRIALS = (1, 200)
 WORKERS = (1, 16)
 
+ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?:[0-9]{1,5}")
+
+
+def cluster_address(text: str) -> tuple[str | None, str | None]:
+    """(address, problem) for the address field: empty means a local Ray; else `auto`, HOST:PORT or ray://HOST:PORT."""
+    text = text.strip()
+    if not text:
+        return None, None
+    if text == "auto" or (ADDRESS.fullmatch(text) and 0 < int(text.rsplit(":", 1)[1]) < 65536):
+        return text, None
+    return None, (f"Ray cluster address {text[:80]!r} is not valid: use auto, HOST:PORT (e.g. 10.0.0.1:6379) or "
+                  "ray://HOST:PORT, or leave it empty to start Ray here.")
+
+
 st.title("Search")
 st.caption("Search recipe values (weights, densities, method...) with Ray Tune and Optuna; the same as "
-           "`suture search SPEC OUT --trials N --workers K`. It runs as a job: Cancel stops it and its Ray processes.")
+           "`suture search SPEC OUT --trials N --workers K [--address A]`. It runs as a job: Pause stops it with its state saved (Resume continues it, as `--resume`); Cancel stops it and its Ray processes.")
 
 # the bundled examples, then the specs kept in the workspace (uploads land there)
 examples = {p.stem: p for p in sorted(SEARCHES.glob("*.yaml"))}
@@ -53,11 +68,18 @@ trials = c1.number_input(f"Trials ({TRIALS[0]}-{TRIALS[1]})", min_value=TRIALS[0
                          value=min(max(spec.search.trials if spec else 12, TRIALS[0]), TRIALS[1]), step=1, key="search.trials")
 workers = c2.number_input(f"Workers ({WORKERS[0]}-{WORKERS[1]}, one CPU each)", min_value=WORKERS[0], max_value=WORKERS[1],
                           value=1, step=1, key="search.workers")
-if c3.button("Start search", type="primary", disabled=spec is None, key="search.start"):
+address_text = st.text_input("Ray cluster address (optional)", key="search.address", placeholder="auto, HEAD_IP:6379 or ray://HEAD_IP:10001",
+                             help="Leave empty to start Ray on this machine. With an address the trials run on that "
+                                  "cluster (`--address`); the models must resolve on every node.")
+address, address_problem = cluster_address(address_text)
+if address_problem:
+    st.error(address_problem)
+if c3.button("Start search", type="primary", disabled=spec is None or bool(address_problem), key="search.start"):
     try:
         ui.prepare_demo_models(state.referenced_refs(spec.base.to_dict()))
         out = ws.root / "outputs" / f"search-{state.slug(spec.base.name or spec_path.stem, 'search')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        job = ui.job_store().start_search(spec_path, out, label=f"search {spec_path.stem}", trials=int(trials), workers=int(workers))
+        job = ui.job_store().start_search(spec_path, out, label=f"search {spec_path.stem}", trials=int(trials), workers=int(workers),
+                                          address=address)
     except Exception as exc:  # one readable line, never a traceback
         ui.error(exc)
     else:
@@ -94,6 +116,33 @@ def trials_view(out: Path, finished: bool) -> None:
                 st.switch_page("views/recipe.py")
 
 
+def resumable(job) -> None:
+    """For a search stopped before its last trial: how far it got and a Resume button (``--resume``)."""
+    from suture.merge.store import read_json
+
+    summary = Path(job.out_dir) / "trials.json"
+    try:
+        finished = read_json(summary).get("finished", True) if summary.is_file() else True
+    except Exception as exc:  # one readable line, never a traceback
+        ui.error(exc)
+        return
+    if finished:
+        return
+    settings = job.settings
+    st.info(f"The search stopped after {job.done} of {job.total} trials. Resume continues it to {job.total} trials, "
+            "keeping the finished ones.")
+    if st.button("Resume", type="primary", key="search.resume"):
+        try:
+            resumed = ui.job_store().start_search(settings["spec"], job.out_dir, label=f"{job.label} (resumed)", trials=None,
+                                                  workers=int(settings.get("workers") or 1), address=settings.get("address"),
+                                                  resume=True)
+        except Exception as exc:  # one readable line, never a traceback
+            ui.error(exc)
+        else:
+            ss[SEARCH_JOB] = resumed.id
+            st.rerun()
+
+
 def running(job_id: str) -> None:
     """Progress and live trials, refreshed every second while the search runs."""
     job = ui.job_store().get(job_id)
@@ -101,7 +150,12 @@ def running(job_id: str) -> None:
         st.rerun()
     with st.status(f"Searching: {job.done}/{job.total} trials", expanded=True):
         st.progress(job.progress, text=f"{job.done}/{job.total} trials finished · {job.elapsed:.0f} s")
-        if st.button("Cancel", key="search.cancel"):
+        b1, b2 = st.columns(2)
+        if b1.button("Pause (resume later)", key="search.pause",
+                     help="Stop after saving Tune's state, as Ctrl-C on `suture search`; Resume continues it."):
+            ui.job_store().pause(job.id)
+            st.rerun()
+        if b2.button("Cancel", key="search.cancel"):
             ui.job_store().cancel(job.id)
             st.rerun()
     trials_view(Path(job.out_dir), finished=False)
@@ -117,6 +171,7 @@ if job_id:
     if job.active:
         st.fragment(run_every=ui.JOB_POLL_S)(running)(job.id)
     elif job.state == jobs.FINISHED:
+        resumable(job)
         trials_view(Path(job.out_dir), finished=True)
     elif job.state == jobs.FAILED:
         st.error(job.error or "The search failed.")

@@ -42,6 +42,7 @@ BUILTIN_ENGINE_MODULES = (
     "suture.merge.align.activation_matching",
     "suture.merge.align.ot",
     "suture.merge.align.zipit",
+    "suture.merge.align.cca",
 )
 DataSpec = StrictStr | dict[str, Any]
 

@@ -5,6 +5,13 @@ the merged tensor, decorated with ``@merge_method``: its name, papers, base hand
 its parameters as pydantic models (one field per parameter: type, default, value range, help text). The
 framework resolves defaults and checks every value against those fields before the kernel runs, so
 kernels assume well-formed inputs and the recipe schema, the app and the model card read one description.
+
+Data-driven methods (RegMean, Fisher merging) declare ``needs_data`` (which statistics: ``"gram"`` for the
+input Gram matrix of every ``nn.Linear``, ``"fisher"`` for the diagonal Fisher of every parameter) and, when
+the statistics of a layer must be measured under the *merged* model's earlier layers, ``sequential=True``.
+The recipe then gives each model its own data (``models[i].data``); the runner builds each model, runs its
+data through it (:mod:`merge.calibrate`) and hands the kernel one statistics dict per model in
+``MergeInputs.stats``.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError
@@ -31,6 +38,12 @@ NonNegative = Annotated[Number, Field(ge=0)]
 Positive = Annotated[Number, Field(gt=0)]
 #: true or false (strings such as 'yes' are refused)
 Flag = StrictBool
+#: statistics a data-driven method asks for: "gram" (per nn.Linear weight: {"gram": E[x x^T] of its inputs,
+#: "count": rows seen}), "fisher" (per parameter: {"fisher": the diagonal Fisher, shaped like the tensor}) or
+#: "coefficients" (per tensor: {"coefficient": a task-arithmetic weight learned on every model's data at once,
+#: AdaMerging / aTLAS, see merge.coefficients})
+StatsKind = Literal["gram", "fisher", "coefficients"]
+STATS_KINDS: tuple[str, ...] = ("gram", "fisher", "coefficients")
 
 
 class MethodParams(BaseModel):
@@ -67,6 +80,9 @@ class MergeInputs:
     params: dict[str, Any]
     base: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    # data-driven methods: one statistics dict per entry of `tensors` (None where that model has none for
+    # this tensor, e.g. a LayerNorm under "gram"); None when no statistics were collected at all
+    stats: list[dict[str, Any] | None] | None = None
 
 
 def _fmt(x: float) -> str:
@@ -112,6 +128,8 @@ class MergeMethod:
 
     ``uses_base``: the base model's tensor arrives separately in ``MergeInputs.base`` and is not part of
     ``tensors``. ``min_models`` / ``max_models`` bound ``len(tensors)`` (``None``: no upper bound).
+    ``needs_data``: the statistics kind the kernel reads from ``MergeInputs.stats`` (None: data-free);
+    ``sequential``: those statistics are measured under the merged model's earlier layers.
     """
 
     name: str
@@ -125,6 +143,8 @@ class MergeMethod:
     summary: str
     min_models: int = 1
     max_models: int | None = None
+    needs_data: str | None = None
+    sequential: bool = False
     _adapters: dict[str, TypeAdapter] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -196,6 +216,8 @@ def _problem(pdef: ParamDef, err: Any, value: Any) -> str:
         return f"must be true or false, got {value!r}"
     if kind == "finite_number":
         return f"must be finite, got {value!r}"
+    if kind.startswith("int_"):
+        return f"must be a whole number, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"must be {pdef.bounds}, got {value!r}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -230,6 +252,8 @@ def merge_method(
     params: type[MethodParams] = NoParams,
     model_params: type[MethodParams] = NoParams,
     randomized: bool = False,
+    needs_data: StatsKind | None = None,
+    sequential: bool = False,
 ) -> Callable[[Callable[[MergeInputs], torch.Tensor]], Callable[[MergeInputs], torch.Tensor]]:
     """Register the decorated kernel as merge method ``name``; the kernel itself is returned unchanged.
 
@@ -237,11 +261,17 @@ def merge_method(
     default, range via ``Field(ge=..., le=...)``, help via ``description``); values are checked against
     them before the kernel runs. ``uses_base`` (default: ``requires_base``): the base tensor arrives in
     ``MergeInputs.base`` rather than among ``tensors``. ``models``: (min, max) count of ``tensors``, max
-    None for no limit. ``randomized``: the kernel draws from ``MergeInputs.generator``.
+    None for no limit. ``randomized``: the kernel draws from ``MergeInputs.generator``. ``needs_data``:
+    ``"gram"`` or ``"fisher"``, the per-model statistics the kernel reads from ``MergeInputs.stats`` (every
+    model of a recipe then needs ``data:``); ``sequential``: measure them under the merged earlier layers.
     """
     lo, hi = models
     if lo < 1 or (hi is not None and hi < lo):
         raise ValueError(f"merge method {name!r}: models=(min, max) needs 1 <= min <= max, got {models}")
+    if needs_data is not None and needs_data not in STATS_KINDS:
+        raise ValueError(f"merge method {name!r}: needs_data must be one of {STATS_KINDS}, got {needs_data!r}")
+    if sequential and needs_data is None:
+        raise ValueError(f"merge method {name!r}: sequential=True needs needs_data")
 
     def decorate(fn: Callable[[MergeInputs], torch.Tensor]) -> Callable[[MergeInputs], torch.Tensor]:
         method = MergeMethod(
@@ -256,6 +286,8 @@ def merge_method(
             summary=summary,
             min_models=lo,
             max_models=hi,
+            needs_data=needs_data,
+            sequential=sequential,
         )
         register(method)
         fn.merge_method = method  # type: ignore[attr-defined]
@@ -346,6 +378,14 @@ def run_method(method: MergeMethod | str, inputs: MergeInputs) -> torch.Tensor:
         raise InputError(
             f"{where}: {len(inputs.tensors)} tensors but {len(inputs.model_params)} per-model parameter sets"
         )
+    if m.needs_data is not None:
+        if inputs.stats is None:
+            raise InputError(
+                f"{where}: merge method {m.name!r} learns from data ({m.needs_data} statistics): give every model "
+                "`data:` in the recipe, or pass MergeInputs.stats"
+            )
+        if len(inputs.stats) != len(inputs.tensors):
+            raise InputError(f"{where}: {len(inputs.tensors)} tensors but {len(inputs.stats)} statistics entries")
     if not inputs.tensors:
         if inputs.base is not None:
             # no other model has this tensor: every base-relative method then returns the base unchanged

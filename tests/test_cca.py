@@ -1,0 +1,179 @@
+"""CCA Merge (Horoi et al., 2024): canonical correlations against scipy's principal angles, an invertible linear
+re-parametrisation of hidden units undone exactly, transformers' MLP blocks, and the digits demo pair merged
+from a recipe with a lower midpoint loss than plain averaging.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors.torch import save_file
+
+from suture.merge import zoo
+from suture.merge.activations import FeatureStats
+from suture.merge.align.cca import cca_align, cca_maps, cca_state, linear_groups
+from suture.merge.data import iter_batches, load_dataset
+from suture.merge.errors import SutureError
+from suture.merge.graph.trace import trace_module
+from suture.merge.spec import permute_state
+from suture.merge.store import open_store
+from suture.recipes.runner import run_recipe
+
+WIDTHS = (64, 48, 32, 10)
+
+
+def test_canonical_correlations_are_the_cosines_of_scipys_principal_angles():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(2000, 4, generator=g, dtype=torch.float64)
+    xa = torch.cat([shared, torch.randn(2000, 4, generator=g, dtype=torch.float64)], 1) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    xb = torch.cat([shared + 0.5 * torch.randn(2000, 4, generator=g, dtype=torch.float64),
+                    torch.randn(2000, 4, generator=g, dtype=torch.float64)], 1) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    xa, xb = xa + 3.0, xb - 1.0  # CCA centres; the reference gets centred data
+    stats = FeatureStats(8, self_stats=True)
+    for rows in torch.split(torch.arange(2000), 300):
+        stats.update(xa[rows], xb[rows])
+    t, t_inv, rho = cca_maps(stats, reg=1e-12)
+    angles = scipy.linalg.subspace_angles((xa - xa.mean(0)).numpy(), (xb - xb.mean(0)).numpy())
+    np.testing.assert_allclose(np.sort(rho.numpy())[::-1], np.sort(np.cos(angles))[::-1], atol=1e-8)
+    torch.testing.assert_close(t @ t_inv, torch.eye(8, dtype=torch.float64), atol=1e-8, rtol=0)
+    # T carries B's canonical variables onto A's: centred X_B T has A's covariance with X_A in canonical form
+    ca, cb = xa - xa.mean(0), xb - xb.mean(0)
+    mapped = cb @ t
+    assert torch.linalg.norm(mapped - ca) < torch.linalg.norm(cb - ca)
+
+
+def _reparametrised(a: torch.nn.Module, spec, seed: int) -> dict[str, torch.Tensor]:
+    """A's weights with every hidden layer's units permuted and positively scaled (the same function)."""
+    state = permute_state(a.state_dict(), spec, spec.random_permutations(seed))
+    g = torch.Generator().manual_seed(seed)
+    for i in range(len(WIDTHS) - 2):
+        scale = torch.empty(WIDTHS[i + 1], dtype=torch.float64).uniform_(0.3, 3.0, generator=g).float()
+        state[f"layers.{i}.weight"] = state[f"layers.{i}.weight"] * scale[:, None]
+        state[f"layers.{i}.bias"] = state[f"layers.{i}.bias"] * scale
+        state[f"layers.{i + 1}.weight"] = state[f"layers.{i + 1}.weight"] / scale[None, :]
+    return state
+
+
+def test_cca_undoes_permuted_and_scaled_hidden_units():
+    a = zoo.build_seeded("suture.merge.zoo:mlp", 0, widths=WIDTHS).eval()
+    calib, test = load_dataset("sklearn:digits", split="train"), load_dataset("sklearn:digits")
+    traced = trace_module(a, calib.inputs[:2])
+    b = zoo.mlp(WIDTHS).eval()
+    b.load_state_dict(_reparametrised(a, traced.spec, seed=3))
+    x = test.inputs
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)  # the same function, other weights
+        naive = zoo.mlp(WIDTHS).eval()
+        naive.load_state_dict({k: (v + b.state_dict()[k]) / 2 for k, v in a.state_dict().items()})
+        assert (naive(x) - a(x)).abs().max() > 0.1  # plain averaging does not give A back
+
+    result = cca_align(traced.spec, a, b, (x for x, _ in iter_batches(calib, 256)), traced.taps, reg=1e-9)
+    aligned = cca_state(traced.spec, b.state_dict(), result)
+    assert min(float(r.min()) for r in result.correlations.values()) > 0.99
+    # the first hidden layer has no dead unit: its transported weights are A's own
+    torch.testing.assert_close(aligned["layers.0.weight"], a.state_dict()["layers.0.weight"], atol=1e-4, rtol=1e-4)
+    merged = zoo.mlp(WIDTHS).eval()
+    merged.load_state_dict({k: (v + aligned[k]) / 2 for k, v in a.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), a(x), atol=1e-4, rtol=1e-4)  # held-out inputs, not the calibration set
+
+
+def test_linear_groups_leave_norms_and_heads_alone():
+    import transformers as T
+
+    from suture.merge.derive import derive_spec
+    from suture.merge.store import DictStore
+
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    store = DictStore(dict(model.state_dict()), source="gpt2", config={**model.config.to_dict(), "architectures": ["GPT2LMHeadModel"]})
+    spec, _ = derive_spec(store)
+    ok, why = linear_groups(spec, model)
+    assert [g.name for g in ok] == ["layer0.mlp", "layer1.mlp"]
+    assert "LayerNorm" in why["residual"] and "heads" in why["layer0.attn"]
+
+
+def test_cca_aligns_gpt2_mlp_blocks_from_a_recipe(tmp_path):
+    """A GPT-2 folder and a copy whose MLP units are permuted: CCA on the MLP blocks gives the original back."""
+    from tests.test_engines_foreign import CONFIGS, _save_tokenizer, _texts
+
+    from suture.merge.derive import derive_spec
+
+    torch.manual_seed(0)
+    model = CONFIGS["gpt2"]().eval()
+    a, b = tmp_path / "a", tmp_path / "b"
+    model.save_pretrained(a)
+    _save_tokenizer(a)
+    store = open_store(a)
+    spec, _ = derive_spec(store)
+    perms = {name: (p if name.endswith(".mlp") else torch.arange(len(p))) for name, p in spec.random_permutations(5).items()}
+    b.mkdir()
+    save_file({k: v.contiguous() for k, v in permute_state(store.state_dict(), spec, perms).items()}, str(b / "model.safetensors"))
+    (b / "config.json").write_text((a / "config.json").read_text())
+    _save_tokenizer(b)
+    data = _texts(tmp_path / "lines.txt", n=80)  # ~500 tokens for 128 MLP units
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
+              "alignment": {"engine": "cca", "data": str(data), "reg": 1e-9}}
+    result = run_recipe(recipe, tmp_path / "out")
+    merged = open_store(result.out_dir)
+    for name in store.names():
+        torch.testing.assert_close(merged.get(name).float(), store.get(name).float(), atol=1e-4, rtol=1e-4, msg=name)
+    summary = result.report["alignment"]["models"][str(b)]
+    assert set(summary["mean_canonical_correlation"]) == {"layer0.mlp", "layer1.mlp"}
+    assert set(summary["skipped"]) == {"residual", "layer0.attn", "layer1.attn"}
+
+
+def test_cca_recipe_on_the_digits_demo_pair_beats_plain_averaging(tmp_path, demo_cache):
+    recipe = {"merge_method": "linear",
+              "models": [{"model": "demo:mlp-seed1", "parameters": {"weight": 0.5}}, {"model": "demo:mlp-seed2", "parameters": {"weight": 0.5}}],
+              "alignment": {"engine": "cca", "data": "sklearn:digits"},
+              "evaluate": {"data": "sklearn:digits", "points": 3, "plot": False}}
+    result = run_recipe(recipe, tmp_path / "out")
+    ev = result.report["evaluation"]
+    ends = sum(m["loss"] for m in ev["models"].values()) / 2
+    naive_mid = ev["curves"]["naive"][1]["loss"]
+    # the merge against the inputs' own mean loss (the aligned path ends at B mapped by CCA, not at B itself)
+    cca_excess, naive_excess = ev["merged"]["loss"] - ends, naive_mid - ends
+    assert naive_excess > 0.3, ev["curves"]["naive"]
+    assert cca_excess < 0.25 * naive_excess, (cca_excess, naive_excess)
+    assert ev["merged"]["accuracy"] > ev["curves"]["naive"][1]["accuracy"]
+    correlations = result.report["alignment"]["models"]["demo:mlp-seed2"]["mean_canonical_correlation"]
+    assert set(correlations) == {"layers.0", "layers.1", "layers.2"} and all(0.0 < c <= 1.0 for c in correlations.values())
+
+
+@pytest.mark.parametrize("alignment, pattern", [
+    ({"engine": "cca", "reg": 0}, r"^alignment\.reg( \(line \d+\))?: Input should be greater than 0"),
+    ({"engine": "cca", "max_iter": 3}, r"do not apply to engine 'cca'"),
+    ({"engine": "cca"}, r"CCA needs calibration data"),
+])
+def test_cca_recipe_errors_are_one_line(tmp_path, alignment, pattern):
+    folders = [zoo.save_module(zoo.build_seeded("suture.merge.zoo:mlp", seed, widths=WIDTHS), tmp_path / f"m{seed}",
+                               "suture.merge.zoo:mlp") for seed in (0, 1)]
+    recipe = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in folders],
+              "alignment": alignment}
+    with pytest.raises(SutureError, match=pattern) as err:
+        run_recipe(recipe, tmp_path / "out")
+    assert "\n" not in str(err.value)
+
+
+def test_cca_on_a_cnn_maps_conv_channels_and_leaves_batchnorm_groups():
+    from tests._user_models import small_cnn
+
+    torch.manual_seed(0)
+    a = small_cnn().eval()
+    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    traced = trace_module(a, x[:2])
+    perms = {name: (p if name == "mid" else torch.arange(len(p))) for name, p in traced.spec.random_permutations(1).items()}
+    b = small_cnn().eval()
+    b.load_state_dict(permute_state(a.state_dict(), traced.spec, perms))
+    result = cca_align(traced.spec, a, b, [x], traced.taps, reg=1e-9)
+    assert "BatchNorm2d" in result.skipped["z_stem"] and set(result.correlations) == {"mid"}
+    aligned = cca_state(traced.spec, b.state_dict(), result)
+    torch.testing.assert_close(aligned["mid.weight"], a.state_dict()["mid.weight"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(aligned["a_head.weight"], a.state_dict()["a_head.weight"], atol=1e-4, rtol=1e-4)
