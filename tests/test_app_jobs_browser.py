@@ -1,6 +1,7 @@
 """Jobs in a real browser (Debian chromium through Playwright): a merge goes on while the user visits other pages
 and its result opens from the Jobs panel; Cancel during a long evaluation kills the worker and leaves no temporary
-folder; a failure's reason and a NaN merge are shown as failures without expanding anything."""
+folder; a failure's reason and a NaN merge are shown as failures without expanding anything; a stitch runs as a job
+that Cancel kills the same way; a push from the Publish page is a job that reaches a local Hub."""
 
 from __future__ import annotations
 
@@ -181,3 +182,36 @@ def test_a_stitch_runs_as_a_job_and_cancel_kills_its_worker(slow_features, app_s
             browser.close()
     assert job.kind == "stitch"
     assert_cancelled(store, job, out)
+
+
+def test_a_push_runs_as_a_job_to_a_local_hub(hub_server, app_server):
+    """The Publish page's push is a `publish` job: its worker reaches the local Hub (HF_ENDPOINT, inherited by the
+    server and its workers) with the typed token, which no file of the workspace holds afterwards."""
+    from tests.hub_server import DEFAULT_TOKEN
+    from tests.test_app_results_browser import _quick_run
+
+    url, workspace, log = app_server
+    (workspace / "outputs").mkdir(parents=True, exist_ok=True)
+    out = _quick_run(workspace, "to-publish", 0.5)
+    with sync_playwright() as p:
+        browser, page = open_app(p, url)
+        try:
+            go(page, "Publish")
+            repo = page.get_by_role("textbox", name="Repository id")
+            repo.fill("tester/from-browser")
+            repo.press("Enter")
+            token = page.get_by_role("textbox", name="Hugging Face token (write access)")
+            token.fill(DEFAULT_TOKEN)
+            token.press("Enter")
+            page.get_by_role("button", name="Push").click()
+            success = page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text="Published")
+            expect(success).to_be_visible(timeout=120_000)
+            text = success.inner_text()
+        finally:
+            browser.close()
+    [job] = JobStore(workspace).list()
+    assert job.kind == "publish" and job.state == "finished" and "tester/from-browser" in text
+    assert hub_server.file_bytes("tester/from-browser", "model.safetensors") == (out / "model.safetensors").read_bytes()
+    for path in workspace.rglob("*"):
+        if path.is_file():
+            assert DEFAULT_TOKEN.encode() not in path.read_bytes(), path
