@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 Kind = Literal["bool", "choice", "int", "float", "text", "yaml"]
 
@@ -28,6 +28,7 @@ class WidgetSpec:
     max: float | None = None
     step: float | None = None
     depends: tuple[str, Any] | None = None  # shown only while another setting has this value
+    bounds: str = ""  # the range as shown beside the field, e.g. "≥ 1", "in [0, 1]"; empty when unbounded
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the page (and for st.session_state)."""
@@ -60,6 +61,38 @@ def _limit(prop: Mapping[str, Any], *keys: str) -> float | None:
     return None
 
 
+def bounds_text(prop: Mapping[str, Any]) -> str:
+    """A numeric property's range as people read it ("in [0, 1]", "> 0", "≥ 1"), from its JSON schema limits."""
+    variant = next(iter(_variants(prop)), {})
+    lo_key = "minimum" if "minimum" in variant else "exclusiveMinimum" if "exclusiveMinimum" in variant else None
+    hi_key = "maximum" if "maximum" in variant else "exclusiveMaximum" if "exclusiveMaximum" in variant else None
+    if lo_key and hi_key:
+        return f"in {'[' if lo_key == 'minimum' else '('}{variant[lo_key]:g}, {variant[hi_key]:g}{']' if hi_key == 'maximum' else ')'}"
+    if lo_key:
+        return f"{'≥' if lo_key == 'minimum' else '>'} {variant[lo_key]:g}"
+    if hi_key:
+        return f"{'≤' if hi_key == 'maximum' else '<'} {variant[hi_key]:g}"
+    return ""
+
+
+def field_bounds(model: Any, name: str) -> str:
+    """The range of field `name` of a pydantic model, as :func:`bounds_text` writes it."""
+    return bounds_text(model.model_json_schema()["properties"][name])
+
+
+def field_problem(model: Any, name: str, value: Any) -> str | None:
+    """Why `value` does not fit field `name` of a pydantic model (type, range), as a short phrase; None when it fits."""
+    from pydantic import TypeAdapter, ValidationError
+
+    info = model.model_fields[name]
+    try:
+        TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation).validate_python(value)
+    except ValidationError as exc:
+        message = exc.errors(include_url=False)[0]["msg"].replace("Input should be", "must be")
+        return f"{message}, got {value!r}"
+    return None
+
+
 def form_fields(schema: Mapping[str, Any], names: Iterable[str] | None = None) -> list[WidgetSpec]:
     """Widget specs for the schema's properties (only `names`, in that order, when given)."""
     props = schema.get("properties", {})
@@ -81,5 +114,6 @@ def form_fields(schema: Mapping[str, Any], names: Iterable[str] | None = None) -
             max=_limit(prop, "maximum", "exclusiveMaximum"),
             step=prop.get("step"),
             depends=tuple(depends) if depends else None,
+            bounds=bounds_text(prop) if kind in ("int", "float") else "",
         ))
     return out

@@ -1,14 +1,17 @@
-"""Background jobs: a recipe run (merge, alignment, zip, stitch, evaluation) in its own worker process.
+"""Background jobs: a recipe run (merge, alignment, zip, stitch, evaluation) or a push in its own worker process.
 
 The page never computes: it writes a job record under ``<workspace>/jobs/<id>/`` and starts
 ``python -m suture.app.jobs <job folder>`` in a new session (its own process group), so Cancel can kill the
 whole group and the job outlives page switches and browser reloads. A ``search`` job runs ``suture search``'s
 :func:`suture.recipes.search_run.run_search` in the worker with a local Ray whose processes (GCS, raylet, trial
-workers) stay in the worker's process group, so the same Cancel stops them all. Files of a job folder:
+workers) stay in the worker's process group, so the same Cancel stops them all. A ``stitch`` job runs a recipe
+whose only section is ``stitch:`` (the runner's own stitch path), and a ``publish`` job pushes a finished output
+folder to the Hub with :func:`suture.merge.hub.push_folder`; its token reaches the worker through the worker's
+environment only (``HF_TOKEN``), never through a file of the job. Files of a job folder:
 
 * ``job.json`` -- written by the app at start: kind, label, recipe, output folder, device, pid, started;
 * ``progress.json`` -- replaced atomically by the worker at each progress report (stage, done, total);
-* ``outcome.json`` -- the end: ``finished``, ``failed`` (with the reason) or ``cancelled``. It is created
+* ``outcome.json`` -- the end: ``finished`` (a push adds its ``url``), ``failed`` (with the reason) or ``cancelled``. It is created
   with an exclusive link, so the first writer wins and a job is never both finished and cancelled;
 * ``log.txt`` -- the worker's stderr (shown when it dies without an outcome, e.g. killed for memory).
 
@@ -47,6 +50,8 @@ LOG_FILE = "log.txt"
 STEP_DELAY_ENV = "SUTURE_TEST_JOB_STEP_DELAY"
 GRACE_S = 5.0
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+RUN, STITCH, SEARCH, PUBLISH = "run", "stitch", "search", "publish"  # job kinds
+TOKEN_ENV = "HF_TOKEN"  # how a push job's worker gets its token: its environment, never a file
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose `suture` package the worker imports
 _PROGRESS_EVERY_S = 0.2
 
@@ -76,6 +81,7 @@ class Job:
     cached: bool = False
     # a search job's settings: spec, trials, workers, address, resume
     settings: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)  # what a finished job hands back beyond its folder (a push's url)
 
     @property
     def progress(self) -> float:
@@ -117,11 +123,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _claim_outcome(folder: Path, state: str, error: str | None = None) -> bool:
+def _claim_outcome(folder: Path, state: str, error: str | None = None, result: Mapping[str, Any] | None = None) -> bool:
     """Record how the job ended unless an outcome is already there (first writer wins); True if this one won."""
     fd, tmp = tempfile.mkstemp(prefix=".outcome.", dir=folder)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({"state": state, "error": error, "finished": time.time()}, fh)
+        json.dump({"state": state, "error": error, "finished": time.time(), "result": dict(result or {})}, fh)
     try:
         os.link(tmp, folder / OUTCOME_FILE)  # fails when it exists: atomic on POSIX file systems
         return True
@@ -133,6 +139,8 @@ def _claim_outcome(folder: Path, state: str, error: str | None = None) -> bool:
 
 def _completed_by(job: Job) -> bool:
     """Whether this job's output folder holds a finished report written after the job started."""
+    if job.kind == PUBLISH:  # a push writes nothing locally: only its worker knows whether it got through
+        return False
     report = Path(job.out_dir) / ("trials.json" if job.kind == "search" else "report.json")
     try:
         return report.stat().st_mtime >= job.started - 1.0
@@ -175,9 +183,12 @@ class JobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def start(self, recipe: Mapping[str, Any], out_dir: str | Path, *, label: str, device: str = "auto",
-              overwrite: bool = False, trust_remote_code: bool = False) -> Job:
-        """Write the job record and start its worker in a new process group; returns the running job."""
-        return self._launch({"kind": "run", "label": label, "out_dir": str(out_dir), "recipe": dict(recipe), "device": device,
+              overwrite: bool = False, trust_remote_code: bool = False, kind: str = RUN) -> Job:
+        """Write the job record and start its worker in a new process group; returns the running job.
+
+        `kind` is ``run`` (merge, alignment, zip) or ``stitch`` (a recipe holding a `stitch:` section): the worker
+        runs both through the recipe runner; the kind tells the app which page shows the result."""
+        return self._launch({"kind": kind, "label": label, "out_dir": str(out_dir), "recipe": dict(recipe), "device": device,
                              "overwrite": overwrite, "trust_remote_code": trust_remote_code})
 
     def start_search(self, spec_path: str | Path, out_dir: str | Path, *, label: str, trials: int | None, workers: int,
@@ -201,7 +212,15 @@ class JobStore:
                 os.kill(job.pid, signal.SIGINT)
         return self.get(job_id)
 
-    def _launch(self, fields: Mapping[str, Any]) -> Job:
+    def start_publish(self, out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, label: str) -> Job:
+        """Push a finished output folder to the Hub as a job; the token goes to the worker's environment only."""
+        env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, "HUGGING_FACE_HUB_TOKEN")}
+        if token:
+            env[TOKEN_ENV] = token
+        return self._launch({"kind": PUBLISH, "label": label, "out_dir": str(out_dir), "repo_id": repo_id,
+                             "private": bool(private)}, env=env)
+
+    def _launch(self, fields: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Job:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         folder = self.root / job_id
         folder.mkdir()
@@ -209,19 +228,20 @@ class JobStore:
         _write_json(folder / JOB_FILE, record)
         with (folder / LOG_FILE).open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "suture.app.jobs", str(folder)], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(env) if env is not None else None)
         # reap it when it ends, so a finished worker leaves no zombie behind in the server process
         threading.Thread(target=proc.wait, daemon=True, name=f"reap-{job_id}").start()
         _write_json(folder / JOB_FILE, {**record, "pid": proc.pid})
         logger.info("started %s job %s (pid %d): %s", record["kind"], job_id, proc.pid, record["label"])
         return self.get(job_id)
 
-    def record_reused(self, recipe: Mapping[str, Any], out_dir: str | Path, *, label: str) -> Job:
+    def record_reused(self, recipe: Mapping[str, Any], out_dir: str | Path, *, label: str, kind: str = RUN) -> Job:
         """A job that reused a finished output folder (listed like any other, finished at once)."""
         job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         folder = self.root / job_id
         folder.mkdir()
-        _write_json(folder / JOB_FILE, {"id": job_id, "kind": "run", "label": label, "out_dir": str(out_dir),
+        _write_json(folder / JOB_FILE, {"id": job_id, "kind": kind, "label": label, "out_dir": str(out_dir),
                                         "started": time.time(), "recipe": dict(recipe), "cached": True})
         _claim_outcome(folder, FINISHED)
         return self.get(job_id)
@@ -244,6 +264,7 @@ class JobStore:
         outcome = _read_json(folder / OUTCOME_FILE)
         if outcome:
             job.state, job.error, job.finished = outcome["state"], outcome.get("error"), outcome.get("finished")
+            job.result = outcome.get("result") or {}
         elif not _alive(job.pid) and record.get("pid") is not None:
             # the worker is gone without saying how it ended (killed for memory, a crash): a failure, with its log
             _claim_outcome(folder, FAILED, self._died_reason(folder))
@@ -281,13 +302,14 @@ class JobStore:
             _signal_group(job.pid, signal.SIGKILL)
             while _alive(job.pid) and time.monotonic() < deadline + grace:
                 time.sleep(0.05)
-        from suture.merge.writer import recover_output
+        if job.kind != PUBLISH:  # a push reads a finished folder: nothing of it is temporary
+            from suture.merge.writer import recover_output
 
-        recover_output(job.out_dir)  # a killed writer's temporary folder is deleted (its owner is dead)
+            recover_output(job.out_dir)  # a killed writer's temporary folder is deleted (its owner is dead)
         if _completed_by(job):
             _claim_outcome(job.folder, FINISHED)
         else:
-            _claim_outcome(job.folder, CANCELLED, "Cancelled: the worker was stopped and no output was written.")
+            _claim_outcome(job.folder, CANCELLED, _cancelled_message(job.kind))
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float = 300.0) -> Job:
@@ -298,6 +320,12 @@ class JobStore:
                 raise TimeoutError(f"job {job_id} still running after {timeout} s")
             time.sleep(0.1)
         return job
+
+
+def _cancelled_message(kind: str) -> str:
+    if kind == PUBLISH:
+        return "Cancelled: the push was stopped; files already uploaded may remain in the Hub repository."
+    return "Cancelled: the worker was stopped and no output was written."
 
 
 def _signal_group(pid: int | None, sig: signal.Signals) -> None:
@@ -313,9 +341,11 @@ def _signal_group(pid: int | None, sig: signal.Signals) -> None:
 
 
 def _problem_of(report: Mapping[str, Any]) -> str | None:
+    """Why a finished run is not a good result: NaN/Inf weights, or NaN/Inf loss/accuracy of its output."""
+    from suture.app.results import non_finite_figures
     from suture.merge.report import as_report
 
-    return as_report(report).non_finite_problem()
+    return as_report(report).non_finite_problem() or non_finite_figures(report)
 
 
 def work(folder: Path) -> int:
@@ -346,10 +376,15 @@ def work(folder: Path) -> int:
         from suture.recipes.runner import RunOptions, run_recipe
 
         try:
-            if job.kind == "search":
+            if job.kind == SEARCH:
                 _search(record, progress)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 _claim_outcome(folder, FINISHED)
+                return 0
+            if job.kind == PUBLISH:
+                url = _publish(record, progress)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                _claim_outcome(folder, FINISHED, result={"url": url})
                 return 0
             options = RunOptions(device=record.get("device", "auto"), overwrite=bool(record.get("overwrite")),
                                  trust_remote_code=bool(record.get("trust_remote_code")))
@@ -370,7 +405,7 @@ def work(folder: Path) -> int:
         if _completed_by(job):  # the output was installed just before the signal landed: it did finish
             _claim_outcome(folder, FINISHED)
         else:
-            _claim_outcome(folder, CANCELLED, "Cancelled: the worker was stopped and no output was written.")
+            _claim_outcome(folder, CANCELLED, _cancelled_message(job.kind))
         return 130
 
 
@@ -398,6 +433,18 @@ def _search(record: Mapping[str, Any], progress: Any) -> None:
         stop.set()
         watcher.join()
     progress("search", sum(t.get("objective") is not None for t in result.trials), total)
+
+
+def _publish(record: Mapping[str, Any], progress: Any) -> str:
+    """Push the job's folder to the Hub (token from this worker's environment); progress in thousandths."""
+    from suture.merge.hub import push_folder
+
+    def report(fraction: float, message: str) -> None:
+        progress("publish", int(round(min(max(fraction, 0.0), 1.0) * 1000)), 1000, message)
+
+    progress("publish", 0, 1000, "starting")
+    return push_folder(record["out_dir"], record["repo_id"], private=bool(record.get("private")),
+                       token=os.environ.get(TOKEN_ENV) or None, progress=report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,25 @@ def _summarize_compare(folder: Path, compare: Mapping[str, Any]) -> RunSummary:
                       plot=folder / "plot.png" if (folder / "plot.png").is_file() else None)
 
 
+def non_finite_figures(report: Mapping[str, Any]) -> str | None:
+    """One line when the result's own loss/accuracy or a barrier is NaN/Inf (a merge that diverged), else None.
+
+    Only the output's figures count (the merged model's, a stitch's): an input's figures do not make the result bad."""
+    evaluation = report.get("evaluation") if isinstance(report.get("evaluation"), Mapping) else {}
+    stitch_results = (report.get("evaluate") or {}).get("results") if isinstance(report.get("evaluate"), Mapping) else None
+    found: dict[str, Mapping[str, Any]] = {}
+    if isinstance(evaluation.get("merged"), Mapping):
+        found["merged model"] = evaluation["merged"]
+    if isinstance(stitch_results, Mapping) and isinstance(stitch_results.get("stitch"), Mapping):
+        found["stitched model"] = stitch_results["stitch"]
+    for path, barrier in (evaluation.get("barriers") or {}).items() if isinstance(evaluation.get("barriers"), Mapping) else ():
+        if isinstance(barrier, Mapping):
+            found[f"{path} barrier"] = barrier
+    bad = [f"{what} {key} = {value}" for what, figures in found.items() for key, value in figures.items()
+           if key in ("loss", "accuracy") and isinstance(value, float) and not math.isfinite(value)]
+    return "non-finite evaluation figures: " + ", ".join(bad) if bad else None
+
+
 def summarize(folder: Path, report: Mapping[str, Any]) -> RunSummary:
     """The summary of one run from its report.json data (and recipe, for the run's name and base model)."""
     if isinstance(report.get("compare"), Mapping):
@@ -135,7 +154,8 @@ def summarize(folder: Path, report: Mapping[str, Any]) -> RunSummary:
         barrier_path=str(path) if path is not None else None,
         loss_barrier=clean_barrier(chosen.get("loss")),
         accuracy_barrier=clean_barrier(chosen.get("accuracy")),
-        problem=as_report(dict(report), str(report_file)).non_finite_problem(),  # the Report's own rule
+        # the Report's own rule for weights, then the output's own figures
+        problem=as_report(dict(report), str(report_file)).non_finite_problem() or non_finite_figures(report),
         curves={str(k): list(v) for k, v in curves.items() if isinstance(v, list) and v},
     )
 
@@ -167,7 +187,7 @@ def overview_rows(runs: Iterable[RunSummary], now: datetime | None = None) -> li
     """The all-runs table: one row per run with its status and key figures (failed runs say so)."""
     runs = list(runs)
     return [{"run": label, "method": r.method, "engine": r.engine or "—", "models": " + ".join(r.models),
-             "status": "failed: non-finite weights" if r.failed else "ok",
+             "status": ("failed: non-finite weights" if "NaN/Inf" in r.problem else "failed: " + r.problem) if r.failed else "ok",
              "merged accuracy": _fmt(r.accuracy), "loss barrier": _fmt(r.loss_barrier), "folder": r.folder.name}
             for r, label in zip(runs, unique_labels(runs, now))]
 

@@ -312,6 +312,24 @@ def engine_options(engine: str) -> list[dict[str, Any]]:
     return [w.as_dict() for w in form_fields(found.options.model_json_schema(), own + list(found.form_common))]
 
 
+def engine_value_problem(engine: str, name: str, value: Any) -> str | None:
+    """Why `value` does not fit an engine's option (its pydantic Options decide), or None when it fits."""
+    from suture.app.forms import field_problem
+    from suture.merge.align.engines import find_engine
+
+    found = find_engine(engine)
+    if found is None or name not in found.options.model_fields:
+        return None
+    return field_problem(found.options, name, value)
+
+
+def method_value_problem(method: str, name: str, value: Any) -> str | None:
+    """Why `value` does not fit a merge method's parameter (the method registry decides), or None when it fits."""
+    from suture.merge.methods import get_method
+
+    return get_method(method).value_problem(name, value)
+
+
 def devices() -> list[str]:
     """Devices the merge may run on here."""
     import torch
@@ -698,6 +716,35 @@ def stitch_fit(ref_a: str, layer_a: str, ref_b: str, layer_b: str, data_spec: st
             "mean cosine (translated A vs B)": float(cos.mean()), "test samples": float(ya.shape[0])}
 
 
+def stitch_output_dir(section: Mapping[str, Any], workspace: Workspace, device: str) -> Path:
+    """outputs/stitch-<hash of the section and device>: one folder per stitch, reused when finished."""
+    text = json.dumps(section, sort_keys=True, default=str)
+    return workspace.outputs / f"stitch-{hashlib.sha256(chr(10).join([text, device]).encode()).hexdigest()[:10]}"
+
+
+def start_stitch_job(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", recompute: bool = False,
+                     trust_remote_code: bool = False):
+    """Check a `stitch:` section's paths here, then run it as a background ``stitch`` job: the worker runs the recipe
+    ``{stitch: section}`` through the recipe runner (atomic output folder, report, card), as ``suture run`` would."""
+    from suture.app.jobs import STITCH, JobStore
+
+    recipe = {"stitch": dict(section)}
+    check_recipe_paths(recipe, workspace, trust_remote_code=trust_remote_code)
+    out = stitch_output_dir(section, workspace, device)
+    store = JobStore(workspace.root)
+    sides = [str((section.get(side) or {}).get("model", "?")) for side in ("source", "target")]
+    label = f"stitch ({section.get('method')}): {sides[0]} → {sides[1]}"
+    if (out / "report.json").is_file() and not recompute:
+        return store.record_reused(recipe, out, label=label, kind=STITCH)
+    return store.start(recipe, out, label=label, device=device, overwrite=out.exists(), trust_remote_code=trust_remote_code,
+                       kind=STITCH)
+
+
+def finished_stitch(out_dir: str | Path, *, cached: bool = False) -> dict[str, Any]:
+    """What the Stitch page shows for a finished stitch folder: its folder and report."""
+    return {"out_dir": str(out_dir), "report": read_report(Path(out_dir)).to_json(), "cached": cached}
+
+
 def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str = "cpu", progress: Progress | None = None,
                recompute: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run a `stitch:` section into outputs/stitch-<hash> (a finished folder is reused); returns out_dir and report.
@@ -707,9 +754,7 @@ def run_stitch(section: Mapping[str, Any], workspace: Workspace, *, device: str 
     from suture.recipes.stitch_section import run_stitch as execute
 
     check_recipe_paths({"stitch": dict(section)}, workspace, trust_remote_code=trust_remote_code)
-    text = json.dumps(section, sort_keys=True, default=str)
-    digest = hashlib.sha256("\n".join([text, device]).encode()).hexdigest()[:10]
-    out = workspace.outputs / f"stitch-{digest}"
+    out = stitch_output_dir(section, workspace, device)
     if (out / "report.json").is_file() and not recompute:
         return {"out_dir": str(out), "report": read_report(out).to_json(), "cached": True}
     report = execute(dict(section), out, device=device, progress=progress, trust_remote_code=trust_remote_code)
@@ -759,12 +804,39 @@ def stitch_result_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             for k, r in results.items() if isinstance(r, Mapping) and not (k == "stitch" and chosen in results)]
 
 
-def format_cut(row: Mapping[str, Any]) -> str:
-    """A planner row as a sentence: "A layer 3 → B layer 3: accuracy 0.912, CKA 0.87"."""
-    parts = [f"A layer {row.get('source_layer')} → B layer {row.get('target_layer')}"]
-    figures = [f"{name} {row[key]:.3f}" for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("cka", "CKA"))
-               if isinstance(row.get(key), (int, float))]
-    return parts[0] + (": " + ", ".join(figures) if figures else "")
+@st.cache_data(show_spinner=False, max_entries=32)
+def stage_names(ref: str, stamp: str = "", trust_remote_code: bool = False) -> list[str]:
+    """The names of a model's stages as the stitch cuts it (``layers.0``, ``layers.1``... for a zoo MLP; an encoder's
+    blocks as ``encoder.layer.0``...): cutting "at layers.1" keeps the features leaving that module."""
+    from suture.stitch.features import load_chain
+
+    chain = load_chain(str(resolve(ref)), trust_remote_code=trust_remote_code)
+    if chain.kind == "hf":
+        return [f"encoder.layer.{k}" for k in range(chain.num_layers)]
+    return list(chain.names)
+
+
+def cut_choices(names: Sequence[str], *, encoder: bool = False) -> list[str]:
+    """Where a model can be cut: after any stage but the last (its output) for a torch model, any block of an encoder."""
+    return list(names) if encoder or len(names) < 2 else list(names[:-1])
+
+
+def layer_name(names: Sequence[str], index: Any) -> str:
+    """The stitch pipeline's representation index (features after the first `index` stages) as the stage's name."""
+    if isinstance(index, int) and 0 < index <= len(names):
+        return names[index - 1]
+    return "input" if index == 0 else str(index)
+
+
+def format_cut(row: Mapping[str, Any], names_a: Sequence[str] = (), names_b: Sequence[str] = ()) -> dict[str, Any]:
+    """A planner row as the page shows it: the cut in A and B by module name, figures rounded to 3 decimals."""
+    out: dict[str, Any] = {"cut in A": layer_name(names_a, row.get("source_layer")), "cut in B": layer_name(names_b, row.get("target_layer"))}
+    for key, name in (("accuracy", "stitched accuracy"), ("f1_macro", "macro F1"), ("cka", "CKA")):
+        value = row.get(key)
+        out[name] = f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+    if row.get("error"):
+        out["error"] = str(row["error"])
+    return out
 
 
 _CARD_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
@@ -785,6 +857,24 @@ def card_parts(body: str) -> list[tuple[str, str]]:
         parts += [("text", body[at:match.start()]), ("image", target)]
         at = match.end()
     return parts + [("text", body[at:])]
+
+
+def start_push_job(out_dir: str | Path, workspace: Workspace, repo_id: str, *, private: bool, token: str | None):
+    """Push a finished, good output folder to the Hub as a background ``publish`` job (token via the worker's
+    environment only). A folder outside the workspace or one whose weights or losses are not finite is refused."""
+    from suture.app.jobs import JobStore
+    from suture.app.results import summarize
+
+    folder = workspace.resolve(out_dir, must_exist=True)
+    problem = summarize(folder, read_report(folder).to_json()).problem
+    if problem:
+        raise InputError(f"{workspace.relative(folder)}: not published: {problem}")
+    if not token:
+        from suture.merge.hub import LOGIN_HINT
+
+        raise InputError(f"cannot publish {repo_id}: no Hugging Face token; {LOGIN_HINT}")
+    return JobStore(workspace.root).start_publish(folder, repo_id, private=private, token=token,
+                                                  label=f"publish {workspace.relative(folder)} → {repo_id}")
 
 
 def push(out_dir: str | Path, repo_id: str, *, private: bool, token: str | None, progress: Callable[[float, str], None] | None = None) -> str:
@@ -809,6 +899,8 @@ __all__ = [
     "alignment_matrices",
     "demo_ready",
     "engine_options",
+    "engine_value_problem",
+    "method_value_problem",
     "common_alignment_keys",
     "stop_sweep_rows",
     "transport_rows",
@@ -843,12 +935,19 @@ __all__ = [
     "runner_engines",
     "run_merge",
     "run_stitch",
+    "start_push_job",
+    "start_stitch_job",
+    "finished_stitch",
+    "stitch_output_dir",
     "start_merge_job",
     "finished_run",
     "runnable",
     "similarity_matrix",
     "card_parts",
     "format_cut",
+    "cut_choices",
+    "layer_name",
+    "stage_names",
     "matching_layer",
     "stitch_result_rows",
     "split_card",

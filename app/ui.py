@@ -45,6 +45,24 @@ def error(exc: BaseException) -> None:
     st.error(services.readable(exc))
 
 
+def number_field(label: str, shown: float | int, *, integer: bool, bounds: str, problem: Any, key: str,
+                 help: str | None = None, step: float | None = None, where: Any = st) -> tuple[float | int, str | None]:
+    """A number typed as it is: the range is part of the label, and a value outside it (or of the wrong type) is an
+    error right below the field, never clamped (st.number_input without min/max keeps what was typed).
+
+    `problem(value)` says why a value does not fit (the method or engine registry decides); returns (value, error)."""
+    shown_label = f"{label} {bounds.removeprefix('in ')}" if bounds.startswith("in ") else f"{label} ({bounds})" if bounds else label
+    if integer:
+        raw = where.number_input(shown_label, value=int(shown), step=1, help=help, key=key)
+    else:
+        raw = where.number_input(shown_label, value=float(shown), step=step or 0.05, format="%g", help=help, key=key)
+    value = int(raw) if integer else float(raw)
+    error = problem(value)
+    if error:
+        where.error(f"{label}: {error.rstrip('.')}.")
+    return value, error
+
+
 def model_label(ref: str) -> str:
     """How a model reference is shown: demo models with their description, local paths inside the workspace."""
     from suture.merge.refs import DEMO_MODELS
@@ -114,7 +132,8 @@ def prepare_demo_models(refs: list[str] | tuple[str, ...]) -> None:
 class ProgressPanel:
     """A progress callback for the runner that drives an st.progress bar inside an st.status box."""
 
-    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "zip": "zipping", "evaluate": "evaluating", "publish": "publishing"}
+    STAGES = {"load": "loading models", "align": "aligning", "merge": "merging tensors", "zip": "zipping", "evaluate": "evaluating",
+              "publish": "publishing", "features": "computing features", "stitch": "fitting the stitch", "plan": "scoring cuts"}
 
     def __init__(self, status: Any) -> None:
         self.status = status
@@ -178,7 +197,7 @@ def _job_outcome(job: Any, recipe: Mapping[str, Any] | None) -> None:
         st.warning(job.error or "Cancelled.")
 
 
-def _running_job(job_id: str, key: str) -> None:
+def running_job(job_id: str, key: str) -> None:
     """A running job's stage and progress, refreshed every second; Cancel stops its worker."""
     from suture.app import jobs
 
@@ -196,12 +215,15 @@ def _running_job(job_id: str, key: str) -> None:
             st.rerun()
 
 
-def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+def run_panel(recipe: Mapping[str, Any], key: str, blocked: str | None = None) -> dict[str, Any] | None:
     """Run button, the session's job (progress, Cancel, outcome); returns the finished run shown (or None).
 
-    The run is a background job (app/jobs.py): it goes on while the user visits other pages, and Cancel kills it."""
+    The run is a background job (app/jobs.py): it goes on while the user visits other pages, and Cancel kills it.
+    `blocked` (fields in error on the page) turns Run off and says why."""
     ss = st.session_state
     valid, problem = state.validate(recipe)
+    if blocked:
+        valid, problem = None, blocked
     c1, c3, c4 = st.columns([1.2, 1.2, 2.6])
     devices = services.devices()
     current = ss.get(state.DEVICE, "auto")
@@ -220,16 +242,9 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
             return None
         ss[ACTIVE_JOB] = job.id
         ss.pop(state.LAST_RUN, None)
-    job_id = ss.get(ACTIVE_JOB)
-    if not job_id:
-        return None
-    try:
-        job = job_store().get(job_id)
-    except SutureError:
-        ss.pop(ACTIVE_JOB, None)
-        return None
-    if job.active:
-        st.fragment(run_every=JOB_POLL_S)(_running_job)(job.id, key)
+        st.rerun()  # the sidebar's Jobs panel lists it at once
+    job = page_job(ACTIVE_JOB, key)
+    if job is None:  # none yet, or still running (its progress and Cancel are shown)
         return None
     if _for_recipe(job.recipe) != _for_recipe(valid):
         ss.pop(state.LAST_RUN, None)  # the form changed since: the old banner and result no longer describe it
@@ -239,6 +254,28 @@ def run_panel(recipe: Mapping[str, Any], key: str) -> dict[str, Any] | None:
 
 
 JOBS_LISTED = 6
+STITCH_JOB, PUBLISH_JOB = "stitch.job", "publish.job"  # the job the Stitch / Publish page shows (its id)
+# job kinds whose result another page than Align & merge shows: (session key of the job id, page)
+RESULT_PAGES = {"search": ("search_job", "views/search.py"), "stitch": (STITCH_JOB, "views/stitch.py"),
+                "publish": (PUBLISH_JOB, "views/publish.py")}
+
+
+def page_job(session_key: str, key: str) -> Any:
+    """The job a page shows (its id under `session_key`): progress and Cancel while it runs (refreshed every second),
+    else the job as it ended (None when there is none)."""
+    ss = st.session_state
+    job_id = ss.get(session_key)
+    if not job_id:
+        return None
+    try:
+        job = job_store().get(job_id)
+    except SutureError:
+        ss.pop(session_key, None)
+        return None
+    if job.active:
+        st.fragment(run_every=JOB_POLL_S)(running_job)(job.id, key)
+        return None
+    return job
 
 
 def _jobs_list() -> None:
@@ -260,9 +297,10 @@ def _jobs_list() -> None:
             if job.state == jobs.FAILED and job.error:
                 st.caption(job.error)
             if job.state == jobs.FINISHED and st.button("Open result", key=f"jobs.open.{job.id}"):
-                if job.kind == "search":  # its trials and best recipe are on the Search page
-                    st.session_state["search_job"] = job.id
-                    st.switch_page("views/search.py")
+                if job.kind in RESULT_PAGES:  # a search, stitch or push: its own page shows the result
+                    session_key, page = RESULT_PAGES[job.kind]
+                    st.session_state[session_key] = job.id
+                    st.switch_page(page)
                 open_job(job)
                 st.switch_page("views/align_merge.py")
             if job.active and st.button("Cancel", key=f"jobs.cancel.{job.id}"):

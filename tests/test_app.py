@@ -4,6 +4,7 @@ confinement, readable errors, stitching diagnostics and publishing to a local Hu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from suture.app import services, state  # noqa: E402
 from suture.app.workspace import Workspace, WorkspaceError, workspace_from_args  # noqa: E402
+from suture.merge.errors import SutureError  # noqa: E402
 from tests.hub_server import DEFAULT_TOKEN  # noqa: E402
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -90,6 +92,18 @@ def frame(at: AppTest, *columns: str):
         if set(columns) <= set(value.columns):
             return value
     raise AssertionError(f"no table with columns {columns}: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def number(at: AppTest, name: str):
+    """The numeric field named `name` (its label goes on with the range it accepts, e.g. "density [0, 1]")."""
+    found = [n for n in at.number_input if n.label == name or n.label.startswith(name + " [") or n.label.startswith(name + " (")]
+    assert found, [n.label for n in at.number_input]
+    return found[0]  # the first (a per-model parameter: the first model's)
+
+
+def apply(at: AppTest, form: str) -> AppTest:
+    """Submit one of Align & merge's forms ("align" options or "params"): its fields take effect only then."""
+    return click(at, state.widget_key(at.session_state, "am", f"{form}-apply"))
 
 
 def tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -314,11 +328,24 @@ def test_form_widgets_edit_the_recipe(ws):
     at = start()
     load_example(at, "ties_finetunes")
     at.switch_page("views/align_merge.py").run()
-    density = [n for n in at.number_input if n.label == "density"][0]
-    density.set_value(0.3).run()
+    density = number(at, "density")
+    density.set_value(0.3)
+    apply(at, "params")
     recipe = at.session_state[state.RECIPE]
     assert recipe["models"][0]["parameters"]["density"] == 0.3
     assert recipe["models"][1]["parameters"]["density"] == 0.5
+    # the range is shown, and a value outside it is an error right below the field: never clamped, never run
+    assert density.label == "density [0, 1]"
+    number(at, "density").set_value(99999999999999999999)
+    apply(at, "params")
+    assert number(at, "density").value == pytest.approx(1e20)  # what was typed, not 1
+    assert any(e.value.startswith("density: must be in [0, 1], got 1e+20") for e in at.error), [e.value for e in at.error]
+    assert at.session_state[state.RECIPE]["models"][0]["parameters"]["density"] == 0.3  # the last valid value
+    assert at.button(key="am.run").disabled and any("Out of range: density" in e.value for e in at.error)
+    number(at, "density").set_value(0.4)
+    apply(at, "params")
+    assert not at.error and not at.button(key="am.run").disabled
+    assert at.session_state[state.RECIPE]["models"][0]["parameters"]["density"] == 0.4
     at.selectbox(key=state.widget_key(at.session_state, "am", "method")).set_value("task_arithmetic").run()
     recipe = at.session_state[state.RECIPE]
     assert recipe["merge_method"] == "task_arithmetic" and recipe["base_model"] == "demo:base"
@@ -342,26 +369,35 @@ def test_form_widgets_edit_the_recipe(ws):
     assert at.session_state[state.RECIPE]["alignment"] == {"engine": "weight_matching"}
     assert not any("not available in this build" in w.value for w in at.warning)
     labels = {n.label: n.value for n in at.number_input}
-    assert labels["Max iterations"] == 100 and "alpha (merge decay)" not in labels
+    assert labels["Max iterations (≥ 1)"] == 100 and not any(label.startswith("alpha") for label in labels)
+    number(at, "Max iterations").set_value(0)
+    apply(at, "align")
+    assert any(e.value == "Max iterations: must be greater than or equal to 1, got 0." for e in at.error), [e.value for e in at.error]
+    assert at.session_state[state.RECIPE]["alignment"] == {"engine": "weight_matching"} and at.button(key="am.run").disabled
+    number(at, "Max iterations").set_value(100)
+    apply(at, "align")
+    assert not at.error
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("ot").run()
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"] == {"engine": "ot", "data": "sklearn:digits"} and recipe["merge_method"] == "ties"
-    shown = {w.label for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_input]}
+    shown = {w.label.split(" (")[0].split(" [")[0] for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_input]}
     assert {"Ground metric", "Distance", "Solver", "Unit masses", "Normalize features", "Target widths", "Reference share"} <= shown
     assert "Sinkhorn regularisation" not in shown and "Seed" not in shown and "Matcher" not in shown
     solver = [b for b in at.selectbox if b.label == "Solver"][0]
     assert solver.value == "emd" and "Singh & Jaggi" in " ".join(c.value for c in at.caption)
-    solver.set_value("sinkhorn").run()
-    reg = [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0]
+    solver.set_value("sinkhorn")
+    apply(at, "align")
+    reg = number(at, "Sinkhorn regularisation")
     assert reg.value == pytest.approx(0.05)
-    reg.set_value(0.1).run()
+    reg.set_value(0.1)
+    apply(at, "align")
     assert at.session_state[state.RECIPE]["alignment"] == {"engine": "ot", "data": "sklearn:digits", "solver": "sinkhorn", "reg": 0.1}
     # ZipIt builds the model itself: its options replace the merge method, the OT options are dropped
     at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).set_value("zipit").run()
     assert not at.exception, [e.value for e in at.exception]
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"] == {"engine": "zipit", "data": "sklearn:digits"}, recipe["alignment"]
-    labels = {w.label: w.value for w in [*at.selectbox, *at.number_input, *at.text_input]}
+    labels = {w.label.split(" [")[0].removesuffix(" (≥ 0)"): w.value for w in [*at.selectbox, *at.number_input, *at.text_input]}
     assert labels["alpha (merge decay)"] == 0.5 and labels["beta (within-model budget)"] == 1.0
     assert labels["Matcher"] == "zip" and labels["Heads"] == "concat" and labels["Zip up to group"] == ""
     assert "Solver" not in labels and "Method" not in labels
@@ -372,7 +408,8 @@ def test_recipe_round_trip_export_import_identical_state(ws):
     at = start()
     load_example(at, "ties_finetunes")
     at.switch_page("views/align_merge.py").run()
-    [n for n in at.number_input if n.label == "lambda"][0].set_value(0.8).run()
+    number(at, "lambda").set_value(0.8)
+    apply(at, "params")
     at.text_input(key=state.widget_key(at.session_state, "am", "name")).set_value("round trip").run()
     at.switch_page("views/recipe.py").run()
     before = dict(at.session_state[state.RECIPE])
@@ -504,8 +541,9 @@ def test_zipit_on_the_task_demo_shows_joint_accuracy_and_stop_sweep(ws):
     at.switch_page("views/align_merge.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("no merge method applies" in i.value for i in at.info)
-    alpha = [n for n in at.number_input if n.label == "alpha (merge decay)"][0]
-    alpha.set_value(0.4).run()
+    alpha = number(at, "alpha (merge decay)")
+    alpha.set_value(0.4)
+    apply(at, "align")
     recipe = at.session_state[state.RECIPE]
     assert recipe["alignment"]["alpha"] == 0.4 and "merge_method" not in recipe
     finish_job(click(at, "am.run"))
@@ -546,8 +584,10 @@ def test_ot_fuses_two_workspace_mlps_of_different_widths(ws):
     click(at, "recipe.apply")
     at.switch_page("views/align_merge.py").run()
     assert at.selectbox(key=state.widget_key(at.session_state, "am", "engine")).value == "ot"
-    [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn").run()
-    [n for n in at.number_input if n.label == "Sinkhorn regularisation"][0].set_value(0.05).run()
+    [b for b in at.selectbox if b.label == "Solver"][0].set_value("sinkhorn")
+    apply(at, "align")
+    number(at, "Sinkhorn regularisation").set_value(0.05)
+    apply(at, "align")
     assert at.session_state[state.RECIPE]["alignment"]["solver"] == "sinkhorn"
     finish_job(click(at, "am.run"))
     assert not at.error, [e.value for e in at.error]
@@ -638,22 +678,43 @@ def test_stitch_helpers_match_cuts_and_show_each_result_once():
     report = {"method": "procrustes", "evaluate": {"results": {
         "target_head": {"accuracy": 0.9}, "procrustes": {"accuracy": 0.8, "f1_macro": 0.79}, "stitch": {"accuracy": 0.8, "f1_macro": 0.79}}}}
     assert [r["model"] for r in services.stitch_result_rows(report)] == ["target_head", "procrustes (chosen)"]
-    assert services.format_cut({"source_layer": 3, "target_layer": 2, "cka": 0.8712, "accuracy": 0.9123, "f1_macro": None}) == (
-        "A layer 3 → B layer 2: accuracy 0.912, CKA 0.871")
+    names = ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert services.format_cut({"source_layer": 3, "target_layer": 2, "cka": 0.8712, "accuracy": 0.9123, "f1_macro": None}, names, names) == {
+        "cut in A": "layers.2", "cut in B": "layers.1", "stitched accuracy": "0.912", "macro F1": "—", "CKA": "0.871"}
+    assert services.cut_choices(names) == names[:3] and services.layer_name(names, 0) == "input"
 
 
 def test_stitch_page_runs_the_stitch(ws):
     at = start("stitch")
     at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
     at.selectbox(key="stitch.b").set_value("demo:mlp-seed2")
-    at.number_input(key="stitch.run.layer_a").set_value(2)
-    at.number_input(key="stitch.run.layer_b").set_value(2)
+    at.run()
+    # one convention: cuts are module names (those of the similarity heatmap), B's cut follows A's, penultimate by default
+    assert at.selectbox(key="stitch.run.layer_a").options == ["layers.0", "layers.1", "layers.2"]
+    assert at.selectbox(key="stitch.run.layer_a").value == "layers.2" == at.selectbox(key="stitch.run.layer_b").value
+    assert not any("counted from" in c.value for c in at.caption)
+    at.selectbox(key="stitch.run.layer_a").set_value("layers.1").run()
+    assert at.selectbox(key="stitch.run.layer_b").value == "layers.1"
+    assert number(at, "Anchors").label == "Anchors (≥ 1)"
+    number(at, "Anchors").set_value(0)
+    click(at, "stitch.run")  # out of range: an error under the field, nothing starts
+    assert any(e.value == "Anchors: must be greater than or equal to 1, got 0." for e in at.error), [e.value for e in at.error]
+    assert not (ws.root / "jobs").exists() or not list((ws.root / "jobs").iterdir())
+    number(at, "Anchors").set_value(256)
     at.selectbox(key="stitch.run.method").set_value("procrustes")
     at.checkbox(key="stitch.run.plan").check()
     click(at, "stitch.run")
+    # the stitch runs in a worker process (a `stitch` job), not in the page script
+    from suture.app.jobs import JobStore
+
+    [job] = JobStore(ws.root).list()
+    assert job.kind == "stitch" and job.pid != os.getpid() and job.recipe["stitch"]["method"] == "procrustes"
+    JobStore(ws.root).wait(job.id, timeout=TIMEOUT)
+    at.run()
     assert not at.error, [e.value for e in at.error]
     assert at.status[-1].state == "complete"
     done = at.session_state["stitch.run.result"]
+    assert done["job"] == job.id and Path(done["out_dir"]) == Path(job.out_dir)
     report = done["report"]
     assert Path(done["out_dir"]).parent == ws.outputs and (Path(done["out_dir"]) / "stitched").is_dir()
     assert report["source"] == {**report["source"], "model": "demo:mlp-seed1", "layer": 2}
@@ -663,12 +724,51 @@ def test_stitch_page_runs_the_stitch(ws):
     assert "stitch" not in results.index and list(results.index).count(chosen) == 1
     assert results.loc[chosen, "accuracy"] > 0.8 and results.loc["naive_absolute", "accuracy"] < 0.5
     assert results.loc[chosen, "accuracy"] == pytest.approx(report["evaluate"]["results"]["stitch"]["accuracy"])
-    assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity and accuracy plots of the run
-    # the planner's table: every pair of the three hidden layers, CKA highest on the diagonal of equal depths
-    planned = frame(at, "source_layer", "target_layer", "cka")
-    assert len(planned) == 9 and planned["accuracy"].notna().all()
-    same = planned[planned["source_layer"] == planned["target_layer"]]
-    assert same["cka"].min() > planned[planned["source_layer"] != planned["target_layer"]]["cka"].min()
+    assert len(report["plots"]) == 2 and len(at.get("image")) == 2  # similarity (drawn with module names) and accuracy
+    assert any("cut at layers.1" in s.value and "(at layers.1)" in s.value for s in at.success), [s.value for s in at.success]
+    # the planner's table: every pair of the three hidden layers by module name, CKA highest on the diagonal
+    planned = [d.value for d in at.dataframe if "cut in A" in d.value.columns]
+    best, table = planned
+    assert len(best) == 1 and len(table) == 9 and set(table["cut in A"]) == {"layers.0", "layers.1", "layers.2"}
+    cka = table["CKA"].astype(float)
+    same = table["cut in A"] == table["cut in B"]
+    assert cka[same].min() > cka[~same].min()
+    top = max(report["plan"]["rows"], key=lambda r: (round(r["accuracy"], 12), r["cka"]))
+    assert best.iloc[0]["stitched accuracy"] == f"{top['accuracy']:.3f}"
+    # a new session (a reloaded browser) opens the finished stitch from the Jobs panel
+    again = start("models")
+    click(again, f"jobs.open.{job.id}")
+    assert any(t.value == "Stitch" for t in again.title)
+    assert again.session_state["stitch.run.result"]["out_dir"] == done["out_dir"]
+    assert any(Path(done["out_dir"]).name in s.value for s in again.success), [s.value for s in again.success]
+
+
+def test_cancel_of_a_stitch_job_kills_its_worker_and_leaves_no_temporary_folder(ws, monkeypatch):
+    import time
+
+    from suture.app.jobs import STEP_DELAY_ENV, JobStore
+    from tests.test_jobs import gone
+
+    monkeypatch.setenv(STEP_DELAY_ENV, "features:3")  # the worker (inheriting this environment) lingers in "features"
+    at = start("stitch")
+    at.selectbox(key="stitch.a").set_value("demo:mlp-seed1")
+    at.selectbox(key="stitch.b").set_value("demo:mlp-seed2")
+    click(at, "stitch.run")
+    store = JobStore(ws.root)
+    [job] = store.list()
+    deadline = time.monotonic() + TIMEOUT
+    while store.get(job.id).stage != "features" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = Path(job.out_dir)
+    assert [q for q in ws.outputs.iterdir() if q.name.startswith(f".{out.name}.suture-tmp-")], "stitching inside its temp folder"
+    at.run()
+    assert any("Running: computing features" in s.label for s in at.status), [s.label for s in at.status]
+    click(at, "stitch.job.cancel")
+    assert gone(job.pid), "the worker must be gone after Cancel"
+    assert store.get(job.id).state == "cancelled"
+    assert any("Cancelled" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert "stitch.run.result" not in at.session_state and not at.success
+    assert [q.name for q in ws.outputs.iterdir() if not q.name.endswith(".lock")] == []
 
 
 def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
@@ -683,10 +783,18 @@ def test_publish_pushes_to_a_hub_without_keeping_the_token(ws, hub_server):
     token_box = [t for t in at.text_input if "token" in t.label.lower()][0]
     token_box.set_value(DEFAULT_TOKEN).run()
     click(at, "publish.push")
+    # the push runs in a worker process (a `publish` job); its record holds no token
+    from suture.app.jobs import JobStore
+    from suture.app.ui import PUBLISH_JOB
+
+    job = JobStore(ws.root).get(at.session_state[PUBLISH_JOB])
+    assert job.kind == "publish" and job.pid != os.getpid()
+    job = JobStore(ws.root).wait(job.id, timeout=TIMEOUT)
+    at.run()
     assert not at.error, [e.value for e in at.error]
     url = f"{hub_server.url}/tester/workbench-demo"
-    assert at.session_state["publish.url"] == url
-    assert any(url in s.value for s in at.success)
+    assert job.state == "finished" and job.result["url"] == url
+    assert any(url in s.value for s in at.success), [s.value for s in at.success]
     pushed = hub_server.list_files("tester/workbench-demo")
     assert {"model.safetensors", "README.md", "suture_recipe.yml", "report.json"} <= set(pushed)
     assert hub_server.file_bytes("tester/workbench-demo", "model.safetensors") == (Path(last["out_dir"]) / "model.safetensors").read_bytes()
@@ -725,11 +833,19 @@ def test_publish_previews_the_card_plot_and_holds_back_non_finite_results(ws):
         (folder / "README.md").write_text("---\ntags:\n- merge\n---\n\n# merged\n\n## Evaluation\n\n"
                                           "![Evaluation plot](interpolation.png)\n\nafter the plot\n")
     Figure(figsize=(2, 1)).savefig(good / "interpolation.png")
+    diverged = ws.outputs / "diverged-0123456789"  # finite weights, but the merged model's loss is NaN
+    diverged.mkdir()
+    (diverged / "report.json").write_text(json.dumps({"merge_method": "linear", "models": ["demo:mlp-seed1", "demo:mlp-seed2"],
+                                                      "evaluation": {"merged": {"loss": float("nan"), "accuracy": 0.1}}}))
     at = start("publish")
     assert not at.exception, [e.value for e in at.exception]
     box = at.selectbox(key="publish.folder")
     assert len(box.options) == 1 and "good-0123456789" in box.options[0] and "linear · demo:mlp-seed1" in box.options[0]
     assert any("nan-0123456789" in w.value and "NaN/Inf" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any("diverged-0123456789" in w.value and "merged model loss = nan" in w.value for w in at.warning)
+    with pytest.raises(SutureError, match="diverged-0123456789: not published: non-finite evaluation figures"):
+        services.start_push_job(diverged, ws, "tester/x", private=False, token="t")
+    assert not (ws.root / "jobs").exists() or not list((ws.root / "jobs").iterdir())
     assert len(at.get("image")) == 1  # the card's plot, loaded from the folder
     body = "\n".join(m.value for m in at.markdown)
     assert "after the plot" in body and "![Evaluation plot]" not in body

@@ -147,3 +147,45 @@ def test_sentence_drops_source_prefixes():
         "Recipe key models[0].parameters.weight: must be finite, got inf."
     assert jobs.sentence("<string> line 2: modelz: unknown key") == "Recipe line 2: modelz: unknown key."
     assert jobs.sentence("a.safetensors: no such file") == "A.safetensors: no such file."
+
+
+def finished_folder(root: Path) -> Path:
+    """A finished output folder as `suture run` leaves it (weights and report) to push."""
+    out = root / "outputs" / "done"
+    out.mkdir(parents=True)
+    save_file({"w": torch.ones(4, 4)}, str(out / "model.safetensors"))
+    (out / "report.json").write_text('{"merge_method": "linear", "models": ["a", "b"]}')
+    return out
+
+
+def test_a_push_job_gets_its_token_from_its_environment_only(tmp_path, hub_server):
+    from tests.hub_server import DEFAULT_TOKEN
+
+    out = finished_folder(tmp_path)
+    store = JobStore(tmp_path)
+    job = store.wait(store.start_publish(out, "tester/pushed", private=False, token=DEFAULT_TOKEN, label="push").id, timeout=120)
+    assert job.kind == "publish" and job.state == jobs.FINISHED, job.error
+    assert job.result == {"url": f"{hub_server.url}/tester/pushed"} and job.progress == 1.0
+    assert hub_server.file_bytes("tester/pushed", "model.safetensors") == (out / "model.safetensors").read_bytes()
+    for path in tmp_path.rglob("*"):  # the job's record, progress, outcome and log hold no token
+        if path.is_file():
+            assert DEFAULT_TOKEN.encode() not in path.read_bytes(), path
+    # without a token the worker fails with a sentence that says how to log in
+    failed = store.wait(store.start_publish(out, "tester/none", private=False, token=None, label="push").id, timeout=120)
+    assert failed.state == jobs.FAILED and "no Hugging Face token" in failed.error and "HF_TOKEN" in failed.error
+
+
+def test_cancel_of_a_push_job_kills_the_worker_and_keeps_the_folder(tmp_path, hub_server, monkeypatch):
+    from tests.hub_server import DEFAULT_TOKEN
+
+    monkeypatch.setenv(jobs.STEP_DELAY_ENV, "publish:5")
+    out = finished_folder(tmp_path)
+    store = JobStore(tmp_path)
+    job = store.start_publish(out, "tester/slow", private=False, token=DEFAULT_TOKEN, label="push")
+    deadline = time.monotonic() + 60
+    while store.get(job.id).stage != "publish" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ended = store.cancel(job.id, grace=2.0)
+    assert ended.state == jobs.CANCELLED and "push was stopped" in ended.error
+    assert gone(job.pid)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]  # the result itself is untouched

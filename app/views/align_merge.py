@@ -15,6 +15,7 @@ recipe: dict[str, Any] = ss[state.RECIPE]
 library: list[str] = ss[state.LIBRARY]
 catalogue = services.methods()
 NONE = "(none)"
+field_errors: list[str] = []  # labels of the numeric fields whose typed value is out of range (Run stays off)
 
 
 def key(*parts: Any) -> str:
@@ -36,9 +37,13 @@ def param_widget(pdef: dict[str, Any], present: bool, current: Any, inherited: A
         except SutureError as exc:
             ui.error(exc)
             return current
-    if isinstance(shown, int) and isinstance(default, int) and not isinstance(default, bool):
-        return int(st.number_input(label, value=int(shown), step=1, help=help_text, key=wkey))
-    return float(st.number_input(label, value=float(shown), step=0.05, format="%g", help=help_text, key=wkey))
+    integer = isinstance(shown, int) and isinstance(default, int) and not isinstance(default, bool)
+    value, error = ui.number_field(label, shown, integer=integer, bounds=pdef["bounds"], key=wkey, help=help_text,
+                                   problem=lambda v: services.method_value_problem(method, name, v))
+    if error:
+        field_errors.append(label)
+        return current  # the recipe keeps its last good value; the field shows what was typed, with the error
+    return value
 
 
 def option_widget(opt: dict[str, Any], shown: Any, wkey: str, where: Any = st) -> Any:
@@ -51,11 +56,14 @@ def option_widget(opt: dict[str, Any], shown: Any, wkey: str, where: Any = st) -
         if shown not in choices:
             choices.append(shown)
         return where.selectbox(label, choices, index=choices.index(shown), help=help_text, key=wkey)
-    if opt["kind"] == "int":
-        return int(where.number_input(label, value=int(shown), step=1, help=help_text, key=wkey))
-    if opt["kind"] == "float":
-        bounded = {k: float(opt[s]) for k, s in (("min_value", "min"), ("max_value", "max")) if opt[s] is not None}
-        return float(where.number_input(label, value=float(shown), step=opt["step"], format="%g", help=help_text, key=wkey, **bounded))
+    if opt["kind"] in ("int", "float"):
+        value, error = ui.number_field(label, shown, integer=opt["kind"] == "int", bounds=opt["bounds"], key=wkey, help=help_text,
+                                       step=opt["step"], where=where,
+                                       problem=lambda v: services.engine_value_problem(engine, opt["name"], v))
+        if error:
+            field_errors.append(label)
+            return shown  # the recipe keeps its last good value; the field shows what was typed, with the error
+        return value
     text = where.text_input(label, value=state.param_text(shown) if opt["kind"] == "yaml" else (shown or ""), help=help_text, key=wkey)
     if opt["kind"] == "yaml":
         try:
@@ -119,18 +127,21 @@ with left:
             st.caption("Paper: " + "; ".join(chosen_engine["papers"]))
         specs = services.engine_options(engine)
         seen: dict[str, Any] = {}
-        columns = st.columns(3)
-        shown_count = 0
-        for opt in specs:
-            shown = alignment_base.get(opt["name"], opt["default"])
-            seen[opt["name"]] = shown
-            depends = opt["depends"]
-            if depends and seen.get(depends[0]) != depends[1]:
-                continue  # e.g. Sinkhorn's settings while the exact solver is chosen: kept as written, not shown
-            value = option_widget(opt, shown, key("align", engine, opt["name"]), columns[shown_count % 3])
-            seen[opt["name"]] = value
-            option_values[opt["name"]] = (value, opt["default"])
-            shown_count += 1
+        # a form: typing in a field reruns nothing until "Apply" (then every field is checked at once)
+        with st.form(key("align-form"), border=False):
+            columns = st.columns(3)
+            shown_count = 0
+            for opt in specs:
+                shown = alignment_base.get(opt["name"], opt["default"])
+                seen[opt["name"]] = shown
+                depends = opt["depends"]
+                if depends and seen.get(depends[0]) != depends[1]:
+                    continue  # e.g. Sinkhorn's settings while the exact solver is chosen: kept as written, not shown
+                value = option_widget(opt, shown, key("align", engine, opt["name"]), columns[shown_count % 3])
+                seen[opt["name"]] = value
+                option_values[opt["name"]] = (value, opt["default"])
+                shown_count += 1
+            st.form_submit_button("Apply alignment options", key=key("align-apply"))
     data_default = current_alignment.get("data") or (recipe.get("evaluate") or {}).get("data") or ss.get(state.EVAL_DATA, state.DEFAULT_EVAL_DATA)
     data_spec = st.text_input("Calibration / evaluation data", value=str(data_default), key=key("data"),
                               help="sklearn:digits (bundled), sklearn:digits?classes=0-4, or a .safetensors/.npz/.txt file in the workspace")
@@ -184,28 +195,32 @@ with right:
         st.subheader("Parameters")
         given_global = recipe.get("parameters") or {}
         global_values = {}
-        for p in info["global"]:
-            value = param_widget(p, p["name"] in given_global, given_global.get(p["name"]), p["default"], key("gp", method, p["name"]))
-            write, value = state.keep_or_set(given_global, p["name"], value, p["default"])
-            if write:
-                global_values[p["name"]] = value
         model_values = {}
-        if models and info["model"]:
-            entries = {state.ref_text(e["model"]): e for e in recipe.get("models") or []}
-            feed = [m for m in models if not (info["uses_base"] and m == base)]
-            for ref in feed:
-                given = (entries.get(ref) or {}).get("parameters") or {}
-                with st.expander(ui.model_label(ref), expanded=len(feed) <= 3):
-                    values = {}
-                    for p in info["model"]:
-                        inherited = given_global.get(p["name"], p["default"])
-                        value = param_widget(p, p["name"] in given, given.get(p["name"]), inherited, key("mp", method, ref, p["name"]))
-                        write, value = state.keep_or_set(given, p["name"], value, inherited)
-                        if write:
-                            values[p["name"]] = value
-                    model_values[ref] = values
         if not info["global"] and not info["model"]:
             st.caption("This method has no parameters.")
+        else:
+            # a form: typing in a field reruns nothing until "Apply" (then every field is checked at once)
+            with st.form(key("params-form"), border=False):
+                for p in info["global"]:
+                    value = param_widget(p, p["name"] in given_global, given_global.get(p["name"]), p["default"], key("gp", method, p["name"]))
+                    write, value = state.keep_or_set(given_global, p["name"], value, p["default"])
+                    if write:
+                        global_values[p["name"]] = value
+                if models and info["model"]:
+                    entries = {state.ref_text(e["model"]): e for e in recipe.get("models") or []}
+                    feed = [m for m in models if not (info["uses_base"] and m == base)]
+                    for ref in feed:
+                        given = (entries.get(ref) or {}).get("parameters") or {}
+                        with st.expander(ui.model_label(ref), expanded=len(feed) <= 3):
+                            values = {}
+                            for p in info["model"]:
+                                inherited = given_global.get(p["name"], p["default"])
+                                value = param_widget(p, p["name"] in given, given.get(p["name"]), inherited, key("mp", method, ref, p["name"]))
+                                write, value = state.keep_or_set(given, p["name"], value, inherited)
+                                if write:
+                                    values[p["name"]] = value
+                            model_values[ref] = values
+                st.form_submit_button("Apply parameters", key=key("params-apply"))
         known = [p["name"] for p in info["global"] + info["model"]]
 
 alignment = None
@@ -235,7 +250,9 @@ ss[state.RECIPE] = valid if valid is not None else edited
 
 # ------------------------------------------------------------------------------------------------ run
 st.divider()
-ui.run_panel(ss[state.RECIPE], "am")
+ui.run_panel(ss[state.RECIPE], "am", blocked=(
+    f"Out of range: {', '.join(field_errors)}; fix the fields marked above (the recipe keeps their last valid values)."
+    if field_errors else None))
 
 # ------------------------------------------------------------------------------------------------ results
 last = ss.get(state.LAST_RUN)

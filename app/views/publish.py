@@ -1,7 +1,8 @@
 """Publish: preview the model card of a finished merge and push the folder to the Hugging Face Hub.
 
-The token comes from HF_TOKEN / the huggingface_hub login, or from a password field whose value is used
-for the push only: it is never shown, never put in session state, and never written to a file.
+The push is a background job (app/jobs.py, kind ``publish``). The token comes from HF_TOKEN / the
+huggingface_hub login, or from a password field whose value is used for the push only: it is never shown,
+never put in session state, and never written to a file (the job's worker gets it in its environment).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ runs = results.list_runs(ws)
 failed = [r for r in runs if r.failed]
 good = [r for r in runs if not r.failed]
 if failed:
-    st.warning(f"{len(failed)} result(s) not offered: their weights contain NaN/Inf ("
-               + ", ".join(f"`{ws.relative(r.folder)}`" for r in failed) + "). Fix the recipe and run again.")
+    st.warning(f"{len(failed)} result(s) not offered: their weights or losses are not finite (NaN/Inf): "
+               + "; ".join(f"`{ws.relative(r.folder)}` ({r.problem})" for r in failed) + ". Fix the recipe and run again.")
 if not good:
     st.info("No finished merge in the workspace yet: run one on the Align & merge page.")
     st.stop()
@@ -80,16 +81,21 @@ else:
                                 help="Used for this push only; set HF_TOKEN to avoid typing it.")
 
 if st.button("Push", type="primary", disabled=not repo_id.strip(), key="publish.push"):
-    with st.status(f"Publishing to {repo_id.strip()}…", expanded=True) as status:
-        bar = st.progress(0.0, text="starting")
-        try:
-            url = services.push(chosen, repo_id.strip(), private=private, token=typed_token or env_token,
-                                progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m[:120]))
-        except Exception as exc:  # shown as one readable line, never a traceback
-            status.update(label="Publishing failed", state="error")
-            ui.error(exc)
-        else:
-            status.update(label="Published", state="complete")
-            ss["publish.url"] = url
-if ss.get("publish.url"):
-    st.success(f"Published: [{ss['publish.url']}]({ss['publish.url']})")
+    try:  # a background job: the token reaches its worker through the worker's environment, never a file
+        job = services.start_push_job(chosen, ws, repo_id.strip(), private=private, token=typed_token or env_token)
+    except Exception as exc:  # shown as one readable line, never a traceback
+        st.status("Publishing failed", state="error", expanded=False)
+        ui.error(exc)
+    else:
+        ss[ui.PUBLISH_JOB] = job.id
+        st.rerun()  # the sidebar's Jobs panel lists it at once
+job = ui.page_job(ui.PUBLISH_JOB, "publish.job")
+if job is not None:
+    if job.state == "finished" and job.result.get("url"):
+        url = job.result["url"]
+        st.success(f"Published `{ws.relative(job.out_dir)}`: [{url}]({url})")
+    elif job.state == "failed":
+        st.status("Publishing failed", state="error", expanded=False)
+        st.error(job.error or "The push failed.")
+    elif job.state == "cancelled":
+        st.warning(job.error or "Cancelled.")
