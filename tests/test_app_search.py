@@ -52,9 +52,12 @@ def test_example_spec_loads_with_bounded_inputs_and_start_creates_a_search_job(w
     assert not at.error, [e.value for e in at.error]
     assert "4 values searched" in at.expander[0].label and "digits_0_4" in at.expander[0].label
     trials, workers = at.number_input(key="search.trials"), at.number_input(key="search.workers")
-    assert (trials.min, trials.max, trials.value) == (1, 200, 12) and "(1-200)" in trials.label
-    assert (workers.min, workers.max) == (1, 16) and "(1-16" in workers.label
-    trials.set_value(1).run()
+    assert trials.value == 12 and trials.label == "Trials [1, 200]" and workers.label == "Workers [1, 16]"
+    trials.set_value(500).run()  # typed as it is, never clamped: an error under the field
+    assert [e.value for e in at.error] == ["Trials: must be in [1, 200], got 500."]
+    assert at.number_input(key="search.trials").value == 500 and at.button(key="search.start").disabled
+    at.number_input(key="search.trials").set_value(1).run()
+    assert not at.error
     at.button(key="search.start").click().run()
     assert not at.exception, [e.value for e in at.exception]
     job_id = at.session_state["search_job"]

@@ -43,7 +43,7 @@ def test_a_search_started_paused_and_resumed_from_the_page(task_models, app_serv
                    else (outside.append(route.request.url), route.abort()))
         try:
             go(page, "Search")
-            trials = page.get_by_label("Trials (1-200)")
+            trials = page.get_by_label("Trials [1, 200]")
             trials.fill(str(TRIALS))
             trials.press("Enter")
             page.get_by_role("button", name="Start search").click()

@@ -64,17 +64,24 @@ if spec_path is not None:
             st.code(spec_path.read_text(encoding="utf-8"), language="yaml")
 
 c1, c2, c3 = st.columns([1, 1, 1.2])
-trials = c1.number_input(f"Trials ({TRIALS[0]}-{TRIALS[1]})", min_value=TRIALS[0], max_value=TRIALS[1],
-                         value=min(max(spec.search.trials if spec else 12, TRIALS[0]), TRIALS[1]), step=1, key="search.trials")
-workers = c2.number_input(f"Workers ({WORKERS[0]}-{WORKERS[1]}, one CPU each)", min_value=WORKERS[0], max_value=WORKERS[1],
-                          value=1, step=1, key="search.workers")
+
+
+def _within(limits: tuple[int, int]):
+    return lambda v: None if limits[0] <= v <= limits[1] else f"must be in [{limits[0]}, {limits[1]}], got {v:g}"
+
+
+trials, trials_problem = ui.number_field("Trials", min(max(spec.search.trials if spec else 12, TRIALS[0]), TRIALS[1]), integer=True,
+                                         bounds=f"in [{TRIALS[0]}, {TRIALS[1]}]", problem=_within(TRIALS), key="search.trials", where=c1)
+workers, workers_problem = ui.number_field("Workers", 1, integer=True, bounds=f"in [{WORKERS[0]}, {WORKERS[1]}]", problem=_within(WORKERS),
+                                           key="search.workers", help="Trials run at once, one CPU each", where=c2)
 address_text = st.text_input("Ray cluster address (optional)", key="search.address", placeholder="auto, HEAD_IP:6379 or ray://HEAD_IP:10001",
                              help="Leave empty to start Ray on this machine. With an address the trials run on that "
                                   "cluster (`--address`); the models must resolve on every node.")
 address, address_problem = cluster_address(address_text)
 if address_problem:
     st.error(address_problem)
-if c3.button("Start search", type="primary", disabled=spec is None or bool(address_problem), key="search.start"):
+if c3.button("Start search", type="primary", disabled=spec is None or bool(address_problem or trials_problem or workers_problem),
+              key="search.start"):
     try:
         ui.prepare_demo_models(state.referenced_refs(spec.base.to_dict()))
         out = ws.root / "outputs" / f"search-{state.slug(spec.base.name or spec_path.stem, 'search')}-{time.strftime('%Y%m%d-%H%M%S')}"
