@@ -184,18 +184,29 @@ def _resolve_constant_units(
 
 # ---------------------------------------------------------------------------------------------- engine
 
+from pydantic import Field  # noqa: E402
+
 from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
 from suture.merge.align.weight_matching import REBASIN  # noqa: E402
+
+VERMA = ("Merging Text Transformer Models from Different Initializations (Verma & Elbayad, TMLR 2024)",
+         "https://arxiv.org/abs/2403.00986")
 
 
 class ActivationMatchingOptions(AlignmentOptions):
     """`alignment: {engine: activation_matching, data, ...}`."""
 
     engine: Literal["activation_matching"] = "activation_matching"
+    features: Literal["pooled", "modules"] = Field(
+        "pooled", title="Transformer features",
+        description="Transformers folders only. pooled: the residual stream is matched once on features pooled over "
+                    "all its sites, attention heads as whole heads by their outputs then within heads, MLP units by "
+                    "their activations (Verma & Elbayad, 2024); modules: each group observed at one module.")
 
 
 def _align(request: AlignRequest):
     from suture.merge.align.pipeline import align_permutations
+    from suture.merge.align.transformer_match import match_transformer
     from suture.merge.data import iter_batches
     from suture.merge.derive import load_module
     from suture.merge.hf_module import HFArchitecture, hf_taps
@@ -209,6 +220,9 @@ def _align(request: AlignRequest):
                                  "Suture's zoo)", field=("architecture",))
         batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
         module_a = load_module(ref_store, arch)
+        if isinstance(arch, HFArchitecture) and request.options.features == "pooled":
+            return match_transformer(spec, module_a, load_module(store, arch), batches, device=request.device,
+                                     progress=step, engine=ENGINE.name)
         # transformers models are not traced: the family spec's members say where each group shows
         taps = hf_taps(spec, module_a) if isinstance(arch, HFArchitecture) else None
         return activation_matching(spec, module_a, load_module(store, arch), batches, taps=taps,
@@ -219,6 +233,6 @@ def _align(request: AlignRequest):
 
 ENGINE = register_engine(Engine(
     name="activation_matching", title="Activation matching (Git Re-Basin)",
-    description="permutation alignment by activation matching", papers=(REBASIN,), options=ActivationMatchingOptions,
+    description="permutation alignment by activation matching", papers=(REBASIN, VERMA), options=ActivationMatchingOptions,
     align=_align, outcome="permuted", needs_data=True, needs_module=True, form_common=("repair",),
 ))
