@@ -74,12 +74,8 @@ def activation_matching(
     if not wanted:
         raise AlignmentError("none of the spec's groups can be observed: the taps name no group of this spec")
 
-    def on_batch(seen: int) -> None:
-        if progress is not None:
-            progress(seen, float("nan"))
-
-    stats = collect_stats(model_a, wanted, batches, model_b=model_b, device=device, max_batches=max_batches,
-                          input_fn=input_fn, progress=on_batch)  # fmt: skip
+    stats = collect_paired(model_a, model_b, wanted, batches, device=device, max_batches=max_batches,
+                           input_fn=input_fn, progress=progress)
     before = after = 0.0
     units = constant = 0
     corrs: dict[str, torch.Tensor] = {}
@@ -111,11 +107,30 @@ def activation_matching(
     for g in groups:
         if g.name in corrs:
             after += assignment_score(corrs[g.name], result.perms[g.name])
-    for name, why in result.skipped.items():
-        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
     if constant:
         logger.info("%d units (A and B together) are constant on the calibration data", constant)
     result.stats["constant_units"] = constant
+    return finish_match(result, before, after, units, start, progress)
+
+
+def collect_paired(model_a: nn.Module, model_b: nn.Module, wanted: Mapping[str, Sequence[Any]], batches: Iterable[Any], *,
+                   device: str | torch.device, max_batches: int | None,
+                   input_fn: Callable[[Any], tuple[tuple, dict]] | None,
+                   progress: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """Paired feature statistics of A and B at `wanted`'s taps or sites; `progress` gets (batches seen, nan)."""
+    def on_batch(seen: int) -> None:
+        if progress is not None:
+            progress(seen, float("nan"))
+
+    return collect_stats(model_a, wanted, batches, model_b=model_b, device=device, max_batches=max_batches,
+                         input_fn=input_fn, progress=on_batch)  # fmt: skip
+
+
+def finish_match(result: MatchResult, before: float, after: float, units: int, start: float,
+                 progress: Callable[[int, float], None] | None) -> MatchResult:
+    """Log skipped groups, record the mean correlation of matched units before/after and the time; report."""
+    for name, why in result.skipped.items():
+        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
     result.iterations = 1
     result.stats["mean_corr_before"] = before / max(units, 1)
     result.stats["mean_corr_after"] = after / max(units, 1)

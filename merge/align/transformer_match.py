@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from suture.merge.activations import collect_stats
 from suture.merge.align import MatchResult
+from suture.merge.align.activation_matching import collect_paired, finish_match
 from suture.merge.align.assignment import assignment_score, head_pair_scores, solve_lap
 from suture.merge.errors import AlignmentError
 from suture.merge.graph.families_common import RESIDUAL
@@ -166,12 +166,8 @@ def match_transformer(
         raise AlignmentError("none of the spec's groups can be observed in this transformers model")
     keyed = {f"{group}{SEP}{role}": s for group, roles in sites.items() for role, s in roles.items()}
 
-    def on_batch(seen: int) -> None:
-        if progress is not None:
-            progress(seen, float("nan"))
-
-    stats = collect_stats(model_a, keyed, batches, model_b=model_b, device=device, max_batches=max_batches,
-                          input_fn=input_fn, progress=on_batch)  # fmt: skip
+    stats = collect_paired(model_a, model_b, keyed, batches, device=device, max_batches=max_batches,
+                           input_fn=input_fn, progress=progress)
     before = after = 0.0
     units = 0
     for g in spec.active_groups():
@@ -196,16 +192,7 @@ def match_transformer(
     for kind in ("residual", "attention", "mlp"):
         if f"units_{kind}" in result.stats:
             result.stats[f"mean_corr_{kind}"] = result.stats.pop(f"corr_{kind}") / result.stats.pop(f"units_{kind}")
-    for name, why in result.skipped.items():
-        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
-    result.iterations = 1
-    result.stats["mean_corr_before"] = before / max(units, 1)
-    result.stats["mean_corr_after"] = after / max(units, 1)
-    result.objective = [after]
-    result.total_time = time.perf_counter() - start
-    if progress is not None:
-        progress(1, after)
-    return result
+    return finish_match(result, before, after, units, start, progress)
 
 
 def _kind(group: PermGroup) -> str:
