@@ -8,7 +8,8 @@ is compared with the endpoints': ``barrier = loss(midpoint) - (loss(A) + loss(B)
 Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activation_matching`` with
 ``features: modules`` (each group observed at one module) and with ``features: pooled`` (Verma & Elbayad,
 2024: residual stream pooled over all its sites, heads whole then within heads, MLP units), calibrated on
-``--calib`` training blocks. Floor (issue 16): the best engine's barrier <= 50 % of naive's.
+``--calib`` training blocks. ``<engine>+repair`` rows rescale the midpoint's MLP units to the endpoints'
+interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
 
     nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--calib 256] [--val 400]
 """
@@ -37,6 +38,9 @@ ENGINES = {
     "activation_matching(pooled)": {"engine": "activation_matching", "features": "pooled"},
 }
 
+# engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
+REPAIRED = ("naive", "weight_matching", "activation_matching(pooled)")
+
 
 def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], t: float = 0.5) -> dict[str, torch.Tensor]:
     """(1 - t) A + t B for floating tensors; others (integer buffers) from A."""
@@ -47,6 +51,7 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
+    from suture.merge.align.transformer_repair import repair_mlps
     from suture.merge.align.pipeline import align_models
     from suture.merge.data import CalibrationData
     from suture.merge.derive import derive_spec, load_module
@@ -64,9 +69,15 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
     store_a, store_b = open_store(folder_a), open_store(folder_b)
     _, arch = derive_spec(store_a)
 
-    def loss_of(state: dict[str, torch.Tensor]) -> float:
-        module = load_module(DictStore(state, source="eval", config=store_a.config), arch)
+    def module_of(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        return load_module(DictStore(state, source="eval", config=store_a.config), arch)
+
+    def loss_of(state: dict[str, torch.Tensor] | torch.nn.Module) -> float:
+        module = state if isinstance(state, torch.nn.Module) else module_of(state)
         return lm_pairs.lm_loss(module, val, kind, tokenizer)
+
+    calib_batches = [{"input_ids": calib[i:i + batch_size]} for i in range(0, len(calib), batch_size)]
+    spec, _ = derive_spec(store_a)
 
     state_a = store_a.state_dict()
     loss_a, loss_b = loss_of(state_a), loss_of(store_b.state_dict())
@@ -87,6 +98,11 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
         rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
                       "aligned_b_loss": round(aligned_b, 4), "align_seconds": round(align_s, 2),
                       **{k: round(v, 4) for k, v in summary.items() if k.startswith("mean_corr")}}
+        if name in REPAIRED:
+            merged = module_of(midpoint(state_a, state_b))
+            repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
+            mid = loss_of(merged)
+            rows[f"{name}+repair"] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4)}
     naive = rows["naive"]["barrier"]
     for row in rows.values():
         row["barrier_vs_naive"] = round(row["barrier"] / naive, 3) if naive > 0 else None

@@ -139,3 +139,26 @@ def test_recipe_aligns_two_gpt2_folders_trained_apart(tmp_path):
     assert ev["models"][str(b)]["loss"] > 0 and isinstance(ev["merged"]["loss"], float)
     merged = open_store(result.out_dir)
     assert set(merged.names()) == set(open_store(a).names())
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_repair_gives_merged_mlp_units_the_interpolated_statistics(tmp_path, family):
+    from suture.merge.align.transformer_repair import _moments, repair_mlps, up_projections
+
+    store_a, store_b = open_store(_folder(tmp_path, family, 1)), open_store(_folder(tmp_path, family, 2))
+    spec, arch = derive_spec(store_a)
+    module_a, module_b = load_module(store_a, arch), load_module(store_b, arch)
+    state_a, state_b = store_a.state_dict(), store_b.state_dict()
+    merged = load_module(DictStore({k: (v + state_b[k]) / 2 for k, v in state_a.items()}, source="m",
+                                   config=store_a.config), arch)
+    batches = _batches(4)
+    names = [n for _, n in up_projections(spec, merged)]
+    assert len(names) == 2  # one MLP up projection per block
+    before = _moments(merged, names, batches)
+    assert repair_mlps(merged, module_a, module_b, spec, batches) == 2
+    after, ends_a, ends_b = _moments(merged, names, batches), _moments(module_a, names, batches), _moments(module_b, names, batches)
+    for n in names:
+        target_std = (ends_a[n][1] + ends_b[n][1]) / 2
+        assert not torch.allclose(before[n][1], target_std, rtol=1e-3)
+        torch.testing.assert_close(after[n][1], target_std, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(after[n][0], (ends_a[n][0] + ends_b[n][0]) / 2, rtol=1e-4, atol=1e-5)
