@@ -122,12 +122,14 @@ def test_sites_pool_the_residual_stream_over_every_block():
 
 
 def test_recipe_aligns_two_gpt2_folders_trained_apart(tmp_path):
-    """`alignment: {engine: activation_matching, data: <.txt>}` on two HF folders: merged, evaluated, reported."""
+    """`alignment: {engine: activation_matching, data: <.txt>, repair: repair}` on two HF folders: merged, repaired,
+    evaluated, reported."""
     a, b = _folder(tmp_path, "gpt2", 1), _folder(tmp_path, "gpt2", 2)
     data = _texts(tmp_path / "lines.txt", n=12)
     recipe = {"merge_method": "linear",
               "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
-              "alignment": {"engine": "activation_matching", "data": str(data), "features": "pooled", "batch_size": 4},
+              "alignment": {"engine": "activation_matching", "data": str(data), "features": "pooled", "batch_size": 4,
+                            "repair": "repair"},
               "evaluate": {"data": str(data), "points": 3, "plot": False}}
     result = run_recipe(recipe, tmp_path / "out")
     report = result.report
@@ -137,6 +139,7 @@ def test_recipe_aligns_two_gpt2_folders_trained_apart(tmp_path):
     ev = report["evaluation"]
     # the aligned copy of B is B up to a permutation: the same loss
     assert ev["models"][str(b)]["loss"] > 0 and isinstance(ev["merged"]["loss"], float)
+    assert report["alignment"]["postprocess"]["repair"] == "repair"  # the merged MLP units were rescaled
     merged = open_store(result.out_dir)
     assert set(merged.names()) == set(open_store(a).names())
 
