@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from suture.merge.activations import batch_inputs, collect_stats
@@ -198,8 +199,6 @@ def _resolve_constant_units(
 
 
 # ---------------------------------------------------------------------------------------------- engine
-
-from pydantic import Field  # noqa: E402
 
 from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
 from suture.merge.align.weight_matching import REBASIN  # noqa: E402
