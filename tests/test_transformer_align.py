@@ -114,9 +114,9 @@ def test_sites_pool_the_residual_stream_over_every_block():
     spec = spec_from_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, model.config.to_dict(), "gpt2")
     sites = transformer_sites(spec, model)
     stream = [(s.module, s.where) for s in sites["residual"]["stream"]]
-    # pre-LN: the input of every norm is the stream after the embeddings, after each residual add, and at the end
-    assert stream == [("transformer.h.0.ln_1", "input"), ("transformer.h.0.ln_2", "input"),
-                      ("transformer.h.1.ln_1", "input"), ("transformer.h.1.ln_2", "input"), ("transformer.ln_f", "input")]
+    # pre-LN: every norm reads the stream after the embeddings, after each residual add, and at the end
+    assert stream == [("transformer.h.0.ln_1", "output"), ("transformer.h.0.ln_2", "output"),
+                      ("transformer.h.1.ln_1", "output"), ("transformer.h.1.ln_2", "output"), ("transformer.ln_f", "output")]
     assert set(sites["layer0.attn"]) == {"out0", "out1", "out2", "heads_out"}  # Q, K, V blocks of c_attn + head outputs
     assert [(s.module, s.where) for s in sites["layer1.mlp"]["units"]] == [("transformer.h.1.mlp.c_proj", "input")]
 
