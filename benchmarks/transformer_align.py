@@ -11,7 +11,7 @@ Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activat
 ``--calib`` training blocks. ``<engine>+repair`` rows rescale the midpoint's MLP units to the endpoints'
 interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
 
-    nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--calib 256] [--val 400]
+    nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
     return {k: torch.lerp(v.float(), state_b[k].float(), t) if v.is_floating_point() else v for k, v in state_a.items()}
 
 
-def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None) -> dict:
+def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
+             seeds: tuple[int, int] = (1, 2)) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -59,7 +60,7 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
 
     overrides = {} if steps is None else {"steps": steps}
     recipe = lm_pairs.Recipe(kind=kind, **overrides)
-    folder_a, folder_b = lm_pairs.pair(kind, **overrides)
+    folder_a, folder_b = lm_pairs.pair(kind, seeds, **overrides)
     cache = folder_a.parent
     tokenizer = lm_pairs.tokenizer_for(recipe, cache)
     val = lm_pairs.val_blocks(recipe, tokenizer)[:val_blocks_n]
@@ -120,12 +121,13 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256, help="calibration blocks (training text)")
     ap.add_argument("--val", type=int, default=400, help="validation blocks the losses are measured on")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
     for kind in args.kinds:
-        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps)
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds))
     print(json.dumps(out, indent=2))
 
 
