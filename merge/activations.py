@@ -19,7 +19,7 @@ from torch import nn
 
 from suture.merge.errors import InputError
 from suture.merge.graph.trace import Tap, trace_module
-from suture.merge.measure import PairedMoments, capture, eval_mode, tap_site, unit_features
+from suture.merge.measure import PairedMoments, Site, capture, eval_mode, tap_site, unit_features
 
 __all__ = ["FeatureStats", "batch_inputs", "collect_stats", "group_taps", "unit_features"]
 
@@ -95,7 +95,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def collect_stats(
     model_a: nn.Module,
-    taps: Mapping[str, Sequence[Tap]],
+    taps: Mapping[str, Sequence[Tap | Site]],
     batches: Iterable[Any],
     *,
     model_b: nn.Module | None = None,
@@ -106,13 +106,18 @@ def collect_stats(
     input_fn: Callable[[Any], tuple[tuple, dict]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, FeatureStats]:
-    """Run calibration batches through model A (and B) in eval mode; return per-group feature statistics."""
+    """Run calibration batches through model A (and B) in eval mode; return per-group feature statistics.
+
+    Each group is observed at its taps (or :class:`~merge.measure.Site` objects, which shape their own
+    features); the samples of all of a group's taps are pooled into one set of statistics.
+    """
     dev = torch.device(device)
     feed = input_fn or batch_inputs
     stats: dict[str, FeatureStats] = {}
     models = (model_a,) if model_b is None else (model_a, model_b)
     seen = 0
-    sites = {(group, i): tap_site(tap) for group, group_taps_ in taps.items() for i, tap in enumerate(group_taps_)}
+    sites = {(group, i): tap if isinstance(tap, Site) else tap_site(tap)
+             for group, group_taps_ in taps.items() for i, tap in enumerate(group_taps_)}
     with eval_mode(*models), torch.no_grad(), capture(model_a, sites) as rec_a:
         with capture(model_b, sites) if model_b is not None else nullcontext({}) as rec_b:
             for batch in batches:

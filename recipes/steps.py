@@ -93,20 +93,23 @@ def check_repair(section: AlignmentSection, architecture: Architecture | None) -
         return
     if architecture is None:
         raise AlignmentError(f"alignment.repair: {section.repair} needs a runnable architecture (`architecture:` in the recipe)")
-    refuse_hf(architecture, f"alignment.repair: {section.repair}",
-              "it re-estimates BatchNorm statistics / rescales channels found by tracing a MLP or CNN, and transformers "
-              "models (LayerNorm, no BatchNorm; not traceable by torch.fx) have neither; use repair: none")
+    if section.repair == "reset_bn":
+        refuse_hf(architecture, "alignment.repair: reset_bn",
+                  "transformers models have LayerNorm, no BatchNorm statistics to reset; use repair: repair or none")
 
 
 def repair_output(folder: Path, section: AlignmentSection, outcome, t: float) -> dict[str, Any]:
     """Reset BatchNorm statistics or apply REPAIR to the merged weights in `folder`, rewriting them in place."""
+    from suture.merge.align.transformer_repair import repair_mlps
+    from suture.merge.data import iter_batches
+    from suture.merge.hf_module import HFArchitecture
     from suture.merge.repair import repair, reset_batchnorm
     from suture.merge.writer import save_tensors
 
     check_repair(section, outcome.architecture)
     if section.data is None:
         raise RecipeError(f"alignment.repair: {section.repair} needs calibration data (alignment.data)")
-    data = load_data(section.data, split="train", max_items=section.max_items)
+    data = load_data(section.data, split="train", max_items=section.max_items, store=outcome.stores.get(outcome.reference))
     merged_store = open_store(folder)
     merged = load_module(merged_store, outcome.architecture)
     merged_store.close()
@@ -117,7 +120,11 @@ def repair_output(folder: Path, section: AlignmentSection, outcome, t: float) ->
         if len(keys) != 2:
             raise AlignmentError("alignment.repair: repair interpolates two endpoints; it needs exactly two models")
         ends = [load_module(outcome.stores[k], outcome.architecture) for k in keys]
-        repair(merged, ends[0], ends[1], data, t=t, batch_size=section.batch_size)
+        if isinstance(outcome.architecture, HFArchitecture):  # transformers: the MLP units (merge.align.transformer_repair)
+            batches = [x for x, _ in iter_batches(data, section.batch_size)]
+            repair_mlps(merged, ends[0], ends[1], outcome.spec, batches, t=t)
+        else:
+            repair(merged, ends[0], ends[1], data, t=t, batch_size=section.batch_size)
     state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     names = open_store(folder).names()
     ordered = {n: state[n] for n in names}

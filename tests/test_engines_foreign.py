@@ -235,7 +235,7 @@ def test_hf_custom_code_is_refused_without_opt_in():
 
 
 @pytest.mark.parametrize("alignment", [
-    {"engine": "activation_matching", "repair": "repair"},
+    {"engine": "activation_matching", "repair": "reset_bn"},
     {"engine": "zipit"},
 ])
 def test_repair_and_zipit_refuse_transformers_models_in_one_line(tmp_path, alignment):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from suture.merge.activations import batch_inputs, collect_stats
@@ -74,12 +75,8 @@ def activation_matching(
     if not wanted:
         raise AlignmentError("none of the spec's groups can be observed: the taps name no group of this spec")
 
-    def on_batch(seen: int) -> None:
-        if progress is not None:
-            progress(seen, float("nan"))
-
-    stats = collect_stats(model_a, wanted, batches, model_b=model_b, device=device, max_batches=max_batches,
-                          input_fn=input_fn, progress=on_batch)  # fmt: skip
+    stats = collect_paired(model_a, model_b, wanted, batches, device=device, max_batches=max_batches,
+                           input_fn=input_fn, progress=progress)
     before = after = 0.0
     units = constant = 0
     corrs: dict[str, torch.Tensor] = {}
@@ -111,11 +108,30 @@ def activation_matching(
     for g in groups:
         if g.name in corrs:
             after += assignment_score(corrs[g.name], result.perms[g.name])
-    for name, why in result.skipped.items():
-        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
     if constant:
         logger.info("%d units (A and B together) are constant on the calibration data", constant)
     result.stats["constant_units"] = constant
+    return finish_match(result, before, after, units, start, progress)
+
+
+def collect_paired(model_a: nn.Module, model_b: nn.Module, wanted: Mapping[str, Sequence[Any]], batches: Iterable[Any], *,
+                   device: str | torch.device, max_batches: int | None,
+                   input_fn: Callable[[Any], tuple[tuple, dict]] | None,
+                   progress: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """Paired feature statistics of A and B at `wanted`'s taps or sites; `progress` gets (batches seen, nan)."""
+    def on_batch(seen: int) -> None:
+        if progress is not None:
+            progress(seen, float("nan"))
+
+    return collect_stats(model_a, wanted, batches, model_b=model_b, device=device, max_batches=max_batches,
+                         input_fn=input_fn, progress=on_batch)  # fmt: skip
+
+
+def finish_match(result: MatchResult, before: float, after: float, units: int, start: float,
+                 progress: Callable[[int, float], None] | None) -> MatchResult:
+    """Log skipped groups, record the mean correlation of matched units before/after and the time; report."""
+    for name, why in result.skipped.items():
+        logger.warning("activation matching leaves group %r unpermuted: %s", name, why)
     result.iterations = 1
     result.stats["mean_corr_before"] = before / max(units, 1)
     result.stats["mean_corr_after"] = after / max(units, 1)
@@ -187,15 +203,24 @@ def _resolve_constant_units(
 from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine  # noqa: E402
 from suture.merge.align.weight_matching import REBASIN  # noqa: E402
 
+VERMA = ("Merging Text Transformer Models from Different Initializations (Verma & Elbayad, TMLR 2024)",
+         "https://arxiv.org/abs/2403.00986")
+
 
 class ActivationMatchingOptions(AlignmentOptions):
     """`alignment: {engine: activation_matching, data, ...}`."""
 
     engine: Literal["activation_matching"] = "activation_matching"
+    features: Literal["pooled", "modules"] = Field(
+        "pooled", title="Transformer features",
+        description="Transformers folders only. pooled: the residual stream is matched once on features pooled over "
+                    "all its sites, attention heads as whole heads by their outputs then within heads, MLP units by "
+                    "their activations (Verma & Elbayad, 2024); modules: each group observed at one module.")
 
 
 def _align(request: AlignRequest):
     from suture.merge.align.pipeline import align_permutations
+    from suture.merge.align.transformer_match import match_transformer
     from suture.merge.data import iter_batches
     from suture.merge.derive import load_module
     from suture.merge.hf_module import HFArchitecture, hf_taps
@@ -209,6 +234,9 @@ def _align(request: AlignRequest):
                                  "Suture's zoo)", field=("architecture",))
         batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
         module_a = load_module(ref_store, arch)
+        if isinstance(arch, HFArchitecture) and request.options.features == "pooled":
+            return match_transformer(spec, module_a, load_module(store, arch), batches, device=request.device,
+                                     progress=step, engine=ENGINE.name)
         # transformers models are not traced: the family spec's members say where each group shows
         taps = hf_taps(spec, module_a) if isinstance(arch, HFArchitecture) else None
         return activation_matching(spec, module_a, load_module(store, arch), batches, taps=taps,
@@ -219,6 +247,6 @@ def _align(request: AlignRequest):
 
 ENGINE = register_engine(Engine(
     name="activation_matching", title="Activation matching (Git Re-Basin)",
-    description="permutation alignment by activation matching", papers=(REBASIN,), options=ActivationMatchingOptions,
+    description="permutation alignment by activation matching", papers=(REBASIN, VERMA), options=ActivationMatchingOptions,
     align=_align, outcome="permuted", needs_data=True, needs_module=True, form_common=("repair",),
 ))

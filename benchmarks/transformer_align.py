@@ -1,0 +1,135 @@
+"""Midpoint LM-loss barrier of two-seed transformer pairs under each alignment engine; prints JSON.
+
+The pairs are the tiny GPT-2 causal LMs and BERT masked LMs of ``benchmarks/lm_pairs.py`` (trained on first
+use and cached). For every engine, model B is aligned to model A through the engine registry (as a recipe's
+``alignment:`` section would), the two are averaged with equal weights, and the midpoint's validation loss
+is compared with the endpoints': ``barrier = loss(midpoint) - (loss(A) + loss(B)) / 2``, in nats per token.
+
+Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activation_matching`` with
+``features: modules`` (each group observed at one module) and with ``features: pooled`` (Verma & Elbayad,
+2024: residual stream pooled over all its sites, heads whole then within heads, MLP units), calibrated on
+``--calib`` training blocks. ``<engine>+repair`` rows rescale the midpoint's MLP units to the endpoints'
+interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
+
+    nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+ENGINES = {
+    "naive": None,
+    "weight_matching": {"engine": "weight_matching"},
+    "activation_matching(modules)": {"engine": "activation_matching", "features": "modules"},
+    "activation_matching(pooled)": {"engine": "activation_matching", "features": "pooled"},
+}
+
+# engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
+REPAIRED = ("naive", "weight_matching", "activation_matching(pooled)")
+
+
+def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], t: float = 0.5) -> dict[str, torch.Tensor]:
+    """(1 - t) A + t B for floating tensors; others (integer buffers) from A."""
+    return {k: torch.lerp(v.float(), state_b[k].float(), t) if v.is_floating_point() else v for k, v in state_a.items()}
+
+
+def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
+             seeds: tuple[int, int] = (1, 2)) -> dict:
+    import lm_pairs
+
+    from suture.merge.align.engines import get_engine
+    from suture.merge.align.transformer_repair import repair_mlps
+    from suture.merge.align.pipeline import align_models
+    from suture.merge.data import CalibrationData
+    from suture.merge.derive import derive_spec, load_module
+    from suture.merge.store import DictStore, open_store
+
+    overrides = {} if steps is None else {"steps": steps}
+    recipe = lm_pairs.Recipe(kind=kind, **overrides)
+    folder_a, folder_b = lm_pairs.pair(kind, seeds, **overrides)
+    cache = folder_a.parent
+    tokenizer = lm_pairs.tokenizer_for(recipe, cache)
+    val = lm_pairs.val_blocks(recipe, tokenizer)[:val_blocks_n]
+    train = lm_pairs.pack(tokenizer, lm_pairs.review_texts("train"), kind, recipe.context)
+    calib = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:calib_blocks]]
+    data = CalibrationData({"input_ids": calib}, name=f"{calib_blocks} training blocks")
+    store_a, store_b = open_store(folder_a), open_store(folder_b)
+    _, arch = derive_spec(store_a)
+
+    def module_of(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        return load_module(DictStore(state, source="eval", config=store_a.config), arch)
+
+    def loss_of(state: dict[str, torch.Tensor] | torch.nn.Module) -> float:
+        module = state if isinstance(state, torch.nn.Module) else module_of(state)
+        return lm_pairs.lm_loss(module, val, kind, tokenizer)
+
+    calib_batches = [{"input_ids": calib[i:i + batch_size]} for i in range(0, len(calib), batch_size)]
+    spec, _ = derive_spec(store_a)
+
+    state_a = store_a.state_dict()
+    loss_a, loss_b = loss_of(state_a), loss_of(store_b.state_dict())
+    mean_end = (loss_a + loss_b) / 2
+    rows = {}
+    for name, options in ENGINES.items():
+        t0 = time.perf_counter()
+        if options is None:
+            state_b, summary = store_b.state_dict(), {}
+        else:
+            opts = get_engine(options["engine"]).parse({**options, "batch_size": batch_size})
+            outcome = align_models({"a": store_a, "b": store_b}, "a", opts, data=data)
+            state_b = outcome.stores["b"].state_dict()
+            summary = outcome.results["b"].summary()
+        align_s = time.perf_counter() - t0
+        aligned_b = loss_of(state_b)  # a permutation keeps B's function: this checks it
+        mid = loss_of(midpoint(state_a, state_b))
+        rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
+                      "aligned_b_loss": round(aligned_b, 4), "align_seconds": round(align_s, 2),
+                      **{k: round(v, 4) for k, v in summary.items() if k.startswith("mean_corr")}}
+        if name in REPAIRED:
+            merged = module_of(midpoint(state_a, state_b))
+            repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
+            mid = loss_of(merged)
+            rows[f"{name}+repair"] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4)}
+    naive = rows["naive"]["barrier"]
+    for row in rows.values():
+        row["barrier_vs_naive"] = round(row["barrier"] / naive, 3) if naive > 0 else None
+    best = min((r for r in rows if r != "naive"), key=lambda r: rows[r]["barrier"])
+    return {"models": {"a": str(folder_a), "b": str(folder_b)},
+            "recipe": json.loads((folder_a / "recipe.json").read_text())["recipe"],
+            "val_loss": {"a": round(loss_a, 4), "b": round(loss_b, 4)}, "val_blocks": len(val),
+            "calibration_blocks": len(calib), "engines": rows, "best": best,
+            "floor_met": rows[best]["barrier"] <= 0.5 * naive}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", nargs="+", default=["gpt2", "bert"], choices=["gpt2", "bert"])
+    ap.add_argument("--calib", type=int, default=256, help="calibration blocks (training text)")
+    ap.add_argument("--val", type=int, default=400, help="validation blocks the losses are measured on")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
+    for kind in args.kinds:
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
