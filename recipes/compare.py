@@ -253,7 +253,8 @@ def row_recipe(spec: CompareSpec, row: RowSpec, point: Mapping[str, Any], *, dat
             *parents, last = row.data.key.split(".")
             for part in parents:
                 target = target.setdefault(part, {})
-            target[last] = str(data_files[t.name]) if data_files else "placeholder.txt"
+            # tokenised as the scorer does, so the data stage sees the texts the tasks are scored on
+            target[last] = f"{data_files[t.name] if data_files else 'placeholder.txt'}?max_length={spec.evaluation.max_length}"
             entry["head"] = entry["model"]  # the data stage scores each task with that task's own head/
         models.append(entry)
     recipe: dict[str, Any] = {"merge_method": row.method, "models": models, "dtype": spec.dtype}
