@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,32 @@ def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mean_pool(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state, batch["attention_mask"])
 
 
+def attach_head(model: nn.Module, head: LinearHead) -> nn.Module:
+    """Make an encoder return ``head``'s logits on its mean-pooled output (the features compare scores with).
+
+    Data-driven merges (Fisher's log-likelihood, AdaMerging's entropy, aTLAS's cross-entropy) need each
+    fine-tune's task logits, but the encoder folder holds no classifier: its head lives in ``head/``. A forward
+    hook replaces the encoder's output, so the module's state names stay the encoder's (the statistics and
+    learned coefficients line up with the store's tensors) and the head, a constant, is never merged. Works
+    under ``torch.func.functional_call`` too. Returns the same module.
+    """
+    on: dict[torch.device, LinearHead] = {}
+
+    def to_logits(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> torch.Tensor:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            raise InputError(f"task head {head.task!r}: the encoder's output {type(output).__name__} has no last_hidden_state")
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        if hidden.device not in on:
+            on[hidden.device] = replace(head, weight=head.weight.detach().to(hidden.device), bias=head.bias.detach().to(hidden.device))
+        return on[hidden.device].logits(mean_pool(hidden, mask))
+
+    model.register_forward_hook(to_logits, with_kwargs=True)
+    return model
+
+
 @torch.no_grad()
 def encode(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 64, batch_size: int = 64,
            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -126,4 +152,4 @@ def fit_probe(features: torch.Tensor, labels: Sequence[int], classes: Sequence[s
     return LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias).float(), task, tuple(classes))
 
 
-__all__ = ["HEAD_DIR", "LinearHead", "encode", "fit_probe", "load_head", "mean_pool", "pooled", "save_head"]
+__all__ = ["HEAD_DIR", "LinearHead", "attach_head", "encode", "fit_probe", "load_head", "mean_pool", "pooled", "save_head"]

@@ -3,7 +3,9 @@
 For a method registered with ``needs_data`` (RegMean, RegMean++, Fisher merging) the runner calls
 :func:`model_statistics` after planning and before executing the plan. Every model the method merges names
 its data in the recipe (``models[i].data``, a :mod:`merge.data` spec; text is encoded with that model's own
-tokenizer files); the top-level ``data:`` sets ``max_items`` (default 256), ``batch_size`` (32), ``split``
+tokenizer files) and, for an encoder whose task classifier lives beside it (a text fine-tune's ``head/``,
+:mod:`merge.text_heads`), ``models[i].head`` names that folder, so Fisher's log-likelihood and AdaMerging's
+entropy see the task's logits on the mean-pooled output; the top-level ``data:`` sets ``max_items`` (default 256), ``batch_size`` (32), ``split``
 (train) and, for Fisher merging, ``labels`` (auto / true / sampled). Each model is built as a torch module
 through the same route as alignment and evaluation (the recipe's ``architecture``, a zoo model's recorded
 factory, or a Hugging Face folder via transformers, with the same trust checks), one model at a time, and
@@ -16,7 +18,7 @@ recipe key and its YAML line (``models[1].data (line 9): ...``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -61,8 +63,33 @@ def model_data(r: Recipe, stores: Mapping[str, TensorStore], keys: Sequence[str]
             data = load_data(entry.data, split=opts.split, max_items=opts.max_items, store=store)
         except SutureError as exc:
             raise InputError(f"{where}: {exc}") from None
-        out.append(ModelData(key=key, data=data, build=lambda store=store, arch=arch: load_module(store, arch), where=where))
+        build = lambda store=store, arch=arch: load_module(store, arch)  # noqa: E731
+        if entry.head is not None:
+            build = _with_head(build, _model_head(r, i, entry.head))
+        out.append(ModelData(key=key, data=data, build=build, where=where))
     return out
+
+
+def _model_head(r: Recipe, i: int, value: str):
+    """``models[i].head``: the task head (``FOLDER/head/``) whose logits this model's data stage scores."""
+    from pathlib import Path
+
+    from suture.merge.text_heads import load_head
+
+    folder = Path(value).expanduser()
+    if not folder.is_absolute() and r.base_dir is not None:
+        folder = r.base_dir / folder
+    try:
+        return load_head(folder)
+    except SutureError as exc:
+        raise InputError(f"{r.where(('models', i, 'head'))}: {exc}") from None
+
+
+def _with_head(build: Callable[[], torch.nn.Module], head) -> Callable[[], torch.nn.Module]:
+    """A builder whose module ends in the task head (an encoder's pooled output -> that task's logits)."""
+    from suture.merge.text_heads import attach_head
+
+    return lambda: attach_head(build(), head)
 
 
 def model_statistics(r: Recipe, method: MergeMethod, tasks: Sequence[TensorTask], stores: Mapping[str, TensorStore],

@@ -253,7 +253,9 @@ def row_recipe(spec: CompareSpec, row: RowSpec, point: Mapping[str, Any], *, dat
             *parents, last = row.data.key.split(".")
             for part in parents:
                 target = target.setdefault(part, {})
-            target[last] = str(data_files[t.name]) if data_files else "placeholder.txt"
+            # tokenised as the scorer does, so the data stage sees the texts the tasks are scored on
+            target[last] = f"{data_files[t.name] if data_files else 'placeholder.txt'}?max_length={spec.evaluation.max_length}"
+            entry["head"] = entry["model"]  # the data stage scores each task with that task's own head/
         models.append(entry)
     recipe: dict[str, Any] = {"merge_method": row.method, "models": models, "dtype": spec.dtype}
     if method.uses_base or method.requires_base:
@@ -497,6 +499,8 @@ def _data_files(row: RowSpec, tasks: list[_Task], work: Path) -> dict[str, Path]
     for t in tasks:
         if t.spec.heldout:
             continue
+        if row.data.split not in t.splits:
+            raise InputError(f"task {t.spec.name} has no {row.data.split} split for this row's data; give it a {row.data.split} file")
         split = t.splits[row.data.split]
         n = min(row.data.examples, len(split))
         files[t.spec.name] = write_split_file(work / f"{t.spec.name}-{row.data.split}-{n}.txt",
@@ -509,11 +513,11 @@ def _merge_row(spec: CompareSpec, i: int, row: RowSpec, tasks: list[_Task], scor
     from suture.recipes.runner import RunOptions, run_recipe
 
     points = row.points()
-    files = _data_files(row, tasks, work)
     merged = [t for t in tasks if not t.spec.heldout]
     best: tuple[float, int, Path] | None = None
     grid, seconds_merge = [], 0.0
     try:
+        files = _data_files(row, tasks, work)
         for j, point in enumerate(points):
             recipe = row_recipe(spec, row, point, data_files=files)
             folder = work / f"row{i}-point{j}"

@@ -291,6 +291,8 @@ class ModelEntry(_Section):
     model: ModelRef
     parameters: Params | None = None
     data: DataSpec | None = None
+    # a text fine-tune's task head (a folder holding head/, merge.text_heads) for the data stage's logits
+    head: StrictStr | None = None
 
 
 class DataOptions(_Section):

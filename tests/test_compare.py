@@ -224,3 +224,47 @@ def test_finetune_folders_carry_exactly_the_base_tensor_names(tmp_path):
     got = load_file(tmp_path / "ft.safetensors")
     assert set(got) == set(base)
     assert torch.equal(got["embeddings.position_ids"], base["embeddings.position_ids"]) and torch.equal(got["w"], torch.full((2, 2), 3.0))
+
+
+def test_task_heads_reach_the_data_driven_stage(setup):
+    """Fisher, AdaMerging and aTLAS see each fine-tune's own head: AdaMerging with 0 steps is task arithmetic at λ=0.3."""
+    root = setup["root"]
+    rows = [{"method": "adamerging", "parameters": {"steps": 0, "layerwise": False, "init": 0.3}, "data": {"examples": 8, "split": "test"}},
+            {"method": "fisher", "data": {"examples": 4, "labels": True, "split": "validation"}},
+            {"method": "atlas", "parameters": {"steps": 2}, "data": {"examples": 8, "labels": True, "split": "validation"}}]
+    report = run_compare(load_compare_spec(_write(root, "heads.yaml", _spec(root, rows))), root / "heads-out").report
+    got = {r["name"]: r for r in report["compare"]["rows"]}
+    assert all("error" not in r for r in got.values()), {k: r.get("error") for k, r in got.items()}
+    for name, acc in _ta_accuracy(setup, 0.3, "test").items():
+        assert got["adamerging"]["accuracy"][name] == pytest.approx(acc, abs=1e-4)
+    assert got["adamerging"]["recipe"]["models"][0]["head"] == str(root / "colours")
+    assert got["fisher"]["needs"] == {"data": "labelled", "examples": 8, "split": "validation", "selection": None}
+
+
+def test_head_gives_the_model_its_task_logits(setup, tmp_path):
+    """models[i].head: the data stage's module returns exactly the head's logits on the mean-pooled encoder output."""
+    from suture.merge.store import open_store
+    from suture.recipes.calibration import model_data
+    from suture.recipes.schema import parse_recipe
+
+    from suture.merge.evaluate import model_logits, run_module
+    from suture.merge.errors import InputError
+
+    root = setup["root"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "fisher", "dtype": "float32",
+                                    "models": [{"model": str(root / "colours"), "data": str(root / "colours-test.txt"), "head": "../colours"}]}))
+    r = parse_recipe(yaml.safe_load(path.read_text()), source=str(path))
+    with pytest.raises(InputError, match=r"models\[0\]\.head.*no readable task head"):
+        model_data(r, {str(root / "colours"): open_store(root / "colours")}, [str(root / "colours")], None, False)
+    entry = {"model": str(root / "colours"), "data": str(root / "colours-test.txt"), "head": str(root / "colours")}
+    r = parse_recipe({"merge_method": "fisher", "dtype": "float32", "models": [entry]})
+    md, = model_data(r, {str(root / "colours"): open_store(root / "colours")}, [str(root / "colours")], None, False)
+    inputs, _ = md.data[0:5]
+    logits = model_logits(run_module(md.build(), inputs))
+    texts = setup["splits"]["colours"]["test"].texts[:5]
+    from transformers import AutoModel
+
+    expected = load_head(root / "colours").logits(encode(AutoModel.from_pretrained(str(root / "colours")), setup["tok"], texts, max_length=512))
+    assert logits.shape == (5, 2)
+    assert torch.allclose(logits, expected, atol=1e-5)

@@ -232,6 +232,20 @@ def test_nuslerp_on_task_vectors_and_single_model():
     close(run("nuslerp", [[4.0, 5.0]], [{"weight": 1.0}]), [4.0, 5.0])
 
 
+def test_multislerp_zero_task_vectors_keep_the_base():
+    base = [[1.0, -2.0], [0.5, 3.0]]
+    # two models equal to the base: mergekit 0.1.5's linear fallback returns the base; so does Suture
+    close(run("multislerp", [base, base], [{"weight": 1.0}, {"weight": 2.0}], base=base), base)
+    # four (mergekit raises its "antipodal vectors" ValueError from three on): the base, the merge every model agrees on
+    close(run("multislerp", [base] * 4, [{"weight": 1.0}] * 4, base=base), base)
+    # one zero task vector among others adds nothing to the direction but its norm 0 to the weighted norm (as mergekit)
+    out = run("multislerp", [[2.0, 0.0], [0.0, 0.0]], [{"weight": 1.0}, {"weight": 1.0}], base=[0.0, 0.0])
+    close(out, [1.0, 0.0], 1e-6)
+    # directions that really cancel out still fail with the one-line error (mergekit raises too)
+    with pytest.raises(InputError, match="cancel out"):
+        run("multislerp", [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], [{"weight": 1.0}] * 3)
+
+
 def test_multislerp():
     # barycentre of directions (3/4 e1 + 1/4 e2 normalized) times the weighted norm 3/4*2 + 1/4*1
     out = run("multislerp", [[2.0, 0.0], [0.0, 1.0]], [{"weight": 3.0}, {"weight": 1.0}])

@@ -163,6 +163,12 @@ def multislerp_tensors(
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
+        if not bool(norms.any()):
+            # every model equals the base here (e.g. a frozen embedding table: all task vectors are zero). mergekit
+            # 0.1.5 returns the base for two models (its linear fallback) but raises its "antipodal" error for
+            # three or more; the only merge all models agree on is the base, so it is kept for any number
+            res = torch.zeros_like(stacked[0])
+            return res + base if base is not None else res
         if flat.shape[0] == 2:
             res = (stacked[0] * w[0] + stacked[1] * w[1]).reshape(stacked.shape[1:])
             return res + base if base is not None else res
