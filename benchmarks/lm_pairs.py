@@ -150,25 +150,22 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, generator: tor
 
 
 def lm_loss(model: torch.nn.Module, blocks: torch.Tensor, kind: str, tokenizer: Any, batch: int = 64) -> float:
-    """Mean token cross-entropy of `model` on `blocks` (next-token for GPT-2, fixed-mask MLM for BERT)."""
-    model.eval()
-    total, count = 0.0, 0
-    gen = torch.Generator().manual_seed(EVAL_MASK_SEED)
-    with torch.no_grad():
+    """Mean token cross-entropy of `model` on `blocks` through Suture's LM evaluation (`merge.lm_eval`, the same
+    numbers `evaluate:` reports): next-token for GPT-2, a seeded 15 % of positions masked for BERT."""
+    from suture.merge.lm_eval import causal_targets, lm_loss as suture_lm_loss, mask_tokens as eval_mask
+
+    def batches():
         for start in range(0, len(blocks), batch):
             ids = blocks[start:start + batch]
             if kind == "gpt2":
-                logits = model(input_ids=ids).logits[:, :-1]
-                labels = ids[:, 1:]
+                yield {"input_ids": ids}, causal_targets(ids)
             else:
-                inputs, labels = mask_tokens(ids, tokenizer.mask_token_id, len(tokenizer), gen,
-                                             skip=(tokenizer.sep_token_id,))
-                logits = model(input_ids=inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-    return total / max(count, 1)
+                special = [t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if t is not None]
+                masked, targets = eval_mask(ids, None, mask_token_id=tokenizer.mask_token_id, special_ids=special,
+                                            seed=EVAL_MASK_SEED + start)
+                yield {"input_ids": masked}, targets
+
+    return suture_lm_loss(model, batches(), "causal" if kind == "gpt2" else "masked").loss
 
 
 def tokenizer_for(recipe: Recipe, cache: Path) -> Any:

@@ -36,6 +36,9 @@ ENGINES = {
     "weight_matching": {"engine": "weight_matching"},
     "activation_matching(modules)": {"engine": "activation_matching", "features": "modules"},
     "activation_matching(pooled)": {"engine": "activation_matching", "features": "pooled"},
+    # linear maps, not permutations: only the MLP blocks are mapped (norms, heads and fused attention kept), so
+    # B after alignment is not exactly B (its aligned_b_loss shows by how much)
+    "cca": {"engine": "cca"},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
