@@ -492,6 +492,45 @@ def _run(spec: CompareSpec, out_dir: str | Path, overwrite: bool, progress: Prog
     return CompareResult(out, report)
 
 
+class RowScorer:
+    """Scores merge rows of a compare spec one at a time, as ``suture compare`` does, for callers that choose the
+    rows themselves (a merge search over the spec's fine-tunes): each call merges the row's recipe into a
+    temporary folder and returns every fine-tuned task's accuracy on the requested splits, each with its own head.
+
+    The evaluation model, tokenizer and task data are loaded once, so many rows cost one load. The caller sets
+    torch's threads (``evaluation.threads`` is applied by ``run_compare`` only)."""
+
+    def __init__(self, spec: CompareSpec | str | Path) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from suture.merge.execute import resolve_device
+
+        self.spec = spec if isinstance(spec, CompareSpec) else load_compare_spec(spec)
+        self.tasks = [t for t in _load_tasks(self.spec) if not t.spec.heldout]
+        base = self.spec.path(self.spec.base)
+        self._scorer = _Scorer(self.spec, self.tasks)
+        self._scorer.tokenizer = AutoTokenizer.from_pretrained(str(base))
+        self._scorer.model = AutoModel.from_pretrained(str(base)).to(resolve_device(self.spec.evaluation.device)).eval()
+        self._scorer.names = {k for k, _ in self._scorer.model.named_parameters()}
+
+    def score(self, row: RowSpec | Mapping[str, Any], splits: tuple[str, ...] = ("validation", "test")) -> dict[str, dict[str, float]]:
+        """{split: {task: accuracy, ..., "average": mean}} of the row's merge (data-free rows; no grid)."""
+        from suture.recipes.runner import RunOptions, run_recipe
+
+        row = row if isinstance(row, RowSpec) else RowSpec.model_validate(dict(row))
+        if row.data is not None or row.grid:
+            raise RecipeError(f"row {row.label}: RowScorer scores one data-free point (no data:, no grid:)")
+        with tempfile.TemporaryDirectory(prefix="suture-row-") as work:
+            folder = Path(work) / "merged"
+            run_recipe(row_recipe(self.spec, row, {}, data_files=None), folder, RunOptions(device=self.spec.evaluation.device))
+            self._scorer.load_weights(folder)
+        out = {}
+        for split in splits:
+            acc = self._scorer.score(split)
+            out[split] = {**{k: round(v, 4) for k, v in acc.items()}, "average": round(sum(acc.values()) / len(acc), 4)}
+        return out
+
+
 def _data_files(row: RowSpec, tasks: list[_Task], work: Path) -> dict[str, Path] | None:
     if row.data is None:
         return None
@@ -596,5 +635,5 @@ def _write_outputs(folder: Path, report: dict[str, Any]) -> None:
                      folder / "plot.png", individual=sum(c["individual"].values()) / len(c["individual"]))
 
 
-__all__ = ["CompareResult", "CompareSpec", "RowSpec", "TaskSpec", "load_compare_spec", "parse_compare_spec", "row_recipe",
+__all__ = ["CompareResult", "CompareSpec", "RowScorer", "RowSpec", "TaskSpec", "load_compare_spec", "parse_compare_spec", "row_recipe",
            "run_compare", "table_markdown"]

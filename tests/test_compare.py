@@ -20,6 +20,7 @@ import yaml
 
 from suture.merge.tasks_text import TextSplit, write_split_file
 from suture.merge.text_heads import encode, fit_probe, load_head, save_head
+from suture.merge.errors import RecipeError
 from suture.recipes.compare import load_compare_spec, run_compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,3 +269,17 @@ def test_head_gives_the_model_its_task_logits(setup, tmp_path):
     expected = load_head(root / "colours").logits(encode(AutoModel.from_pretrained(str(root / "colours")), setup["tok"], texts, max_length=512))
     assert logits.shape == (5, 2)
     assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_row_scorer_scores_a_row_as_task_arithmetic_recomputed_here(setup):
+    from suture.recipes.compare import RowScorer
+
+    root = setup["root"]
+    scorer = RowScorer(load_compare_spec(_write(root, "spec-rows.yaml", _spec(root, [{"method": "linear"}]))))
+    scores = scorer.score({"method": "task_arithmetic", "parameters": {"lambda": 0.6}})
+    for split in ("validation", "test"):
+        expected = _ta_accuracy(setup, 0.6, split)
+        assert {k: scores[split][k] for k in expected} == pytest.approx(expected, abs=1e-4)
+        assert scores[split]["average"] == pytest.approx(sum(expected.values()) / 2, abs=1e-4)
+    with pytest.raises(RecipeError, match="one data-free point"):
+        scorer.score({"method": "task_arithmetic", "grid": {"lambda": [0.2, 1.0]}})

@@ -96,7 +96,7 @@ def test_toy_engine_gets_a_form_from_its_options(toy):
     assert row["title"] == "Flip (toy)" and row["outcome"] == "permuted" and not row["builds_model"]
     (times,) = services.engine_options("flip")
     assert times == {"name": "times", "label": "Flips", "kind": "int", "default": 1, "min": 0, "max": 3, "step": None,
-                     "help": "How many times each group's units are reversed.", "choices": [], "depends": None}
+                     "help": "How many times each group's units are reversed.", "choices": [], "depends": None, "bounds": "in [0, 3]"}
     # the builder is a pure function of the JSON schema
     schema = _toy_engine.FlipOptions.model_json_schema()
     assert [w.name for w in form_fields(schema)] == list(_toy_engine.FlipOptions.model_fields)
