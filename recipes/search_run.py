@@ -51,8 +51,8 @@ def merge_recipe(r: Recipe, device: str = "cpu") -> tuple[dict[str, torch.Tensor
     from suture.merge.derive import architecture_of
     from suture.merge.execute import execute_in_memory, resolve_device
     from suture.recipes import steps
-    from suture.recipes.plan import build, open_models, reference_key, torch_dtype
-    from suture.recipes.runner import _apply_blend
+    from suture.recipes.plan import build, open_models, per_model_tensors, reference_key, torch_dtype
+    from suture.recipes.runner import _apply_blend, _data_statistics
     from suture.recipes.sections import parse_alignment
 
     alignment = parse_alignment(r.alignment, r.where)
@@ -76,8 +76,12 @@ def merge_recipe(r: Recipe, device: str = "cpu") -> tuple[dict[str, torch.Tensor
             architecture = architecture or outcome.architecture
         tasks, _, _ = build(r, models)
         seed = r.seed or 0
+        if per_model_tensors(r, models):
+            raise RecipeError(f"{r.source}: the models keep tensors of their own (per-task heads); search needs one merged model")
+        # data-driven methods (RegMean, Fisher, AdaMerging...): each trial measures its models on their data, as `suture run`
+        stats, _ = _data_statistics(r, tasks, models, architecture, dev, seed, r.trust_remote_code, None)
         state = execute_in_memory(tasks, models.stores, torch_dtype(r.out_dtype or r.dtype), device=dev,
-                                  compute_dtype=torch_dtype(r.dtype), seed=seed)
+                                  compute_dtype=torch_dtype(r.dtype), seed=seed, stats=stats)
         arch = architecture_of(models.stores[reference], chosen=architecture) or architecture
     finally:
         for store in models.stores.values():

@@ -133,3 +133,39 @@ def test_spec_requires_a_domain(tmp_path):
         parse_search_spec({"recipe": {"merge_method": "linear", "models": [{"model": "demo:task-0-4"}, {"model": "demo:task-5-9"}]},
                            "space": [{"key": "models[0].parameters.weight"}],
                            "evaluate": {"tasks": [{"data": "sklearn:digits"}]}})
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_a_trial_merges_data_driven_methods_as_suture_run_does(tmp_path, method):
+    from suture.recipes.runner import run_recipe
+    from suture.recipes.schema import load_recipe
+    from suture.recipes.search_run import merge_recipe
+
+    example = ROOT / "recipes" / "examples" / "regmean_finetunes.yaml"
+    text = example.read_text().replace("merge_method: regmean", f"merge_method: {method}")
+    if method == "fisher":
+        text = text.replace("  reduce_non_diagonal_ratio: 0.6\n", "  normalize: true\n")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(text)
+    state, _ = merge_recipe(load_recipe(recipe_file))  # what a search trial merges in memory
+    run_recipe(recipe_file, tmp_path / "out")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert state_digest(state) == state_digest(written)  # the same tensors, statistics included
+
+
+def test_a_data_driven_hyper_parameter_is_searchable(tmp_path):
+    import yaml
+
+    from suture.recipes.search_run import evaluate_recipe
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "examples" / "regmean_finetunes.yaml").read_text())
+    recipe.pop("evaluate")
+    spec = parse_search_spec({"recipe": recipe, "space": [{"key": "parameters.reduce_non_diagonal_ratio", "low": 0.0, "high": 1.0}],
+                              "evaluate": {"metric": "accuracy", "tasks": [{"data": "sklearn:digits", "name": "digits"}],
+                                           "split": "train", "heldout_split": "test"}, "search": {"trials": 2}})
+    scores = {}
+    for ratio in (0.0, 1.0):
+        config = dict.fromkeys(spec.param_names(), ratio)
+        scores[ratio] = evaluate_recipe(spec, spec.trial_recipe(config))
+    assert all(s[METRIC] > 0.8 and s["heldout"] > 0.8 for s in scores.values())  # RegMean merges of the two fine-tunes
+    assert scores[0.0]["digest"] != scores[1.0]["digest"]  # the searched value reaches the RegMean kernel
