@@ -286,3 +286,38 @@ def test_digits_mlps_weight_matching_removes_the_barrier():
     assert aligned_acc > naive_acc + 0.02
     assert aligned_acc > min(acc_a, acc_b) - 0.03
     assert result.converged and elapsed < 10.0  # under 1 s of CPU time; wall time depends on machine load
+
+
+# ------------------------------------------------------------------------------- streamed stores
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_file_stores_are_streamed_and_match_as_state_dicts_do(tmp_path, dtype):
+    """Stores that read safetensors files are streamed (each group re-reads its tensors in their stored dtype,
+    nothing held for the pair) and give the same permutations as the same tensors held in memory."""
+    from safetensors.torch import save_file
+
+    from suture.merge.align.weight_matching import WeightCosts, reads_fresh_copies
+    from suture.merge.store import open_store
+
+    torch.manual_seed(0)
+    model = _randomize(TinyLM()).eval()
+    spec = spec_from_module(model, torch.randint(0, 50, (2, 7)))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    scrambled = permute_state(state, spec, spec.random_permutations(seed=5))
+    stores = {}
+    for side, tensors in (("a", state), ("b", scrambled)):
+        (tmp_path / side).mkdir()
+        # tied tensors share storage in the module: the file holds a copy of each name
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp_path / side / "model.safetensors"))
+        stores[side] = open_store(tmp_path / side)
+    assert reads_fresh_copies(stores["a"]) and reads_fresh_copies(stores["b"])
+    costs = WeightCosts(spec, stores["a"], stores["b"], torch.device("cpu"))
+    assert costs._stream == {"a": True, "b": True}
+    assert all(costs.stored(side, n).dtype == dtype for side in "ab" for n in costs.names)  # fp32 only inside a product
+    assert costs.tensor_a(costs.names[0]).dtype == torch.float32
+    streamed = weight_matching(spec, stores["a"], stores["b"])
+    in_memory = weight_matching(spec, state, scrambled)
+    assert set(streamed.perms) == set(in_memory.perms)
+    for group, perm in in_memory.perms.items():
+        assert torch.equal(streamed.perms[group], perm), group
+    restored = permute_state(scrambled, spec, streamed.perms)
+    assert all(torch.equal(restored[k], state[k]) for k in state)
