@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from suture.merge.errors import InputError
+from suture.merge.measure import pool_items
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def load_head(folder: str | Path) -> LinearHead:
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states over real (unpadded) tokens, as sentence-transformers' MiniLM does."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """Average of the token states over real (unpadded) tokens, as sentence-transformers' MiniLM does
+    (the shared masked pooling of :func:`suture.merge.measure.pool_items`)."""
+    return pool_items(hidden, mask, channel_axis=-1)
 
 
 def pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

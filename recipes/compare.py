@@ -322,6 +322,16 @@ class _Scorer:
     tokenizer: Any = None
     names: set[str] = field(default_factory=set)
 
+    @classmethod
+    def open(cls, spec: CompareSpec, tasks: list[_Task], device: torch.device, progress: Progress | None = None) -> _Scorer:
+        """The base encoder (the architecture every row's weights go into) and its tokenizer, loaded once."""
+        from transformers import AutoModel, AutoTokenizer
+
+        base = str(spec.path(spec.base))
+        model = AutoModel.from_pretrained(base).to(device).eval()
+        return cls(spec, tasks, progress, model=model, tokenizer=AutoTokenizer.from_pretrained(base),
+                   names={k for k, _ in model.named_parameters()})
+
     def load_weights(self, folder: Path) -> None:
         """Put a folder's encoder tensors into the evaluation model (every parameter must be there)."""
         from safetensors.torch import load_file
@@ -419,18 +429,13 @@ def run_compare(spec: CompareSpec | str | Path, out_dir: str | Path, *, overwrit
 
 
 def _run(spec: CompareSpec, out_dir: str | Path, overwrite: bool, progress: Progress | None, started: float) -> CompareResult:
-    from transformers import AutoModel, AutoTokenizer
-
     from suture.merge.execute import resolve_device
     from suture.merge.writer import atomic_output_dir
 
     tasks = _load_tasks(spec)
     base = spec.path(spec.base)
     device = resolve_device(spec.evaluation.device)
-    scorer = _Scorer(spec, tasks, progress)
-    scorer.tokenizer = AutoTokenizer.from_pretrained(str(base))
-    scorer.model = AutoModel.from_pretrained(str(base)).to(device).eval()
-    scorer.names = {k for k, _ in scorer.model.named_parameters()}
+    scorer = _Scorer.open(spec, tasks, device, progress)
     merged_names = [t.spec.name for t in tasks if not t.spec.heldout]
     heldout_names = [t.spec.name for t in tasks if t.spec.heldout]
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="suture-compare-") as work:
@@ -501,17 +506,11 @@ class RowScorer:
     torch's threads (``evaluation.threads`` is applied by ``run_compare`` only)."""
 
     def __init__(self, spec: CompareSpec | str | Path) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         from suture.merge.execute import resolve_device
 
         self.spec = spec if isinstance(spec, CompareSpec) else load_compare_spec(spec)
         self.tasks = [t for t in _load_tasks(self.spec) if not t.spec.heldout]
-        base = self.spec.path(self.spec.base)
-        self._scorer = _Scorer(self.spec, self.tasks)
-        self._scorer.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        self._scorer.model = AutoModel.from_pretrained(str(base)).to(resolve_device(self.spec.evaluation.device)).eval()
-        self._scorer.names = {k for k, _ in self._scorer.model.named_parameters()}
+        self._scorer = _Scorer.open(self.spec, self.tasks, resolve_device(self.spec.evaluation.device))
 
     def score(self, row: RowSpec | Mapping[str, Any], splits: tuple[str, ...] = ("validation", "test")) -> dict[str, dict[str, float]]:
         """{split: {task: accuracy, ..., "average": mean}} of the row's merge (data-free rows; no grid)."""
