@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -95,9 +94,10 @@ if c3.button("Start search", type="primary", disabled=spec is None or bool(addre
 
 def trials_view(out: Path, finished: bool) -> None:
     """The trials table, the objective-vs-trial plot and (at the end) the best recipe with a Load button."""
+    from suture.merge.store import read_json
     from suture.recipes.search_run import trial_results
 
-    summary = json.loads((out / "trials.json").read_text()) if finished and (out / "trials.json").is_file() else None
+    summary = read_json(out / "trials.json") if finished and (out / "trials.json").is_file() else None
     rows = summary["trials"] if summary else trial_results(out)
     if not rows:
         st.caption("No trial has reported yet.")
