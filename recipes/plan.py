@@ -232,13 +232,29 @@ def _vocabulary(recipe: Recipe, models: OpenedModels) -> tuple[Any, set[str]]:
 
     dirs = {key: models.folder(key) for key in models.refs}
     base = str(recipe.base_model) if recipe.base_model is not None else None
-    vocab = plan_vocabulary(setting, dirs, base)
+    try:
+        vocab = plan_vocabulary(setting, dirs, base)
+    except RecipeError as exc:
+        raise _tokenizer_error(recipe, exc) from None
     if vocab is None:
         return None, set()
     names: set[str] = set()
     for store in models.stores.values():
         names |= embedding_tensor_names(store.names(), store.config, shapes=store.shapes())
     return vocab, names
+
+
+def _tokenizer_error(recipe: Recipe, exc: RecipeError) -> RecipeError:
+    """A vocabulary-planning error pointed at its recipe key and YAML line.
+
+    The tokenizer planner names the setting at fault (``tokenizer.tokens.bird.source: ...``) but knows no file
+    or line; the recipe does. A ``tokenizer_source:`` shorthand is reported at that key.
+    """
+    root = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+    key, sep, message = str(exc).partition(": ")
+    if not sep or not key.startswith("tokenizer"):
+        return recipe.error(root, str(exc))
+    return recipe.error(key if root == "tokenizer" else root, message)
 
 
 def _attach_vocab_remaps(tasks: list[TensorTask], vocab: Any, vocab_names: set[str], models: OpenedModels) -> None:

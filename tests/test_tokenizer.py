@@ -590,3 +590,28 @@ def test_missing_tokenizer_files_are_reported_once_and_warned_only_for_text_mode
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "no tokenizer files to copy" in r.getMessage()]
     assert [lvl for lvl, msg in said if str(vision) in msg] == [logging.DEBUG]
     assert [lvl for lvl, msg in said if str(text) in msg] == [logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "key"),
+    [
+        ("tokenizer:\n  source: union\n  tokens:\n    bird:\n      source: m2\n", 9, "tokenizer.tokens.bird.source"),
+        ("tokenizer_source: m9\n", 5, "tokenizer_source"),
+    ],
+)
+def test_recipe_tokenizer_errors_name_the_key_and_line(three, tmp_path, section, line, key):
+    """A tokenizer problem found while planning is one line naming the recipe file, the key and its YAML line."""
+    from safetensors.torch import save_file
+
+    from suture.recipes.runner import run_recipe
+
+    dirs, emb = three
+    for name, folder in dirs.items():
+        save_file({"model.embed_tokens.weight": emb[name].contiguous()}, str(folder / "model.safetensors"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {dirs['m1']}\n  - model: {dirs['m2']}\n{section}")
+    with pytest.raises(RecipeError) as info:
+        run_recipe(recipe, tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{recipe} line {line}: {key}:"), message
