@@ -962,7 +962,7 @@ class _Deriver:
         """A reshape that keeps the head axes whole, or merges (heads, head_dim) back into one axis."""
         v, s_in, s_out = self._val(x), _shape(x), _shape(node)
         if not isinstance(v, _Heads):
-            return self.unknown(node, f"reshape of a tuple holding attention heads (node {node.name})")
+            return self.unknown(node, f"reshape of a tuple holding attention heads")
 
         def kept(i: int) -> int | None:
             for j in range(len(s_out)):
@@ -978,13 +978,13 @@ class _Deriver:
             for j in range(len(s_out)):
                 if s_out[j] == width and math.prod(s_out[:j]) == prefix:
                     return _Lab(v.elem, j)
-        return self.unknown(node, f"reshape across attention heads (node {node.name})")
+        return self.unknown(node, f"reshape across attention heads")
 
     def _heads_transpose(self, node: torch.fx.Node, x: Any) -> Any:
         v, s_in = self._val(x), _shape(x)
         order = self._axis_order(node, len(s_in)) if isinstance(v, _Heads) else None
         if order is None:
-            return self.unknown(node, f"transpose of attention heads (node {node.name})")
+            return self.unknown(node, f"transpose of attention heads")
         return v.moved(order.index)
 
     def _heads_getitem(self, node: torch.fx.Node) -> Any:
@@ -995,13 +995,13 @@ class _Deriver:
         if v.outer is not None and len(idx) == v.outer + 1 and isinstance(idx[-1], int):
             if all(isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx[:-1])):
                 return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
-        return self.unknown(node, f"indexing into attention heads (node {node.name})")
+        return self.unknown(node, f"indexing into attention heads")
 
     def _heads_unbind(self, node: torch.fx.Node, x: Any) -> Any:
         v, s_in = self._val(x), _shape(x)
         dim = self._arg(node, 1, "dim", 0) % len(s_in)
         if v.outer is None or dim != v.outer:
-            return self.unknown(node, f"unbind of attention heads (node {node.name})")
+            return self.unknown(node, f"unbind of attention heads")
         one = _Heads(v.elem, v.head - (v.head > dim), v.dim - (v.dim > dim))
         return _Tuple((one,) * s_in[dim])
 
@@ -1022,10 +1022,10 @@ class _Deriver:
             elif v is not None:
                 return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} mixing heads with other permuted values")
         if len({h.axes() for h in heads}) != 1 or (heads[0].outer is not None and softmax_dim is not False):
-            return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads (node {node.name})")
+            return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads")
         out = heads[0]
         if softmax_dim is not False and (softmax_dim is None or softmax_dim % do == out.head and out.dim is not None):
-            return self.unknown(node, f"softmax over attention heads (node {node.name})")
+            return self.unknown(node, f"softmax over attention heads")
         root = out.elem
         for h in heads[1:]:
             root = self.uf.union(root, h.elem)
@@ -1040,16 +1040,16 @@ class _Deriver:
         """q @ k^T (contracting head_dim: scores per head) or scores @ v (heads of v's head_dim)."""
         va, vb, sa, sb, so = self._val(a), self._val(b), _shape(a), _shape(b), _shape(node)
         if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
-            return self.unknown(node, f"matmul of attention heads with another tensor (node {node.name})")
+            return self.unknown(node, f"matmul of attention heads with another tensor")
         na, nb, no = len(sa), len(sb), len(so)
         head = va.head + no - na
         if va.head >= na - 2 or vb.head >= nb - 2 or head != vb.head + no - nb:
-            return self.unknown(node, f"matmul across attention heads (node {node.name})")
+            return self.unknown(node, f"matmul across attention heads")
         if va.dim == na - 1 and vb.dim == nb - 2:
             return _Heads(self.uf.union(va.elem, vb.elem), head, None)
         if va.dim is None and vb.dim == nb - 1:
             return _Heads(self.uf.union(va.elem, vb.elem), head, no - 1)
-        return self.unknown(node, f"matmul within attention heads (node {node.name})")
+        return self.unknown(node, f"matmul within attention heads")
 
     def _heads_sdpa(self, node: torch.fx.Node) -> Any:
         """F.scaled_dot_product_attention(q, k, v, attn_mask): heads of q, k, v on the same axes, head_dim last."""
@@ -1060,7 +1060,7 @@ class _Deriver:
         if (node.kwargs.get("enable_gqa") or any(not isinstance(h, _Heads) or h.outer is not None or h.dim != len(s) - 1
                                                  or h.head != vals[0].head or len(s) != len(shapes[0]) for h, s in zip(vals, shapes))
                 or self._val(mask) is not None):
-            return self.unknown(node, f"scaled_dot_product_attention with heads laid out differently (node {node.name})")
+            return self.unknown(node, f"scaled_dot_product_attention with heads laid out differently")
         root = self.uf.union(self.uf.union(vals[0].elem, vals[1].elem), vals[2].elem)
         s = _shape(mask)
         if s is not None and vals[0].head - (len(shapes[0]) - len(s)) >= 0 and s[vals[0].head - (len(shapes[0]) - len(s))] != 1:
@@ -1072,19 +1072,19 @@ class _Deriver:
         eq, *ops = node.args
         ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
         if not isinstance(eq, str) or "..." in eq or "->" not in eq or len(ops) != 2:
-            return self.unknown(node, f"einsum on attention heads (node {node.name})")
+            return self.unknown(node, f"einsum on attention heads")
         ins, out = eq.replace(" ", "").split("->")
         (la, lb), (va, vb) = ins.split(","), (self._val(o) for o in ops)
         if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
-            return self.unknown(node, f"einsum of attention heads with another tensor (node {node.name})")
+            return self.unknown(node, f"einsum of attention heads with another tensor")
         head = la[va.head]
         if lb[vb.head] != head or head not in out:
-            return self.unknown(node, f"einsum across attention heads (node {node.name})")
+            return self.unknown(node, f"einsum across attention heads")
         if va.dim is not None and vb.dim is not None and la[va.dim] == lb[vb.dim] and la[va.dim] not in out:
             return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), None)
         if va.dim is None and vb.dim is not None and lb[vb.dim] in out and lb[vb.dim] not in la:
             return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), out.index(lb[vb.dim]))
-        return self.unknown(node, f"einsum within attention heads (node {node.name})")
+        return self.unknown(node, f"einsum within attention heads")
 
     # ----------------------------------------------------------------------------------- result
     def _finish(self) -> TraceResult:
