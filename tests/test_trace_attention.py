@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from suture.merge.align.activation_matching import activation_matching
 from suture.merge.align.weight_matching import weight_matching
 from suture.merge.graph.trace import spec_from_module
 from suture.merge.spec import PermutationSpec, permute_state
@@ -85,6 +86,20 @@ def test_weight_matching_recovers_planted_heads(style):
     for name in state:
         torch.testing.assert_close(restored[name], state[name], rtol=0, atol=0, msg=name)
     assert result.stats["cosine_before"] < 0.99
+
+
+def test_activation_matching_recovers_planted_heads():
+    """Activation matching observes the heads group at the out projection's input and assigns whole heads."""
+    model = _model("chunk")
+    spec = spec_from_module(model, X)
+    other = copy.deepcopy(model)
+    other.load_state_dict(permute_state(model.state_dict(), spec, spec.random_permutations(seed=4)))
+    batches = [(torch.randn(16, 7, 6, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    result = activation_matching(spec, model, other.eval(), batches)
+    assert not result.skipped
+    restored = permute_state(other.state_dict(), spec, result.perms)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------ patterns that must stay frozen

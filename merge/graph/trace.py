@@ -992,18 +992,17 @@ class _Deriver:
         x, idx = node.args
         v, s_in = self._val(x), _shape(x)
         idx = idx if isinstance(idx, tuple) else (idx,)
-        if v.outer is not None and len(idx) == v.outer + 1 and isinstance(idx[-1], int):
+        if isinstance(v, _Heads) and v.outer is not None and len(idx) == v.outer + 1 and isinstance(idx[-1], int):
             if all(isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx[:-1])):
                 return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
         return self.unknown(node, f"indexing into attention heads")
 
     def _heads_unbind(self, node: torch.fx.Node, x: Any) -> Any:
-        v, s_in = self._val(x), _shape(x)
-        dim = self._arg(node, 1, "dim", 0) % len(s_in)
-        if v.outer is None or dim != v.outer:
+        v, s_in, dim = self._val(x), _shape(x), self._arg(node, 1, "dim", 0)
+        if not isinstance(v, _Heads) or v.outer is None or not isinstance(dim, int) or dim % len(s_in) != v.outer:
             return self.unknown(node, f"unbind of attention heads")
-        one = _Heads(v.elem, v.head - (v.head > dim), v.dim - (v.dim > dim))
-        return _Tuple((one,) * s_in[dim])
+        one = _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
+        return _Tuple((one,) * s_in[v.outer])
 
     def _heads_elementwise(self, node: torch.fx.Node, operands: list[Any], softmax_dim: Any) -> Any:
         """Scaling, masks, softmax, dropout: heads pass when the other operands broadcast over them.
@@ -1021,10 +1020,11 @@ class _Deriver:
                 others.append(s)
             elif v is not None:
                 return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} mixing heads with other permuted values")
-        if len({h.axes() for h in heads}) != 1 or (heads[0].outer is not None and softmax_dim is not False):
+        if (len({h.axes() for h in heads}) != 1 or (heads[0].outer is not None and softmax_dim is not False)
+                or not (softmax_dim is False or isinstance(softmax_dim, int))):
             return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads")
         out = heads[0]
-        if softmax_dim is not False and (softmax_dim is None or softmax_dim % do == out.head and out.dim is not None):
+        if softmax_dim is not False and softmax_dim % do == out.head and out.dim is not None:
             return self.unknown(node, f"softmax over attention heads")
         root = out.elem
         for h in heads[1:]:
