@@ -102,14 +102,33 @@ def test_activation_matching_recovers_planted_heads():
         torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
 
 
-# ------------------------------------------------------------------ patterns that must stay frozen
+# ------------------------------------------------------------------ patterns that restrict or freeze the group
+def test_rotary_embedding_allows_whole_heads_only():
+    model = _model()
+    for block in model.blocks:
+        block.attn = Rotary(32, 4)
+    model = _randomize(model)
+    spec = spec_from_module(model, X)
+    group = spec.groups["blocks.0.attn.q"]
+    assert (group.kind, group.head_dim, group.frozen) == ("heads", 8, False)
+    assert any(n.startswith("blocks.0.attn.q: whole heads only") for n in spec.notes), spec.notes
+    assert_invariant(model, X, spec, min_active=5)
+    # a within-head permutation would break the rotation pairs
+    forced = copy.deepcopy(spec)
+    forced.groups["blocks.0.attn.q"].kind = "heads_within"
+    with torch.no_grad():
+        ref = model(X)
+    perms = {"blocks.0.attn.q": forced.groups["blocks.0.attn.q"].random_permutation(torch.Generator().manual_seed(2))}
+    assert not torch.allclose(_outputs_after(model, forced, perms), ref, atol=1e-4)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Rotary(Attention):
-    """RoPE-like rotation of q and k inside each head: pairs dims (i, i + D/2), so no within-head permutation."""
+    """RoPE-like rotation of q and k inside each head: pairs dims (i, i + D/2), so only whole heads may move."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__(width, heads)
@@ -175,9 +194,9 @@ class PerHeadBias(Attention):
         return self.out((scores @ v).transpose(1, 2).reshape(b, t, c))
 
 
-@pytest.mark.parametrize("cls, why", [(Rotary, "laid out along them"), (QKNorm, "LayerNorm"), (SoftmaxOverHeads, "softmax over attention heads"),
+@pytest.mark.parametrize("cls, why", [(QKNorm, "LayerNorm"), (SoftmaxOverHeads, "softmax over attention heads"),
                                       (MeanOverHeads, "mean"), (PerHeadBias, "laid out along them")],
-                         ids=["rotary", "qk-norm", "softmax-over-heads", "mean-over-heads", "per-head-bias"])
+                         ids=["qk-norm", "softmax-over-heads", "mean-over-heads", "per-head-bias"])
 def test_mixing_across_heads_stays_frozen(cls, why):
     model = _model()
     for block in model.blocks:
@@ -191,6 +210,7 @@ def test_mixing_across_heads_stays_frozen(cls, why):
     # the freeze is necessary: the same group unfrozen changes the outputs
     forced = copy.deepcopy(spec)
     forced.groups["blocks.0.attn.q"].frozen_reason = None
+    forced.groups["blocks.0.attn.q"].kind = "heads_within"
     with torch.no_grad():
         ref = model(X)
     perms = forced.random_permutations(3)

@@ -116,6 +116,7 @@ class _UnionFind:
         self.producer: list[str] = []
         self.reasons: dict[int, list[tuple[str, bool]]] = {}
         self.head_dim: dict[int, int] = {}  # root -> head size, for groups that attention splits into heads
+        self.whole_heads: dict[int, str] = {}  # root -> why its heads may only move whole (rotary embeddings)
 
     def new(self, size: int, producer: str) -> int:
         self.parent.append(len(self.parent))
@@ -146,7 +147,14 @@ class _UnionFind:
             self.freeze(lo, f"ties attention heads of different sizes ({sorted(dims)})")
         if dims:
             self.head_dim[lo] = min(dims)
+        why = self.whole_heads.pop(hi, None)
+        if why is not None:
+            self.whole_heads.setdefault(lo, why)
         return lo
+
+    def whole(self, x: int, reason: str) -> None:
+        """An op that treats every head's dims alike but in their order: only whole heads may move."""
+        self.whole_heads.setdefault(self.find(x), reason)
 
     def split_heads(self, x: int, head_dim: int, where: str) -> None:
         """Record that `x`'s units are read as heads of `head_dim` (one size per group, else frozen)."""
@@ -956,13 +964,32 @@ class _Deriver:
             return self._heads_sdpa(node)
         if fn is torch.einsum:
             return self._heads_einsum(node)
+        if fn in (torch.cat, torch.concat):
+            return self._heads_cat(node)
         return self.unknown(node, f"{getattr(fn, '__name__', fn)} on attention heads")
+
+    def _heads_cat(self, node: torch.fx.Node) -> Any:
+        """cat of split heads along tokens, or along head_dim (rotate-half: then only whole heads may move)."""
+        tensors = list(self._arg(node, 0, "tensors"))
+        vals = [self._val(t) for t in tensors]
+        dim = self._arg(node, 1, "dim", 0)
+        if any(not isinstance(v, _Heads) for v in vals) or len({v.axes() for v in vals}) != 1 or not isinstance(dim, int):
+            return self.unknown(node, "cat of attention heads with other tensors")
+        v, dim = vals[0], dim % len(_shape(tensors[0]))
+        if dim in (v.head, v.outer):
+            return self.unknown(node, "cat across attention heads")
+        root = v.elem
+        for other in vals[1:]:
+            root = self.uf.union(root, other.elem)
+        if dim == v.dim:
+            self.uf.whole(root, f"node {node.name} concatenates inside heads")
+        return _Heads(root, v.head, v.dim, v.outer)
 
     def _heads_layout(self, node: torch.fx.Node, x: Any) -> Any:
         """A reshape that keeps the head axes whole, or merges (heads, head_dim) back into one axis."""
         v, s_in, s_out = self._val(x), _shape(x), _shape(node)
         if not isinstance(v, _Heads):
-            return self.unknown(node, f"reshape of a tuple holding attention heads")
+            return self.unknown(node, "reshape of a tuple holding attention heads")
 
         def kept(i: int) -> int | None:
             for j in range(len(s_out)):
@@ -973,18 +1000,18 @@ class _Deriver:
         axes = [a for a in v.axes() if a is not None]
         if all(kept(a) is not None for a in axes):
             return v.moved(kept)
-        if v.dim == v.head + 1 and v.outer is None:
+        if v.dim == v.head + 1 and v.outer is None and s_in[v.head] * s_in[v.dim] == self.uf.size[v.elem]:
             width, prefix = s_in[v.head] * s_in[v.dim], math.prod(s_in[: v.head])
             for j in range(len(s_out)):
                 if s_out[j] == width and math.prod(s_out[:j]) == prefix:
                     return _Lab(v.elem, j)
-        return self.unknown(node, f"reshape across attention heads")
+        return self.unknown(node, "reshape across attention heads")
 
     def _heads_transpose(self, node: torch.fx.Node, x: Any) -> Any:
         v, s_in = self._val(x), _shape(x)
         order = self._axis_order(node, len(s_in)) if isinstance(v, _Heads) else None
         if order is None:
-            return self.unknown(node, f"transpose of attention heads")
+            return self.unknown(node, "transpose of attention heads")
         return v.moved(order.index)
 
     def _heads_getitem(self, node: torch.fx.Node) -> Any:
@@ -992,15 +1019,26 @@ class _Deriver:
         x, idx = node.args
         v, s_in = self._val(x), _shape(x)
         idx = idx if isinstance(idx, tuple) else (idx,)
-        if isinstance(v, _Heads) and v.outer is not None and len(idx) == v.outer + 1 and isinstance(idx[-1], int):
-            if all(isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx[:-1])):
-                return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
-        return self.unknown(node, f"indexing into attention heads")
+        if not isinstance(v, _Heads) or any(i is None for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+            return self.unknown(node, "indexing into attention heads")
+        if Ellipsis in idx:
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (len(s_in) - len(idx) + 1) + idx[at + 1 :]
+        idx = idx + (slice(None),) * (len(s_in) - len(idx))
+        full = [isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx)]
+        rest = [d for d in range(len(s_in)) if not full[d]]
+        if v.outer is not None and rest == [v.outer] and isinstance(idx[v.outer], int):
+            return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
+        if v.dim is not None and rest == [v.dim] and isinstance(idx[v.dim], slice):
+            # rotate-half style slicing inside heads: the same for every head, so whole heads may still move
+            self.uf.whole(v.elem, f"node {node.name} slices inside heads")
+            return v
+        return self.unknown(node, "indexing into attention heads")
 
     def _heads_unbind(self, node: torch.fx.Node, x: Any) -> Any:
         v, s_in, dim = self._val(x), _shape(x), self._arg(node, 1, "dim", 0)
         if not isinstance(v, _Heads) or v.outer is None or not isinstance(dim, int) or dim % len(s_in) != v.outer:
-            return self.unknown(node, f"unbind of attention heads")
+            return self.unknown(node, "unbind of attention heads")
         one = _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
         return _Tuple((one,) * s_in[v.outer])
 
@@ -1025,14 +1063,18 @@ class _Deriver:
             return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads")
         out = heads[0]
         if softmax_dim is not False and softmax_dim % do == out.head and out.dim is not None:
-            return self.unknown(node, f"softmax over attention heads")
+            return self.unknown(node, "softmax over attention heads")
         root = out.elem
         for h in heads[1:]:
             root = self.uf.union(root, h.elem)
         for s in others:
             for a in out.axes():
                 k = None if a is None else a - (do - len(s))
-                if k is not None and k >= 0 and s[k] != 1:
+                if k is None or k < 0 or s[k] == 1:
+                    continue
+                if a == out.dim:  # the same for every head (rotary cos/sin): whole heads may still move
+                    self.uf.whole(root, f"node {node.name} weighs head dims by a tensor laid out along them")
+                else:
                     self.uf.freeze(root, f"node {node.name} combines attention heads with a tensor laid out along them")
         return _Heads(root, out.head, out.dim, out.outer)
 
@@ -1040,16 +1082,16 @@ class _Deriver:
         """q @ k^T (contracting head_dim: scores per head) or scores @ v (heads of v's head_dim)."""
         va, vb, sa, sb, so = self._val(a), self._val(b), _shape(a), _shape(b), _shape(node)
         if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
-            return self.unknown(node, f"matmul of attention heads with another tensor")
+            return self.unknown(node, "matmul of attention heads with another tensor")
         na, nb, no = len(sa), len(sb), len(so)
         head = va.head + no - na
         if va.head >= na - 2 or vb.head >= nb - 2 or head != vb.head + no - nb:
-            return self.unknown(node, f"matmul across attention heads")
+            return self.unknown(node, "matmul across attention heads")
         if va.dim == na - 1 and vb.dim == nb - 2:
             return _Heads(self.uf.union(va.elem, vb.elem), head, None)
         if va.dim is None and vb.dim == nb - 1:
             return _Heads(self.uf.union(va.elem, vb.elem), head, no - 1)
-        return self.unknown(node, f"matmul within attention heads")
+        return self.unknown(node, "matmul within attention heads")
 
     def _heads_sdpa(self, node: torch.fx.Node) -> Any:
         """F.scaled_dot_product_attention(q, k, v, attn_mask): heads of q, k, v on the same axes, head_dim last."""
@@ -1060,7 +1102,7 @@ class _Deriver:
         if (node.kwargs.get("enable_gqa") or any(not isinstance(h, _Heads) or h.outer is not None or h.dim != len(s) - 1
                                                  or h.head != vals[0].head or len(s) != len(shapes[0]) for h, s in zip(vals, shapes))
                 or self._val(mask) is not None):
-            return self.unknown(node, f"scaled_dot_product_attention with heads laid out differently")
+            return self.unknown(node, "scaled_dot_product_attention with heads laid out differently")
         root = self.uf.union(self.uf.union(vals[0].elem, vals[1].elem), vals[2].elem)
         s = _shape(mask)
         if s is not None and vals[0].head - (len(shapes[0]) - len(s)) >= 0 and s[vals[0].head - (len(shapes[0]) - len(s))] != 1:
@@ -1072,19 +1114,19 @@ class _Deriver:
         eq, *ops = node.args
         ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
         if not isinstance(eq, str) or "..." in eq or "->" not in eq or len(ops) != 2:
-            return self.unknown(node, f"einsum on attention heads")
+            return self.unknown(node, "einsum on attention heads")
         ins, out = eq.replace(" ", "").split("->")
         (la, lb), (va, vb) = ins.split(","), (self._val(o) for o in ops)
         if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
-            return self.unknown(node, f"einsum of attention heads with another tensor")
+            return self.unknown(node, "einsum of attention heads with another tensor")
         head = la[va.head]
         if lb[vb.head] != head or head not in out:
-            return self.unknown(node, f"einsum across attention heads")
+            return self.unknown(node, "einsum across attention heads")
         if va.dim is not None and vb.dim is not None and la[va.dim] == lb[vb.dim] and la[va.dim] not in out:
             return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), None)
         if va.dim is None and vb.dim is not None and lb[vb.dim] in out and lb[vb.dim] not in la:
             return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), out.index(lb[vb.dim]))
-        return self.unknown(node, f"einsum within attention heads")
+        return self.unknown(node, "einsum within attention heads")
 
     # ----------------------------------------------------------------------------------- result
     def _finish(self) -> TraceResult:
@@ -1115,7 +1157,10 @@ class _Deriver:
                 name = f"{base}#{k}"
             names[root] = name
             head_dim = uf.head_dim.get(root)
-            spec.add(PermGroup(name, uf.size[root], members[root], kind="heads_within" if head_dim else "free",
+            kind = ("heads" if root in uf.whole_heads else "heads_within") if head_dim else "free"
+            if kind == "heads" and not hard:
+                spec.notes.append(f"{name}: whole heads only, {uf.whole_heads[root]}")
+            spec.add(PermGroup(name, uf.size[root], members[root], kind=kind,
                                head_dim=head_dim, frozen_reason="; ".join(hard) if hard else None))
         tied = {c: a for c, a in self.aliases.items() if len(a) > 1}
         for canon, alias in tied.items():
