@@ -240,3 +240,32 @@ def test_suture_run_aligns_a_permuted_user_transformer(tmp_path):
         torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
     naive = {k: (state[k] + scrambled[k]) / 2 for k in state}
     assert any(not torch.allclose(naive[k], state[k], atol=1e-3) for k in state)  # alignment was needed
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: view into (groups, channels per group), transpose, flatten. Not attention:
+    heads and dims trade places, so no head-structured permutation survives it and the group stays frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 12, 3, padding=1), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        b, c, hh, ww = h.shape
+        h = h.view(b, 3, c // 3, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_channel_shuffle_split_is_not_mistaken_for_heads():
+    torch.manual_seed(0)
+    model = ChannelShuffle().eval()
+    x = torch.randn(2, 3, 8, 8)
+    group = spec_from_module(model, x).groups["conv"]
+    assert group.frozen and "reshape across attention heads" in group.frozen_reason
+    forced = copy.deepcopy(spec_from_module(model, x))
+    forced.groups["conv"].frozen_reason = None
+    other = copy.deepcopy(model)
+    other.load_state_dict(permute_state(model.state_dict(), forced, forced.random_permutations(1)))
+    with torch.no_grad():
+        assert not torch.allclose(other(x), model(x), atol=1e-4)
