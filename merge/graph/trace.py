@@ -14,8 +14,9 @@ group; transposes, scaling, masks, softmax and dropout keep it; ``q @ k^T`` (mat
 groups and leaves per-head scores, ``scores @ v`` or ``scaled_dot_product_attention`` ties V's group too, and the
 reshape that merges the heads back gives an ordinary label that the out projection reads. The group gets kind
 ``heads_within`` (whole heads, then one permutation inside each head): the same joint Q/K/V/O group the
-Hugging Face families declare. Any other op on split heads (a rotation within heads, a norm over head_dim,
-indexing into a head) freezes the group, as any op the deriver does not understand does.
+Hugging Face families declare. A rotary embedding (rotate-half slicing, cos/sin shared by all heads) restricts
+it to kind ``heads`` (whole heads only); any other op on split heads (a norm over head_dim, a reduction over
+heads, a per-head bias) freezes the group, as any op the deriver does not understand does.
 """
 
 from __future__ import annotations
@@ -1027,6 +1028,8 @@ class _Deriver:
         idx = idx + (slice(None),) * (len(s_in) - len(idx))
         full = [isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx)]
         rest = [d for d in range(len(s_in)) if not full[d]]
+        if not rest:
+            return v
         if v.outer is not None and rest == [v.outer] and isinstance(idx[v.outer], int):
             return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
         if v.dim is not None and rest == [v.dim] and isinstance(idx[v.dim], slice):
