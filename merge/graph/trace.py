@@ -7,6 +7,16 @@ to its group; elementwise ops that combine two labelled values (residual sums, g
 groups with a union-find. Anything the deriver does not understand *freezes* the groups it touches: those
 keep their original order, so the spec may be less useful but is never wrong. Groups that reach the model's
 output are left out of the spec (outputs are never permuted); the model's inputs are never labelled.
+
+Multi-head attention is recognised from its shapes: a reshape that splits a labelled axis into ``(heads,
+head_dim)`` (or ``(3, heads, head_dim)`` for a fused Q/K/V projection) yields a value whose two axes carry the
+group; transposes, scaling, masks, softmax and dropout keep it; ``q @ k^T`` (matmul, einsum) ties Q's and K's
+groups and leaves per-head scores, ``scores @ v`` or ``scaled_dot_product_attention`` ties V's group too, and the
+reshape that merges the heads back gives an ordinary label that the out projection reads. The group gets kind
+``heads_within`` (whole heads, then one permutation inside each head): the same joint Q/K/V/O group the
+Hugging Face families declare. A rotary embedding (rotate-half slicing, cos/sin shared by all heads) restricts
+it to kind ``heads`` (whole heads only); any other op on split heads (a norm over head_dim, a reduction over
+heads, a per-head bias) freezes the group, as any op the deriver does not understand does.
 """
 
 from __future__ import annotations
@@ -76,6 +86,28 @@ class _Tuple:
     items: tuple[Any, ...]
 
 
+@dataclass(frozen=True)
+class _Heads:
+    """A tensor whose axes `head` and `dim` carry group `elem`'s units laid out (heads, head_dim).
+
+    `dim` is None for attention scores (one value per head, nothing within heads); `outer` is the axis that
+    still holds a fused projection's Q, K and V blocks before they are indexed apart.
+    """
+
+    elem: int
+    head: int
+    dim: int | None
+    outer: int | None = None
+
+    def axes(self) -> tuple[int | None, int | None, int | None]:
+        return self.head, self.dim, self.outer
+
+    def moved(self, where: Any) -> _Heads:
+        """The same value with every axis a renumbered by where(a)."""
+        return _Heads(self.elem, where(self.head), None if self.dim is None else where(self.dim),
+                      None if self.outer is None else where(self.outer))
+
+
 class _UnionFind:
     """Hidden-unit groups under construction; elements are created in graph order."""
 
@@ -84,6 +116,8 @@ class _UnionFind:
         self.size: list[int] = []
         self.producer: list[str] = []
         self.reasons: dict[int, list[tuple[str, bool]]] = {}
+        self.head_dim: dict[int, int] = {}  # root -> head size, for groups that attention splits into heads
+        self.whole_heads: dict[int, str] = {}  # root -> why its heads may only move whole (rotary embeddings)
 
     def new(self, size: int, producer: str) -> int:
         self.parent.append(len(self.parent))
@@ -109,7 +143,26 @@ class _UnionFind:
             return ra
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
+        dims = {self.head_dim.pop(r) for r in (ra, rb) if r in self.head_dim}
+        if len(dims) > 1:
+            self.freeze(lo, f"ties attention heads of different sizes ({sorted(dims)})")
+        if dims:
+            self.head_dim[lo] = min(dims)
+        why = self.whole_heads.pop(hi, None)
+        if why is not None:
+            self.whole_heads.setdefault(lo, why)
         return lo
+
+    def whole(self, x: int, reason: str) -> None:
+        """An op that treats every head's dims alike but in their order: only whole heads may move."""
+        self.whole_heads.setdefault(self.find(x), reason)
+
+    def split_heads(self, x: int, head_dim: int, where: str) -> None:
+        """Record that `x`'s units are read as heads of `head_dim` (one size per group, else frozen)."""
+        root = self.find(x)
+        prev = self.head_dim.setdefault(root, head_dim)
+        if prev != head_dim:
+            self.freeze(root, f"{where} splits it into heads of {head_dim}, elsewhere of {prev}")
 
     def freeze(self, x: int, reason: str, boundary: bool = False) -> None:
         self.reasons.setdefault(x, []).append((reason, boundary))
@@ -152,6 +205,8 @@ _TRANSPOSE_METHODS = {"transpose", "permute", "t", "movedim", "swapaxes"}
 _REDUCTIONS = {"mean": 1, "sum": 1, "amax": 1, "amin": 1, "logsumexp": 1, "prod": 1, "var": 1, "std": 1, "norm": 2}
 _REDUCTION_FUNCS = {getattr(torch, n): n for n in _REDUCTIONS}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type_as"}
+_SOFTMAX_NAMES = {"softmax", "log_softmax", "softmin"}
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _POOL_FUNCS: dict[Any, int] = {
     F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
     F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
@@ -254,6 +309,7 @@ class _Deriver:
             self.canon[name] = first
             self.aliases.setdefault(first, []).append(name)
         self.claims: dict[tuple[str, int], tuple[int, int]] = {}  # (canonical, axis) -> (elem, inner)
+        self.outer: dict[tuple[str, int], int] = {}  # (canonical, axis) -> fused blocks side by side (Q, K, V)
         self.members: dict[tuple[str, int], tuple[str, bool]] = {}  # (name, axis) -> (role, direct)
         self.pinned: dict[str, str] = {}  # canonical name -> why it must keep its order
         self.module_calls: dict[str, int] = {}
@@ -305,7 +361,7 @@ class _Deriver:
 
     def freeze_all(self, value: Any, reason: str, boundary: bool = False) -> None:
         for item in self._flatten(value):
-            if isinstance(item, _Lab):
+            if isinstance(item, (_Lab, _Heads)):
                 self.uf.freeze(item.elem, reason, boundary)
             elif isinstance(item, _Param):
                 self.pinned.setdefault(self.canon[item.name], reason)
@@ -323,7 +379,7 @@ class _Deriver:
         touched = False
         for arg in _nodes_in((node.args, node.kwargs)):
             value = self.vals.get(arg)
-            if any(isinstance(v, (_Lab, _Param)) for v in self._flatten(value)):
+            if any(isinstance(v, (_Lab, _Param, _Heads)) for v in self._flatten(value)):
                 touched = True
             self.freeze_all(value, reason)
         if touched:
@@ -338,6 +394,8 @@ class _Deriver:
                 value = None
             elif node.op == "get_attr":
                 value = self._get_attr(node)
+            elif node.op in ("call_module", "call_function", "call_method") and self._reads_heads(node):
+                value = self._heads_op(node)
             elif node.op == "call_module":
                 value = self._call_module(node)
             elif node.op == "call_function":
@@ -619,6 +677,9 @@ class _Deriver:
         if isinstance(v, _Lab):
             moved = _reshape_move(s_in, s_out, v.axis, s_in[v.axis] // v.inner, v.inner)
             if moved is None:
+                heads = self._split_heads(node, x, v) if v.inner == 1 else None
+                if heads is not None:
+                    return heads
                 return self.unknown(node, f"reshape that splits the permuted axis (node {node.name})")
             return _Lab(v.elem, moved[0], moved[1])
         if isinstance(v, _Param):
@@ -728,6 +789,8 @@ class _Deriver:
         metas = node.meta.get("tensor_meta")
         count = len(metas) if isinstance(metas, (list, tuple)) else 0
         dim = self._arg(node, 1 if node.target == "unbind" else 2, "dim", 0)
+        if isinstance(v, _Lab) and count and dim % len(s_in) == v.axis and node.target != "unbind":
+            return self._split_fused(node, x, v, count)
         if not isinstance(v, _Lab) or not count or dim % len(s_in) == v.axis:
             return self.unknown(node, f".{node.target}() across the permuted axis")
         axis = v.axis - (1 if node.target == "unbind" and dim % len(s_in) < v.axis else 0)
@@ -799,6 +862,275 @@ class _Deriver:
             return self.unknown(node, f"{node.target.__name__} with computed parameters")
         return self._last_dims_norm(lab, _shape(x), norm_dims, "", "", "", names=tuple(p.name for p in params))
 
+    # ----------------------------------------------------------------------------------- attention heads
+    def _split_heads(self, node: torch.fx.Node, x: Any, v: _Lab) -> Any:
+        """A reshape of a labelled axis into (heads, head_dim), or (blocks, heads, head_dim) for fused Q/K/V."""
+        s_in, s_out = _shape(x), _shape(node)
+        units, prefix, suffix = s_in[v.axis], math.prod(s_in[: v.axis]), math.prod(s_in[v.axis + 1 :])
+        for b in range(len(s_out)):
+            if math.prod(s_out[:b]) != prefix:
+                continue
+            for k in (2, 3):
+                if b + k <= len(s_out) and math.prod(s_out[b : b + k]) == units and math.prod(s_out[b + k :]) == suffix:
+                    where = f"reshape (node {node.name})"
+                    if k == 2:
+                        self.uf.split_heads(v.elem, s_out[b + 1], where)
+                        return _Heads(v.elem, b, b + 1)
+                    elem = self._refactor_outer(node, x, v, s_out[b])
+                    if elem is None:
+                        return None
+                    self.uf.split_heads(elem, s_out[b + 2], where)
+                    return _Heads(elem, b + 1, b + 2, outer=b)
+        return None
+
+    def _split_fused(self, node: torch.fx.Node, x: Any, v: _Lab, count: int) -> Any:
+        """chunk/split of a fused projection's output axis into `count` equal blocks (Q, K and V)."""
+        metas = node.meta.get("tensor_meta")
+        lengths = {tuple(m.shape)[v.axis] for m in metas} if isinstance(metas, (list, tuple)) else set()
+        if v.inner != 1 or len(lengths) != 1:
+            return self.unknown(node, f".{node.target}() across the permuted axis into unequal parts")
+        elem = self._refactor_outer(node, x, v, count)
+        if elem is None:
+            return self.unknown(node, f".{node.target}() across the permuted axis")
+        return _Tuple(tuple(_Lab(elem, v.axis) for _ in range(count)))
+
+    def _refactor_outer(self, node: torch.fx.Node, x: Any, v: _Lab, blocks: int) -> int | None:
+        """Re-read a fresh projection's group of `blocks` * n units as n units in `blocks` blocks side by side.
+
+        Sound only while nothing else has seen the group whole: it must be one projection's output, tied to
+        nothing, and every value carrying it may only flow on (unchanged) into this split.
+        """
+        uf, e = self.uf, v.elem
+        if uf.find(e) != e or uf.size[e] % blocks or any(uf.find(i) == e for i in range(len(uf.parent)) if i != e):
+            return None
+        carriers = {n for n, val in self.vals.items() if isinstance(val, _Lab) and uf.find(val.elem) == e}
+        if x not in carriers or any(u not in carriers and u is not node for n in carriers for u in n.users):
+            return None
+        keys = [k for k, (el, inner) in self.claims.items() if el == e]
+        if any(self.claims[k][1] != 1 or self.members.get(k, ("out",))[0] != "out" for k in keys):
+            return None
+        elem = uf.new(uf.size[e] // blocks, uf.producer[e])
+        for key in keys:
+            self.claims[key] = (elem, 1)
+            self.outer[key] = blocks
+        for reason in uf.reasons.pop(e, []):
+            uf.freeze(elem, *reason)
+        return elem
+
+    def _reads_heads(self, node: torch.fx.Node) -> bool:
+        return any(isinstance(item, _Heads) for a in _nodes_in((node.args, node.kwargs)) for item in self._flatten(self.vals.get(a)))
+
+    def _heads_op(self, node: torch.fx.Node) -> Any:
+        """An op reading split attention heads: the ones attention is made of keep them, any other freezes."""
+        x = node.args[0] if node.args else None
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            if isinstance(mod, _ELEMENTWISE_MODULES):
+                return self._heads_elementwise(node, [x], getattr(mod, "dim", None) if isinstance(mod, _SOFTMAX_MODULES) else False)
+            return self.unknown(node, f"module {type(mod).__name__} {node.target!r} on attention heads")
+        fn = node.target
+        if node.op == "call_method":
+            if fn in _SHAPE_METHODS:
+                return self._val(x) if fn == "type_as" else None
+            if fn in _ELEMENTWISE_METHODS:
+                return self._heads_elementwise(node, self._tensor_args(node), self._arg(node, 1, "dim") if fn in _SOFTMAX_NAMES else False)
+            if fn in _LAYOUT_METHODS:
+                return self._heads_layout(node, x)
+            if fn in _TRANSPOSE_METHODS:
+                return self._heads_transpose(node, x)
+            if fn in ("matmul", "__matmul__"):
+                return self._heads_matmul(node, x, node.args[1])
+            if fn == "unbind":
+                return self._heads_unbind(node, x)
+            return self.unknown(node, f"method .{fn}() on attention heads")
+        if fn is operator.getitem:
+            return self._getitem(node) if isinstance(self._val(x), _Tuple) else self._heads_getitem(node)
+        if fn is getattr:
+            if node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+                return None
+            if node.args[1] in ("T", "mT"):
+                return self._heads_transpose(node, x)
+        if fn in _ELEMENTWISE_FUNCS:
+            dim = self._arg(node, 1, "dim") if getattr(fn, "__name__", "") in _SOFTMAX_NAMES else False
+            return self._heads_elementwise(node, self._tensor_args(node), dim)
+        if fn in _LAYOUT_FUNCS:
+            return self._heads_layout(node, x)
+        if fn in _TRANSPOSE_FUNCS:
+            return self._heads_transpose(node, x)
+        if fn in (operator.matmul, torch.matmul):
+            return self._heads_matmul(node, x, node.args[1])
+        if fn is torch.unbind:
+            return self._heads_unbind(node, x)
+        if fn is F.scaled_dot_product_attention:
+            return self._heads_sdpa(node)
+        if fn is torch.einsum:
+            return self._heads_einsum(node)
+        if fn in (torch.cat, torch.concat):
+            return self._heads_cat(node)
+        return self.unknown(node, f"{getattr(fn, '__name__', fn)} on attention heads")
+
+    def _heads_cat(self, node: torch.fx.Node) -> Any:
+        """cat of split heads along tokens, or along head_dim (rotate-half: then only whole heads may move)."""
+        tensors = list(self._arg(node, 0, "tensors"))
+        vals = [self._val(t) for t in tensors]
+        dim = self._arg(node, 1, "dim", 0)
+        if any(not isinstance(v, _Heads) for v in vals) or len({v.axes() for v in vals}) != 1 or not isinstance(dim, int):
+            return self.unknown(node, "cat of attention heads with other tensors")
+        v, dim = vals[0], dim % len(_shape(tensors[0]))
+        if dim in (v.head, v.outer):
+            return self.unknown(node, "cat across attention heads")
+        root = v.elem
+        for other in vals[1:]:
+            root = self.uf.union(root, other.elem)
+        if dim == v.dim:
+            self.uf.whole(root, f"node {node.name} concatenates inside heads")
+        return _Heads(root, v.head, v.dim, v.outer)
+
+    def _heads_layout(self, node: torch.fx.Node, x: Any) -> Any:
+        """A reshape that keeps the head axes whole, or merges (heads, head_dim) back into one axis."""
+        v, s_in, s_out = self._val(x), _shape(x), _shape(node)
+        if not isinstance(v, _Heads):
+            return self.unknown(node, "reshape of a tuple holding attention heads")
+
+        def kept(i: int) -> int | None:
+            for j in range(len(s_out)):
+                if s_out[j] == s_in[i] and math.prod(s_out[:j]) == math.prod(s_in[:i]):
+                    return j
+            return None
+
+        axes = [a for a in v.axes() if a is not None]
+        if all(kept(a) is not None for a in axes):
+            return v.moved(kept)
+        if v.dim == v.head + 1 and v.outer is None and s_in[v.head] * s_in[v.dim] == self.uf.size[v.elem]:
+            width, prefix = s_in[v.head] * s_in[v.dim], math.prod(s_in[: v.head])
+            for j in range(len(s_out)):
+                if s_out[j] == width and math.prod(s_out[:j]) == prefix:
+                    return _Lab(v.elem, j)
+        return self.unknown(node, "reshape across attention heads")
+
+    def _heads_transpose(self, node: torch.fx.Node, x: Any) -> Any:
+        v, s_in = self._val(x), _shape(x)
+        order = self._axis_order(node, len(s_in)) if isinstance(v, _Heads) else None
+        if order is None:
+            return self.unknown(node, "transpose of attention heads")
+        return v.moved(order.index)
+
+    def _heads_getitem(self, node: torch.fx.Node) -> Any:
+        """qkv[i]: one block of a fused projection, picked by an integer on its block axis (full slices elsewhere)."""
+        x, idx = node.args
+        v, s_in = self._val(x), _shape(x)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if not isinstance(v, _Heads) or any(i is None for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+            return self.unknown(node, "indexing into attention heads")
+        if Ellipsis in idx:
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (len(s_in) - len(idx) + 1) + idx[at + 1 :]
+        idx = idx + (slice(None),) * (len(s_in) - len(idx))
+        full = [isinstance(i, slice) and _full_slice(i, s_in[d]) for d, i in enumerate(idx)]
+        rest = [d for d in range(len(s_in)) if not full[d]]
+        if not rest:
+            return v
+        if v.outer is not None and rest == [v.outer] and isinstance(idx[v.outer], int):
+            return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
+        if v.dim is not None and rest == [v.dim] and isinstance(idx[v.dim], slice):
+            # rotate-half style slicing inside heads: the same for every head, so whole heads may still move
+            self.uf.whole(v.elem, f"node {node.name} slices inside heads")
+            return v
+        return self.unknown(node, "indexing into attention heads")
+
+    def _heads_unbind(self, node: torch.fx.Node, x: Any) -> Any:
+        v, s_in, dim = self._val(x), _shape(x), self._arg(node, 1, "dim", 0)
+        if not isinstance(v, _Heads) or v.outer is None or not isinstance(dim, int) or dim % len(s_in) != v.outer:
+            return self.unknown(node, "unbind of attention heads")
+        one = _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
+        return _Tuple((one,) * s_in[v.outer])
+
+    def _heads_elementwise(self, node: torch.fx.Node, operands: list[Any], softmax_dim: Any) -> Any:
+        """Scaling, masks, softmax, dropout: heads pass when the other operands broadcast over them.
+
+        `softmax_dim` is False for entry-wise ops, else the axis a softmax normalises over: along head_dim
+        or tokens it commutes with the permutation, along heads it would mix differently permuted dims.
+        """
+        do = len(_shape(node))
+        heads, others = [], []
+        for a in operands:
+            v, s = self._val(a), _shape(a)
+            if isinstance(v, _Heads):
+                heads.append(v.moved(lambda i, shift=do - len(s): i + shift))
+            elif v is None and s is not None:
+                others.append(s)
+            elif v is not None:
+                return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} mixing heads with other permuted values")
+        if (len({h.axes() for h in heads}) != 1 or (heads[0].outer is not None and softmax_dim is not False)
+                or not (softmax_dim is False or isinstance(softmax_dim, int))):
+            return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads")
+        out = heads[0]
+        if softmax_dim is not False and softmax_dim % do == out.head and out.dim is not None:
+            return self.unknown(node, "softmax over attention heads")
+        root = out.elem
+        for h in heads[1:]:
+            root = self.uf.union(root, h.elem)
+        for s in others:
+            for a in out.axes():
+                k = None if a is None else a - (do - len(s))
+                if k is None or k < 0 or s[k] == 1:
+                    continue
+                if a == out.dim:  # the same for every head (rotary cos/sin): whole heads may still move
+                    self.uf.whole(root, f"node {node.name} weighs head dims by a tensor laid out along them")
+                else:
+                    self.uf.freeze(root, f"node {node.name} combines attention heads with a tensor laid out along them")
+        return _Heads(root, out.head, out.dim, out.outer)
+
+    def _heads_matmul(self, node: torch.fx.Node, a: Any, b: Any) -> Any:
+        """q @ k^T (contracting head_dim: scores per head) or scores @ v (heads of v's head_dim)."""
+        va, vb, sa, sb, so = self._val(a), self._val(b), _shape(a), _shape(b), _shape(node)
+        if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
+            return self.unknown(node, "matmul of attention heads with another tensor")
+        na, nb, no = len(sa), len(sb), len(so)
+        head = va.head + no - na
+        if va.head >= na - 2 or vb.head >= nb - 2 or head != vb.head + no - nb:
+            return self.unknown(node, "matmul across attention heads")
+        if va.dim == na - 1 and vb.dim == nb - 2:
+            return _Heads(self.uf.union(va.elem, vb.elem), head, None)
+        if va.dim is None and vb.dim == nb - 1:
+            return _Heads(self.uf.union(va.elem, vb.elem), head, no - 1)
+        return self.unknown(node, "matmul within attention heads")
+
+    def _heads_sdpa(self, node: torch.fx.Node) -> Any:
+        """F.scaled_dot_product_attention(q, k, v, attn_mask): heads of q, k, v on the same axes, head_dim last."""
+        q, k, v = (self._arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
+        mask = self._arg(node, 3, "attn_mask")
+        vals = [self._val(t) for t in (q, k, v)]
+        shapes = [_shape(t) for t in (q, k, v)]
+        if (node.kwargs.get("enable_gqa") or any(not isinstance(h, _Heads) or h.outer is not None or h.dim != len(s) - 1
+                                                 or h.head != vals[0].head or len(s) != len(shapes[0]) for h, s in zip(vals, shapes))
+                or self._val(mask) is not None):
+            return self.unknown(node, "scaled_dot_product_attention with heads laid out differently")
+        root = self.uf.union(self.uf.union(vals[0].elem, vals[1].elem), vals[2].elem)
+        s = _shape(mask)
+        if s is not None and vals[0].head - (len(shapes[0]) - len(s)) >= 0 and s[vals[0].head - (len(shapes[0]) - len(s))] != 1:
+            self.uf.freeze(root, f"node {node.name} masks attention heads with a per-head mask")
+        return _Heads(root, vals[0].head, len(_shape(node)) - 1)
+
+    def _heads_einsum(self, node: torch.fx.Node) -> Any:
+        """einsum of two operands: 'bhqd,bhkd->bhqk' (scores) or 'bhqk,bhkd->bhqd' (heads of v)."""
+        eq, *ops = node.args
+        ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+        if not isinstance(eq, str) or "..." in eq or "->" not in eq or len(ops) != 2:
+            return self.unknown(node, "einsum on attention heads")
+        ins, out = eq.replace(" ", "").split("->")
+        (la, lb), (va, vb) = ins.split(","), (self._val(o) for o in ops)
+        if not (isinstance(va, _Heads) and isinstance(vb, _Heads)) or va.outer is not None or vb.outer is not None:
+            return self.unknown(node, "einsum of attention heads with another tensor")
+        head = la[va.head]
+        if lb[vb.head] != head or head not in out:
+            return self.unknown(node, "einsum across attention heads")
+        if va.dim is not None and vb.dim is not None and la[va.dim] == lb[vb.dim] and la[va.dim] not in out:
+            return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), None)
+        if va.dim is None and vb.dim is not None and lb[vb.dim] in out and lb[vb.dim] not in la:
+            return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), out.index(lb[vb.dim]))
+        return self.unknown(node, "einsum within attention heads")
+
     # ----------------------------------------------------------------------------------- result
     def _finish(self) -> TraceResult:
         uf = self.uf
@@ -811,7 +1143,8 @@ class _Deriver:
         members: dict[int, list[Member]] = {}
         for (name, axis), (role, _direct) in self.members.items():
             elem, inner = self.claims[(self.canon[name], axis)]
-            members.setdefault(uf.find(elem), []).append(Member(self.prefix + name, axis, role, inner=inner))
+            outer = self.outer.get((self.canon[name], axis), 1)
+            members.setdefault(uf.find(elem), []).append(Member(self.prefix + name, axis, role, inner=inner, outer=outer))
         spec = PermutationSpec(family="traced")
         names: dict[int, str] = {}
         for root in sorted(members):
@@ -826,7 +1159,12 @@ class _Deriver:
                 k += 1
                 name = f"{base}#{k}"
             names[root] = name
-            spec.add(PermGroup(name, uf.size[root], members[root], frozen_reason="; ".join(hard) if hard else None))
+            head_dim = uf.head_dim.get(root)
+            kind = ("heads" if root in uf.whole_heads else "heads_within") if head_dim else "free"
+            if kind == "heads" and not hard:
+                spec.notes.append(f"{name}: whole heads only, {uf.whole_heads[root]}")
+            spec.add(PermGroup(name, uf.size[root], members[root], kind=kind,
+                               head_dim=head_dim, frozen_reason="; ".join(hard) if hard else None))
         tied = {c: a for c, a in self.aliases.items() if len(a) > 1}
         for canon, alias in tied.items():
             spec.notes.append(f"tied tensor: {' = '.join(self.prefix + a for a in alias)}")
