@@ -197,14 +197,16 @@ def _checkpoint_names(model: nn.Module) -> dict[str, str]:
         saved = revert_weight_conversion(model, dict(state))
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):  # transformers' internals: no renaming then
         return {}
-    by_id = {id(t): k for k, t in state.items()}
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        by_id.setdefault(id(tensor), []).append(name)  # tied weights: one tensor, several names
     renames: dict[str, str] = {}
     for disk, tensor in saved.items():
         own = by_id.get(id(tensor))
-        if own is None:
-            return {}  # a converted (split, merged, reshaped) tensor: not a name change
-        if own != disk:
-            renames[own] = disk
+        if own is None or (disk not in own and len(own) > 1):
+            return {}  # a converted (split, merged, reshaped) tensor, or a renamed tied one: not a plain rename
+        if disk not in own:
+            renames[own[0]] = disk
     return renames
 
 

@@ -14,10 +14,29 @@ B's units) and the layer reading it by ``T^-T`` (``W T^-T``), then the models ar
 method. When B's features are an invertible linear function of A's (``X_B = X_A M``, e.g. permuted and
 positively scaled ReLU units), ``T = M^-1`` exactly (without regularisation), so alignment undoes it.
 
-A general linear map commutes with linear layers but not with a norm, an embedding lookup, a nonlinearity's
-pre-activation/post-activation split beyond positive scaling, or attention heads: groups with such members
-(LayerNorm/BatchNorm parameters, residual streams, attention heads, fused Q/K/V) keep their units as they are,
-so on transformers only the MLP blocks' hidden units are aligned.
+A general linear map commutes with linear layers but not with a norm, an embedding lookup, or a nonlinearity's
+pre-activation/post-activation split beyond positive scaling: groups with such members (LayerNorm/BatchNorm
+parameters) keep their units as they are. On transformers:
+
+* MLP hidden units get a CCA map (through the GELU this is the paper's approximation, not a re-parametrisation);
+* attention blocks are mapped where a linear map is exact. Heads are paired whole first, by the summed canonical
+  correlations of their outputs (the per-head context vectors the output projection reads: a score no
+  within-head map changes); then each head pair gets a V/O map T from CCA of those head outputs (V's rows and
+  bias by T, O's columns by T^-T; attention weights act on the token axis only, so a head's output carries V's
+  map unchanged) and a Q/K map T from CCA of the queries (Q's rows and bias by T, K's by T^-T, so every
+  ``q . k`` is unchanged). GPT-2's fused c_attn takes one block-diagonal (Q, K, V) map on its output axis.
+  Groups that keep each head's dimensions in order (RoPE: llama/mistral/qwen2; BERT's relative positions,
+  whose distance embeddings meet q and k dimension by dimension) pair heads and map V/O only: a Q/K map would
+  have to commute with the rotation. Under grouped-query attention V/O maps act per KV head, observed at V;
+* the residual stream: LayerNorm centres and rescales each token over the stream's units, ``LN(x) = g * (x -
+  mean(x)) / std(x) + b``. ``LN(x M) = LN(x) M`` needs M to fix the ones vector and preserve norms (an orthogonal
+  M with ``M 1 = 1``) and to commute with the elementwise gain g, which only a permutation does (g and b then
+  move with it) unless g is folded into the readers, impossible where the stream itself is the norm's output
+  (post-LN BERT adds it to the residual). So ``residual: permute`` (the default) matches the stream by a
+  permutation of its units' correlations, pooled over every norm's output on it (as activation matching's
+  pooled features), and ``residual: keep`` leaves it as it is.
+
+Every map on attention and the residual is exact: B aligned by them alone computes what B computed.
 """
 
 from __future__ import annotations
@@ -34,13 +53,14 @@ from pydantic import Field
 from torch import nn
 
 from suture.merge.activations import FeatureStats, collect_stats
-from suture.merge.align.assignment import solve_lap
+from suture.merge.align.assignment import assign, assignment_score, solve_lap
 from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine
-from suture.merge.align.transformer_match import SEP, _site
+from suture.merge.align.transformer_match import SEP, _site, transformer_sites
 from suture.merge.errors import AlignmentError
+from suture.merge.graph.families_common import RESIDUAL
 from suture.merge.graph.trace import Tap
 from suture.merge.measure import Site
-from suture.merge.spec import PermGroup, PermutationSpec
+from suture.merge.spec import PermGroup, PermutationSpec, permute_state
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +104,9 @@ class CCAResult:
     out_maps: dict[str, torch.Tensor]
     in_maps: dict[str, torch.Tensor]
     heads: dict[str, HeadMaps] = field(default_factory=dict)
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)
     correlations: dict[str, torch.Tensor] = field(default_factory=dict)
+    permuted_corr: dict[str, float] = field(default_factory=dict)  # mean correlation of the matched units
     skipped: dict[str, str] = field(default_factory=dict)
     reg: float = DEFAULT_REG
     total_time: float = 0.0
@@ -96,6 +118,7 @@ class CCAResult:
             "groups": len(self.correlations),
             "reg": self.reg,
             "mean_canonical_correlation": {g: round(float(c.mean()), 6) for g, c in self.correlations.items()},
+            **({"permuted": {g: round(float(c), 6) for g, c in self.permuted_corr.items()}} if self.perms else {}),
             "total_time_s": round(self.total_time, 4),
             **({"skipped": dict(self.skipped)} if self.skipped else {}),
         }
@@ -273,18 +296,25 @@ def cca_align(
     *,
     reg: float = DEFAULT_REG,
     device: str | torch.device = "cpu",
+    permute: Mapping[str, Sequence[Site]] | None = None,
 ) -> CCAResult:
     """CCA maps of B's groups onto A's from features on the same calibration batches (identity where a group
-    cannot be mixed linearly or is not observed)."""
+    cannot be mixed linearly or is not observed). Groups in `permute` (e.g. a transformer's residual stream,
+    observed at its norms' outputs) are matched by a permutation of their units' correlations instead, which
+    commutes with norms where a general linear map does not."""
     start = time.perf_counter()
     groups, skipped = linear_groups(spec, module_a)
     wanted: dict[str, list[Tap | Site]] = {g.name: list(taps[g.name]) for g in groups if taps.get(g.name)}
     for g in groups:
         if g.name not in wanted:
             skipped[g.name] = "no module input or output carries this group"
+    permute = {k: list(v) for k, v in (permute or {}).items() if k in spec.groups and not spec.groups[k].frozen and v}
+    for name, sites in permute.items():
+        skipped.pop(name, None)
+        wanted[f"{name}{SEP}perm"] = sites
     attention: dict[str, dict[str, str]] = {}
     for g in spec.active_groups():
-        if g.kind == "free":
+        if g.kind == "free" or g.name in permute:
             continue
         parts = attention_parts(g, module_a)
         if isinstance(parts, str):
@@ -301,6 +331,16 @@ def cca_align(
     for g in spec:
         eye = torch.eye(g.size, dtype=torch.float64)
         st = stats.get(g.name)
+        if g.name in permute:
+            result.out_maps[g.name], result.in_maps[g.name] = eye, eye
+            st = stats.get(f"{g.name}{SEP}perm")
+            if st is None or st.n != g.size:
+                raise AlignmentError(f"group {g.name!r} has {g.size} units but its sites show "
+                                     f"{'no' if st is None else st.n} features")
+            corr = st.cross_corr().float().cpu()
+            result.perms[g.name] = solve_lap(corr) if g.kind == "free" else assign(corr, g.kind, g.head_dim)
+            result.permuted_corr[g.name] = assignment_score(corr, result.perms[g.name]) / g.size
+            continue
         if g.name in attention:
             result.out_maps[g.name], result.in_maps[g.name] = eye, eye
             vo = stats.get(f"{g.name}{SEP}vo")
@@ -334,8 +374,11 @@ def cca_state(spec: PermutationSpec, state_b: Mapping[str, torch.Tensor] | Any, 
     by T^-T; attention members by their head pairing and their part's map (:meth:`HeadMaps.matrix`)."""
     from suture.merge.align.ot import map_axis, transport_state
 
-    plain = PermutationSpec({k: g for k, g in spec.groups.items() if k not in result.heads}, spec.family)
+    plain = PermutationSpec({k: g for k, g in spec.groups.items() if k not in result.heads and k not in result.perms},
+                            spec.family)
     out = transport_state(plain, plain, state_b, result)  # the same per-axis maps OT fusion applies
+    # permutations act on other axes than the maps (a group owns its axes), so the order does not matter
+    out = permute_state(out, spec, result.perms)
     for name, maps in result.heads.items():
         group = spec.groups[name]
         matrices = {part: maps.matrix(part) for part in set(maps.parts.values())}
@@ -358,6 +401,11 @@ class CCAOptions(AlignmentOptions):
                                    "constant units and small calibration sets from making CCA ill-posed. Small values "
                                    "follow the correlations closely (and undo an exact linear re-parametrisation); large "
                                    "ones tend to an orthogonal map between the centred features.")
+    residual: Literal["permute", "keep"] = Field(
+        "permute", title="Residual stream",
+        description="Transformers models: 'permute' matches the residual stream by a permutation of its units, "
+                    "correlated over the outputs of every norm on it (a linear map would not commute with the "
+                    "LayerNorms); 'keep' leaves it as it is.")
 
 
 def _align(request: AlignRequest):
@@ -379,8 +427,12 @@ def _align(request: AlignRequest):
         raise AlignmentError("CCA runs the models: it needs a runnable architecture (a package.module:factory, or a model "
                              "saved by Suture's zoo)", field=("architecture",))
     module_a = load_module(ref_store, arch)
+    permute: dict[str, list[Site]] = {}
     if isinstance(arch, HFArchitecture):
         taps = reader_taps(spec, module_a)  # transformers models are not traced
+        if request.options.residual == "permute":
+            stream = transformer_sites(spec, module_a).get(RESIDUAL, {}).get("stream")
+            permute = {RESIDUAL: stream} if stream else {}
     else:
         first, _ = next(iter_batches(request.data, 2))
         if isinstance(first, Mapping):
@@ -395,7 +447,7 @@ def _align(request: AlignRequest):
             progress("align", i, len(others), key)
         batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
         result = cca_align(spec, module_a, load_module(stores[key], arch), batches, taps, reg=request.options.reg,
-                           device=request.device)
+                           device=request.device, permute=permute)
         state = cca_state(spec, stores[key], result)
         outcome.stores[key] = DictStore(state, source=f"{stores[key].source} (CCA-aligned)", config=ref_store.config)
         outcome.results[key] = result
