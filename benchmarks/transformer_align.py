@@ -37,8 +37,8 @@ ENGINES = {
     "weight_matching": {"engine": "weight_matching"},
     "activation_matching(modules)": {"engine": "activation_matching", "features": "modules"},
     "activation_matching(pooled)": {"engine": "activation_matching", "features": "pooled"},
-    # linear maps, not permutations: only the MLP blocks are mapped (norms, heads and fused attention kept), so
-    # B after alignment is not exactly B (its aligned_b_loss shows by how much)
+    # linear maps, not permutations: MLP blocks and attention within head pairs, the residual stream permuted;
+    # the MLP maps do not commute with GELU, so B after alignment is not exactly B (aligned_b_loss shows by how much)
     "cca": {"engine": "cca"},
 }
 
