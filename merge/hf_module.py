@@ -14,6 +14,9 @@ The built module's ``state_dict()`` has exactly the store's tensor names, so eve
   falls back to the class's base model;
 * tied weights the checkpoint leaves out (``lm_head.weight`` tied to the input embedding) are dropped from
   ``state_dict()`` and not reported missing when loading;
+* layers transformers renames in memory (its conversion mapping: recent releases load ViT's
+  ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj`` and save the old name back) are
+  answered under the checkpoint's names by a wrapper (state dict, ``named_modules``, ``get_submodule``);
 * non-persistent buffers the checkpoint still carries (old BERT checkpoints' ``embeddings.position_ids``) are
   exposed under their names and ignored when loading.
 
