@@ -1,6 +1,6 @@
 """Hugging Face ViT folders through the engines: a tiny random-config ViTForImageClassification saved as
 config.json + model.safetensors, its derived groups, a spec permutation that keeps the logits, and a planted
-permutation recovered by weight matching and by activation matching on image tensors (a .safetensors data file
+permutation recovered by weight matching, and by activation matching and CCA on image tensors (a .safetensors data file
 whose ``inputs`` are ``(N, 3, H, W)`` pixel values, fed to the model positionally as ``pixel_values``).
 """
 
@@ -81,7 +81,8 @@ def test_vit_folder_groups_and_a_spec_permutation_keeps_the_logits(vit_pair):
 @pytest.mark.parametrize("alignment", [
     {"engine": "weight_matching"},
     {"engine": "activation_matching", "features": "pooled"},
-], ids=["weight_matching", "activation_matching"])
+    {"engine": "cca", "reg": 1e-9},
+], ids=["weight_matching", "activation_matching", "cca"])
 def test_vit_planted_permutation_is_recovered_from_a_recipe(tmp_path, vit_pair, alignment):
     a, b, perms, data = vit_pair
     if alignment["engine"] != "weight_matching":
