@@ -241,7 +241,10 @@ class _Renamed(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["model"], name)  # config, generation helpers, ...
+            inner = self.__dict__.get("_modules", {}).get("model")  # absent while copy/pickle rebuilds the object
+            if inner is None:
+                raise
+            return getattr(inner, name)  # config, generation helpers, ...
 
     def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterable[tuple[str, nn.Module]]:
         for name, mod in super().named_modules(memo, prefix, remove_duplicate):
