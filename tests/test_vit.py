@@ -78,6 +78,20 @@ def test_vit_folder_groups_and_a_spec_permutation_keeps_the_logits(vit_pair):
     torch.testing.assert_close(logits_b, logits_a, atol=1e-5, rtol=1e-5)
 
 
+def test_vit_module_answers_to_the_checkpoint_names(vit_pair):
+    """transformers may rename ViT's layers in memory; the built module still speaks the file's names, copies too."""
+    import copy
+
+    a = open_store(vit_pair[0])
+    module = load_module(a, derive_spec(a)[1])
+    query = "vit.encoder.layer.0.attention.attention.query"
+    for m in (module, copy.deepcopy(module)):
+        assert set(m.state_dict()) == set(a.names())
+        assert dict(m.named_modules())[query] is m.get_submodule(query)
+        assert isinstance(m.get_submodule(query), torch.nn.Linear)
+        torch.testing.assert_close(m.state_dict()[query + ".weight"], a.get(query + ".weight"))
+
+
 @pytest.mark.parametrize("alignment", [
     {"engine": "weight_matching"},
     {"engine": "activation_matching", "features": "pooled"},
