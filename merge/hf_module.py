@@ -14,6 +14,9 @@ The built module's ``state_dict()`` has exactly the store's tensor names, so eve
   falls back to the class's base model;
 * tied weights the checkpoint leaves out (``lm_head.weight`` tied to the input embedding) are dropped from
   ``state_dict()`` and not reported missing when loading;
+* layers transformers renames in memory (its conversion mapping: recent releases load ViT's
+  ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj`` and save the old name back) are
+  answered under the checkpoint's names by a wrapper (state dict, ``named_modules``, ``get_submodule``);
 * non-persistent buffers the checkpoint still carries (old BERT checkpoints' ``embeddings.position_ids``) are
   exposed under their names and ignored when loading.
 
@@ -161,10 +164,12 @@ def _fit_names(model: nn.Module, names: set[str]) -> nn.Module:
     best, best_score, inner = model, None, model
     for candidate, prefix in _candidates(model):
         module = _Prefixed(prefix, candidate) if prefix else candidate
-        own = set(module.state_dict())
-        score = len(own & names) - len(own - names)
-        if best_score is None or score > best_score:
-            best, best_score, inner = module, score, candidate
+        renames = {} if prefix else _checkpoint_names(candidate)
+        for option in (module, _Renamed(candidate, renames)) if renames else (module,):
+            own = set(option.state_dict())
+            score = len(own & names) - len(own - names)
+            if best_score is None or score > best_score:
+                best, best_score, inner = option, score, candidate
     _attach_name_hooks(best, names)
     best.suture_objective = _objective(inner)  # how merge.evaluate scores token logits
     return best
@@ -180,6 +185,98 @@ class _Prefixed(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self, self.prefix)(*args, **kwargs)
+
+
+def _checkpoint_names(model: nn.Module) -> dict[str, str]:
+    """In-memory state name -> the name transformers saves it under, for the tensors its conversion mapping renames
+    (recent versions load ViT's ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj`` and
+    save it back under the old name). Empty when nothing is renamed, or when a tensor is converted, not renamed."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before its conversion mapping: names on disk are the names in memory
+        return {}
+    state = model.state_dict(keep_vars=True)
+    try:
+        saved = revert_weight_conversion(model, dict(state))
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):  # transformers' internals: no renaming then
+        return {}
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        by_id.setdefault(id(tensor), []).append(name)  # tied weights: one tensor, several names
+    renames: dict[str, str] = {}
+    for disk, tensor in saved.items():
+        own = by_id.get(id(tensor))
+        if own is None or (disk not in own and len(own) > 1):
+            return {}  # a converted (split, merged, reshaped) tensor, or a renamed tied one: not a plain rename
+        if disk not in own:
+            renames[own[0]] = disk
+    return renames
+
+
+class _Renamed(nn.Module):
+    """A transformers model answering to its checkpoint's tensor names (see :func:`_checkpoint_names`):
+    ``state_dict()``, ``load_state_dict()``, ``named_modules()`` and ``get_submodule()`` speak the names on disk,
+    so a spec derived from the files finds the layer behind every tensor."""
+
+    def __init__(self, model: nn.Module, renames: Mapping[str, str]) -> None:
+        super().__init__()
+        self.model = model
+        self._to_disk = dict(renames)
+        self._to_memory = {v: k for k, v in renames.items()}
+        modules: dict[str, str] = {}
+        for own, disk in renames.items():
+            (own_mod, own_leaf), (disk_mod, disk_leaf) = own.rpartition(".")[::2], disk.rpartition(".")[::2]
+            if own_leaf == disk_leaf:
+                modules[own_mod] = disk_mod
+        self._module_to_disk = modules
+        self._module_to_memory = {v: k for k, v in modules.items()}
+        # plain functions of the module the hook is called with, so copies (deepcopy) rename their own tensors
+        self.register_state_dict_post_hook(_names_on_save)
+        self.register_load_state_dict_pre_hook(_names_on_load)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("model")  # absent while copy/pickle rebuilds the object
+            if inner is None:
+                raise
+            return getattr(inner, name)  # config, generation helpers, ...
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterable[tuple[str, nn.Module]]:
+        for name, mod in super().named_modules(memo, prefix, remove_duplicate):
+            rest = name[len(prefix):].lstrip(".")
+            if rest.startswith("model."):
+                own = rest[len("model."):]
+                name = ".".join(x for x in (prefix, self._module_to_disk.get(own, own)) if x)
+            yield name, mod
+
+    def get_submodule(self, target: str) -> nn.Module:
+        if not target:
+            return self
+        return self.model.get_submodule(self._module_to_memory.get(target, target))
+
+
+def _rekey(state: dict, rename: Any) -> None:
+    items = list(state.items())
+    state.clear()
+    state.update((rename(k), v) for k, v in items)
+
+
+def _names_on_save(mod: _Renamed, state: dict, prefix: str, _meta: Any) -> None:
+    head = prefix + "model."
+    _rekey(state, lambda k: prefix + mod._to_disk.get(k[len(head):], k[len(head):]) if k.startswith(head) else k)
+
+
+def _names_on_load(mod: _Renamed, state: dict, prefix: str, *_: Any) -> None:
+    def to_memory(k: str) -> str:
+        rest = k[len(prefix):] if k.startswith(prefix) else None
+        return k if rest is None else f"{prefix}model.{mod._to_memory.get(rest, rest)}"
+
+    _rekey(state, to_memory)
 
 
 def _attach_name_hooks(module: nn.Module, names: set[str]) -> None:

@@ -17,7 +17,16 @@ from safetensors.torch import save_file
 
 from suture.merge import zoo
 from suture.merge.activations import FeatureStats
-from suture.merge.align.cca import cca_align, cca_maps, cca_state, linear_groups
+from suture.merge.align.cca import (
+    CCAResult,
+    HeadMaps,
+    attention_parts,
+    cca_align,
+    cca_maps,
+    cca_state,
+    linear_groups,
+    reader_taps,
+)
 from suture.merge.data import iter_batches, load_dataset
 from suture.merge.errors import SutureError
 from suture.merge.graph.trace import trace_module
@@ -98,22 +107,62 @@ def test_linear_groups_leave_norms_and_heads_alone():
     assert "LayerNorm" in why["residual"] and "heads" in why["layer0.attn"]
 
 
-def test_cca_aligns_gpt2_mlp_blocks_from_a_recipe(tmp_path):
-    """A GPT-2 folder and a copy whose MLP units are permuted: CCA on the MLP blocks gives the original back."""
+def _invertible(d: int, g: torch.Generator) -> torch.Tensor:
+    """A random well-conditioned invertible (d, d) map: rotation x scales in [0.5, 2] x rotation."""
+    q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q1 @ torch.diag(torch.empty(d, dtype=torch.float64).uniform_(0.5, 2.0, generator=g)) @ q2
+
+
+def _head_transformed(spec, model, state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """`state` with every attention group's V/O and Q/K spaces re-parametrised per head by random invertible maps."""
+    g = torch.Generator().manual_seed(seed)
+    heads = {}
+    for group in spec.active_groups():
+        if group.kind == "free":
+            continue
+        d, n = group.head_dim, group.size
+        vo = [_invertible(d, g) for _ in range(n // d)]
+        qk = [_invertible(d, g) for _ in range(n // d)]
+        heads[group.name] = HeadMaps(torch.arange(n), (torch.block_diag(*vo), torch.block_diag(*(torch.linalg.inv(m) for m in vo))),
+                                     (torch.block_diag(*qk), torch.block_diag(*(torch.linalg.inv(m) for m in qk))),
+                                     attention_parts(group, model))
+    eye = {g_.name: torch.eye(g_.size, dtype=torch.float64) for g_ in spec}
+    return cca_state(spec, state, CCAResult(out_maps=eye, in_maps=eye, heads=heads))
+
+
+def _logits(model, state: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}  # tied
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_cca_undoes_permuted_heads_and_within_head_linear_maps_from_a_recipe(tmp_path, family):
+    """A GPT-2 / BERT folder and a copy of the same function whose MLP units and heads are permuted and whose
+    heads' V/O and Q/K spaces are mixed by random invertible maps: CCA gives the original weights back."""
     from tests.test_engines_foreign import CONFIGS, _save_tokenizer, _texts
 
     from suture.merge.derive import derive_spec
 
     torch.manual_seed(0)
-    model = CONFIGS["gpt2"]().eval()
+    model = CONFIGS[family]().eval()
     a, b = tmp_path / "a", tmp_path / "b"
     model.save_pretrained(a)
     _save_tokenizer(a)
     store = open_store(a)
     spec, _ = derive_spec(store)
-    perms = {name: (p if name.endswith(".mlp") else torch.arange(len(p))) for name, p in spec.random_permutations(5).items()}
+    perms = spec.random_permutations(5)  # the residual stream too
+    state_a = {k: v.double() for k, v in store.state_dict().items()}
+    state_b = permute_state(_head_transformed(spec, model, state_a, seed=7), spec, perms)
+    ids = torch.randint(2, 99, (3, 12), generator=torch.Generator().manual_seed(2))
+    check = CONFIGS[family]().double().eval()
+    torch.testing.assert_close(_logits(check, state_b, ids), _logits(check, state_a, ids), atol=1e-9, rtol=1e-9)  # same function
+    assert (state_b[next(m.tensor for m in spec.groups["layer0.attn"].members)] - state_a[next(
+        m.tensor for m in spec.groups["layer0.attn"].members)]).abs().max() > 0.1  # other weights
     b.mkdir()
-    save_file({k: v.contiguous() for k, v in permute_state(store.state_dict(), spec, perms).items()}, str(b / "model.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in state_b.items()}, str(b / "model.safetensors"))
     (b / "config.json").write_text((a / "config.json").read_text())
     _save_tokenizer(b)
     data = _texts(tmp_path / "lines.txt", n=80)  # ~500 tokens for 128 MLP units
@@ -125,8 +174,47 @@ def test_cca_aligns_gpt2_mlp_blocks_from_a_recipe(tmp_path):
     for name in store.names():
         torch.testing.assert_close(merged.get(name).float(), store.get(name).float(), atol=1e-4, rtol=1e-4, msg=name)
     summary = result.report["alignment"]["models"][str(b)]
-    assert set(summary["mean_canonical_correlation"]) == {"layer0.mlp", "layer1.mlp"}
-    assert set(summary["skipped"]) == {"residual", "layer0.attn", "layer1.attn"}
+    assert set(summary["mean_canonical_correlation"]) == {"layer0.mlp", "layer1.mlp", "layer0.attn", "layer1.attn"}
+    assert set(summary["permuted"]) == {"residual"} and "skipped" not in summary
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_cca_attention_maps_reparametrise_b(family):
+    """Aligned to an unrelated model, B's attention maps (head pairing, V/O and Q/K maps) and residual permutation
+    leave B's function as it was; only the MLP maps (through the activation) and the merge change it. Llama
+    (RoPE, grouped-query attention) pairs KV heads and maps V/O only."""
+    from tests.test_engines_foreign import CONFIGS
+
+    from suture.merge.align.transformer_match import transformer_sites
+    from suture.merge.derive import derive_spec
+    from suture.merge.store import DictStore
+
+    torch.manual_seed(0)
+    a = CONFIGS[family]().eval()
+    torch.manual_seed(1)
+    b = CONFIGS[family]().eval()
+    config = {**a.config.to_dict(), "architectures": [type(a).__name__]}
+    spec, _ = derive_spec(DictStore(dict(a.state_dict()), source=family, config=config))
+    ids = torch.randint(2, 99, (16, 16), generator=torch.Generator().manual_seed(3))
+    stream = {"residual": transformer_sites(spec, a)["residual"]["stream"]}
+    result = cca_align(spec, a, b, [{"input_ids": ids[i:i + 4]} for i in range(0, 16, 4)], reader_taps(spec, a), reg=0.1,
+                       permute=stream)
+    assert set(result.heads) == {"layer0.attn", "layer1.attn"} and set(result.perms) == {"residual"}
+    assert not torch.equal(result.perms["residual"], torch.arange(spec.groups["residual"].size))
+    if family != "llama":  # 2 KV heads there: the pairing may keep them in order
+        assert any(not torch.equal(h.perm, torch.arange(h.perm.numel())) for h in result.heads.values())
+    assert all((h.qk is None) == (family == "llama") for h in result.heads.values())
+    for g in spec:
+        if g.kind == "free":
+            result.out_maps[g.name] = result.in_maps[g.name] = torch.eye(g.size, dtype=torch.float64)
+    state_b = {k: v.double() for k, v in b.state_dict().items()}
+    aligned = cca_state(spec, state_b, result)
+    for part in {"v", "o"} if family == "llama" else {"q", "k", "v", "o"}:  # every mapped part really moved
+        attn = next(t for t, p in result.heads["layer0.attn"].parts.items() if p in (part, "qkv") and t.endswith("weight"))
+        assert (aligned[attn] - permute_state(state_b, spec, result.perms)[attn]).abs().max() > 0.05, attn
+    check = CONFIGS[family]().double().eval()
+    # llama's RMSNorm computes in float32 even in a float64 model: 1e-5, where a wrong map moves logits by O(1)
+    torch.testing.assert_close(_logits(check, aligned, ids), _logits(check, state_b, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_cca_recipe_on_the_digits_demo_pair_beats_plain_averaging(tmp_path, demo_cache):

@@ -14,14 +14,34 @@ B's units) and the layer reading it by ``T^-T`` (``W T^-T``), then the models ar
 method. When B's features are an invertible linear function of A's (``X_B = X_A M``, e.g. permuted and
 positively scaled ReLU units), ``T = M^-1`` exactly (without regularisation), so alignment undoes it.
 
-A general linear map commutes with linear layers but not with a norm, an embedding lookup, a nonlinearity's
-pre-activation/post-activation split beyond positive scaling, or attention heads: groups with such members
-(LayerNorm/BatchNorm parameters, residual streams, attention heads, fused Q/K/V) keep their units as they are,
-so on transformers only the MLP blocks' hidden units are aligned.
+A general linear map commutes with linear layers but not with a norm, an embedding lookup, or a nonlinearity's
+pre-activation/post-activation split beyond positive scaling: groups with such members (LayerNorm/BatchNorm
+parameters) keep their units as they are. On transformers:
+
+* MLP hidden units get a CCA map (through the GELU this is the paper's approximation, not a re-parametrisation);
+* attention blocks are mapped where a linear map is exact. Heads are paired whole first, by the summed canonical
+  correlations of their outputs (the per-head context vectors the output projection reads: a score no
+  within-head map changes); then each head pair gets a V/O map T from CCA of those head outputs (V's rows and
+  bias by T, O's columns by T^-T; attention weights act on the token axis only, so a head's output carries V's
+  map unchanged) and a Q/K map T from CCA of the queries (Q's rows and bias by T, K's by T^-T, so every
+  ``q . k`` is unchanged). GPT-2's fused c_attn takes one block-diagonal (Q, K, V) map on its output axis.
+  Groups that keep each head's dimensions in order (RoPE: llama/mistral/qwen2; BERT's relative positions,
+  whose distance embeddings meet q and k dimension by dimension) pair heads and map V/O only: a Q/K map would
+  have to commute with the rotation. Under grouped-query attention V/O maps act per KV head, observed at V;
+* the residual stream: LayerNorm centres and rescales each token over the stream's units, ``LN(x) = g * (x -
+  mean(x)) / std(x) + b``. ``LN(x M) = LN(x) M`` needs M to fix the ones vector and preserve norms (an orthogonal
+  M with ``M 1 = 1``) and to commute with the elementwise gain g, which only a permutation does (g and b then
+  move with it) unless g is folded into the readers, impossible where the stream itself is the norm's output
+  (post-LN BERT adds it to the residual). So ``residual: permute`` (the default) matches the stream by a
+  permutation of its units' correlations, pooled over every norm's output on it (as activation matching's
+  pooled features), and ``residual: keep`` leaves it as it is.
+
+Every map on attention and the residual is exact: B aligned by them alone computes what B computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,10 +53,14 @@ from pydantic import Field
 from torch import nn
 
 from suture.merge.activations import FeatureStats, collect_stats
+from suture.merge.align.assignment import assign, assignment_score, solve_lap
 from suture.merge.align.engines import AlignmentOptions, AlignRequest, Engine, register_engine
+from suture.merge.align.transformer_match import SEP, _site, transformer_sites
 from suture.merge.errors import AlignmentError
+from suture.merge.graph.families_common import RESIDUAL
 from suture.merge.graph.trace import Tap
-from suture.merge.spec import PermGroup, PermutationSpec
+from suture.merge.measure import Site
+from suture.merge.spec import PermGroup, PermutationSpec, permute_state
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +71,42 @@ HOROI = ("Harmony in Diversity: Merging Neural Networks with Canonical Correlati
 
 
 @dataclass
+class HeadMaps:
+    """One attention group of B in the reference basis: whole heads paired (``perm``, an index vector as in
+    :func:`merge.spec.permute_state`), then per head pair a block-diagonal ``vo`` map T (V rows, O columns by
+    T^-T) and ``qk`` map (Q rows by T, K rows by T^-T; None where each head's dimensions must stay in order).
+    ``parts`` says which of "q", "k", "v", "o" or "qkv" (GPT-2's fused c_attn) each member tensor is."""
+
+    perm: torch.Tensor
+    vo: tuple[torch.Tensor, torch.Tensor]  # (T, T^-1), block-diagonal in A's head order
+    qk: tuple[torch.Tensor, torch.Tensor] | None
+    parts: dict[str, str]
+
+    def matrix(self, part: str) -> torch.Tensor:
+        """The (n, n) map of one part for :func:`merge.align.ot.map_axis`: B's heads in A's order, then the
+        head pair's map (``new[j] = sum_i M[i, j] old[i]``; a reader's columns take T^-T, as any group's)."""
+        if part == "qkv":
+            return torch.block_diag(self.matrix("q"), self.matrix("k"), self.matrix("v"))
+        n = self.perm.numel()
+        pick = torch.eye(n, dtype=torch.float64)[:, self.perm]  # pick[i, j] = 1 where B's unit i moves to j
+        maps = {"v": self.vo[0], "o": self.vo[1].T}
+        if self.qk is not None:
+            maps.update(q=self.qk[0], k=self.qk[1].T)
+        return pick @ maps[part] if part in maps else pick
+
+
+@dataclass
 class CCAResult:
     """Per-group maps of model B onto the reference basis: ``out_maps`` (T) for the layers writing a group,
-    ``in_maps`` (T^-T) for those reading it (identity for groups left as they are), and figures for reports."""
+    ``in_maps`` (T^-T) for those reading it (identity for groups left as they are), ``heads`` for attention
+    groups (their out/in maps stay identity), and figures for reports."""
 
     out_maps: dict[str, torch.Tensor]
     in_maps: dict[str, torch.Tensor]
+    heads: dict[str, HeadMaps] = field(default_factory=dict)
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)
     correlations: dict[str, torch.Tensor] = field(default_factory=dict)
+    permuted_corr: dict[str, float] = field(default_factory=dict)  # mean correlation of the matched units
     skipped: dict[str, str] = field(default_factory=dict)
     reg: float = DEFAULT_REG
     total_time: float = 0.0
@@ -65,6 +118,7 @@ class CCAResult:
             "groups": len(self.correlations),
             "reg": self.reg,
             "mean_canonical_correlation": {g: round(float(c.mean()), 6) for g, c in self.correlations.items()},
+            **({"permuted": {g: round(float(c), 6) for g, c in self.permuted_corr.items()}} if self.perms else {}),
             "total_time_s": round(self.total_time, 4),
             **({"skipped": dict(self.skipped)} if self.skipped else {}),
         }
@@ -85,7 +139,12 @@ def cca_maps(stats: FeatureStats, reg: float = DEFAULT_REG) -> tuple[torch.Tenso
     `reg` is relative: ``reg * mean unit variance`` is added to each side's covariance diagonal, so one value
     means the same at any activation scale and keeps constant (dead) units from making the covariance singular.
     """
-    cov_a, cov_b, cross = stats.a.cov(), stats.side("b").cov(), stats.cross_cov()
+    return cca_from_cov(stats.a.cov(), stats.side("b").cov(), stats.cross_cov(), reg)
+
+
+def cca_from_cov(cov_a: torch.Tensor, cov_b: torch.Tensor, cross: torch.Tensor,
+                 reg: float = DEFAULT_REG) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cca_maps` from the covariances themselves (A's, B's and ``cov(A_i, B_j)``), e.g. one head's block."""
     powers = []
     for cov in (cov_a, cov_b):
         lam = reg * max(float(cov.diagonal().clamp_min(0).mean()), 1e-30)
@@ -150,6 +209,84 @@ def reader_taps(spec: PermutationSpec, module: nn.Module) -> dict[str, list[Tap]
     return taps
 
 
+def attention_parts(group: PermGroup, module: nn.Module) -> dict[str, str] | str:
+    """member tensor -> "q" / "k" / "v" / "o" / "qkv" for an attention group, or why it cannot be mapped.
+
+    The families list Q, K and V (each weight, then bias) as the writing members in that order and O as the
+    one reader; GPT-2 writes all three through one fused layer whose members carry ``outer=3``.
+    """
+    modules = dict(module.named_modules())
+    writers: list[str] = []
+    readers: list[str] = []
+    owner_of: dict[str, str] = {}
+    fused = False
+    for m in group.members:
+        owner = m.tensor.rsplit(".", 1)[0]
+        if type(modules.get(owner)).__name__ not in _LINEAR_KINDS:
+            return f"{m.tensor} does not belong to a linear layer"
+        if m.inner != 1 or m.outer not in (1, 3):
+            return f"{m.tensor} has a layout ({m.layout()}) no attention map knows"
+        fused |= m.outer == 3
+        owner_of[m.tensor] = owner
+        side = writers if m.role == "out" else readers
+        if owner not in side:
+            side.append(owner)
+    if len(readers) != 1 or len(writers) != (1 if fused else 3):
+        return f"expected Q, K, V {'(fused) ' if fused else ''}and one output projection, found writers {writers} and readers {readers}"
+    names = {readers[0]: "o", **({writers[0]: "qkv"} if fused else dict(zip(writers, "qkv")))}
+    return {tensor: names[owner] for tensor, owner in owner_of.items()}
+
+
+def _head_sites(group: PermGroup, parts: Mapping[str, str]) -> dict[str, list[Site]]:
+    """Where an attention group's features are read: queries (Q's output) for the Q/K map, and the head
+    outputs (O's input) for the head pairing and the V/O map, or the values where O reads grouped-query
+    repeats of them (the values carry the same linear map: attention weights act on the token axis only)."""
+    n, label = group.size, f"group {group.name!r}"
+    members = {m.tensor: m for m in group.members}
+    owner = {part: t.rsplit(".", 1)[0] for t, part in parts.items() if t.endswith(".weight")}
+    sites: dict[str, list[Site]] = {}
+    if "qkv" in owner:
+        sites["q"] = [_site(owner["qkv"], "output", label, 0, n)]
+        sites["vo"] = [_site(owner["o"], "input", label)]
+        return sites
+    repeat = {part: members[f"{o}.weight"].repeat for part, o in owner.items()}
+    if repeat["q"] == 1:
+        sites["q"] = [_site(owner["q"], "output", label)]
+    sites["vo"] = [_site(owner["o"], "input", label)] if repeat["o"] == 1 else [_site(owner["v"], "output", label)]
+    return sites
+
+
+def _block(cov: torch.Tensor, i: int, j: int, d: int) -> torch.Tensor:
+    return cov[i * d:(i + 1) * d, j * d:(j + 1) * d]
+
+
+def head_maps(group: PermGroup, parts: dict[str, str], vo: FeatureStats, q: FeatureStats | None,
+              reg: float) -> tuple[HeadMaps, torch.Tensor]:
+    """Pair B's heads with A's by the summed canonical correlations of their head outputs (a score no
+    within-head linear map changes), then CCA within each pair: the head outputs give the V/O map, the
+    queries the Q/K map (None without query features or where the group allows whole heads only)."""
+    d = group.head_dim
+    if not d or group.size % d:
+        raise AlignmentError(f"attention group {group.name!r} has no head size dividing its {group.size} units")
+    heads = group.size // d
+    cov_a, cov_b, cross = vo.a.cov(), vo.side("b").cov(), vo.cross_cov()
+    pairs = {(h, g): cca_from_cov(_block(cov_a, h, h, d), _block(cov_b, g, g, d), _block(cross, h, g, d), reg)
+             for h in range(heads) for g in range(heads)}
+    scores = torch.tensor([[float(pairs[h, g][2].sum()) for g in range(heads)] for h in range(heads)])
+    order = solve_lap(scores).tolist()  # A's head h takes B's head order[h]
+    perm = torch.cat([g * d + torch.arange(d) for g in order])
+    rho = [pairs[h, g][2] for h, g in enumerate(order)]
+    vo_maps = (torch.block_diag(*(pairs[h, g][0] for h, g in enumerate(order))),
+               torch.block_diag(*(pairs[h, g][1] for h, g in enumerate(order))))
+    qk_maps = None
+    if q is not None and group.kind == "heads_within":
+        qa, qb, qx = q.a.cov(), q.side("b").cov(), q.cross_cov()
+        blocks = [cca_from_cov(_block(qa, h, h, d), _block(qb, g, g, d), _block(qx, h, g, d), reg) for h, g in enumerate(order)]
+        qk_maps = (torch.block_diag(*(b[0] for b in blocks)), torch.block_diag(*(b[1] for b in blocks)))
+        rho += [b[2] for b in blocks]
+    return HeadMaps(perm, vo_maps, qk_maps, parts), torch.cat(rho)
+
+
 def cca_align(
     spec: PermutationSpec,
     module_a: nn.Module,
@@ -159,26 +296,66 @@ def cca_align(
     *,
     reg: float = DEFAULT_REG,
     device: str | torch.device = "cpu",
+    permute: Mapping[str, Sequence[Site]] | None = None,
 ) -> CCAResult:
     """CCA maps of B's groups onto A's from features on the same calibration batches (identity where a group
-    cannot be mixed linearly or is not observed)."""
+    cannot be mixed linearly or is not observed). Groups in `permute` (e.g. a transformer's residual stream,
+    observed at its norms' outputs) are matched by a permutation of their units' correlations instead, which
+    commutes with norms where a general linear map does not."""
     start = time.perf_counter()
     groups, skipped = linear_groups(spec, module_a)
-    wanted = {g.name: list(taps[g.name]) for g in groups if taps.get(g.name)}
+    wanted: dict[str, list[Tap | Site]] = {g.name: list(taps[g.name]) for g in groups if taps.get(g.name)}
     for g in groups:
         if g.name not in wanted:
             skipped[g.name] = "no module input or output carries this group"
+    permute = {k: list(v) for k, v in (permute or {}).items() if k in spec.groups and not spec.groups[k].frozen and v}
+    for name, sites in permute.items():
+        skipped.pop(name, None)
+        wanted[f"{name}{SEP}perm"] = sites
+    attention: dict[str, dict[str, str]] = {}
+    for g in spec.active_groups():
+        if g.kind == "free" or g.name in permute:
+            continue
+        parts = attention_parts(g, module_a)
+        if isinstance(parts, str):
+            skipped[g.name] = parts
+            continue
+        skipped.pop(g.name, None)
+        attention[g.name] = parts
+        wanted.update({f"{g.name}{SEP}{role}": s for role, s in _head_sites(g, parts).items()})
     if not wanted:
-        raise AlignmentError("CCA found no group it can align: every group touches a norm, attention heads or an "
-                             f"unobserved layer ({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})")
+        raise AlignmentError("CCA found no group it can align: every group touches a norm or an unobserved layer "
+                             f"({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})")
     stats = collect_stats(module_a, wanted, batches, model_b=module_b, device=device, self_stats=True)
     result = CCAResult(out_maps={}, in_maps={}, skipped=skipped, reg=reg)
     for g in spec:
+        eye = torch.eye(g.size, dtype=torch.float64)
         st = stats.get(g.name)
+        if g.name in permute:
+            result.out_maps[g.name], result.in_maps[g.name] = eye, eye
+            st = stats.get(f"{g.name}{SEP}perm")
+            if st is None or st.n != g.size:
+                raise AlignmentError(f"group {g.name!r} has {g.size} units but its sites show "
+                                     f"{'no' if st is None else st.n} features")
+            corr = st.cross_corr().float().cpu()
+            result.perms[g.name] = solve_lap(corr) if g.kind == "free" else assign(corr, g.kind, g.head_dim)
+            result.permuted_corr[g.name] = assignment_score(corr, result.perms[g.name]) / g.size
+            continue
+        if g.name in attention:
+            result.out_maps[g.name], result.in_maps[g.name] = eye, eye
+            vo = stats.get(f"{g.name}{SEP}vo")
+            if vo is None:
+                result.skipped[g.name] = "no features were captured"
+                continue
+            for key in (f"{g.name}{SEP}vo", f"{g.name}{SEP}q"):
+                if key in stats and stats[key].n != g.size:
+                    raise AlignmentError(f"group {g.name!r} has {g.size} units but its taps show {stats[key].n} features")
+            maps, rho = head_maps(g, attention[g.name], vo, stats.get(f"{g.name}{SEP}q"), reg)
+            result.heads[g.name], result.correlations[g.name] = maps, rho.cpu()
+            continue
         if st is None:
             if g.name in wanted:
                 result.skipped[g.name] = "no features were captured"
-            eye = torch.eye(g.size, dtype=torch.float64)
             result.out_maps[g.name], result.in_maps[g.name] = eye, eye
             continue
         if st.n != g.size:
@@ -193,10 +370,23 @@ def cca_align(
 
 
 def cca_state(spec: PermutationSpec, state_b: Mapping[str, torch.Tensor] | Any, result: CCAResult) -> dict[str, torch.Tensor]:
-    """Model B's tensors in the reference basis: rows (and biases) of a group's writers by T, its readers' columns by T^-T."""
-    from suture.merge.align.ot import transport_state
+    """Model B's tensors in the reference basis: rows (and biases) of a group's writers by T, its readers' columns
+    by T^-T; attention members by their head pairing and their part's map (:meth:`HeadMaps.matrix`)."""
+    from suture.merge.align.ot import map_axis, transport_state
 
-    return transport_state(spec, spec, state_b, result)  # the same per-axis maps OT fusion applies
+    plain = PermutationSpec({k: g for k, g in spec.groups.items() if k not in result.heads and k not in result.perms},
+                            spec.family)
+    out = transport_state(plain, plain, state_b, result)  # the same per-axis maps OT fusion applies
+    # permutations act on other axes than the maps (a group owns its axes), so the order does not matter
+    out = permute_state(out, spec, result.perms)
+    for name, maps in result.heads.items():
+        group = spec.groups[name]
+        matrices = {part: maps.matrix(part) for part in set(maps.parts.values())}
+        for m in group.members:
+            part = maps.parts[m.tensor]
+            member = dataclasses.replace(m, outer=1) if part == "qkv" else m  # one (3n, 3n) map over Q, K, V
+            out[m.tensor] = map_axis(out[m.tensor], member, group.head_dim, matrices[part])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -211,6 +401,11 @@ class CCAOptions(AlignmentOptions):
                                    "constant units and small calibration sets from making CCA ill-posed. Small values "
                                    "follow the correlations closely (and undo an exact linear re-parametrisation); large "
                                    "ones tend to an orthogonal map between the centred features.")
+    residual: Literal["permute", "keep"] = Field(
+        "permute", title="Residual stream",
+        description="Transformers models: 'permute' matches the residual stream by a permutation of its units, "
+                    "correlated over the outputs of every norm on it (a linear map would not commute with the "
+                    "LayerNorms); 'keep' leaves it as it is.")
 
 
 def _align(request: AlignRequest):
@@ -232,8 +427,12 @@ def _align(request: AlignRequest):
         raise AlignmentError("CCA runs the models: it needs a runnable architecture (a package.module:factory, or a model "
                              "saved by Suture's zoo)", field=("architecture",))
     module_a = load_module(ref_store, arch)
+    permute: dict[str, list[Site]] = {}
     if isinstance(arch, HFArchitecture):
         taps = reader_taps(spec, module_a)  # transformers models are not traced
+        if request.options.residual == "permute":
+            stream = transformer_sites(spec, module_a).get(RESIDUAL, {}).get("stream")
+            permute = {RESIDUAL: stream} if stream else {}
     else:
         first, _ = next(iter_batches(request.data, 2))
         if isinstance(first, Mapping):
@@ -248,7 +447,7 @@ def _align(request: AlignRequest):
             progress("align", i, len(others), key)
         batches = (x for x, _ in iter_batches(request.data, request.options.batch_size))
         result = cca_align(spec, module_a, load_module(stores[key], arch), batches, taps, reg=request.options.reg,
-                           device=request.device)
+                           device=request.device, permute=permute)
         state = cca_state(spec, stores[key], result)
         outcome.stores[key] = DictStore(state, source=f"{stores[key].source} (CCA-aligned)", config=ref_store.config)
         outcome.results[key] = result
