@@ -570,10 +570,13 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
         else:
             kind = "permutation"
             for name, perm in result.perms.items():
-                n = int(perm.numel())
-                matrix = torch.zeros(n, n, dtype=torch.float32)
-                matrix[torch.arange(n), perm.cpu().long()] = 1.0  # aligned unit i is the other model's unit perm[i]
-                groups[name] = matrix.numpy()
+                # a split attention group's 2-row permutation shows as one matrix per part (Q/K, V/O)
+                rows = {name: perm} if perm.dim() == 1 else {f"{name} (Q/K)": perm[0], f"{name} (V/O)": perm[1]}
+                for label, row in rows.items():
+                    n = int(row.numel())
+                    matrix = torch.zeros(n, n, dtype=torch.float32)
+                    matrix[torch.arange(n), row.cpu().long()] = 1.0  # aligned unit i is the other model's unit row[i]
+                    groups[label] = matrix.numpy()
         return {"model": key, "reference": outcome.reference, "kind": kind, "groups": groups}
     finally:
         for store in models.stores.values():
