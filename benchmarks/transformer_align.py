@@ -12,6 +12,7 @@ Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activat
 interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
 
     nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
+        [--engines weight_matching "activation_matching(pooled)"]   # only these rows (naive always runs)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
 
 
 def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
-             seeds: tuple[int, int] = (1, 2)) -> dict:
+             seeds: tuple[int, int] = (1, 2), engines: list[str] | None = None) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -88,6 +89,8 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
     mean_end = (loss_a + loss_b) / 2
     rows = {}
     for name, options in ENGINES.items():
+        if engines and name != "naive" and name not in engines:  # naive is every ratio's reference
+            continue
         t0 = time.perf_counter()
         if options is None:
             state_b, summary = store_b.state_dict(), {}
@@ -126,11 +129,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
+    ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), metavar="NAME",
+                    help=f"only these rows of ENGINES (naive always runs): {', '.join(ENGINES)}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
     for kind in args.kinds:
-        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds))
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds), args.engines)
     print(json.dumps(out, indent=2))
 
 
