@@ -206,3 +206,15 @@ def test_activation_matching_recovers_planted_split_permutation(name):
         assert torch.equal(result.perms[g.name], invert_permutation(planted[g.name])), g.name
     restored = permute_state(other.state_dict(), spec, result.perms)
     assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ reports
+def test_app_shows_one_permutation_matrix_per_part():
+    from suture.app.services import permutation_matrices
+
+    perm = torch.tensor([[2, 3, 0, 1], [3, 2, 0, 1]])
+    mats = permutation_matrices("layer0.attn", perm)
+    assert list(mats) == ["layer0.attn (Q/K)", "layer0.attn (V/O)"]
+    for row, matrix in zip(perm, mats.values()):
+        assert matrix.sum() == 4 and all(matrix[i, j] == 1 for i, j in enumerate(row.tolist()))
+    assert list(permutation_matrices("layer0.mlp", perm[0])) == ["layer0.mlp"]
