@@ -45,6 +45,7 @@ MODELS = {
     "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL)),
     "llama_gqa": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, num_key_value_heads=2)),
 }
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -162,8 +163,9 @@ def test_assign_pairs_heads_on_both_parts_then_each_part_within():
     assert assignment_score(cost, found) > assignment_score(cost, planted[0]) + 1.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "llama_gqa"])
-def test_weight_matching_recovers_planted_split_permutation_from_files(tmp_path, name):
+def test_weight_matching_recovers_planted_split_permutation_from_files(tmp_path, name, device):
     """Streamed from safetensors stores (bf16 stored, fp32 products) as from state dicts: the plant is undone."""
     model = _model(name)
     spec = _spec(model)
@@ -175,10 +177,10 @@ def test_weight_matching_recovers_planted_split_permutation_from_files(tmp_path,
         (tmp_path / side).mkdir()
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp_path / side / "model.safetensors"))
         stores[side] = open_store(tmp_path / side)
-    streamed = weight_matching(spec, stores["a"], stores["b"])
-    in_memory = weight_matching(spec, state, scrambled)
+    streamed = weight_matching(spec, stores["a"], stores["b"], device=device)
+    in_memory = weight_matching(spec, state, scrambled, device=device)
     for g in spec.active_groups():
-        assert torch.equal(streamed.perms[g.name], invert_permutation(planted[g.name])), g.name
+        assert torch.equal(streamed.perms[g.name].cpu(), invert_permutation(planted[g.name])), g.name
         assert torch.equal(in_memory.perms[g.name], streamed.perms[g.name]), g.name
     restored = permute_state(scrambled, spec, streamed.perms)
     assert all(torch.equal(restored[k], state[k]) for k in state)
