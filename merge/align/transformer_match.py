@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,12 +138,7 @@ def assign_heads(head_cost: torch.Tensor, within_cost: torch.Tensor, head_dim: i
     of each (head of A, head of B) block, or the block trace when dimensions must stay in order); each pair then
     takes the within-head assignment that maximises `within_cost`'s block.
     """
-    n = head_cost.shape[0]
-    if n % head_dim:
-        raise AlignmentError(f"attention group of size {n} is not a whole number of heads of size {head_dim}")
-    scores, _ = head_pair_scores(head_cost, head_dim, within=within)
-    head_perm = solve_lap(scores)
-    return heads_then_within(head_perm, _within_orders(within_cost, head_perm, head_dim) if within else None, head_dim)
+    return assign_head_parts(head_cost, [within_cost], head_dim, within=(within,))
 
 
 def match_transformer(
@@ -226,14 +221,15 @@ def _mean(costs: list[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     return sum(costs) / len(costs) if costs else fallback
 
 
-def assign_head_parts(head_cost: torch.Tensor, part_costs: list[torch.Tensor], head_dim: int, *,
-                      within: tuple[bool, bool]) -> torch.Tensor:
-    """Whole heads paired on `head_cost` (as :func:`assign_heads` does, dimensions free when V/O's are), then
-    each part (Q/K, V/O) its own within-head assignment on its cost: a 2-row permutation (1-D when equal)."""
+def assign_head_parts(head_cost: torch.Tensor, part_costs: Sequence[torch.Tensor], head_dim: int, *,
+                      within: Sequence[bool]) -> torch.Tensor:
+    """Whole heads paired on `head_cost` (the head outputs: scored by their best within-head matching when the
+    last part, V/O, may move dimensions, else by the block trace), then each part (Q/K, V/O) its own
+    within-head assignment on its cost where `within` allows: one row per part (1-D when the rows agree)."""
     n = head_cost.shape[0]
     if n % head_dim:
         raise AlignmentError(f"attention group of size {n} is not a whole number of heads of size {head_dim}")
-    scores, _ = head_pair_scores(head_cost, head_dim, within=within[1])
+    scores, _ = head_pair_scores(head_cost, head_dim, within=within[-1])
     head_perm = solve_lap(scores)
     rows = [heads_then_within(head_perm, _within_orders(cost, head_perm, head_dim) if free else None, head_dim)
             for cost, free in zip(part_costs, within)]
