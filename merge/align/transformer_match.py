@@ -179,13 +179,13 @@ def match_transformer(
         t0 = time.perf_counter()
         corrs = {role: st.cross_corr().float().cpu() for role, st in roles.items()}
         total = sum(corrs.values()) / len(corrs)
-        result.perms[g.name] = _assign(g, corrs, total, parts.get(g.name, {}))
+        result.perms[g.name], scored = _assign(g, corrs, total, parts.get(g.name, {}))
         result.group_time[g.name] = time.perf_counter() - t0
-        before += assignment_score(total, torch.arange(g.size))
-        after += assignment_score(total, result.perms[g.name])
+        before += assignment_score(scored, torch.arange(g.size))
+        after += assignment_score(scored, result.perms[g.name])
         units += g.size
         result.stats[f"corr_{_kind(g)}"] = result.stats.get(f"corr_{_kind(g)}", 0.0) + assignment_score(
-            total, result.perms[g.name])
+            scored, result.perms[g.name])
         result.stats[f"units_{_kind(g)}"] = result.stats.get(f"units_{_kind(g)}", 0) + g.size
     for kind in ("residual", "attention", "mlp"):
         if f"units_{kind}" in result.stats:
@@ -200,21 +200,21 @@ def _kind(group: PermGroup) -> str:
 
 
 def _assign(group: PermGroup, corrs: Mapping[str, torch.Tensor], total: torch.Tensor,
-            parts: Mapping[str, Part]) -> torch.Tensor:
-    """One group's permutation: free units by total correlation, attention as heads then within heads
-    (for a split group, Q/K within heads on the Q and K features, V/O on the V features and head outputs)."""
+            parts: Mapping[str, Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's permutation, and the correlation it is scored on: free units by total correlation,
+    attention as heads then within heads (for a split group, Q/K within heads on the Q and K features, V/O on
+    the V features and head outputs; scored on both parts' correlations, half each, a (2, n, n) cost)."""
     if group.kind == "free":
-        return solve_lap(total)
+        return solve_lap(total), total
     if not group.head_dim:
         raise AlignmentError(f"attention group {group.name!r} has no head size")
     heads = corrs.get(HEAD_OUTPUTS, total)
     if not group.split:
-        return assign_heads(heads, total, group.head_dim, within=group.kind == "heads_within")
-    qk = [c for role, c in corrs.items() if parts.get(role) == "qk"]
-    vo = [c for role, c in corrs.items() if parts.get(role) == "vo" or role == HEAD_OUTPUTS]
-    qk_free, vo_free = group.within_free()
-    return assign_head_parts(heads, [_mean(qk, total), _mean(vo, total)], group.head_dim,
-                             within=(qk_free, vo_free))
+        return assign_heads(heads, total, group.head_dim, within=group.kind == "heads_within"), total
+    qk = _mean([c for role, c in corrs.items() if parts.get(role) == "qk"], total)
+    vo = _mean([c for role, c in corrs.items() if parts.get(role) == "vo" or role == HEAD_OUTPUTS], total)
+    perm = assign_head_parts(heads, [qk, vo], group.head_dim, within=group.within_free())
+    return perm, torch.stack([qk, vo]) / 2
 
 
 def _mean(costs: list[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
