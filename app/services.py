@@ -532,6 +532,21 @@ def zip_group_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
              "mean similarity": v.get("mean_similarity")} for g, v in groups.items() if isinstance(v, Mapping)]
 
 
+def permutation_matrices(name: str, perm: Any) -> dict[str, Any]:
+    """0/1 matrices of one group's permutation (aligned unit i is the other model's unit perm[i]); a split
+    attention group's 2-row permutation gives one matrix per part, ``<group> (Q/K)`` and ``<group> (V/O)``."""
+    import torch
+
+    rows = {name: perm} if perm.dim() == 1 else {f"{name} (Q/K)": perm[0], f"{name} (V/O)": perm[1]}
+    out = {}
+    for label, row in rows.items():
+        n = int(row.numel())
+        matrix = torch.zeros(n, n, dtype=torch.float32)
+        matrix[torch.arange(n), row.cpu().long()] = 1.0
+        out[label] = matrix.numpy()
+    return out
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") -> dict[str, Any]:
     """The alignment of a recipe recomputed: per group, reference units x other model's units (permutation or transport).
@@ -539,8 +554,6 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
     Returns ``{"model": key, "reference": key, "kind": "permutation"|"transport", "groups": {group: ndarray}}``.
     Runs the same library step the recipe runner runs (cached, so a plot option never recomputes it).
     """
-    import torch
-
     from suture.merge.execute import resolve_device
     from suture.recipes.runner import load, open_models, reference_key
     from suture.recipes.schema import ModelRef
@@ -570,10 +583,7 @@ def alignment_matrices(recipe_text: str, device: str = "cpu", stamps: str = "") 
         else:
             kind = "permutation"
             for name, perm in result.perms.items():
-                n = int(perm.numel())
-                matrix = torch.zeros(n, n, dtype=torch.float32)
-                matrix[torch.arange(n), perm.cpu().long()] = 1.0  # aligned unit i is the other model's unit perm[i]
-                groups[name] = matrix.numpy()
+                groups.update(permutation_matrices(name, perm))
         return {"model": key, "reference": outcome.reference, "kind": kind, "groups": groups}
     finally:
         for store in models.stores.values():
@@ -897,6 +907,7 @@ def readable(exc: BaseException) -> str:
 
 __all__ = [
     "alignment_matrices",
+    "permutation_matrices",
     "demo_ready",
     "engine_options",
     "engine_value_problem",

@@ -128,8 +128,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
-    ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES),
-                    help="only these rows of ENGINES (naive is always measured)")
+    ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), metavar="NAME",
+                    help=f"only these rows of ENGINES (naive always runs): {', '.join(ENGINES)}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}

@@ -26,7 +26,7 @@ from suture.merge.align.ot import ot_align, transport_state
 from suture.merge.align.weight_matching import weight_matching
 from suture.merge.errors import InputError
 from suture.merge.graph.families import detect_family, spec_from_names, spec_from_store
-from suture.merge.spec import PermGroup, PermutationSpec, invert_permutation, permute_state
+from suture.merge.spec import PermGroup, PermutationSpec, check_permutation, collapse_rows, invert_permutation, permute_state
 from suture.merge.store import open_store
 
 # initializer_range 0.2 (not 0.02): sharp attention patterns, so a wrong permutation shows in the outputs
@@ -52,13 +52,17 @@ def _shapes(state) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _draw(spec: PermutationSpec, seed: int) -> dict[str, torch.Tensor]:
+def _identity(perm: torch.Tensor) -> bool:
+    return torch.equal(collapse_rows(perm), torch.arange(perm.shape[-1]))
+
+
+def _draw(spec: PermutationSpec, seed: int, split: bool = False) -> dict[str, torch.Tensor]:
     """spec.random_permutations, redrawing any active group that came out as the identity (2 heads: 1 in 2)."""
-    perms = spec.random_permutations(seed)
+    perms = spec.random_permutations(seed, split=split)
     gen = torch.Generator().manual_seed(seed + 1000)
     for group in spec.active_groups():
-        while torch.equal(perms[group.name], torch.arange(group.size)):
-            perms[group.name] = group.random_permutation(gen)
+        while _identity(perms[group.name]):
+            perms[group.name] = group.random_permutation(gen, split=split)
     return perms
 
 
@@ -75,7 +79,8 @@ def _run(model: nn.Module, inputs: dict, spec: PermutationSpec, perms: dict[str,
 def _assert_permutes(spec: PermutationSpec, perms: dict[str, torch.Tensor], state, permuted) -> None:
     """The draw really moved something in every active group (so an unchanged output means something)."""
     for group in spec.active_groups():
-        assert not torch.equal(perms[group.name], torch.arange(group.size)), group.name
+        assert not _identity(perms[group.name]), group.name
+        assert check_permutation(group, perms[group.name]) is None, group.name
         m = group.members[0]
         assert not torch.equal(state[m.tensor], permuted[m.tensor]), m.tensor
 
@@ -123,8 +128,13 @@ def test_random_permutation_preserves_outputs(name):
     spec.validate(_shapes(state))
     assert spec.family == EXPECTED_FAMILY[name]
     assert not [n for n in spec.notes if n.startswith("untouched")], spec.notes
-    for seed in (0, 1):
-        perms = _draw(spec, seed)
+    # 1-D draws (one within-head order for Q/K and V/O), then 2-row draws (Q/K and V/O each their own)
+    for seed, split in ((0, False), (1, False), (2, True), (3, True)):
+        perms = _draw(spec, seed, split)
+        if split:
+            attn = [g for g in spec.active_groups() if g.kind != "free"]
+            assert attn and all(g.split and perms[g.name].shape == (2, g.size) for g in attn)
+            assert all(not torch.equal(perms[g.name][0], perms[g.name][1]) for g in attn)  # the parts really differ
         before, after, permuted = _run(model, inputs, spec, perms)
         _assert_permutes(spec, perms, state, permuted)
         torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
@@ -469,9 +479,9 @@ def test_minilm_spec_from_files_preserves_embeddings():
 # --- weight matching on family specs --------------------------------------------------------------------
 
 
-def _assert_recovers(spec: PermutationSpec, state: dict[str, torch.Tensor], seed: int) -> None:
+def _assert_recovers(spec: PermutationSpec, state: dict[str, torch.Tensor], seed: int, split: bool = False) -> None:
     """Match A against a planted permutation of itself: every group's answer undoes the plant exactly."""
-    planted = spec.random_permutations(seed)
+    planted = spec.random_permutations(seed, split=split)
     scrambled = permute_state(state, spec, planted)
     result = weight_matching(spec, state, scrambled, seed=0)
     assert result.converged
@@ -487,6 +497,17 @@ def test_weight_matching_recovers_planted_permutation_tiny(name):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     spec = spec_from_names(_shapes(state), model.config.to_dict())
     _assert_recovers(spec, state, seed=3)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "bert_mlm", "vit_cls", "gpt2"])
+def test_weight_matching_recovers_planted_split_permutation(name):
+    """Q/K and V/O planted with different within-head orders (RoPE: V/O only): both rows come back exactly."""
+    model, _ = _tiny(name)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = spec_from_names(_shapes(state), model.config.to_dict())
+    planted = spec.random_permutations(4, split=True)
+    assert all(planted[g.name].shape == (2, g.size) for g in spec.active_groups() if g.kind != "free")
+    _assert_recovers(spec, state, seed=4, split=True)
 
 
 def test_ot_transports_planted_gpt2_back_exactly():

@@ -3,6 +3,10 @@
 `cost[i, j]` scores pairing unit i of model A with unit j of model B (higher is better). The answer is an
 index vector `perm` with `perm[i] = j`, the convention of :func:`merge.spec.permute_state`: applying it to
 B's axis puts B's unit j where A's unit i is.
+
+A split attention group (:mod:`merge.spec`: Q/K and V/O may take different within-head orders) is scored by
+a ``(2, n, n)`` cost, one matrix per part, and answered by a ``(2, n)`` permutation that moves whole heads
+alike in both rows.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from suture.merge.errors import AlignmentError
+from suture.merge.spec import collapse_rows
 
 
 def solve_lap(cost: torch.Tensor | np.ndarray, *, maximize: bool = True) -> torch.Tensor:
@@ -53,30 +58,50 @@ def head_pair_scores(cost: torch.Tensor, head_dim: int, *, within: bool) -> tupl
     return torch.from_numpy(scores), torch.from_numpy(best)
 
 
-def assign(cost: torch.Tensor, kind: str = "free", head_dim: int | None = None) -> torch.Tensor:
-    """Best permutation for one group under its structure: free, whole heads, or heads x within-head."""
+def assign(cost: torch.Tensor, kind: str = "free", head_dim: int | None = None,
+           within: tuple[bool, bool] | None = None) -> torch.Tensor:
+    """Best permutation for one group under its structure: free, whole heads, or heads x within-head.
+
+    A ``(2, n, n)`` cost (Q/K, V/O) gives a 2-row permutation (1-D when both rows agree): heads are paired
+    on the sum of both parts' head-pair scores, then each part takes its own within-head assignment where
+    `within` (default: both when kind is ``heads_within``) lets its dimensions move.
+    """
     if kind == "free":
         return solve_lap(cost)
-    if not head_dim or cost.shape[0] % head_dim:
-        raise AlignmentError(f"group of kind {kind!r} needs a head_dim dividing its size {cost.shape[0]}, got {head_dim}")
-    scores, within = head_pair_scores(cost, head_dim, within=kind == "heads_within")
-    head_perm = solve_lap(scores)
+    if not head_dim or cost.shape[-1] % head_dim:
+        raise AlignmentError(f"group of kind {kind!r} needs a head_dim dividing its size {cost.shape[-1]}, got {head_dim}")
+    if cost.dim() == 3:
+        frees = within if within is not None else (kind == "heads_within",) * 2
+        pairs = [head_pair_scores(c, head_dim, within=free) for c, free in zip(cost, frees)]
+        head_perm = solve_lap(sum(scores.to("cpu", torch.float64) for scores, _ in pairs))
+        return collapse_rows(torch.stack([heads_then_within(head_perm, best, head_dim) for _, best in pairs]))
+    scores, best = head_pair_scores(cost, head_dim, within=kind == "heads_within")
+    return heads_then_within(solve_lap(scores), best, head_dim)
+
+
+def heads_then_within(head_perm: torch.Tensor, within: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """Index vector from a head pairing and, per (head of A, head of B), a within-head order (None: in order)."""
     offsets = torch.arange(head_dim)
-    blocks = []
-    for h, g in enumerate(head_perm.tolist()):
-        # new head h <- old head g, its dims in the order the within-head assignment chose
-        blocks.append(g * head_dim + (within[h, g] if within is not None else offsets))
-    return torch.cat(blocks)
+    # new head h <- old head g, its dims in the order the within-head assignment chose
+    return torch.cat([g * head_dim + (within[h, g] if within is not None else offsets)
+                      for h, g in enumerate(head_perm.tolist())])
 
 
-def timed_assign(cost: torch.Tensor, kind: str = "free", head_dim: int | None = None) -> tuple[torch.Tensor, float]:
+def timed_assign(cost: torch.Tensor, kind: str = "free", head_dim: int | None = None,
+                 within: tuple[bool, bool] | None = None) -> tuple[torch.Tensor, float]:
     """`assign`, plus the seconds it took (moving the cost to the CPU included)."""
     start = time.perf_counter()
-    perm = assign(cost, kind, head_dim)
+    perm = assign(cost, kind, head_dim, within)
     return perm, time.perf_counter() - start
 
 
 def assignment_score(cost: torch.Tensor, perm: torch.Tensor) -> float:
-    """Sum of cost[i, perm[i]] in float64."""
+    """Sum of cost[i, perm[i]] in float64. A per-part ``(2, n, n)`` cost sums each part under its row (a 1-D
+    perm serves both); one cost scored under a 2-row perm gives the mean of its rows' scores."""
+    if cost.dim() == 3:
+        rows = perm if perm.dim() == 2 else perm.expand(cost.shape[0], -1)
+        return sum(assignment_score(c, row) for c, row in zip(cost, rows))
+    if perm.dim() == 2:
+        return sum(assignment_score(cost, row) for row in perm) / perm.shape[0]
     idx = perm.to(cost.device)
     return float(cost[torch.arange(cost.shape[0], device=cost.device), idx].double().sum())

@@ -11,10 +11,11 @@ Plain activation matching observes each group at one module. In a transformer th
   midpoint barrier than the raw one (the norms' inputs): 0.41 vs 0.44 nats, naive 0.89;
 * an attention block's units are heads: whole heads are paired first, scored by how well the head outputs
   (the per-head context vectors the output projection reads) can be matched within the head, then each
-  pair of heads gets the within-head assignment that maximises the correlation summed over Q, K, V and the
-  head outputs. The derived spec ties Q/K and V/O to one within-head permutation per head (the largest
-  function-preserving move one group can draw), so both pairs are matched jointly; RoPE families (kind
-  ``heads``) keep the dimensions of a head in order;
+  pair of heads gets its within-head assignments. The derived spec marks Q/K and V/O members (split groups,
+  :mod:`merge.spec`), so Q/K dimensions are matched on the Q and K features and V/O dimensions on the V
+  features and the head outputs, each pair its own order (a 2-row permutation); RoPE families (kind
+  ``heads``) keep Q/K dimensions in order. Unmarked groups keep one order for all four, matched on the
+  correlation summed over Q, K, V and the head outputs;
 * MLP units are matched on their activations (the input of the down projection, after the nonlinearity).
 
 The permutations are applied through the derived spec, so the aligned model computes exactly what it did.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,11 +33,11 @@ from torch import nn
 
 from suture.merge.align import MatchResult
 from suture.merge.align.activation_matching import collect_paired, finish_match
-from suture.merge.align.assignment import assignment_score, head_pair_scores, solve_lap
+from suture.merge.align.assignment import assignment_score, head_pair_scores, heads_then_within, solve_lap
 from suture.merge.errors import AlignmentError
 from suture.merge.graph.families_common import RESIDUAL
 from suture.merge.measure import Site
-from suture.merge.spec import Member, PermGroup, PermutationSpec
+from suture.merge.spec import Member, Part, PermGroup, PermutationSpec, collapse_rows
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,14 @@ def transformer_sites(spec: PermutationSpec, module: nn.Module) -> dict[str, dic
     ``units`` (other groups: the reading layer's input, else the writing layer's output). Members laid out
     with grouped-query repeats are not observed (Q heads tied to a KV head); K and V still are.
     """
+    return _sites_and_parts(spec, module)[0]
+
+
+def _sites_and_parts(spec: PermutationSpec, module: nn.Module) -> tuple[dict[str, dict[str, list[Site]]], dict[str, dict[str, Part]]]:
+    """:func:`transformer_sites`, plus group -> ``out<i>`` role -> its Q/K or V/O part (marked members only)."""
     modules = dict(module.named_modules())
     sites: dict[str, dict[str, list[Site]]] = {}
+    parts: dict[str, dict[str, Part]] = {}
     for group in spec.active_groups():
         roles: dict[str, list[Site]] = {}
         fallback: list[Site] = []
@@ -109,6 +116,8 @@ def transformer_sites(spec: PermutationSpec, module: nn.Module) -> dict[str, dic
                     continue
                 for block in range(m.outer):
                     roles[f"out{n_out}"] = [_site(owner, "output", label, block * group.size, group.size)]
+                    if m.parts:
+                        parts.setdefault(group.name, {})[f"out{n_out}"] = m.part_of(block)
                     n_out += 1
                 continue
             if m.outer != 1 or (owner, side, 0) in seen:
@@ -119,7 +128,7 @@ def transformer_sites(spec: PermutationSpec, module: nn.Module) -> dict[str, dic
             roles["units"] = fallback
         if roles:
             sites[group.name] = roles
-    return sites
+    return sites, parts
 
 
 def assign_heads(head_cost: torch.Tensor, within_cost: torch.Tensor, head_dim: int, *, within: bool) -> torch.Tensor:
@@ -129,18 +138,7 @@ def assign_heads(head_cost: torch.Tensor, within_cost: torch.Tensor, head_dim: i
     of each (head of A, head of B) block, or the block trace when dimensions must stay in order); each pair then
     takes the within-head assignment that maximises `within_cost`'s block.
     """
-    n = head_cost.shape[0]
-    if n % head_dim:
-        raise AlignmentError(f"attention group of size {n} is not a whole number of heads of size {head_dim}")
-    scores, _ = head_pair_scores(head_cost, head_dim, within=within)
-    head_perm = solve_lap(scores)
-    heads = n // head_dim
-    blocks = within_cost.reshape(heads, head_dim, heads, head_dim)
-    out = []
-    for h, g in enumerate(head_perm.tolist()):
-        dims = solve_lap(blocks[h, :, g, :]) if within else torch.arange(head_dim)
-        out.append(g * head_dim + dims)
-    return torch.cat(out)
+    return assign_head_parts(head_cost, [within_cost], head_dim, within=(within,))
 
 
 def match_transformer(
@@ -157,7 +155,7 @@ def match_transformer(
 ) -> MatchResult:
     """Permutations for B's groups from correlations of A's and B's features on the same calibration batches."""
     start = time.perf_counter()
-    sites = transformer_sites(spec, model_a)
+    sites, parts = _sites_and_parts(spec, model_a)
     result = MatchResult(perms={}, engine=engine)
     for g in spec.active_groups():
         if g.name not in sites:
@@ -181,13 +179,13 @@ def match_transformer(
         t0 = time.perf_counter()
         corrs = {role: st.cross_corr().float().cpu() for role, st in roles.items()}
         total = sum(corrs.values()) / len(corrs)
-        result.perms[g.name] = _assign(g, corrs, total)
+        result.perms[g.name], scored = _assign(g, corrs, total, parts.get(g.name, {}))
         result.group_time[g.name] = time.perf_counter() - t0
-        before += assignment_score(total, torch.arange(g.size))
-        after += assignment_score(total, result.perms[g.name])
+        before += assignment_score(scored, torch.arange(g.size))
+        after += assignment_score(scored, result.perms[g.name])
         units += g.size
         result.stats[f"corr_{_kind(g)}"] = result.stats.get(f"corr_{_kind(g)}", 0.0) + assignment_score(
-            total, result.perms[g.name])
+            scored, result.perms[g.name])
         result.stats[f"units_{_kind(g)}"] = result.stats.get(f"units_{_kind(g)}", 0) + g.size
     for kind in ("residual", "attention", "mlp"):
         if f"units_{kind}" in result.stats:
@@ -201,11 +199,45 @@ def _kind(group: PermGroup) -> str:
     return "mlp" if group.kind == "free" else "attention"
 
 
-def _assign(group: PermGroup, corrs: Mapping[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
-    """One group's permutation: free units by total correlation, attention as heads then within heads."""
+def _assign(group: PermGroup, corrs: Mapping[str, torch.Tensor], total: torch.Tensor,
+            parts: Mapping[str, Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's permutation, and the correlation it is scored on: free units by total correlation,
+    attention as heads then within heads (for a split group, Q/K within heads on the Q and K features, V/O on
+    the V features and head outputs; scored on both parts' correlations, half each, a (2, n, n) cost)."""
     if group.kind == "free":
-        return solve_lap(total)
+        return solve_lap(total), total
     if not group.head_dim:
         raise AlignmentError(f"attention group {group.name!r} has no head size")
     heads = corrs.get(HEAD_OUTPUTS, total)
-    return assign_heads(heads, total, group.head_dim, within=group.kind == "heads_within")
+    if not group.split:
+        return assign_heads(heads, total, group.head_dim, within=group.kind == "heads_within"), total
+    qk = _mean([c for role, c in corrs.items() if parts.get(role) == "qk"], total)
+    vo = _mean([c for role, c in corrs.items() if parts.get(role) == "vo" or role == HEAD_OUTPUTS], total)
+    perm = assign_head_parts(heads, [qk, vo], group.head_dim, within=group.within_free())
+    return perm, torch.stack([qk, vo]) / 2
+
+
+def _mean(costs: list[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return sum(costs) / len(costs) if costs else fallback
+
+
+def assign_head_parts(head_cost: torch.Tensor, part_costs: Sequence[torch.Tensor], head_dim: int, *,
+                      within: Sequence[bool]) -> torch.Tensor:
+    """Whole heads paired on `head_cost` (the head outputs: scored by their best within-head matching when the
+    last part, V/O, may move dimensions, else by the block trace), then each part (Q/K, V/O) its own
+    within-head assignment on its cost where `within` allows: one row per part (1-D when the rows agree)."""
+    n = head_cost.shape[0]
+    if n % head_dim:
+        raise AlignmentError(f"attention group of size {n} is not a whole number of heads of size {head_dim}")
+    scores, _ = head_pair_scores(head_cost, head_dim, within=within[-1])
+    head_perm = solve_lap(scores)
+    rows = [heads_then_within(head_perm, _within_orders(cost, head_perm, head_dim) if free else None, head_dim)
+            for cost, free in zip(part_costs, within)]
+    return collapse_rows(torch.stack(rows))
+
+
+def _within_orders(cost: torch.Tensor, head_perm: torch.Tensor, head_dim: int) -> dict[tuple[int, int], torch.Tensor]:
+    """(head of A, paired head of B) -> the within-head assignment on that block of `cost`."""
+    heads = cost.shape[0] // head_dim
+    blocks = cost.reshape(heads, head_dim, heads, head_dim)
+    return {(h, g): solve_lap(blocks[h, :, g, :]) for h, g in enumerate(head_perm.tolist())}

@@ -5,6 +5,10 @@ fixed, the best permutation maximises sum_i <W_a[i], W_b[perm[i]]> over all tens
 (each tensor's other axes already permuted); that is one linear assignment on
 `C = sum_members W_a(axis first, flattened) @ W_b(axis first, flattened)^T`. Groups are visited in a
 seeded random order, and passes repeat until no group improves by more than 1e-12.
+
+A split attention group (Q/K and V/O marked, :mod:`merge.spec`) gets one cost per part, each summed over
+that part's members and fused blocks only; heads are paired on the sum of both parts' best within-head
+scores, then each part takes its own within-head assignment (a 2-row permutation).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from suture.merge.align import MatchResult
 from suture.merge.align.assignment import assignment_score, timed_assign
 from suture.merge.threads import single_threaded_if_small
 from suture.merge.errors import AlignmentError, InputError
-from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_problem, expand_index, unit_matrix
+from suture.merge.spec import PARTS, Member, PermGroup, PermutationSpec, axis_problem, check_permutation, expand_index, unit_matrix
 from suture.merge.store import DictStore, PickleStore
 
 logger = logging.getLogger(__name__)
@@ -156,17 +160,23 @@ class WeightCosts:
         return t.to(self.device, torch.float32)
 
     def cost(self, group: PermGroup, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """C[i, j] = similarity of A's unit i and B's unit j with all other groups at their current perms."""
-        c: torch.Tensor | None = None
+        """C[i, j] = similarity of A's unit i and B's unit j with all other groups at their current perms;
+        for a split attention group, one such matrix per part (Q/K, V/O), stacked (2, n, n)."""
+        parts = PARTS if group.split else (None,)
+        costs: list[torch.Tensor | None] = [None] * len(parts)
         for m in self.used[group.name]:
             axis = m.axis % len(self.shapes[m.tensor])
-            wa = unit_matrix(self.tensor_a(m.tensor), m, group.head_dim)
-            wb = unit_matrix(self.permuted_b(m.tensor, perms, skip_axis=axis), m, group.head_dim)
-            # accumulate the fp32 products in place; one conversion to float64 at the end for the solver
-            c = wa @ wb.T if c is None else c.addmm_(wa, wb.T)
-        if c is None:
-            return torch.zeros(group.size, group.size, dtype=torch.float64, device=self.device)
-        return c.double()
+            a, b = self.tensor_a(m.tensor), self.permuted_b(m.tensor, perms, skip_axis=axis)
+            for k, part in enumerate(parts):
+                wa = unit_matrix(a, m, group.head_dim, part)
+                if wa is None:
+                    continue
+                wb = unit_matrix(b, m, group.head_dim, part)
+                # accumulate the fp32 products in place; one conversion to float64 at the end for the solver
+                costs[k] = wa @ wb.T if costs[k] is None else costs[k].addmm_(wa, wb.T)
+        zero = torch.zeros(group.size, group.size, dtype=torch.float64, device=self.device)
+        done = [zero if c is None else c.double() for c in costs]
+        return done[0] if len(done) == 1 else torch.stack(done)
 
     def neighbours(self) -> dict[str, set[str]]:
         """Groups whose permutation enters each group's cost (they share a tensor with it)."""
@@ -244,8 +254,9 @@ def _coordinate_descent(
             perms[group.name] = torch.arange(group.size)
         else:
             init = torch.as_tensor(init, dtype=torch.long).cpu()
-            if init.shape != (group.size,) or not torch.equal(init.sort().values, torch.arange(group.size)):
-                raise AlignmentError(f"init_perms[{group.name!r}] is not a permutation of {group.size} units")
+            why = check_permutation(group, init)
+            if why:
+                raise AlignmentError(f"init_perms[{group.name!r}]: {why}")
             perms[group.name] = init.clone()
     norm_a, norm_b = problem.norms()
     denom = max(norm_a * norm_b, 1e-30)
@@ -275,7 +286,7 @@ def _coordinate_descent(
             if cost.is_cuda:
                 torch.cuda.synchronize(cost.device)
             cost_s += time.perf_counter() - t0
-            new, lap_s = timed_assign(cost, group.kind, group.head_dim)
+            new, lap_s = timed_assign(cost, group.kind, group.head_dim, group.within_free())
             result.lap_time += lap_s
             old_score = assignment_score(cost, perms[group.name])
             new_score = assignment_score(cost, new)

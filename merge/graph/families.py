@@ -29,15 +29,15 @@ Design: every permutation a spec can draw must leave the model's function unchan
   head and all its Q heads (only the identity under RoPE, which rotates fixed pairs of dimensions); and an
   independent within-head permutation shared by a V head and its O block. A head permutation applied to
   Q/K but not to V/O (or the reverse) pairs attention patterns with the wrong values, so Q, K, V and O must
-  take the same head permutation. The spec draws one permutation per group and gives an axis to one group
-  only, so "same head permutation, different within-head permutations" cannot be split over two groups.
-  Each attention block is therefore one group holding Q/K/V rows (and biases) and O's columns, with
-  ``Member.repeat = g`` on Q and O: kind ``heads`` for RoPE families (whole heads only) and
-  ``heads_within`` for absolute-position families (BERT, ViT), where the within-head permutation is shared
-  by Q/K and V/O. Every draw is valid; the V/O within-head freedom independent of Q/K (and permuting the
-  Q heads that share one KV head) is given up.
+  take the same head permutation. Each attention block is therefore one group holding Q/K/V rows (and
+  biases) and O's columns, with ``Member.repeat = g`` on Q and O, and every member marked with its part
+  (``qk`` for Q and K, ``vo`` for V and O; :mod:`merge.spec`), so the group's permutation may carry one
+  within-head permutation for Q/K and another for V/O: kind ``heads`` for RoPE families (Q/K dimensions stay
+  in order, V/O may still move within heads) and ``heads_within`` for absolute-position families (BERT,
+  ViT). Permuting the Q heads that share one KV head is given up.
 * GPT-2 fuses Q, K and V side by side in one axis of ``c_attn``; its members carry ``Member.outer = 3``
-  (the axis is three blocks, each permuted alike), so its attention groups are ``heads_within`` like BERT's.
+  (the axis is three blocks, each permuted alike) and parts ``(qk, qk, vo)``, so its attention groups are
+  ``heads_within`` like BERT's.
 
 Detection: ``config.json``'s ``model_type`` decides when present (an unknown type gives ``None`` rather
 than a guess: its extra tensors could read permuted axes); without it the tensor names decide.

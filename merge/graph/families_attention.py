@@ -1,7 +1,8 @@
 """The attention group shared by the transformer families: heads of Q, K, V and O move together.
 
-See the module docstring of :mod:`merge.graph.families` for why one group per attention block is the
-largest function-preserving choice the spec's data model can express.
+See the module docstring of :mod:`merge.graph.families` for the function-preserving moves: Q and K members
+are marked part ``qk``, V and O members part ``vo``, so the group may take a different within-head
+permutation for each part (:mod:`merge.spec`).
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def add_attention(
         # no head count: Q and K row counts still give the GQA ratio, enough to describe the (frozen) group
         q_rows, k_rows = b.shapes[q + ".weight"][0], b.shapes[k + ".weight"][0]
         repeat = q_rows // k_rows if k_rows and q_rows % k_rows == 0 else 1
-    for name, rep in ((q, repeat), (k, 1), (v, 1)):
-        b.add(group, name + ".weight", 0, "out", repeat=rep, required=True)
-        b.add(group, name + ".bias", 0, "out", repeat=rep)
-    b.add(group, o + ".weight", 1, "in", repeat=repeat, required=True)
+    for name, rep, part in ((q, repeat, "qk"), (k, 1, "qk"), (v, 1, "vo")):
+        b.add(group, name + ".weight", 0, "out", repeat=rep, required=True, parts=(part,))
+        b.add(group, name + ".bias", 0, "out", repeat=rep, parts=(part,))
+    b.add(group, o + ".weight", 1, "in", repeat=repeat, required=True, parts=("vo",))
     if layout is None:
         kv_rows = b.shapes[k + ".weight"][0]
         # a frozen group is never permuted; head_dim = its whole width keeps the repeat layout well defined

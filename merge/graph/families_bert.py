@@ -11,7 +11,8 @@ A post-LN block computes LN(x + f(x)): LayerNorm normalises over all features, s
 its weight/bias alike permutes its output, and the whole stream keeps one permutation across blocks.
 An MLM decoder tied to the word embeddings must share their permutation, so the MLM transform's output
 joins ``residual`` when tied. Relative position embeddings (``distance_embedding``) are shared by a layer's
-heads and index head dimensions, so with them the attention group allows whole-head moves only.
+heads and index the Q/K head dimensions, so with them (kind ``heads``) Q/K dimensions stay in order; V/O
+dimensions may still move within heads.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from suture.merge.errors import InputError
-from suture.merge.spec import GroupKind, Member, PermGroup, PermutationSpec, Role
+from suture.merge.spec import GroupKind, Member, Part, PermGroup, PermutationSpec, Role
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +134,17 @@ class SpecBuilder:
         inner: int = 1,
         required: bool = False,
         outer: int = 1,
+        parts: tuple[Part, ...] = (),
     ) -> bool:
-        """Put axis `axis` of `tensor` into `group` when the checkpoint has it; a missing required tensor raises."""
+        """Put axis `axis` of `tensor` into `group` when the checkpoint has it; a missing required tensor raises.
+
+        `parts`: for attention members, Q/K or V/O per outer block (see :mod:`merge.spec`)."""
         if tensor not in self.shapes:
             if required:
                 raise InputError(f"tensor names do not fit family {self.family!r}: missing tensor {tensor!r}")
             return False
-        self._members.setdefault(group, []).append(Member(tensor, axis, role, repeat=repeat, inner=inner, outer=outer))
+        self._members.setdefault(group, []).append(Member(tensor, axis, role, repeat=repeat, inner=inner, outer=outer,
+                                                               parts=parts))
         self._meta.setdefault(group, {})
         self._claimed.add(tensor)
         return True

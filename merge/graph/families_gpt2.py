@@ -5,8 +5,9 @@ lm_head / score columns), ``layer{i}.mlp`` (c_fc columns and bias, mlp.c_proj ro
 ``layer{i}.attn`` (kind ``heads_within``: positions are learned embeddings added to the stream, so nothing
 ties a head's dimensions to fixed pairs and a within-head permutation is allowed, as for BERT and ViT).
 c_attn's output axis (weight axis 1, bias axis 0) is laid out (3, heads, head_dim) with the Q, K and V blocks
-side by side; its members carry ``outer=3``, so the one head permutation and within-head permutation act on
-each block alike. attn.c_proj reads the heads through its input axis, weight axis 0 (the ``in`` member).
+side by side; its members carry ``outer=3`` and parts ``(qk, qk, vo)``, so the one head permutation acts on
+each block alike while Q/K and V may take their own within-head permutations. attn.c_proj reads the heads
+through its input axis, weight axis 0 (the ``in`` member, part ``vo``).
 Without ``n_head`` in config.json the head size is unknown and the attention groups stay frozen.
 """
 
@@ -30,6 +31,7 @@ from suture.merge.graph.families_common import (
 
 _ANCHOR = r"h\.\d+\.attn\.c_attn\.weight"
 _QKV = 3  # c_attn's output axis holds the Q, K and V blocks in this order
+_QKV_PARTS = ("qk", "qk", "vo")
 
 
 def build_gpt2(b: SpecBuilder, config: Mapping[str, Any] | None) -> None:
@@ -70,9 +72,9 @@ def build_gpt2(b: SpecBuilder, config: Mapping[str, Any] | None) -> None:
 
 def _add_fused_attention(b: SpecBuilder, group: str, attn: str, layout: tuple[int, int, int] | None) -> None:
     """One group over c_attn's fused (Q, K, V) output axis and c_proj's input axis (Conv1D: weights (in, out))."""
-    b.add(group, attn + "c_attn.weight", 1, "out", outer=_QKV, required=True)
-    b.add(group, attn + "c_attn.bias", 0, "out", outer=_QKV)
-    b.add(group, attn + "c_proj.weight", 0, "in", required=True)
+    b.add(group, attn + "c_attn.weight", 1, "out", outer=_QKV, required=True, parts=_QKV_PARTS)
+    b.add(group, attn + "c_attn.bias", 0, "out", outer=_QKV, parts=_QKV_PARTS)
+    b.add(group, attn + "c_proj.weight", 0, "in", required=True, parts=("vo",))
     if layout is None:
         b.declare(group, frozen_reason="head count unknown: config.json has no n_head")
         return

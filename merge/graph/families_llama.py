@@ -2,9 +2,10 @@
 
 Groups: ``residual`` (embed_tokens, every RMSNorm, Q/K/V and gate/up columns, o_proj and down_proj rows,
 lm_head / score columns), ``layer{i}.attn`` (kind ``heads``: RoPE rotates fixed dimension pairs of every
-head, so only whole heads may move; GQA through ``Member.repeat``) and ``layer{i}.mlp`` (gate/up rows and
+Q/K head, so Q/K dimensions stay in order while V/O ones may move within heads; GQA through
+``Member.repeat``) and ``layer{i}.mlp`` (gate/up rows and
 biases, down_proj columns; free). Qwen3's per-head q_norm/k_norm weights are shared by all heads, so
-whole-head permutations leave them as they are.
+Q/K permutations that keep dimensions in order leave them as they are.
 """
 
 from __future__ import annotations
