@@ -251,6 +251,8 @@ def check_compatible(
         key = lambda g: sorted((m.tensor, m.axis, m.role, m.inner, m.repeat, m.outer) for m in g.members)  # noqa: E731
         if key(ga) != key(gb):
             raise AlignmentError(f"group {name!r} ties different tensors in the two models")
+        if (ga.kind != "free" or gb.kind != "free") and not (ga.frozen or gb.frozen):
+            head_blocks(ga, gb)  # heads are transported whole: one head size, whole heads, also between head counts
         if ga.size == gb.size:
             continue
         if ga.frozen or gb.frozen:
@@ -258,8 +260,6 @@ def check_compatible(
                 f"group {name!r} has width {ga.size} in the reference but {gb.size} in model B, and it is frozen "
                 f"({ga.frozen_reason or gb.frozen_reason}): frozen groups cannot be transported, widths must match"
             )
-        if ga.kind != "free" or gb.kind != "free":
-            head_blocks(ga, gb)  # different head counts are transported whole heads to whole heads
     if names_a != names_b:
         raise AlignmentError(f"the models have different tensors: only in the reference {sorted(names_a - names_b)[:3]}, "
                              f"only in model B {sorted(names_b - names_a)[:3]}")
