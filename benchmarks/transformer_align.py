@@ -10,8 +10,11 @@ Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activat
 2024: residual stream pooled over all its sites, heads whole then within heads, MLP units), calibrated on
 ``--calib`` training blocks. ``<engine>+repair`` rows rescale the midpoint's MLP units to the endpoints'
 interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
+``ot`` rows: OT fusion for transformers (Imfeld et al., ICLR 2024) on weights or activations, exact (emd) or
+soft (sinkhorn); the midpoint is the fused model. ``--engines`` runs only the rows named (and naive).
 
     nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
+        [--engines ot "ot(activations)"]
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ ENGINES = {
     # linear maps, not permutations: only the MLP blocks are mapped (norms, heads and fused attention kept), so
     # B after alignment is not exactly B (its aligned_b_loss shows by how much)
     "cca": {"engine": "cca"},
+    # OT fusion (Imfeld et al., ICLR 2024; merge.align.transformer_ot): one stream plan, heads transported whole
+    "ot": {"engine": "ot"},
+    "ot(activations)": {"engine": "ot", "ground_metric": "activations"},
+    "ot(activations,sinkhorn)": {"engine": "ot", "ground_metric": "activations", "solver": "sinkhorn"},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
@@ -51,7 +58,7 @@ def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
 
 
 def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
-             seeds: tuple[int, int] = (1, 2)) -> dict:
+             seeds: tuple[int, int] = (1, 2), engines: list[str] | None = None) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -88,6 +95,8 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
     mean_end = (loss_a + loss_b) / 2
     rows = {}
     for name, options in ENGINES.items():
+        if engines and name != "naive" and name not in engines:
+            continue
         t0 = time.perf_counter()
         if options is None:
             state_b, summary = store_b.state_dict(), {}
@@ -102,7 +111,7 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
         rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
                       "aligned_b_loss": round(aligned_b, 4), "align_seconds": round(align_s, 2),
                       **{k: round(v, 4) for k, v in summary.items() if k.startswith("mean_corr")}}
-        if name in REPAIRED:
+        if name in REPAIRED and (not engines or name in engines):
             merged = module_of(midpoint(state_a, state_b))
             repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
             mid = loss_of(merged)
@@ -126,11 +135,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
+    ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES),
+                    help="rows to run (naive always runs: barriers are compared with it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
     for kind in args.kinds:
-        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds))
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds), args.engines)
     print(json.dumps(out, indent=2))
 
 
