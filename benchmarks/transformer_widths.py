@@ -2,7 +2,8 @@
 
 The reference A is the width-128, 4-head GPT-2 of ``benchmarks/lm_pairs.py`` (seed 2 by default); model B is a
 width-192, 6-head GPT-2 (MLP 768, the same head size 32) from ``lm_pairs.Recipe(kind="gpt2", width=192,
-heads=6)`` (seed 1; trained on first use, ~10-20 min here, then cached). B is transported onto A's widths by
+heads=6, steps=500)`` (seed 1; ``--wide-steps``; trained on first use, about 500 CPU seconds, then cached; half
+the narrow pair's 1000 steps, to fit a shared 2-core machine). B is transported onto A's widths by
 ``engine: ot`` through the engine registry (as a recipe's ``alignment:`` would: one residual-stream plan,
 heads carried whole onto A's heads, MLP units by a rectangular plan) and averaged with A at each
 ``--blends`` share of A. Reported per setting, in nats per token on the validation blocks: A alone (the
@@ -10,6 +11,7 @@ narrow parent), B (the wide parent), B transported into A's config, and the fuse
 zero-shot fusion; Imfeld et al. fine-tune the fused model afterwards.
 
     nice -n 10 python benchmarks/transformer_widths.py [--seeds 2 1] [--calib 256] [--val 400] [--blends 0.5 0.75]
+        [--wide-steps 500]
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ ROWS = [name for name, options in ENGINES.items() if options and options["engine
 WIDE = {"width": 192, "heads": 6}
 
 
-def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size: int, blends: list[float]) -> dict:
+def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size: int, blends: list[float],
+        wide_steps: int = 500) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -45,7 +48,7 @@ def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size
     from suture.merge.derive import derive_spec, load_module
     from suture.merge.store import DictStore, open_store
 
-    narrow, wide = lm_pairs.Recipe(kind="gpt2"), lm_pairs.Recipe(kind="gpt2", **WIDE)
+    narrow, wide = lm_pairs.Recipe(kind="gpt2"), lm_pairs.Recipe(kind="gpt2", steps=wide_steps, **WIDE)
     folder_a, folder_b = lm_pairs.train_model(narrow, seeds[0]), lm_pairs.train_model(wide, seeds[1])
     tokenizer = lm_pairs.tokenizer_for(narrow, folder_a.parent)  # one tokenizer per kind: both models share it
     val = lm_pairs.val_blocks(narrow, tokenizer)[:val_blocks_n]
@@ -63,6 +66,7 @@ def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size
     state_a = store_a.state_dict()
     out = {"models": {"a": str(folder_a), "b": str(folder_b)},
            "widths": {"a": {"n_embd": narrow.width, "n_head": narrow.heads}, "b": {"n_embd": wide.width, "n_head": wide.heads}},
+           "training_steps": {"a": narrow.steps, "b": wide.steps},
            "val_loss": {"a_narrow_parent": loss_of(state_a), "b_wide_parent": loss_of(store_b.state_dict(), store_b, arch_b)},
            "val_blocks": len(val), "calibration_blocks": len(calib), "settings": {}}
     for name in ROWS:
@@ -87,10 +91,11 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=400, help="validation blocks the losses are measured on")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blends", type=float, nargs="+", default=[0.5, 0.75], help="shares of the reference in the fusion")
+    ap.add_argument("--wide-steps", type=int, default=500, help="training steps of the wide model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
-    out["gpt2"] = run(tuple(args.seeds), args.calib, args.val, args.batch_size, args.blends)
+    out["gpt2"] = run(tuple(args.seeds), args.calib, args.val, args.batch_size, args.blends, args.wide_steps)
     print(json.dumps(out, indent=2))
 
 
