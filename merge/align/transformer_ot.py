@@ -36,7 +36,7 @@ specific to transformers:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -44,12 +44,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from suture.merge.activations import batch_inputs
-from suture.merge.align.ot_features import UnitMoments
+from suture.merge.align.ot_features import UnitMoments, moments_at
 from suture.merge.align.ot_solve import SolveInfo, Solver, normalize_cost, solve_plan
 from suture.merge.align.transformer_match import transformer_sites
-from suture.merge.errors import AlignmentError, InputError
-from suture.merge.measure import capture, eval_mode
+from suture.merge.errors import AlignmentError
 from suture.merge.spec import PermGroup, PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -131,7 +129,6 @@ def _paired_sites(spec_a: PermutationSpec, spec_b: PermutationSpec, module_a: nn
     return keyed_a, keyed_b
 
 
-@torch.no_grad()
 def collect_transformer_moments(
     spec_a: PermutationSpec,
     spec_b: PermutationSpec,
@@ -143,32 +140,7 @@ def collect_transformer_moments(
     max_batches: int | None = None,
 ) -> dict[str, UnitMoments]:
     """Per group, unit moments of A and B over all the group's sites and roles (samples stacked), same inputs."""
-    dev = torch.device(device)
     sites_a, sites_b = _paired_sites(spec_a, spec_b, module_a, module_b)
     if not sites_a:
         raise AlignmentError("none of the spec's groups can be observed in this transformers model")
-    moments: dict[str, UnitMoments] = {}
-    seen = 0
-    with eval_mode(module_a, module_b), capture(module_a, sites_a) as rec_a, capture(module_b, sites_b) as rec_b:
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            args, kwargs = batch_inputs(batch)
-            for model, rec in ((module_a, rec_a), (module_b, rec_b)):
-                rec.clear()
-                where = next((p.device for p in model.parameters()), torch.device("cpu"))
-                model(*[x.to(where) if isinstance(x, torch.Tensor) else x for x in args],
-                      **{k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-            for key, xa in rec_a.items():
-                xb = rec_b.get(key)
-                if xb is None or xb.shape[0] != xa.shape[0]:
-                    raise InputError(f"group {key[0]!r}: models A and B gave features for different sample counts")
-                group = key[0]
-                if group not in moments:
-                    moments[group] = UnitMoments(xa.shape[1], xb.shape[1], device=dev)
-                moments[group].update(xa.to(dev), xb.to(dev))
-            seen += 1
-    if seen == 0:
-        raise InputError("no calibration batches were given for activation-based transport")
-    logger.info("collected transformer activation moments for %d groups over %d batches", len(moments), seen)
-    return moments
+    return moments_at(module_a, module_b, sites_a, sites_b, batches, device=device, max_batches=max_batches)
