@@ -2,8 +2,8 @@
 
 The reference A is the width-128, 4-head GPT-2 of ``benchmarks/lm_pairs.py`` (seed 2 by default); model B is a
 width-192, 6-head GPT-2 (MLP 768, the same head size 32) from ``lm_pairs.Recipe(kind="gpt2", width=192,
-heads=6, steps=500)`` (seed 1; ``--wide-steps``; trained on first use, about 500 CPU seconds, then cached; half
-the narrow pair's 1000 steps, to fit a shared 2-core machine). B is transported onto A's widths by
+heads=6, steps=300)`` (seed 1; ``--wide-steps``; trained on first use, about 300 CPU seconds, then cached; fewer than the
+narrow pair's 1000 steps, to fit a shared 2-core machine). B is transported onto A's widths by
 ``engine: ot`` through the engine registry (as a recipe's ``alignment:`` would: one residual-stream plan,
 heads carried whole onto A's heads, MLP units by a rectangular plan) and averaged with A at each
 ``--blends`` share of A. Reported per setting, in nats per token on the validation blocks: A alone (the
@@ -11,7 +11,7 @@ narrow parent), B (the wide parent), B transported into A's config, and the fuse
 zero-shot fusion; Imfeld et al. fine-tune the fused model afterwards.
 
     nice -n 10 python benchmarks/transformer_widths.py [--seeds 2 1] [--calib 256] [--val 400] [--blends 0.5 0.75]
-        [--wide-steps 500]
+        [--wide-steps 300]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ WIDE = {"width": 192, "heads": 6}
 
 
 def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size: int, blends: list[float],
-        wide_steps: int = 500) -> dict:
+        wide_steps: int = 300) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=400, help="validation blocks the losses are measured on")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blends", type=float, nargs="+", default=[0.5, 0.75], help="shares of the reference in the fusion")
-    ap.add_argument("--wide-steps", type=int, default=500, help="training steps of the wide model")
+    ap.add_argument("--wide-steps", type=int, default=300, help="training steps of the wide model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
