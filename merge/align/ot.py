@@ -597,7 +597,9 @@ class OTOptions(AlignmentOptions):
         "weights", title="Ground metric",
         description="What the cost between two units compares: their incoming weights (with the earlier layers already "
                     "transported), or their activations on calibration data. OTFusion (Singh & Jaggi, NeurIPS 2020) "
-                    "defines both; activations need data.")
+                    "defines both; activations need data. On transformers folders the activations are read where "
+                    "activation matching reads them (norm outputs for the residual stream, Q/K/V and head outputs, "
+                    "MLP activations; Imfeld et al., ICLR 2024).")
     distance: Distance = Field("euclidean", title="Distance", description="Cost between two units' feature vectors.")
     normalize: StrictBool = Field(
         True, title="Normalize features",
