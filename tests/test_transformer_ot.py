@@ -151,10 +151,10 @@ def test_wider_gpt2_fuses_into_the_narrow_config(tmp_path, solver):
         blocks = plan.reshape(6, 8, 4, 8).permute(0, 2, 1, 3)  # (head of B, head of A, dim of B, dim of A)
         for g in range(6):
             for h in range(4):
-                block = blocks[g, h]
+                nonzero = blocks[g, h] > 0
                 # a pair of heads shares mass only through a one-to-one pairing of their dimensions
-                assert int((block > 0).sum()) in (0, 8) and torch.equal((block > 0).sum(0).clamp_max(1) * (block.sum() > 0),
-                                                                        (block.sum() > 0) * torch.ones(8, dtype=torch.long))
+                if nonzero.any():
+                    assert bool((nonzero.sum(0) == 1).all() and (nonzero.sum(1) == 1).all()), (layer, g, h)
         if solver == "sinkhorn":
             assert int((blocks.sum((2, 3)) > 1e-6).sum()) > 6  # soft: some of B's heads feed several heads of A
     fused = fuse_states(store_a.state_dict(), moved)
