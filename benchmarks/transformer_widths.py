@@ -8,10 +8,12 @@ narrow pair's 1000 steps, to fit a shared 2-core machine). B is transported onto
 heads carried whole onto A's heads, MLP units by a rectangular plan) and averaged with A at each
 ``--blends`` share of A. Reported per setting, in nats per token on the validation blocks: A alone (the
 narrow parent), B (the wide parent), B transported into A's config, and the fused models. This is the
-zero-shot fusion; Imfeld et al. fine-tune the fused model afterwards.
+zero-shot fusion; Imfeld et al. fine-tune the fused model afterwards: ``--finetune N`` trains the best fused
+model (lowest loss over settings and blends) and, at an equal budget, the narrow parent alone for N steps (batch 32, AdamW at
+``--finetune-lr``, the same training blocks in the same order) and reports both.
 
     nice -n 10 python benchmarks/transformer_widths.py [--seeds 2 1] [--calib 256] [--val 400] [--blends 0.5 0.75]
-        [--wide-steps 300]
+        [--wide-steps 300] [--finetune 100]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ WIDE = {"width": 192, "heads": 6}
 
 
 def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size: int, blends: list[float],
-        wide_steps: int = 300) -> dict:
+        wide_steps: int = 300, finetune: int = 0, finetune_lr: float = 5e-4) -> dict:
     import lm_pairs
 
     from suture.merge.align.engines import get_engine
@@ -69,6 +71,7 @@ def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size
            "training_steps": {"a": narrow.steps, "b": wide.steps},
            "val_loss": {"a_narrow_parent": loss_of(state_a), "b_wide_parent": loss_of(store_b.state_dict(), store_b, arch_b)},
            "val_blocks": len(val), "calibration_blocks": len(calib), "settings": {}}
+    best_fused = None
     for name in ROWS:
         t0 = time.perf_counter()
         opts = get_engine("ot").parse({**ENGINES[name], "batch_size": batch_size})
@@ -81,7 +84,32 @@ def run(seeds: tuple[int, int], calib_blocks: int, val_blocks_n: int, batch_size
         best = min(v for k, v in row.items() if k.startswith("fused_loss"))
         row["best_fused_minus_narrow_parent"] = round(best - out["val_loss"]["a_narrow_parent"], 4)
         out["settings"][name] = row
+        blend = min(blends, key=lambda b: row[f"fused_loss(blend={b})"])
+        if best_fused is None or row[f"fused_loss(blend={blend})"] < best_fused[0]:
+            best_fused = (row[f"fused_loss(blend={blend})"], f"{name} blend={blend}", fuse_states(state_a, moved, blend))
+    if finetune and best_fused is not None:
+        _, source, best_state = best_fused
+        out["finetune"] = {"steps": finetune, "lr": finetune_lr, "fused_from": source}
+        for label, state in (("fused", best_state), ("narrow_parent", state_a)):
+            module = load_module(DictStore(state, source=label, config=store_a.config), arch_a)
+            tuned = tune(module, train, finetune, finetune_lr)
+            out["finetune"][f"{label}_loss"] = round(lm_pairs.lm_loss(tuned, val, "gpt2", tokenizer), 4)
     return out
+
+
+def tune(module: torch.nn.Module, train: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0) -> torch.nn.Module:
+    """`steps` AdamW steps of next-token loss on training blocks drawn in a seeded order (the same for every model)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.01)
+    module.train()
+    for step in range(steps):
+        ids = train[order[(step * batch) % len(order):][:batch]]
+        loss = module(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+    return module.eval()
 
 
 def main() -> None:
@@ -92,10 +120,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blends", type=float, nargs="+", default=[0.5, 0.75], help="shares of the reference in the fusion")
     ap.add_argument("--wide-steps", type=int, default=300, help="training steps of the wide model")
+    ap.add_argument("--finetune", type=int, default=0, help="fine-tune the fused model and the narrow parent this many steps")
+    ap.add_argument("--finetune-lr", type=float, default=5e-4)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
-    out["gpt2"] = run(tuple(args.seeds), args.calib, args.val, args.batch_size, args.blends, args.wide_steps)
+    out["gpt2"] = run(tuple(args.seeds), args.calib, args.val, args.batch_size, args.blends, args.wide_steps,
+                     args.finetune, args.finetune_lr)
     print(json.dumps(out, indent=2))
 
 
