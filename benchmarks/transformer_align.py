@@ -46,6 +46,7 @@ ENGINES = {
     "ot": {"engine": "ot"},
     "ot(activations)": {"engine": "ot", "ground_metric": "activations"},
     "ot(activations,sinkhorn)": {"engine": "ot", "ground_metric": "activations", "solver": "sinkhorn"},
+    "ot(activations,cosine)": {"engine": "ot", "ground_metric": "activations", "distance": "cosine"},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
