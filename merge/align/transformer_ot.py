@@ -107,6 +107,7 @@ def head_plan(
     plan_h, info = solve_plan(heads, heads_b, heads_a, solver=solver, reg=reg, max_iter=max_iter, stop_thr=stop_thr,
                               uniform=uniform)
     plan_h = plan_h.to(cost.device, torch.float64)
+    logger.debug("group %s: %d heads of B onto %d heads of the reference by %s", group_a.name, hb, ha, info.method)
     plan = torch.zeros(group_b.size, group_a.size, dtype=torch.float64, device=cost.device)
     dims = torch.arange(d, device=cost.device)
     for g, h in torch.nonzero(plan_h > 0).tolist():
