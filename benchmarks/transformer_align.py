@@ -10,6 +10,8 @@ Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activat
 2024: residual stream pooled over all its sites, heads whole then within heads, MLP units), calibrated on
 ``--calib`` training blocks. ``<engine>+repair`` rows rescale the midpoint's MLP units to the endpoints'
 interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
+``ot`` rows: OT fusion for transformers (Imfeld et al., ICLR 2024) on weights or activations, exact (emd) or
+soft (sinkhorn); the midpoint is the fused model. ``--engines`` runs only the rows named (and naive).
 
     nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
         [--engines cca ...]
@@ -40,6 +42,11 @@ ENGINES = {
     # linear maps, not permutations: MLP blocks and attention within head pairs, the residual stream permuted;
     # the MLP maps do not commute with GELU, so B after alignment is not exactly B (aligned_b_loss shows by how much)
     "cca": {"engine": "cca"},
+    # OT fusion (Imfeld et al., ICLR 2024; merge.align.transformer_ot): one stream plan, heads transported whole
+    "ot": {"engine": "ot"},
+    "ot(activations)": {"engine": "ot", "ground_metric": "activations"},
+    "ot(activations,sinkhorn)": {"engine": "ot", "ground_metric": "activations", "solver": "sinkhorn"},
+    "ot(activations,cosine)": {"engine": "ot", "ground_metric": "activations", "distance": "cosine"},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
@@ -104,7 +111,7 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
         rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
                       "aligned_b_loss": round(aligned_b, 4), "align_seconds": round(align_s, 2),
                       **{k: round(v, 4) for k, v in summary.items() if k.startswith("mean_corr")}}
-        if name in REPAIRED:
+        if name in REPAIRED and (not engines or name in engines):
             merged = module_of(midpoint(state_a, state_b))
             repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
             mid = loss_of(merged)

@@ -183,7 +183,7 @@ def test_license_of_hub_inputs_read_from_the_local_cache(tmp_path):
     [
         ("weight_matching", ["https://arxiv.org/abs/2209.04836"]),
         ("activation_matching", ["https://arxiv.org/abs/2209.04836"]),
-        ("ot", ["https://arxiv.org/abs/1910.05653"]),
+        ("ot", ["https://arxiv.org/abs/1910.05653", "https://arxiv.org/abs/2310.05719"]),
         ("zipit", ["https://arxiv.org/abs/2305.03053"]),
         ("stitching", ["https://arxiv.org/abs/2209.15430", "https://arxiv.org/abs/2311.00664"]),
     ],

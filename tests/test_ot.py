@@ -269,11 +269,11 @@ def test_bad_input_fails_before_work(models, monkeypatch):
     frozen.groups["layers.0"].frozen_reason = "unsupported op"
     with pytest.raises(AlignmentError, match="frozen"):
         ot_align(sa, frozen, pa, pw)
-    # head-structured groups are matched one to one: different widths cannot be matched
+    # head-structured groups are transported whole heads to whole heads: head sizes must match
     heads_a, heads_b = copy.deepcopy(sa), copy.deepcopy(sw)
-    for spec in (heads_a, heads_b):
-        spec.groups["layers.0"].kind, spec.groups["layers.0"].head_dim = "heads", 32
-    with pytest.raises(AlignmentError, match="head"):
+    for spec, head_dim in ((heads_a, 32), (heads_b, 16)):
+        spec.groups["layers.0"].kind, spec.groups["layers.0"].head_dim = "heads", head_dim
+    with pytest.raises(AlignmentError, match="head sizes must match"):
         ot_align(heads_a, heads_b, pa, pw)
     # an input width that no group indexes
     other = mlp([32, 192, 192, 10])

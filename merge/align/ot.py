@@ -15,8 +15,9 @@ earlier groups' transports (from weights), or compares their activations on cali
 
 Widths may differ (the plan is rectangular, the result has A's widths). ``target_widths`` first compresses
 the reference itself (see :func:`compress_reference`) and then transports B onto the compressed basis.
-Head-structured groups (attention) are matched by whole heads with a structured linear assignment and
-must have equal sizes; frozen groups stay as they are and must have equal sizes too.
+Head-structured groups (attention) are transported whole heads to whole heads, also between different
+head counts of one head size (:mod:`merge.align.transformer_ot`, Imfeld et al., ICLR 2024); frozen groups
+stay as they are and must have equal sizes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from suture.merge.align.ot_solve import (
     plan_entropy,
     solve_plan,
 )
+from suture.merge.align.transformer_ot import head_blocks, head_plan
 from suture.merge.align.weight_matching import tensor_accessor
 from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.spec import Member, PermGroup, PermutationSpec, axis_length, unit_matrix
@@ -249,17 +251,14 @@ def check_compatible(
         key = lambda g: sorted((m.tensor, m.axis, m.role, m.inner, m.repeat, m.outer) for m in g.members)  # noqa: E731
         if key(ga) != key(gb):
             raise AlignmentError(f"group {name!r} ties different tensors in the two models")
+        if (ga.kind != "free" or gb.kind != "free") and not (ga.frozen or gb.frozen):
+            head_blocks(ga, gb)  # heads are transported whole: one head size, whole heads, also between head counts
         if ga.size == gb.size:
             continue
         if ga.frozen or gb.frozen:
             raise AlignmentError(
                 f"group {name!r} has width {ga.size} in the reference but {gb.size} in model B, and it is frozen "
                 f"({ga.frozen_reason or gb.frozen_reason}): frozen groups cannot be transported, widths must match"
-            )
-        if ga.kind != "free" or gb.kind != "free":
-            raise AlignmentError(
-                f"group {name!r} ({ga.kind}) has width {ga.size} in the reference but {gb.size} in model B: "
-                "attention heads are matched one to one, so head-structured groups need equal widths"
             )
     if names_a != names_b:
         raise AlignmentError(f"the models have different tensors: only in the reference {sorted(names_a - names_b)[:3]}, "
@@ -365,8 +364,13 @@ def ot_align(
         else:
             mass_b = torch.full((gb.size,), 1.0 / gb.size, dtype=torch.float64, device=dev)
             mass_a = torch.full((ga.size,), 1.0 / ga.size, dtype=torch.float64, device=dev)
-        plan, info = solve_plan(cost, mass_b, mass_a, solver=solver, reg=reg, max_iter=max_iter, stop_thr=stop_thr,
-                                uniform=marginals == "uniform", kind=gb.kind, head_dim=gb.head_dim)
+        if gb.kind != "free" or ga.kind != "free":
+            # attention: heads are the transported units (Imfeld et al., 2024), see merge.align.transformer_ot
+            plan, info, _ = head_plan(cost, ga, gb, mass_b, mass_a, solver=solver, reg=reg, max_iter=max_iter,
+                                      stop_thr=stop_thr, uniform=marginals == "uniform", normalize=normalize)
+        else:
+            plan, info = solve_plan(cost, mass_b, mass_a, solver=solver, reg=reg, max_iter=max_iter, stop_thr=stop_thr,
+                                    uniform=marginals == "uniform")
         plan = plan.to(dev, torch.float64)
         result.plans[name] = plan
         result.out_maps[name], result.in_maps[name] = _maps_from_plan(plan)
@@ -545,15 +549,16 @@ def align_with_ot(
     batches: Any = None,
     example_input: torch.Tensor | tuple | None = None,
     device: str | torch.device = "cpu",
+    activations: Mapping[str, UnitMoments] | None = None,
     **options: Any,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], TransportResult]:
-    """Collect activation moments when the options need them, transport B; returns (narrowed reference or None, B in the reference basis, result)."""
+    """Collect activation moments when the options need them (unless `activations` already holds them), transport B;
+    returns (narrowed reference or None, B in the reference basis, result)."""
     unknown = sorted(set(options) - set(OT_OPTIONS))
     if unknown:
         raise InputError(f"unknown option(s) {unknown} for engine ot; expected some of {list(OT_OPTIONS)}")
     needs = options.get("ground_metric") == "activations" or options.get("marginals") == "activation"
-    activations = None
-    if needs:
+    if needs and activations is None:
         if module_a is None or module_b is None:
             raise OptionError(("ground_metric",), "activations / marginals: activation need runnable models "
                               "(a named architecture, or models saved by Suture's zoo)")
@@ -592,7 +597,9 @@ class OTOptions(AlignmentOptions):
         "weights", title="Ground metric",
         description="What the cost between two units compares: their incoming weights (with the earlier layers already "
                     "transported), or their activations on calibration data. OTFusion (Singh & Jaggi, NeurIPS 2020) "
-                    "defines both; activations need data.")
+                    "defines both; activations need data. On transformers folders the activations are read where "
+                    "activation matching reads them (norm outputs for the residual stream, Q/K/V and head outputs, "
+                    "MLP activations; Imfeld et al., ICLR 2024).")
     distance: Distance = Field("euclidean", title="Distance", description="Cost between two units' feature vectors.")
     normalize: StrictBool = Field(
         True, title="Normalize features",
@@ -645,7 +652,8 @@ def _align(request: AlignRequest) -> AlignmentOutcome:
     """OT fusion (OTFusion): transport every model into the reference's basis, whatever its widths or depth."""
     from suture.merge.align.pipeline import AlignmentOutcome
     from suture.merge.derive import architecture_of, derive_spec, example_input, load_module
-    from suture.merge.hf_module import refuse_hf
+    from suture.merge.align.transformer_ot import collect_transformer_moments
+    from suture.merge.hf_module import HFArchitecture, refuse_hf
     from suture.merge.store import DictStore
 
     stores, reference, settings, progress = request.stores, request.reference, request.options, request.progress
@@ -661,7 +669,9 @@ def _align(request: AlignRequest) -> AlignmentOutcome:
     others = [k for k in stores if k != reference]
     if ot_options.get("target_widths") and len(others) != 1:
         raise AlignmentError("compression is defined for one reference and one other model", field=("target_widths",))
-    example = example_input(data, settings.input_shape) if (data is not None or settings.input_shape) else None
+    # tracing examples are for user modules; transformers models are observed where their family spec says
+    traced = not isinstance(arch_ref, HFArchitecture) and (data is not None or settings.input_shape)
+    example = example_input(data, settings.input_shape) if traced else None
     for i, key in enumerate(others):
         if progress:
             progress("align", i, len(others), key)
@@ -673,12 +683,8 @@ def _align(request: AlignRequest) -> AlignmentOutcome:
         if len(spec_b.groups) != len(spec_ref.groups):
             refuse_hf(arch_ref, "fusing models of different depths", "layer alignment runs MLP layers, not transformer blocks")
             return _fuse_depths(stores, reference, key, settings, arch_ref, arch_b, data, outcome)
-        modules = {}
+        modules: dict[str, Any] = {}
         needs_modules = ot_options.get("ground_metric") == "activations" or ot_options.get("marginals") == "activation"
-        if needs_modules:
-            refuse_hf(arch_ref, "alignment.ground_metric: activations",
-                      "OT's activation features come from torch.fx tracing, which transformers models do not support; "
-                      "use ground_metric: weights or engine: activation_matching")
         if needs_modules and arch_ref is not None and arch_b is not None:
             modules = {"module_a": load_module(ref_store, arch_ref), "module_b": load_module(store, arch_b)}
         batches = None
@@ -686,6 +692,13 @@ def _align(request: AlignRequest) -> AlignmentOutcome:
             from suture.merge.data import iter_batches
 
             batches = [x for x, _ in iter_batches(data, settings.batch_size)]
+        if modules and isinstance(arch_ref, HFArchitecture):
+            # transformers models are not traced: the family spec says where each group shows (transformer_ot)
+            if batches is None:
+                raise AlignmentError("ground_metric: activations / marginals: activation need calibration data",
+                                     field=("data",))
+            modules["activations"] = collect_transformer_moments(spec_ref, spec_b, modules["module_a"],
+                                                                 modules["module_b"], batches, device=device)
         options = dict(ot_options)
         narrow, aligned, result = align_with_ot(spec_ref, spec_b, ref_store.state_dict(), store.state_dict(),
                                                 batches=batches, example_input=example, device=device, **modules, **options)
@@ -732,7 +745,8 @@ def _fuse_depths(stores, reference, key, settings: OTOptions, arch_ref, arch_b, 
 
 ENGINE = register_engine(Engine(
     name="ot", title="Optimal transport (OTFusion)", description="soft alignment by optimal transport",
-    papers=(("Model Fusion via Optimal Transport, OTFusion (Singh & Jaggi, NeurIPS 2020)", "https://arxiv.org/abs/1910.05653"),),
+    papers=(("Model Fusion via Optimal Transport, OTFusion (Singh & Jaggi, NeurIPS 2020)", "https://arxiv.org/abs/1910.05653"),
+            ("Transformer Fusion with Optimal Transport (Imfeld et al., ICLR 2024)", "https://arxiv.org/abs/2310.05719")),
     options=OTOptions, align=_align, outcome="transported", needs_data=True, applies_to=("same", "widths"),
     form_common=("repair",), aliases=("otfusion", "optimal_transport"),
 ))

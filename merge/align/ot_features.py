@@ -10,8 +10,8 @@ marginals follow.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,7 +63,6 @@ def collect_unit_moments(
     max_batches: int | None = None,
 ) -> dict[str, UnitMoments]:
     """Run the same calibration batches through both models (eval mode); per-group unit moments."""
-    dev = torch.device(device)
     taps_a = trace_module(module_a, example_input).taps
     taps_b = trace_module(module_b, example_input).taps
     wanted = set(taps_a) & set(taps_b)
@@ -71,10 +70,32 @@ def collect_unit_moments(
         wanted &= set(groups)
     taps_a = {g: t for g, t in taps_a.items() if g in wanted}
     taps_b = {g: t for g, t in taps_b.items() if g in wanted}
+    return moments_at(module_a, module_b, _sites(taps_a), _sites(taps_b), batches, device=device,
+                      max_batches=max_batches, on_missing_tensor="skip")
+
+
+@torch.no_grad()
+def moments_at(
+    module_a: nn.Module,
+    module_b: nn.Module,
+    sites_a: Mapping[Hashable, Site],
+    sites_b: Mapping[Hashable, Site],
+    batches: Iterable[Any],
+    *,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    on_missing_tensor: Literal["raise", "skip"] = "raise",
+) -> dict[str, UnitMoments]:
+    """Unit moments of A's and B's features at sites keyed alike, on the same batches (eval mode).
+
+    A key is a group name or a tuple starting with one; the samples of every site of a group are pooled
+    (stacked) into that group's moments.
+    """
+    dev = torch.device(device)
     moments: dict[str, UnitMoments] = {}
     seen = 0
-    with eval_mode(module_a, module_b), capture(module_a, _sites(taps_a), on_missing_tensor="skip") as rec_a, \
-            capture(module_b, _sites(taps_b), on_missing_tensor="skip") as rec_b:  # fmt: skip
+    with eval_mode(module_a, module_b), capture(module_a, sites_a, on_missing_tensor=on_missing_tensor) as rec_a, \
+            capture(module_b, sites_b, on_missing_tensor=on_missing_tensor) as rec_b:  # fmt: skip
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 break
@@ -86,8 +107,9 @@ def collect_unit_moments(
                 where = next((p.device for p in model.parameters()), torch.device("cpu"))
                 model(*[x.to(where) if isinstance(x, torch.Tensor) else x for x in args],
                       **{k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-            for group, xa in rec_a.items():
-                xb = rec_b.get(group)
+            for key, xa in rec_a.items():
+                group = key[0] if isinstance(key, tuple) else key
+                xb = rec_b.get(key)
                 if xb is None or xb.shape[0] != xa.shape[0]:
                     raise InputError(f"group {group!r}: models A and B gave features for different sample counts")
                 if group not in moments:
