@@ -39,6 +39,11 @@ ENGINES = {
     # linear maps, not permutations: only the MLP blocks are mapped (norms, heads and fused attention kept), so
     # B after alignment is not exactly B (its aligned_b_loss shows by how much)
     "cca": {"engine": "cca"},
+    # ZipIt (merge.align.transformer_zip): one model built from both; within-model merges under the beta budget,
+    # beta=0 allows cross-model merges only (a soft permutation)
+    "zipit": {"engine": "zipit"},
+    "zipit(beta=0)": {"engine": "zipit", "beta": 0.0},
+    "zipit(alpha=1,beta=0.5)": {"engine": "zipit", "alpha": 1.0, "beta": 0.5},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
@@ -51,10 +56,10 @@ def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
 
 
 def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
-             seeds: tuple[int, int] = (1, 2)) -> dict:
+             seeds: tuple[int, int] = (1, 2), engines: list[str] | None = None) -> dict:
     import lm_pairs
 
-    from suture.merge.align.engines import get_engine
+    from suture.merge.align.engines import BuiltModel, get_engine
     from suture.merge.align.transformer_repair import repair_mlps
     from suture.merge.align.pipeline import align_models
     from suture.merge.data import CalibrationData
@@ -88,12 +93,21 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
     mean_end = (loss_a + loss_b) / 2
     rows = {}
     for name, options in ENGINES.items():
+        if engines is not None and name not in engines:
+            continue
         t0 = time.perf_counter()
         if options is None:
             state_b, summary = store_b.state_dict(), {}
         else:
             opts = get_engine(options["engine"]).parse({**options, "batch_size": batch_size})
             outcome = align_models({"a": store_a, "b": store_b}, "a", opts, data=data)
+            if isinstance(outcome, BuiltModel):  # the engine built the merged model itself (ZipIt)
+                mid = loss_of(outcome.extra["module"])
+                groups = outcome.summary.get("groups", {})
+                rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
+                              "align_seconds": round(time.perf_counter() - t0, 2),
+                              "within_merges": sum(sum(g["within_merges"]) for g in groups.values())}
+                continue
             state_b = outcome.stores["b"].state_dict()
             summary = outcome.results["b"].summary()
         align_s = time.perf_counter() - t0
@@ -107,10 +121,10 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
             repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
             mid = loss_of(merged)
             rows[f"{name}+repair"] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4)}
-    naive = rows["naive"]["barrier"]
+    naive = rows["naive"]["barrier"] if "naive" in rows else float("nan")
     for row in rows.values():
         row["barrier_vs_naive"] = round(row["barrier"] / naive, 3) if naive > 0 else None
-    best = min((r for r in rows if r != "naive"), key=lambda r: rows[r]["barrier"])
+    best = min((r for r in rows if r != "naive"), key=lambda r: rows[r]["barrier"], default="naive")
     return {"models": {"a": str(folder_a), "b": str(folder_b)},
             "recipe": json.loads((folder_a / "recipe.json").read_text())["recipe"],
             "val_loss": {"a": round(loss_a, 4), "b": round(loss_b, 4)}, "val_blocks": len(val),
@@ -126,11 +140,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="seeds of the pair's two models")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
+    ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), help="rows to run (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
     for kind in args.kinds:
-        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds))
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds), args.engines)
     print(json.dumps(out, indent=2))
 
 
