@@ -195,7 +195,7 @@ def align_transformers(request: Any, archs: Mapping[str, Any]) -> Any:
     if "heads" in options.model_fields_set and options.heads == "concat":
         raise AlignmentError("heads: concat keeps per-model heads, and a zipped transformers model is one model "
                              "(its outputs averaged); use heads: average", field=("heads",))
-    if options.data is None or request.data is None:
+    if request.data is None:
         raise AlignmentError("zipit needs calibration data (e.g. a .txt file)", field=("data",))
     spec, arch = derive_spec(stores[keys[0]], trust_remote_code=request.trust_remote_code)
     modules = [load_module(stores[k], archs[k]) for k in keys]

@@ -32,6 +32,9 @@ sharper head and joint accuracy falls below the full zip's. ``match_head_scale=T
 head's logits to the spread its source model's logits have on the calibration data
 (:func:`match_head_scales`). It is a calibration choice: it leaves every head's ranking unchanged and
 makes the heads comparable the way the source models are in an ensemble.
+
+Transformers folders (Hugging Face config.json) are zipped by :mod:`merge.align.transformer_zip`: attention
+heads zipped whole, the full zip written as one model of the reference's architecture.
 """
 
 from __future__ import annotations
@@ -561,14 +564,16 @@ class ZipItOptions(AlignmentOptions):
     stop_at: StrictStr | None = Field(
         None, title="Zip up to group",
         description="Partial zipping: zip the layers up to and including this permutation group and keep the later "
-                    "layers per model (a shared trunk with one branch per model). Empty: zip the whole model.")
+                    "layers per model (a shared trunk with one branch per model). Empty: zip the whole model "
+                    "(the only choice for transformers folders).")
     matcher: Literal["zip", "permute", "identity"] = Field(
         "zip", title="Matcher",
         description="zip: ZipIt!'s greedy matching within and across models; permute: the permutation baseline (across "
                     "models only); identity: naive averaging of unit i with unit i.")
     heads: Heads = Field("concat", title="Heads",
                          description="concat: keep one output head per model and concatenate their outputs (per-task "
-                                     "logits); average: average the heads into one.")
+                                     "logits); average: average the heads into one. Transformers folders are always "
+                                     "zipped into one model (average).")
     unmerge: Unmerge = Field("lstsq", title="Unmerge (partial zips)",
                              description="How each branch reads the zipped trunk: copy: the paper's 0/1 unmerge; lstsq: "
                                          "least squares from the feature statistics; fit: least squares on the zipped "
