@@ -80,7 +80,7 @@ class TransformerZipper:
             raise InputError(f"zipit needs at least two models, got {len(modules)}")
         start = time.perf_counter()
         self.spec, self.modules = spec, list(modules)
-        self.states = [{k: v.detach() for k, v in m.state_dict().items()} for m in modules]
+        self.states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in modules]  # zipped on the CPU
         _check_states(spec, self.states)
         frozen = [g for g in spec if g.frozen]
         if frozen:
@@ -117,7 +117,7 @@ class TransformerZipper:
         match_s = time.perf_counter() - start
         state, _ = _zip_tensors(self.spec, self.states, matches, average_heads=True)
         _follow_ties(state, self.modules[0], self.spec)
-        module = copy.deepcopy(self.modules[0])
+        module = copy.deepcopy(self.modules[0]).cpu()
         module.load_state_dict(state)
         module.eval()
         groups = {name: {"size": self.spec.groups[name].size, "within_merges": mt.within_merges,
