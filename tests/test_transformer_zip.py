@@ -22,6 +22,7 @@ from suture.merge.spec import permute_state
 from suture.merge.store import open_store
 from suture.recipes.runner import run_recipe
 from tests.test_engines_foreign import _save_tokenizer, _texts
+from tests.test_transformer_align import _batches, _logits
 
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=32)
@@ -42,14 +43,15 @@ def _spec(model: torch.nn.Module, family: str):
     return spec_from_names({k: tuple(v.shape) for k, v in model.state_dict().items()}, model.config.to_dict(), family)
 
 
-def _batches(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 100, (4, 16), generator=g)} for _ in range(n)]
-
-
-def _logits(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return module(input_ids=ids).logits
+def _gpt2_folders(root) -> list:
+    """Two tiny GPT-2 folders (seeds 1, 2) with tokenizer files."""
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"gpt2-{seed}"
+        _model("gpt2", seed).save_pretrained(folder)
+        _save_tokenizer(folder)
+        folders.append(folder)
+    return folders
 
 
 def _permuted_copy(model: torch.nn.Module, spec, seed: int) -> torch.nn.Module:
@@ -135,12 +137,7 @@ def test_heads_are_zipped_whole_and_redundant_heads_merge_within_a_model():
 
 def test_recipe_zips_two_gpt2_folders_into_a_loadable_folder_with_lm_loss(tmp_path):
     """`alignment: {engine: zipit, data: <.txt>}` + `evaluate:` on two GPT-2 folders: an HF folder and LM figures."""
-    folders = []
-    for seed in (1, 2):
-        folder = tmp_path / f"gpt2-{seed}"
-        _model("gpt2", seed).save_pretrained(folder)
-        _save_tokenizer(folder)
-        folders.append(folder)
+    folders = _gpt2_folders(tmp_path)
     data = _texts(tmp_path / "lines.txt", n=12)
     recipe = {"models": [{"model": str(f)} for f in folders],
               "alignment": {"engine": "zipit", "data": str(data), "batch_size": 4},
@@ -173,12 +170,7 @@ def test_recipe_zips_two_gpt2_folders_into_a_loadable_folder_with_lm_loss(tmp_pa
 
 
 def test_partial_zipping_of_transformers_is_refused_in_one_line(tmp_path):
-    folders = []
-    for seed in (1, 2):
-        folder = tmp_path / f"gpt2-{seed}"
-        _model("gpt2", seed).save_pretrained(folder)
-        _save_tokenizer(folder)
-        folders.append(folder)
+    folders = _gpt2_folders(tmp_path)
     data = _texts(tmp_path / "lines.txt")
     recipe = {"models": [{"model": str(f)} for f in folders],
               "alignment": {"engine": "zipit", "data": str(data), "stop_at": "layer0.mlp"}}
