@@ -150,6 +150,7 @@ def test_recipe_zips_two_gpt2_folders_into_a_loadable_folder_with_lm_loss(tmp_pa
     assert set(ev["models"]) == {str(f) for f in folders} and set(ev["baselines"]) == {"naive averaging", "permutation"}
     mean_end = sum(m["loss"] for m in ev["models"].values()) / 2
     assert ev["barriers"]["zipit"]["loss_midpoint"] == pytest.approx(ev["merged"]["loss"] - mean_end, abs=1e-5)
+    assert "zipit                        loss barrier" in result.summary()  # the CLI's summary lists it
     assert ev["merged"]["perplexity"] == pytest.approx(torch.tensor(ev["merged"]["loss"]).exp().item(), rel=1e-5)
     # a plain transformers folder: config, weights with A's tensor names, tokenizer
     out = result.out_dir
