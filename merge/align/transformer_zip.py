@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from suture.merge.align.assignment import head_pair_scores, solve_lap
+from suture.merge.align.engines import AlignRequest, BuiltModel
 from suture.merge.align.transformer_match import HEAD_OUTPUTS, SEP, transformer_sites
 from suture.merge.align.zipit import _check_states, _zip_tensors, stacked_site_stats
 from suture.merge.align.zipit_match import MATCHERS, ZipMatch, match
@@ -115,6 +116,8 @@ class TransformerZipper:
             else:
                 matches[group.name] = zip_heads(group, roles.get(HEAD_OUTPUTS, total), total, k, matcher, alpha=alpha, beta=beta)
         match_s = time.perf_counter() - start
+        logger.info("zipped %d groups (%s), within-model merges per group: %s", len(matches), matcher,
+                    {name: mt.within_merges for name, mt in matches.items()})
         state, _ = _zip_tensors(self.spec, self.states, matches, average_heads=True)
         _follow_ties(state, self.modules[0], self.spec)
         module = copy.deepcopy(self.modules[0]).cpu()
@@ -175,9 +178,8 @@ def _follow_ties(state: dict[str, torch.Tensor], module: nn.Module, spec: Permut
 # ---------------------------------------------------------------------------------------------- engine
 
 
-def align_transformers(request: Any, archs: Mapping[str, Any]) -> Any:
+def align_transformers(request: AlignRequest, archs: Mapping[str, Any]) -> BuiltModel:
     """The zipit engine on transformers folders: one zipped HF folder, evaluated on `.txt` data as a language model."""
-    from suture.merge.align.engines import BuiltModel
     from suture.merge.data import iter_batches
     from suture.merge.derive import derive_spec, load_module
     from suture.merge.hf_module import HFArchitecture
