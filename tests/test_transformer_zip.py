@@ -131,6 +131,10 @@ def test_heads_are_zipped_whole_and_redundant_heads_merge_within_a_model():
     for g in spec.active_groups():
         if g.kind != "free":
             assert sorted(h for c in _clusters(with_budget, g) for h in c) == list(range(2 * heads))
+    # GPT-2's lm_head is wte itself: the zip keeps them one tensor (wte's merge), though they sit on both sides
+    # (some residual cluster holds more than two features, where the merge and the unmerge / 2 differ)
+    assert int(with_budget.matches["residual"].unmerge.sum(0).max()) > 2
+    assert torch.equal(with_budget.state["lm_head.weight"], with_budget.state["transformer.wte.weight"])
     across = _clusters(zipper.zip(beta=0.0), group)
     assert all(len(c) == 2 and c[0] < heads <= c[1] for c in across)  # one head of A with one head of B
 
