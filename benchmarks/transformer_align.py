@@ -12,9 +12,11 @@ Engines: ``naive`` (no alignment), ``weight_matching`` (Git Re-Basin), ``activat
 interpolated statistics on the same blocks (REPAIR, Jordan et al. 2023; merge.align.transformer_repair). Floor (issue 16): the best engine's barrier <= 50 % of naive's.
 ``ot`` rows: OT fusion for transformers (Imfeld et al., ICLR 2024) on weights or activations, exact (emd) or
 soft (sinkhorn); the midpoint is the fused model. ``--engines`` runs only the rows named (and naive).
+``zipit`` rows (merge.align.transformer_zip) build one model from both; their barrier is that model's loss minus
+the endpoints' mean, the same definition. ``--zip-grid`` adds ZipIt's barrier over alpha x beta.
 
     nice -n 10 python benchmarks/transformer_align.py [--kinds gpt2 bert] [--seeds 1 2] [--calib 256] [--val 400]
-        [--engines cca ...]
+        [--engines cca zipit ...] [--zip-grid]
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ ENGINES = {
     "ot(activations)": {"engine": "ot", "ground_metric": "activations"},
     "ot(activations,sinkhorn)": {"engine": "ot", "ground_metric": "activations", "solver": "sinkhorn"},
     "ot(activations,cosine)": {"engine": "ot", "ground_metric": "activations", "distance": "cosine"},
+    # ZipIt (merge.align.transformer_zip): one model built from both; within-model merges under the beta budget,
+    # beta=0 allows cross-model merges only (a soft permutation)
+    "zipit": {"engine": "zipit"},
+    "zipit(beta=0)": {"engine": "zipit", "beta": 0.0},
+    "zipit(alpha=1,beta=0.5)": {"engine": "zipit", "alpha": 1.0, "beta": 0.5},
 }
 
 # engines whose midpoint is also shown after REPAIR of the MLP units (merge.align.transformer_repair)
@@ -59,10 +66,10 @@ def midpoint(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
 
 
 def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, steps: int | None = None,
-             seeds: tuple[int, int] = (1, 2), engines: list[str] | None = None) -> dict:
+             seeds: tuple[int, int] = (1, 2), engines: list[str] | None = None, zip_grid: bool = False) -> dict:
     import lm_pairs
 
-    from suture.merge.align.engines import get_engine
+    from suture.merge.align.engines import BuiltModel, get_engine
     from suture.merge.align.transformer_repair import repair_mlps
     from suture.merge.align.pipeline import align_models
     from suture.merge.data import CalibrationData
@@ -103,6 +110,13 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
         else:
             opts = get_engine(options["engine"]).parse({**options, "batch_size": batch_size})
             outcome = align_models({"a": store_a, "b": store_b}, "a", opts, data=data)
+            if isinstance(outcome, BuiltModel):  # the engine built the merged model itself (ZipIt)
+                mid = loss_of(outcome.extra["module"])
+                groups = outcome.summary.get("groups", {})
+                rows[name] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4),
+                              "align_seconds": round(time.perf_counter() - t0, 2),
+                              "within_merges": sum(sum(g["within_merges"]) for g in groups.values())}
+                continue
             state_b = outcome.stores["b"].state_dict()
             summary = outcome.results["b"].summary()
         align_s = time.perf_counter() - t0
@@ -116,14 +130,22 @@ def run_pair(kind: str, calib_blocks: int, val_blocks_n: int, batch_size: int, s
             repair_mlps(merged, module_of(state_a), module_of(state_b), spec, calib_batches)
             mid = loss_of(merged)
             rows[f"{name}+repair"] = {"midpoint_loss": round(mid, 4), "barrier": round(mid - mean_end, 4)}
-    naive = rows["naive"]["barrier"]
+    grid = {}
+    if zip_grid:  # ZipIt's alpha (merge decay) x beta (within-model budget), features measured once
+        from suture.merge.align.transformer_zip import TransformerZipper
+
+        zipper = TransformerZipper(spec, [module_of(state_a), module_of(store_b.state_dict())], calib_batches)
+        # beta=0 allows no merge into a cluster that already holds both models, so alpha does not matter there
+        for alpha, beta in [(0.5, 0.0)] + [(a, b) for a in (0.3, 0.5, 0.7, 1.0) for b in (0.25, 0.5, 0.75, 1.0)]:
+            grid[f"alpha={alpha},beta={beta}"] = round(loss_of(zipper.zip(alpha=alpha, beta=beta).module) - mean_end, 4)
+    naive = rows["naive"]["barrier"] if "naive" in rows else float("nan")
     for row in rows.values():
         row["barrier_vs_naive"] = round(row["barrier"] / naive, 3) if naive > 0 else None
-    best = min((r for r in rows if r != "naive"), key=lambda r: rows[r]["barrier"])
+    best = min((r for r in rows if r != "naive"), key=lambda r: rows[r]["barrier"], default="naive")
     return {"models": {"a": str(folder_a), "b": str(folder_b)},
             "recipe": json.loads((folder_a / "recipe.json").read_text())["recipe"],
             "val_loss": {"a": round(loss_a, 4), "b": round(loss_b, 4)}, "val_blocks": len(val),
-            "calibration_blocks": len(calib), "engines": rows, "best": best,
+            "calibration_blocks": len(calib), "engines": rows, "best": best, **({"zipit_grid": grid} if grid else {}),
             "floor_met": rows[best]["barrier"] <= 0.5 * naive}
 
 
@@ -137,11 +159,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps of the pair (default: lm_pairs' recipe)")
     ap.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), metavar="NAME",
                     help=f"only these rows of ENGINES (naive always runs): {', '.join(ENGINES)}")
+    ap.add_argument("--zip-grid", action="store_true", help="also ZipIt's barrier over an alpha x beta grid")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = {"machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}}
     for kind in args.kinds:
-        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds), args.engines)
+        out[kind] = run_pair(kind, args.calib, args.val, args.batch_size, args.steps, tuple(args.seeds), args.engines, args.zip_grid)
     print(json.dumps(out, indent=2))
 
 

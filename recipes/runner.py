@@ -95,7 +95,10 @@ class RunResult:
             for label, b in evaluation.barriers.items():
                 mid = evaluation.midpoint_accuracy.get(label)
                 mid_text = f", midpoint accuracy {mid:.4f}" if mid is not None else ""
-                lines.append(f"  {label + ' path':<28} loss barrier {b.loss:.4f}{mid_text}")
+                if b.loss is not None:
+                    lines.append(f"  {label + ' path':<28} loss barrier {b.loss:.4f}{mid_text}")
+                elif b.loss_midpoint is not None:  # a built model (a zip): its loss minus the inputs' mean loss
+                    lines.append(f"  {label:<28} loss barrier {b.loss_midpoint:.4f} (vs the inputs' mean loss)")
         if self.url:
             lines.append(f"published: {self.url}")
         return "\n".join(lines)

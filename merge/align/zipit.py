@@ -32,6 +32,9 @@ sharper head and joint accuracy falls below the full zip's. ``match_head_scale=T
 head's logits to the spread its source model's logits have on the calibration data
 (:func:`match_head_scales`). It is a calibration choice: it leaves every head's ranking unchanged and
 makes the heads comparable the way the source models are in an ensemble.
+
+Transformers folders (Hugging Face config.json) are zipped by :mod:`merge.align.transformer_zip`: attention
+heads zipped whole, the full zip written as one model of the reference's architecture.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from suture.merge.data import Inputs, inputs_to
 from suture.merge.evaluate import model_logits
 from suture.merge.errors import AlignmentError, InputError, OptionError
 from suture.merge.graph.trace import Tap, trace_module
-from suture.merge.measure import DeadUnits, RunningMoments, capture, eval_mode, tap_site
+from suture.merge.measure import DeadUnits, RunningMoments, Site, capture, eval_mode, tap_site
 from suture.merge.multihead import MultiHeadModel, save_multihead
 from suture.merge.repair import as_input_batches, reset_batchnorm
 from suture.merge.align.zipit_match import MATCHERS, ZipMatch, match
@@ -338,12 +341,20 @@ def stacked_stats(
     modules: Sequence[nn.Module], taps: Mapping[str, Sequence[Tap]], batches: Iterable[Inputs], *, device: torch.device | str = "cpu"
 ) -> dict[str, _StackedStats]:
     """Per group, running first and second moments of all models' units stacked model by model."""
+    return stacked_site_stats(modules, {g: [tap_site(tap) for tap in group_taps] for g, group_taps in taps.items()},
+                              batches, device=device)
+
+
+def stacked_site_stats(
+    modules: Sequence[nn.Module], sites: Mapping[str, Sequence[Site]], batches: Iterable[Inputs], *, device: torch.device | str = "cpu"
+) -> dict[str, _StackedStats]:
+    """Per key, moments of all models' features stacked model by model; a key's sites are pooled (rows stacked)."""
     dev = torch.device(device)
     stats: dict[str, _StackedStats] = {}
-    sites = {(group, t): tap_site(tap) for group, group_taps in taps.items() for t, tap in enumerate(group_taps)}
+    keyed = {(key, t): site for key, key_sites in sites.items() for t, site in enumerate(key_sites)}
     seen = 0
     with ExitStack() as stack:
-        records = [stack.enter_context(capture(mod, sites, error=AlignmentError)) for mod in modules]
+        records = [stack.enter_context(capture(mod, keyed, error=AlignmentError)) for mod in modules]
         stack.enter_context(eval_mode(*modules))
         stack.enter_context(torch.no_grad())
         for inputs in batches:
@@ -362,7 +373,7 @@ def stacked_stats(
             seen += 1
     if seen == 0:
         raise InputError("no calibration batches were given")
-    missing = [g for g in taps if g not in stats]
+    missing = [g for g in sites if g not in stats]
     if missing:
         raise AlignmentError(f"no features were captured for group(s) {missing}")
     return stats
@@ -488,7 +499,8 @@ def _zip_tensors(
                 t = states[m][name].to(torch.float64)
                 for ax, g, mem in zipped_out:
                     n = spec.groups[g].size
-                    t = apply_units(t, ax, mem.inner, matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64), mem.outer)
+                    block = matches[g].merge[:, m * n : (m + 1) * n].to(torch.float64)
+                    t = apply_units(t, ax, mem.inner, repeat_units(block, mem.repeat, spec.groups[g].head_dim), mem.outer)
                 t = _unmerge_inputs(t, ins, spec, {g: mt.unmerge for g, mt in matches.items()}, m)
                 parts.append(t)
             total = torch.stack(parts).sum(0)
@@ -508,8 +520,24 @@ def _unmerge_inputs(t: torch.Tensor, ins: list[tuple[int, str, Member]], spec: P
     for ax, g, mem in ins:
         n = spec.groups[g].size
         u = unmerges[g][m * n : (m + 1) * n].to(torch.float64)  # (n old units of model m, n merged)
-        t = apply_units(t, ax, mem.inner, u.T, mem.outer)
+        t = apply_units(t, ax, mem.inner, repeat_units(u.T, mem.repeat, spec.groups[g].head_dim), mem.outer)
     return t
+
+
+def repeat_units(matrix: torch.Tensor, repeat: int, head_dim: int | None) -> torch.Tensor:
+    """A (new units, old units) map of a head group widened to an axis laid out (heads, repeat, head_dim).
+
+    Grouped-query attention ties `repeat` query heads to each KV head (:class:`merge.spec.Member`): they
+    follow their KV head, so the map acts on (head, dim) and passes the repeat index through.
+    """
+    if repeat == 1:
+        return matrix
+    if not head_dim or matrix.shape[0] % head_dim or matrix.shape[1] % head_dim:
+        raise AlignmentError(f"a member repeated {repeat} times needs whole heads, got a map of shape {tuple(matrix.shape)}")
+    blocks = matrix.reshape(matrix.shape[0] // head_dim, head_dim, matrix.shape[1] // head_dim, head_dim)
+    eye = torch.eye(repeat, dtype=matrix.dtype, device=matrix.device)
+    wide = torch.einsum("aibj,rs->aribsj", blocks, eye)
+    return wide.reshape(matrix.shape[0] * repeat, matrix.shape[1] * repeat)
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -536,14 +564,16 @@ class ZipItOptions(AlignmentOptions):
     stop_at: StrictStr | None = Field(
         None, title="Zip up to group",
         description="Partial zipping: zip the layers up to and including this permutation group and keep the later "
-                    "layers per model (a shared trunk with one branch per model). Empty: zip the whole model.")
+                    "layers per model (a shared trunk with one branch per model). Empty: zip the whole model "
+                    "(the only choice for transformers folders).")
     matcher: Literal["zip", "permute", "identity"] = Field(
         "zip", title="Matcher",
         description="zip: ZipIt!'s greedy matching within and across models; permute: the permutation baseline (across "
                     "models only); identity: naive averaging of unit i with unit i.")
     heads: Heads = Field("concat", title="Heads",
                          description="concat: keep one output head per model and concatenate their outputs (per-task "
-                                     "logits); average: average the heads into one.")
+                                     "logits); average: average the heads into one. Transformers folders are always "
+                                     "zipped into one model (average).")
     unmerge: Unmerge = Field("lstsq", title="Unmerge (partial zips)",
                              description="How each branch reads the zipped trunk: copy: the paper's 0/1 unmerge; lstsq: "
                                          "least squares from the feature statistics; fit: least squares on the zipped "
@@ -568,7 +598,7 @@ class _Ensemble(nn.Module):
 def _align(request: AlignRequest) -> BuiltModel:
     """ZipIt!: zip the models (fully or up to stop_at); each runs as the recipe's architecture or the one its config records."""
     from suture.merge.derive import architecture_of, load_module
-    from suture.merge.hf_module import refuse_hf
+    from suture.merge.hf_module import HFArchitecture
 
     stores, options = request.stores, request.options
     archs = {key: architecture_of(store, request.architecture, trust_remote_code=request.trust_remote_code)
@@ -577,9 +607,10 @@ def _align(request: AlignRequest) -> BuiltModel:
     if missing:
         raise AlignmentError(f"zipit runs the models on data: {missing} have no runnable architecture "
                              "(give one as package.module:factory)", field=("architecture",))
-    for arch in archs.values():
-        refuse_hf(arch, "alignment.engine zipit", "ZipIt zips the units of a torch.fx-traced MLP/CNN fed tensor inputs; "
-                  "transformers models (token inputs, attention heads) are outside that; use activation_matching or weight_matching")
+    if any(isinstance(arch, HFArchitecture) for arch in archs.values()):  # heads zipped whole (merge.align.transformer_zip)
+        from suture.merge.align.transformer_zip import align_transformers
+
+        return align_transformers(request, archs)
     if options.data is None or request.data is None:
         raise AlignmentError("zipit needs calibration data (e.g. sklearn:digits)", field=("data",))
     modules = [load_module(stores[k], archs[k]) for k in stores]
