@@ -283,17 +283,18 @@ def _split_draw(spec: PermutationSpec, seed: int) -> dict:
     return perms
 
 
-def _rotary_model() -> TinyTransformer:
+def _with_attention(cls: type) -> TinyTransformer:
+    """The tiny transformer with every block's attention replaced by `cls`."""
     model = _model()
     for block in model.blocks:
-        block.attn = Rotary(32, 4)
+        block.attn = cls(32, 4)
     return _randomize(model)
 
 
 @pytest.mark.parametrize("style", STYLES + ["rotary"])
 def test_split_permutations_keep_outputs(style):
     """q and k rows are Q/K, v rows and the out projection's columns V/O: separate within-head orders keep outputs."""
-    model = _rotary_model() if style == "rotary" else _model(style)
+    model = _with_attention(Rotary) if style == "rotary" else _model(style)
     spec = spec_from_module(model, X)
     fused = style in ("fused", "chunk")
     a = "blocks.0.attn."
@@ -345,45 +346,44 @@ def test_weight_matching_recovers_planted_split_permutation(style):
         torch.testing.assert_close(restored[name], state[name], rtol=0, atol=0, msg=name)
 
 
-class SharedQV(Attention):
+class _Retied(Rotary):
+    """Separate q/k/v Linears and SDPA, with `tie` rewriting (q, k, v) after the split into heads."""
+
+    def tie(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        y = F.scaled_dot_product_attention(*self.tie(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))))
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SharedQV(_Retied):
     """q's projection also serves as the values: its rows are Q/K and V/O at once, so the parts stay unmarked."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k = self.split(self.q(x)), self.split(self.k(x))
-        y = F.scaled_dot_product_attention(q, k, q)
-        return self.out(y.transpose(1, 2).reshape(b, t, c))
+    def tie(self, q, k, v):
+        return q, k, q
 
 
-class GatedValues(Attention):
+class GatedValues(_Retied):
     """The values are scaled by q elementwise: q's and v's orders are tied, so the parts stay unmarked."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
-        y = F.scaled_dot_product_attention(q, k, v * q.sigmoid())
-        return self.out(y.transpose(1, 2).reshape(b, t, c))
+    def tie(self, q, k, v):
+        return q, k, v * q.sigmoid()
 
 
-class RotatedValues(Rotary):
+class RotatedValues(_Retied):
     """The rotation also applied to the values: V/O dimensions must keep their order too."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+    def tie(self, q, k, v):
         cos, sin = self.cos[:7], self.sin[:7]
-        q, k, v = (z * cos + _rotate_half(z) * sin for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(b, t, c))
+        return tuple(z * cos + _rotate_half(z) * sin for z in (q, k, v))
 
 
 @pytest.mark.parametrize("cls", [SharedQV, GatedValues, RotatedValues])
 def test_unsure_parts_stay_unmarked(cls):
     """Where Q/K and V/O orders are tied the group takes one order (and that is necessary: split, it breaks)."""
-    model = _model()
-    for block in model.blocks:
-        block.attn = cls(32, 4)
-    model = _randomize(model)
+    model = _with_attention(cls)
     spec = spec_from_module(model, X)
     group = spec.groups["blocks.0.attn.q"]
     assert not group.frozen and not group.split and not any(m.parts for m in group.members)
