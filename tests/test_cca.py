@@ -353,3 +353,32 @@ def test_attention_without_parts_is_left_as_it_is():
     spec = trace_module(model.eval(), torch.randn(2, 7, 6)).spec
     why = attention_parts(spec.groups["blocks.0.attn.q"], model)
     assert isinstance(why, str) and "Q/K" in why
+
+
+@pytest.mark.parametrize("style", ["separate", "chunk"])
+def test_cca_aligns_traced_attention_and_keeps_b_exactly(style):
+    """cca_align on two unrelated traced user transformers: the attention groups get head maps observed at the
+    traced parts' layers, and B mapped by them (MLP groups left as identity) computes what B computed."""
+    import copy
+
+    from tests._user_attention import TinyTransformer
+    from tests.test_trace_spec import _randomize
+
+    torch.manual_seed(0)
+    a = _randomize(TinyTransformer(style=style)).double()
+    torch.manual_seed(1)
+    b = _randomize(TinyTransformer(style=style)).double()
+    x = torch.randn(64, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    traced = trace_module(a, x[:2])
+    result = cca_align(traced.spec, a, b, [(x[i:i + 16],) for i in range(0, 64, 16)], traced.taps, reg=0.1)
+    assert len(result.heads) == 2 and all(h.qk is not None for h in result.heads.values())
+    for g in traced.spec:
+        if g.kind == "free":
+            result.out_maps[g.name] = result.in_maps[g.name] = torch.eye(g.size, dtype=torch.float64)
+    state_b = {k: v.clone() for k, v in b.state_dict().items()}
+    aligned = cca_state(traced.spec, state_b, result)
+    assert max(float((aligned[k] - state_b[k]).abs().max()) for k in state_b) > 0.1
+    moved = copy.deepcopy(b)
+    moved.load_state_dict(aligned)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), b(x), atol=1e-9, rtol=1e-9)
