@@ -265,3 +265,120 @@ def test_cca_on_a_cnn_maps_conv_channels_and_leaves_batchnorm_groups():
     aligned = cca_state(traced.spec, b.state_dict(), result)
     torch.testing.assert_close(aligned["mid.weight"], a.state_dict()["mid.weight"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(aligned["a_head.weight"], a.state_dict()["a_head.weight"], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ attention parts from the members' marks
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_attention_parts_do_not_depend_on_member_order(family):
+    """The Q/K and V/O marks, not member order, say which layer is V and which O: with every attention group's
+    members reversed, random per-head maps still keep B's logits (the old order-based reading mapped V as Q)."""
+    import dataclasses
+
+    from tests.test_engines_foreign import CONFIGS
+
+    from suture.merge.derive import derive_spec
+    from suture.merge.store import DictStore
+
+    torch.manual_seed(0)
+    model = CONFIGS[family]().double().eval()
+    config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+    spec, _ = derive_spec(DictStore(dict(model.state_dict()), source=family, config=config))
+    reversed_spec = dataclasses.replace(spec, groups={
+        k: dataclasses.replace(g, members=g.members[::-1]) if g.kind != "free" else g for k, g in spec.groups.items()})
+    for name, group in reversed_spec.groups.items():
+        if group.kind != "free":
+            before, after = attention_parts(spec.groups[name], model), attention_parts(group, model)
+            assert {t: p for t, p in after.items() if p in "vo"} == {t: p for t, p in before.items() if p in "vo"}
+            assert {t for t, p in after.items() if set(p) & set("qk")} == {t for t, p in before.items() if set(p) & set("qk")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # _logits loads into the model
+    moved = _head_transformed(reversed_spec, model, state, seed=3)
+    ids = torch.randint(2, 99, (3, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(model, moved, ids), _logits(model, state, ids), atol=1e-6, rtol=1e-6)
+    attn = next(m.tensor for m in spec.groups["layer0.attn"].members if m.role == "in")
+    assert (moved[attn] - state[attn]).abs().max() > 0.05  # the maps really moved O's columns
+
+
+def _v_first(width: int, heads: int):
+    """A fused Q/K/V layer whose blocks are stored V, Q, K (unbound in that order)."""
+    from tests._user_attention import Attention
+
+    class VFirst(Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, c = x.shape
+            v, q, k = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+    return VFirst(width, heads, style="fused")
+
+
+@pytest.mark.parametrize("style", ["separate", "chunk", "v-first"])
+def test_cca_maps_on_traced_attention_follow_the_traced_parts(style):
+    """Traced user attention: the tracer's parts name Q, K, V and O (a fused layer stored V, Q, K included), and
+    per-head maps by those parts keep the module's outputs."""
+    from tests._user_attention import TinyTransformer
+    from tests.test_trace_spec import _randomize
+
+    torch.manual_seed(0)
+    model = TinyTransformer(style="fused" if style == "v-first" else style)
+    if style == "v-first":
+        for block in model.blocks:
+            block.attn = _v_first(32, 4)
+    model = _randomize(model).double()
+    x = torch.randn(3, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    spec = trace_module(model, x).spec
+    group = spec.groups["blocks.0.attn." + ("q" if style == "separate" else "qkv")]
+    parts = attention_parts(group, model)
+    a = "blocks.0.attn."
+    expected = {"separate": {a + "q.weight": "q", a + "k.weight": "k", a + "v.weight": "v"},
+                "chunk": {a + "qkv.weight": "qkv"}, "v-first": {a + "qkv.weight": "vqk"}}[style]
+    assert {t: p for t, p in parts.items() if t in expected} == expected and parts[a + "out.weight"] == "o"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = _head_transformed(spec, model, state, seed=4)
+    with torch.no_grad():
+        ref = model(x)
+        model.load_state_dict(moved)
+        torch.testing.assert_close(model(x), ref, atol=1e-9, rtol=1e-9)
+    assert (moved[a + "out.weight"] - state[a + "out.weight"]).abs().max() > 0.05
+
+
+def test_attention_without_parts_is_left_as_it_is():
+    """Where the tracer cannot tell Q/K from V/O (q's projection also gives the values) no map per side is exact."""
+    from tests._user_attention import TinyTransformer
+    from tests.test_trace_attention import SharedQV
+
+    model = TinyTransformer()
+    for block in model.blocks:
+        block.attn = SharedQV(32, 4)
+    spec = trace_module(model.eval(), torch.randn(2, 7, 6)).spec
+    why = attention_parts(spec.groups["blocks.0.attn.q"], model)
+    assert isinstance(why, str) and "Q/K" in why
+
+
+@pytest.mark.parametrize("style", ["separate", "chunk"])
+def test_cca_aligns_traced_attention_and_keeps_b_exactly(style):
+    """cca_align on two unrelated traced user transformers: the attention groups get head maps observed at the
+    traced parts' layers, and B mapped by them (MLP groups left as identity) computes what B computed."""
+    import copy
+
+    from tests._user_attention import TinyTransformer
+    from tests.test_trace_spec import _randomize
+
+    torch.manual_seed(0)
+    a = _randomize(TinyTransformer(style=style)).double()
+    torch.manual_seed(1)
+    b = _randomize(TinyTransformer(style=style)).double()
+    x = torch.randn(64, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    traced = trace_module(a, x[:2])
+    result = cca_align(traced.spec, a, b, [(x[i:i + 16],) for i in range(0, 64, 16)], traced.taps, reg=0.1)
+    assert len(result.heads) == 2 and all(h.qk is not None for h in result.heads.values())
+    for g in traced.spec:
+        if g.kind == "free":
+            result.out_maps[g.name] = result.in_maps[g.name] = torch.eye(g.size, dtype=torch.float64)
+    state_b = {k: v.clone() for k, v in b.state_dict().items()}
+    aligned = cca_state(traced.spec, state_b, result)
+    assert max(float((aligned[k] - state_b[k]).abs().max()) for k in state_b) > 0.1
+    moved = copy.deepcopy(b)
+    moved.load_state_dict(aligned)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), b(x), atol=1e-9, rtol=1e-9)

@@ -8,6 +8,7 @@ permutation, and `suture run` must align a permuted copy back onto its original.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -269,3 +270,129 @@ def test_channel_shuffle_split_is_not_mistaken_for_heads():
     other.load_state_dict(permute_state(model.state_dict(), forced, forced.random_permutations(1)))
     with torch.no_grad():
         assert not torch.allclose(other(x), model(x), atol=1e-4)
+
+
+# ------------------------------------------------------------------ Q/K and V/O parts of traced attention
+def _split_draw(spec: PermutationSpec, seed: int) -> dict:
+    """A 2-row draw in which every attention group's Q/K and V/O rows differ."""
+    perms = spec.random_permutations(seed, split=True)
+    for g in spec.active_groups():
+        if g.kind != "free":
+            assert g.split and perms[g.name].shape == (2, g.size), g.name
+            assert not torch.equal(perms[g.name][0], perms[g.name][1])
+    return perms
+
+
+def _with_attention(cls: type) -> TinyTransformer:
+    """The tiny transformer with every block's attention replaced by `cls`."""
+    model = _model()
+    for block in model.blocks:
+        block.attn = cls(32, 4)
+    return _randomize(model)
+
+
+@pytest.mark.parametrize("style", STYLES + ["rotary"])
+def test_split_permutations_keep_outputs(style):
+    """q and k rows are Q/K, v rows and the out projection's columns V/O: separate within-head orders keep outputs."""
+    model = _with_attention(Rotary) if style == "rotary" else _model(style)
+    spec = spec_from_module(model, X)
+    fused = style in ("fused", "chunk")
+    a = "blocks.0.attn."
+    group = spec.groups[a + ("qkv" if fused else "q")]
+    parts = {m.tensor: m.parts for m in group.members}
+    if fused:
+        assert parts == {a + "qkv.weight": ("qk", "qk", "vo"), a + "qkv.bias": ("qk", "qk", "vo"), a + "out.weight": ("vo",)}
+    else:
+        assert parts == {**{f"{a}{p}.{t}": ("vo",) if p == "v" else ("qk",) for p in "qkv" for t in ("weight", "bias")},
+                         a + "out.weight": ("vo",)}
+    assert group.within_free() == ((style != "rotary"), True)
+    with torch.no_grad():
+        ref = model(X)
+    for seed in (1, 2):
+        perms = _split_draw(spec, seed)
+        if style == "rotary":  # Q/K dimensions stay in order, V/O ones move
+            d = torch.arange(32) % 8
+            assert torch.equal(perms[group.name][0] % 8, d) and not torch.equal(perms[group.name][1] % 8, d)
+        torch.testing.assert_close(_outputs_after(model, spec, perms), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["separate", "chunk"])
+def test_wrong_part_breaks_outputs(style):
+    """The parts matter: V rows marked Q/K (or Q rows marked V/O) change the outputs under the same draw."""
+    model = _model(style)
+    spec = spec_from_module(model, X)
+    with torch.no_grad():
+        ref = model(X)
+    a = "blocks.0.attn."
+    flip = {"qk": "vo", "vo": "qk"}
+    for target in ((a + "v.weight", a + "v.bias") if style == "separate" else (a + "qkv.weight", a + "qkv.bias")):
+        wrong = copy.deepcopy(spec)
+        group = wrong.groups[a + ("q" if style == "separate" else "qkv")]
+        group.members = [dataclasses.replace(m, parts=tuple(flip[p] for p in m.parts)) if m.tensor == target else m
+                         for m in group.members]
+        assert not torch.allclose(_outputs_after(model, wrong, _split_draw(wrong, 1)), ref, atol=1e-3), target
+
+
+@pytest.mark.parametrize("style", ["separate", "fused", "einsum"])
+def test_weight_matching_recovers_planted_split_permutation(style):
+    model = _model(style)
+    spec = spec_from_module(model, X)
+    state = model.state_dict()
+    scrambled = permute_state(state, spec, _split_draw(spec, 7))
+    result = weight_matching(spec, state, scrambled)
+    assert any(p.dim() == 2 for p in result.perms.values())  # the answer has separate Q/K and V/O rows
+    restored = permute_state(scrambled, spec, result.perms)
+    for name in state:
+        torch.testing.assert_close(restored[name], state[name], rtol=0, atol=0, msg=name)
+
+
+class _Retied(Rotary):
+    """Separate q/k/v Linears and SDPA, with `tie` rewriting (q, k, v) after the split into heads."""
+
+    def tie(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        y = F.scaled_dot_product_attention(*self.tie(self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))))
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SharedQV(_Retied):
+    """q's projection also serves as the values: its rows are Q/K and V/O at once, so the parts stay unmarked."""
+
+    def tie(self, q, k, v):
+        return q, k, q
+
+
+class GatedValues(_Retied):
+    """The values are scaled by q elementwise: q's and v's orders are tied, so the parts stay unmarked."""
+
+    def tie(self, q, k, v):
+        return q, k, v * q.sigmoid()
+
+
+class RotatedValues(_Retied):
+    """The rotation also applied to the values: V/O dimensions must keep their order too."""
+
+    def tie(self, q, k, v):
+        cos, sin = self.cos[:7], self.sin[:7]
+        return tuple(z * cos + _rotate_half(z) * sin for z in (q, k, v))
+
+
+@pytest.mark.parametrize("cls", [SharedQV, GatedValues, RotatedValues])
+def test_unsure_parts_stay_unmarked(cls):
+    """Where Q/K and V/O orders are tied the group takes one order (and that is necessary: split, it breaks)."""
+    model = _with_attention(cls)
+    spec = spec_from_module(model, X)
+    group = spec.groups["blocks.0.attn.q"]
+    assert not group.frozen and not group.split and not any(m.parts for m in group.members)
+    assert_invariant(model, X, spec, min_active=5)
+    # marking the parts the way the plain style would is wrong here
+    forced = copy.deepcopy(spec)
+    g = forced.groups["blocks.0.attn.q"]
+    g.members = [dataclasses.replace(m, parts=("qk",) if m.tensor.split(".")[-2] in "qk" else ("vo",)) for m in g.members]
+    with torch.no_grad():
+        ref = model(X)
+    perms = {g.name: g.random_permutation(torch.Generator().manual_seed(3), split=True)}
+    assert not torch.allclose(_outputs_after(model, forced, perms), ref, atol=1e-4)

@@ -15,7 +15,7 @@ import torch
 import transformers as T
 
 from suture.merge.align.assignment import solve_lap
-from suture.merge.align.transformer_match import assign_heads, match_transformer, transformer_sites
+from suture.merge.align.transformer_match import assign_head_parts, assign_heads, match_transformer, transformer_sites
 from suture.merge.derive import derive_spec, load_module
 from suture.merge.spec import invert_permutation, permute_state
 from suture.merge.store import DictStore, open_store
@@ -104,6 +104,22 @@ def test_assign_heads_keeps_heads_whole_where_free_matching_splits_them():
     assert free[0] == decoy  # a free assignment splits head 0
     perm = assign_heads(cost, cost, dim, within=True)
     assert torch.equal(perm, planted)
+
+
+def test_split_head_pairing_weighs_the_queries_too():
+    """A split group pairs heads on the head outputs and the Q/K features together (as weight matching sums both
+    parts): where the head outputs say nothing, the queries still pair the heads, and each part keeps its order."""
+    g = torch.Generator().manual_seed(1)
+    heads, dim = 4, 3
+    head_perm = torch.tensor([2, 0, 3, 1])
+    qk_rows = torch.cat([head_perm[h] * dim + torch.randperm(dim, generator=g) for h in range(heads)])
+    qk = 0.05 * torch.randn(heads * dim, heads * dim, generator=g)
+    qk[torch.arange(heads * dim), qk_rows] += 1.0
+    outputs = 0.05 * torch.randn(heads * dim, heads * dim, generator=g)  # no signal in the head outputs
+    perm = assign_head_parts(outputs, [qk, outputs], dim, within=(True, True), pair_qk=True)
+    assert torch.equal(perm[0], qk_rows) and torch.equal(perm[1] // dim, qk_rows // dim)
+    alone = assign_head_parts(outputs, [qk, outputs], dim, within=(True, True))
+    assert not torch.equal(alone[0] // dim, qk_rows // dim)  # the head outputs alone pair them otherwise
 
 
 def test_sites_pool_the_residual_stream_over_every_block():

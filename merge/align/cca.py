@@ -24,7 +24,9 @@ parameters) keep their units as they are. On transformers:
   within-head map changes); then each head pair gets a V/O map T from CCA of those head outputs (V's rows and
   bias by T, O's columns by T^-T; attention weights act on the token axis only, so a head's output carries V's
   map unchanged) and a Q/K map T from CCA of the queries (Q's rows and bias by T, K's by T^-T, so every
-  ``q . k`` is unchanged). GPT-2's fused c_attn takes one block-diagonal (Q, K, V) map on its output axis.
+  ``q . k`` is unchanged). GPT-2's fused c_attn takes one block-diagonal (Q, K, V) map on its output axis. The
+  members' Q/K and V/O parts (:mod:`merge.spec`) say which layer or block is which; groups without them
+  (traced attention whose sides the tracer could not tell apart) keep their heads as they are.
   Groups that keep each head's dimensions in order (RoPE: llama/mistral/qwen2; BERT's relative positions,
   whose distance embeddings meet q and k dimension by dimension) pair heads and map V/O only: a Q/K map would
   have to commute with the rotation. Under grouped-query attention V/O maps act per KV head, observed at V;
@@ -75,7 +77,8 @@ class HeadMaps:
     """One attention group of B in the reference basis: whole heads paired (``perm``, an index vector as in
     :func:`merge.spec.permute_state`), then per head pair a block-diagonal ``vo`` map T (V rows, O columns by
     T^-T) and ``qk`` map (Q rows by T, K rows by T^-T; None where each head's dimensions must stay in order).
-    ``parts`` says which of "q", "k", "v", "o" or "qkv" (GPT-2's fused c_attn) each member tensor is."""
+    ``parts`` says which of "q", "k", "v", "o" each member tensor is, one letter per block of a fused layer
+    ("qkv" for GPT-2's c_attn)."""
 
     perm: torch.Tensor
     vo: tuple[torch.Tensor, torch.Tensor]  # (T, T^-1), block-diagonal in A's head order
@@ -85,8 +88,8 @@ class HeadMaps:
     def matrix(self, part: str) -> torch.Tensor:
         """The (n, n) map of one part for :func:`merge.align.ot.map_axis`: B's heads in A's order, then the
         head pair's map (``new[j] = sum_i M[i, j] old[i]``; a reader's columns take T^-T, as any group's)."""
-        if part == "qkv":
-            return torch.block_diag(self.matrix("q"), self.matrix("k"), self.matrix("v"))
+        if len(part) > 1:  # a fused layer: one block-diagonal map over its blocks, in their order
+            return torch.block_diag(*(self.matrix(p) for p in part))
         n = self.perm.numel()
         pick = torch.eye(n, dtype=torch.float64)[:, self.perm]  # pick[i, j] = 1 where B's unit i moves to j
         maps = {"v": self.vo[0], "o": self.vo[1].T}
@@ -210,31 +213,43 @@ def reader_taps(spec: PermutationSpec, module: nn.Module) -> dict[str, list[Tap]
 
 
 def attention_parts(group: PermGroup, module: nn.Module) -> dict[str, str] | str:
-    """member tensor -> "q" / "k" / "v" / "o" / "qkv" for an attention group, or why it cannot be mapped.
+    """member tensor -> "q", "k", "v" or "o" (one letter per block of a fused layer: "qkv" for GPT-2's c_attn)
+    for an attention group, or why it cannot be mapped.
 
-    The families list Q, K and V (each weight, then bias) as the writing members in that order and O as the
-    one reader; GPT-2 writes all three through one fused layer whose members carry ``outer=3``.
+    The members' parts (:mod:`merge.spec`) say which side each block is on: V/O blocks that write the heads are
+    V, the V/O reader is O, so member order does not matter. Only Q and K, both Q/K, are told apart by order
+    (the first Q/K block is taken as Q), and either way is exact: Q's rows take T and K's T^-T for the same T,
+    which keeps every ``q . k``; the order only picks whose features estimate T. A group without parts (the
+    trace could not tell the sides apart, or Q/K and V/O share one order) keeps its heads as they are: separate
+    maps per side would not preserve its function.
     """
+    if not group.split:
+        return "its members do not say which are Q/K and which V/O, so no map per side is known to be exact"
     modules = dict(module.named_modules())
-    writers: list[str] = []
-    readers: list[str] = []
+    letters: dict[str, str] = {}  # owner layer -> its letters
+    first: dict[str, tuple] = {}  # owner layer -> role and parts of its first member
     owner_of: dict[str, str] = {}
-    fused = False
+    queries = iter("qk")
     for m in group.members:
         owner = m.tensor.rsplit(".", 1)[0]
         if type(modules.get(owner)).__name__ not in _LINEAR_KINDS:
             return f"{m.tensor} does not belong to a linear layer"
-        if m.inner != 1 or m.outer not in (1, 3):
+        if m.inner != 1:
             return f"{m.tensor} has a layout ({m.layout()}) no attention map knows"
-        fused |= m.outer == 3
         owner_of[m.tensor] = owner
-        side = writers if m.role == "out" else readers
-        if owner not in side:
-            side.append(owner)
-    if len(readers) != 1 or len(writers) != (1 if fused else 3):
-        return f"expected Q, K, V {'(fused) ' if fused else ''}and one output projection, found writers {writers} and readers {readers}"
-    names = {readers[0]: "o", **({writers[0]: "qkv"} if fused else dict(zip(writers, "qkv")))}
-    return {tensor: names[owner] for tensor, owner in owner_of.items()}
+        if owner in letters:  # a bias after its weight: the same blocks
+            if first[owner] != (m.role, m.parts):
+                return f"{m.tensor} is laid out unlike the rest of {owner}"
+            continue
+        first[owner] = (m.role, m.parts)
+        if m.role == "in":
+            letters[owner] = "o" if m.parts == ("vo",) else "?"
+        else:
+            letters[owner] = "".join("v" if p == "vo" else next(queries, "?") for p in m.parts)
+    found = sorted("".join(letters.values()))
+    if found != sorted("qkvo"):
+        return f"expected one Q, K and V block and one output projection, found {dict(letters)}"
+    return {tensor: letters[owner] for tensor, owner in owner_of.items()}
 
 
 def _head_sites(group: PermGroup, parts: Mapping[str, str]) -> dict[str, list[Site]]:
@@ -243,16 +258,17 @@ def _head_sites(group: PermGroup, parts: Mapping[str, str]) -> dict[str, list[Si
     repeats of them (the values carry the same linear map: attention weights act on the token axis only)."""
     n, label = group.size, f"group {group.name!r}"
     members = {m.tensor: m for m in group.members}
-    owner = {part: t.rsplit(".", 1)[0] for t, part in parts.items() if t.endswith(".weight")}
+    at = {letter: (t.rsplit(".", 1)[0], i, len(word), members[t].repeat)
+          for t, word in parts.items() if t.endswith(".weight") for i, letter in enumerate(word)}
+
+    def output(letter: str) -> Site:  # one block of a fused layer's output
+        owner, i, blocks, _ = at[letter]
+        return _site(owner, "output", label, i * n, n) if blocks > 1 else _site(owner, "output", label)
+
     sites: dict[str, list[Site]] = {}
-    if "qkv" in owner:
-        sites["q"] = [_site(owner["qkv"], "output", label, 0, n)]
-        sites["vo"] = [_site(owner["o"], "input", label)]
-        return sites
-    repeat = {part: members[f"{o}.weight"].repeat for part, o in owner.items()}
-    if repeat["q"] == 1:
-        sites["q"] = [_site(owner["q"], "output", label)]
-    sites["vo"] = [_site(owner["o"], "input", label)] if repeat["o"] == 1 else [_site(owner["v"], "output", label)]
+    if at["q"][3] == 1:
+        sites["q"] = [output("q")]
+    sites["vo"] = [_site(at["o"][0], "input", label)] if at["o"][3] == 1 else [output("v")]
     return sites
 
 
@@ -384,7 +400,7 @@ def cca_state(spec: PermutationSpec, state_b: Mapping[str, torch.Tensor] | Any, 
         matrices = {part: maps.matrix(part) for part in set(maps.parts.values())}
         for m in group.members:
             part = maps.parts[m.tensor]
-            member = dataclasses.replace(m, outer=1) if part == "qkv" else m  # one (3n, 3n) map over Q, K, V
+            member = dataclasses.replace(m, outer=1) if len(part) > 1 else m  # one block-diagonal map over Q, K, V
             out[m.tensor] = map_axis(out[m.tensor], member, group.head_dim, matrices[part])
     return out
 

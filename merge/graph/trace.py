@@ -21,6 +21,7 @@ heads, a per-head bias) freezes the group, as any op the deriver does not unders
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -64,6 +65,12 @@ class TraceResult:
     aliases: dict[str, list[str]] = field(default_factory=dict)
 
 
+# Which attention part a value may feed: ("p", elem, block) for the output of the projection that created
+# element `elem` (block: which of a fused projection's Q/K/V blocks, None for all of them), ("o", node, None)
+# for the output of the attention op `node`. Ops that keep a value's order keep its tag; any other drops it.
+_Tag = tuple[str, Any, "int | None"]
+
+
 @dataclass(frozen=True)
 class _Lab:
     """A tensor whose `axis` is indexed by union-find element `elem`, laid out (units, inner)."""
@@ -71,6 +78,7 @@ class _Lab:
     elem: int
     axis: int
     inner: int = 1
+    tag: _Tag | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class _Heads:
     head: int
     dim: int | None
     outer: int | None = None
+    tag: _Tag | None = None
 
     def axes(self) -> tuple[int | None, int | None, int | None]:
         return self.head, self.dim, self.outer
@@ -105,7 +114,33 @@ class _Heads:
     def moved(self, where: Any) -> _Heads:
         """The same value with every axis a renumbered by where(a)."""
         return _Heads(self.elem, where(self.head), None if self.dim is None else where(self.dim),
-                      None if self.outer is None else where(self.outer))
+                      None if self.outer is None else where(self.outer), self.tag)
+
+
+def _common_tag(values: Iterable[Any]) -> _Tag | None:
+    """The tag all `values` share (their op keeps that order), else None."""
+    tags = {v.tag for v in values}
+    return tags.pop() if len(tags) == 1 else None
+
+
+def _fused_tag(tag: _Tag | None, elem: int) -> _Tag | None:
+    """A projection's tag once its output axis is re-read as blocks of element `elem` (fused Q/K/V)."""
+    return ("p", elem, None) if tag is not None and tag[0] == "p" and tag[2] is None else None
+
+
+def _block_tag(tag: _Tag | None, block: int) -> _Tag | None:
+    """The tag of one block of a fused projection's output."""
+    return (tag[0], tag[1], block) if tag is not None and tag[0] == "p" and tag[2] is None else None
+
+
+_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad")
+
+
+def _shape_query(node: torch.fx.Node) -> bool:
+    """True for a node that reads only a tensor's shape or type."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel", "ndimension", "nelement")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS
 
 
 class _UnionFind:
@@ -318,6 +353,16 @@ class _Deriver:
                 self.module_calls[node.target] = self.module_calls.get(node.target, 0) + 1
         self.reader_inputs: dict[torch.fx.Node, int] = {}  # reader node -> elem its weight's in-axis joined
         self.unknown_ops: list[str] = []
+        # Q/K vs V/O parts (see _member_parts): the tensors each projection created, the parts each tagged value
+        # was used as, the (node, tag) uses attention sanctions, the out-projection columns reading an attention
+        # output, the tags behind "whole heads only", and the tensor axes claimed more than once
+        self.proj_keys: dict[int, list[tuple[str, int]]] = {}
+        self.renamed: dict[int, int] = {}  # a fused projection's element -> the element of its blocks
+        self.part_marks: dict[tuple, set[str]] = {}
+        self.tag_uses: set[tuple[str, tuple]] = set()
+        self.vo_reads: dict[tuple[str, int], _Tag] = {}
+        self.whole_tags: list[tuple[int, _Tag | None]] = []
+        self.reclaimed: set[tuple[str, int]] = set()
 
     # ----------------------------------------------------------------------------------- claims
     def claim(self, name: str, axis: int, role: str, elem: int, inner: int = 1, *, where: str) -> None:
@@ -333,6 +378,7 @@ class _Deriver:
             return
         key = (canon, axis)
         if key in self.claims:
+            self.reclaimed.add(key)
             prev, prev_inner = self.claims[key]
             if prev_inner != inner:
                 why = f"{where} reads {name!r} axis {axis} with a different layout than before"
@@ -490,19 +536,30 @@ class _Deriver:
             self.uf.freeze(lab.elem, f"{where} reads the permuted axis {lab.axis} as if it were a spatial/batch axis")
             return
         full = name if name is not None else (f"{target}.{pname}" if target else pname)
+        key = self._key(full, w_axis)
+        fresh = key is not None and key not in self.claims
         self.claim(full, w_axis, "in", lab.elem, lab.inner, where=where)
         self.reader_inputs[node] = lab.elem
+        if lab.tag is not None and lab.tag[0] == "o" and fresh and key in self.claims:
+            # an out projection reading an attention output: its columns follow the V/O order
+            self.vo_reads[key] = lab.tag
+            self.tag_uses.add((node.name, self._base(lab.tag)))
 
     def _linear(self, node, lab, in_shape, out_shape, target, wname, bname, out_features, *, names=None):
         where = f"Linear {target!r}" if names is None else f"linear (node {node.name})"
         w = names[0] if names else f"{target}.{wname}"
         self._read(lab, len(in_shape) - 1, target, wname, 1, node, where, name=w)
         elem = self.uf.new(out_features, target if names is None else w.rsplit(".", 1)[0])
-        self.claim(w, 0, "out", elem, where=where)
         b = names[1] if names else f"{target}.{bname}"
+        keys = [k for k in (self._key(w, 0), self._key(b, 0)) if k is not None and k not in self.claims]
+        self.claim(w, 0, "out", elem, where=where)
         if b is not None and b in self.canon:
             self.claim(b, 0, "out", elem, where=where)
-        return _Lab(elem, len(out_shape) - 1)
+        keys = [k for k in keys if self.claims.get(k) == (elem, 1)]
+        if self._key(w, 0) not in keys:
+            return _Lab(elem, len(out_shape) - 1)
+        self.proj_keys[elem] = keys  # this projection's own rows: they take the part its output is used as
+        return _Lab(elem, len(out_shape) - 1, tag=("p", elem, None))
 
     def _conv(self, node, mod, lab, in_shape, target):
         ch = len(in_shape) - len(mod.kernel_size) - 1
@@ -667,7 +724,7 @@ class _Deriver:
                 self.claim(v.name, v.dims[k], "out", root, inner, where=where)
             else:
                 self.uf.freeze(root, f"{where} ties it to an unpermuted tensor")
-        return _Lab(root, ax, inner)
+        return _Lab(root, ax, inner, _common_tag(lab for lab, _ in labs))
 
     def _layout(self, node: torch.fx.Node, x: Any) -> Any:
         """Reshape-like ops (view, reshape, flatten, unflatten, squeeze, unsqueeze), decided from shapes."""
@@ -681,7 +738,7 @@ class _Deriver:
                 if heads is not None:
                     return heads
                 return self.unknown(node, f"reshape that splits the permuted axis (node {node.name})")
-            return _Lab(v.elem, moved[0], moved[1])
+            return _Lab(v.elem, moved[0], moved[1], v.tag)
         if isinstance(v, _Param):
             kept = [d for d in range(len(s_in)) if s_in[d] != 1]
             if [s_in[d] for d in kept] != [s for s in s_out if s != 1]:
@@ -875,12 +932,12 @@ class _Deriver:
                     where = f"reshape (node {node.name})"
                     if k == 2:
                         self.uf.split_heads(v.elem, s_out[b + 1], where)
-                        return _Heads(v.elem, b, b + 1)
+                        return _Heads(v.elem, b, b + 1, tag=v.tag)
                     elem = self._refactor_outer(node, x, v, s_out[b])
                     if elem is None:
                         return None
                     self.uf.split_heads(elem, s_out[b + 2], where)
-                    return _Heads(elem, b + 1, b + 2, outer=b)
+                    return _Heads(elem, b + 1, b + 2, outer=b, tag=_fused_tag(v.tag, elem))
         return None
 
     def _split_fused(self, node: torch.fx.Node, x: Any, v: _Lab, count: int) -> Any:
@@ -892,7 +949,8 @@ class _Deriver:
         elem = self._refactor_outer(node, x, v, count)
         if elem is None:
             return self.unknown(node, f".{node.target}() across the permuted axis")
-        return _Tuple(tuple(_Lab(elem, v.axis) for _ in range(count)))
+        whole = _fused_tag(v.tag, elem)
+        return _Tuple(tuple(_Lab(elem, v.axis, tag=_block_tag(whole, i)) for i in range(count)))
 
     def _refactor_outer(self, node: torch.fx.Node, x: Any, v: _Lab, blocks: int) -> int | None:
         """Re-read a fresh projection's group of `blocks` * n units as n units in `blocks` blocks side by side.
@@ -913,9 +971,78 @@ class _Deriver:
         for key in keys:
             self.claims[key] = (elem, 1)
             self.outer[key] = blocks
+        self.renamed[e] = elem
+        if e in self.proj_keys:
+            self.proj_keys[elem] = self.proj_keys.pop(e)
         for reason in uf.reasons.pop(e, []):
             uf.freeze(elem, *reason)
         return elem
+
+    # ----------------------------------------------------------------------------------- Q/K and V/O parts
+    def _key(self, name: str | None, axis: int) -> tuple[str, int] | None:
+        if name is None or name not in self.canon:
+            return None
+        return self.canon[name], axis % len(self.state_shapes[name])
+
+    def _base(self, tag: _Tag) -> tuple[str, Any]:
+        """The tag without its block, a fused projection's element followed to its blocks' element."""
+        return (tag[0], self.renamed.get(tag[1], tag[1])) if tag[0] == "p" else (tag[0], tag[1])
+
+    def _whole(self, elem: int, tag: _Tag | None, reason: str) -> None:
+        """Whole heads only (rotary): fine for Q/K's within-head order, but remembered in case it touches V/O."""
+        self.uf.whole(elem, reason)
+        self.whole_tags.append((elem, tag))
+
+    def _mark(self, node: torch.fx.Node, part: str, *values: _Heads) -> None:
+        """Attention op `node` uses these projection outputs as Q/K (scores) or V/O (weighted by the scores)."""
+        for v in values:
+            if v.tag is not None and v.tag[0] == "p":  # an attention output reused as Q, K or V stays unmarked
+                base = self._base(v.tag)
+                self.part_marks.setdefault(base + (v.tag[2],), set()).add(part)
+                self.tag_uses.add((node.name, base))
+
+    def _tags(self, value: Any) -> set[tuple | None]:
+        """The tag bases of every labelled item of `value` (None for an untagged one)."""
+        return {self._base(v.tag) if v.tag is not None else None
+                for v in self._flatten(value) if isinstance(v, (_Lab, _Heads))}
+
+    def _tainted(self) -> set[tuple]:
+        """Tag bases with a use attention does not sanction: a user that neither keeps the tag, nor is the
+        attention op or out projection that marked it, nor only reads shapes. Their parts stay unknown."""
+        tainted: set[tuple] = set()
+        for node, value in self.vals.items():
+            for base in self._tags(value) - {None}:
+                for user in node.users:
+                    if (user.name, base) not in self.tag_uses and not _shape_query(user) and self._tags(self.vals.get(user)) != {base}:
+                        tainted.add(base)
+        return tainted
+
+    def _member_parts(self) -> tuple[dict[tuple[str, int], tuple[str, ...]], set[int]]:
+        """Q/K or V/O part per outer block of the tensor axes attention is made of, only where the trace is
+        sure: a projection whose every output block flows, order kept, into one side of attention only (q and
+        k of ``q @ k^T``, the values the scores weigh), and the out projection's columns reading an attention
+        output. Also the roots whose "whole heads only" came from something other than Q/K (they may not split).
+        """
+        tainted = self._tainted()
+
+        def single(tag: tuple) -> str | None:
+            seen = self.part_marks.get(tag, set())
+            return next(iter(seen)) if len(seen) == 1 else None
+
+        parts: dict[tuple[str, int], tuple[str, ...]] = {}
+        for elem, keys in self.proj_keys.items():
+            base = ("p", elem)
+            for key in keys if base not in tainted else ():
+                blocks = self.outer.get(key, 1)
+                got = tuple(single(base + (None if blocks == 1 else i,)) for i in range(blocks))
+                if key not in self.reclaimed and all(got):
+                    parts[key] = got
+        for key, tag in self.vo_reads.items():
+            if key not in self.reclaimed and self._base(tag) not in tainted and self.outer.get(key, 1) == 1:
+                parts[key] = ("vo",)
+        unsplit = {self.uf.find(elem) for elem, tag in self.whole_tags
+                   if tag is None or tag[0] != "p" or self._base(tag) in tainted or single(self._base(tag) + (tag[2],)) != "qk"}
+        return parts, unsplit
 
     def _reads_heads(self, node: torch.fx.Node) -> bool:
         return any(isinstance(item, _Heads) for a in _nodes_in((node.args, node.kwargs)) for item in self._flatten(self.vals.get(a)))
@@ -979,12 +1106,12 @@ class _Deriver:
         v, dim = vals[0], dim % len(_shape(tensors[0]))
         if dim in (v.head, v.outer):
             return self.unknown(node, "cat across attention heads")
-        root = v.elem
+        root, tag = v.elem, _common_tag(vals)
         for other in vals[1:]:
             root = self.uf.union(root, other.elem)
         if dim == v.dim:
-            self.uf.whole(root, f"node {node.name} concatenates inside heads")
-        return _Heads(root, v.head, v.dim, v.outer)
+            self._whole(root, tag, f"node {node.name} concatenates inside heads")
+        return _Heads(root, v.head, v.dim, v.outer, tag)
 
     def _heads_layout(self, node: torch.fx.Node, x: Any) -> Any:
         """A reshape that keeps the head axes whole, or merges (heads, head_dim) back into one axis."""
@@ -1005,7 +1132,7 @@ class _Deriver:
             width, prefix = s_in[v.head] * s_in[v.dim], math.prod(s_in[: v.head])
             for j in range(len(s_out)):
                 if s_out[j] == width and math.prod(s_out[:j]) == prefix:
-                    return _Lab(v.elem, j)
+                    return _Lab(v.elem, j, tag=v.tag)
         return self.unknown(node, "reshape across attention heads")
 
     def _heads_transpose(self, node: torch.fx.Node, x: Any) -> Any:
@@ -1031,10 +1158,11 @@ class _Deriver:
         if not rest:
             return v
         if v.outer is not None and rest == [v.outer] and isinstance(idx[v.outer], int):
-            return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
+            return _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer),
+                          tag=_block_tag(v.tag, idx[v.outer] % s_in[v.outer]))
         if v.dim is not None and rest == [v.dim] and isinstance(idx[v.dim], slice):
             # rotate-half style slicing inside heads: the same for every head, so whole heads may still move
-            self.uf.whole(v.elem, f"node {node.name} slices inside heads")
+            self._whole(v.elem, v.tag, f"node {node.name} slices inside heads")
             return v
         return self.unknown(node, "indexing into attention heads")
 
@@ -1042,8 +1170,8 @@ class _Deriver:
         v, s_in, dim = self._val(x), _shape(x), self._arg(node, 1, "dim", 0)
         if not isinstance(v, _Heads) or v.outer is None or not isinstance(dim, int) or dim % len(s_in) != v.outer:
             return self.unknown(node, "unbind of attention heads")
-        one = _Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer))
-        return _Tuple((one,) * s_in[v.outer])
+        return _Tuple(tuple(_Heads(v.elem, v.head - (v.head > v.outer), v.dim - (v.dim > v.outer), tag=_block_tag(v.tag, i))
+                            for i in range(s_in[v.outer])))
 
     def _heads_elementwise(self, node: torch.fx.Node, operands: list[Any], softmax_dim: Any) -> Any:
         """Scaling, masks, softmax, dropout: heads pass when the other operands broadcast over them.
@@ -1064,7 +1192,7 @@ class _Deriver:
         if (len({h.axes() for h in heads}) != 1 or (heads[0].outer is not None and softmax_dim is not False)
                 or not (softmax_dim is False or isinstance(softmax_dim, int))):
             return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} across attention heads")
-        out = heads[0]
+        out = _Heads(heads[0].elem, heads[0].head, heads[0].dim, heads[0].outer, _common_tag(heads))
         if softmax_dim is not False and softmax_dim % do == out.head and out.dim is not None:
             return self.unknown(node, "softmax over attention heads")
         root = out.elem
@@ -1076,10 +1204,10 @@ class _Deriver:
                 if k is None or k < 0 or s[k] == 1:
                     continue
                 if a == out.dim:  # the same for every head (rotary cos/sin): whole heads may still move
-                    self.uf.whole(root, f"node {node.name} weighs head dims by a tensor laid out along them")
+                    self._whole(root, out.tag, f"node {node.name} weighs head dims by a tensor laid out along them")
                 else:
                     self.uf.freeze(root, f"node {node.name} combines attention heads with a tensor laid out along them")
-        return _Heads(root, out.head, out.dim, out.outer)
+        return _Heads(root, out.head, out.dim, out.outer, out.tag)
 
     def _heads_matmul(self, node: torch.fx.Node, a: Any, b: Any) -> Any:
         """q @ k^T (contracting head_dim: scores per head) or scores @ v (heads of v's head_dim)."""
@@ -1091,9 +1219,11 @@ class _Deriver:
         if va.head >= na - 2 or vb.head >= nb - 2 or head != vb.head + no - nb:
             return self.unknown(node, "matmul across attention heads")
         if va.dim == na - 1 and vb.dim == nb - 2:
+            self._mark(node, "qk", va, vb)
             return _Heads(self.uf.union(va.elem, vb.elem), head, None)
         if va.dim is None and vb.dim == nb - 1:
-            return _Heads(self.uf.union(va.elem, vb.elem), head, no - 1)
+            self._mark(node, "vo", vb)
+            return _Heads(self.uf.union(va.elem, vb.elem), head, no - 1, tag=("o", node.name, None))
         return self.unknown(node, "matmul within attention heads")
 
     def _heads_sdpa(self, node: torch.fx.Node) -> Any:
@@ -1110,7 +1240,9 @@ class _Deriver:
         s = _shape(mask)
         if s is not None and vals[0].head - (len(shapes[0]) - len(s)) >= 0 and s[vals[0].head - (len(shapes[0]) - len(s))] != 1:
             self.uf.freeze(root, f"node {node.name} masks attention heads with a per-head mask")
-        return _Heads(root, vals[0].head, len(_shape(node)) - 1)
+        self._mark(node, "qk", vals[0], vals[1])
+        self._mark(node, "vo", vals[2])
+        return _Heads(root, vals[0].head, len(_shape(node)) - 1, tag=("o", node.name, None))
 
     def _heads_einsum(self, node: torch.fx.Node) -> Any:
         """einsum of two operands: 'bhqd,bhkd->bhqk' (scores) or 'bhqk,bhkd->bhqd' (heads of v)."""
@@ -1126,9 +1258,11 @@ class _Deriver:
         if lb[vb.head] != head or head not in out:
             return self.unknown(node, "einsum across attention heads")
         if va.dim is not None and vb.dim is not None and la[va.dim] == lb[vb.dim] and la[va.dim] not in out:
+            self._mark(node, "qk", va, vb)
             return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), None)
         if va.dim is None and vb.dim is not None and lb[vb.dim] in out and lb[vb.dim] not in la:
-            return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), out.index(lb[vb.dim]))
+            self._mark(node, "vo", vb)
+            return _Heads(self.uf.union(va.elem, vb.elem), out.index(head), out.index(lb[vb.dim]), tag=("o", node.name, None))
         return self.unknown(node, "einsum within attention heads")
 
     # ----------------------------------------------------------------------------------- result
@@ -1140,11 +1274,13 @@ class _Deriver:
         reasons: dict[int, list[tuple[str, bool]]] = {}
         for elem, rs in uf.reasons.items():
             reasons.setdefault(uf.find(elem), []).extend(rs)
+        parts, unsplit = self._member_parts()
         members: dict[int, list[Member]] = {}
         for (name, axis), (role, _direct) in self.members.items():
             elem, inner = self.claims[(self.canon[name], axis)]
             outer = self.outer.get((self.canon[name], axis), 1)
-            members.setdefault(uf.find(elem), []).append(Member(self.prefix + name, axis, role, inner=inner, outer=outer))
+            members.setdefault(uf.find(elem), []).append(Member(self.prefix + name, axis, role, inner=inner, outer=outer,
+                                                                parts=parts.get((self.canon[name], axis), ())))
         spec = PermutationSpec(family="traced")
         names: dict[int, str] = {}
         for root in sorted(members):
@@ -1161,6 +1297,9 @@ class _Deriver:
             names[root] = name
             head_dim = uf.head_dim.get(root)
             kind = ("heads" if root in uf.whole_heads else "heads_within") if head_dim else "free"
+            if kind == "free" or hard or root in unsplit or not all(m.parts for m in members[root]):
+                # Q/K and V/O may take separate orders only where every member's part is known
+                members[root] = [dataclasses.replace(m, parts=()) for m in members[root]]
             if kind == "heads" and not hard:
                 spec.notes.append(f"{name}: whole heads only, {uf.whole_heads[root]}")
             spec.add(PermGroup(name, uf.size[root], members[root], kind=kind,
