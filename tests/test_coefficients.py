@@ -114,8 +114,11 @@ def test_objective_is_the_papers_summed_mean_entropy_and_clamp_holds(digits):
             p = torch.softmax(module(task.batch(0)[0]).double(), -1)
         total += float((-(p * p.log()).sum(-1)).mean())
     assert learned.history[0]["loss"] == pytest.approx(total, rel=1e-5)
-    pushed = learn_coefficients(base, fts, group_tensors(names, "tensor"), tasks, ADAMERGING.with_(steps=20, lr=1.0))
+    watched = []
+    pushed = learn_coefficients(base, fts, group_tensors(names, "tensor"), tasks, ADAMERGING.with_(steps=20, lr=1.0),
+                                watch=lambda step, c: watched.append((step, c)))
     assert float(pushed.values.min()) >= 0.0 and float(pushed.values.max()) <= 1.0
+    assert [s for s, _ in watched] == list(range(1, 21)) and torch.equal(watched[-1][1], pushed.values)
     assert ((pushed.values == 0) | (pushed.values == 1)).any()  # the clamp was reached, and held
 
 
