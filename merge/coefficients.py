@@ -388,13 +388,15 @@ def learn_coefficients(
     vector_names: Sequence[str] | None = None,
     progress: Progress | None = None,
     stage: str = "coefficients",
+    watch: Callable[[int, torch.Tensor], None] | None = None,
 ) -> LearnedCoefficients:
     """Learn one coefficient per (task vector, group) by gradient descent on the tasks' summed loss.
 
     ``finetuned`` are the fine-tuned models' tensors (the task vectors are taken against ``base``);
     ``tasks`` the objectives, each with a forward that reads merged parameters. Deterministic: batches
     come in each objective's fixed (seeded, see :func:`module_objective`) order and nothing else is
-    random. ``progress`` is called after each step.
+    random. ``progress`` is called after each step; ``watch(step, coefficients)`` too, with a detached copy
+    of the (clamped) coefficients, so a caller can score the trajectory (e.g. on validation data).
     """
     if not finetuned:
         raise InputError("learning merge coefficients needs at least one fine-tuned model")
@@ -416,7 +418,7 @@ def learn_coefficients(
                  if settings.cosine else None)
     history: list[dict[str, Any]] = []
     with _threads(base, grouping.names):
-        _run_steps(base, vectors, grouping, tasks, settings, raw, optimizer, scheduler, history, progress, stage)
+        _run_steps(base, vectors, grouping, tasks, settings, raw, optimizer, scheduler, history, progress, stage, watch)
     values = _clamped(raw.detach(), settings.clamp).cpu().clone()
     if history:
         logger.info("merge coefficients learned: loss %.4f -> %.4f", history[0]["loss"], history[-1]["loss"])
@@ -426,7 +428,7 @@ def learn_coefficients(
 def _run_steps(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]], grouping: Grouping,
                tasks: Sequence[TaskObjective], settings: LearnSettings, raw: torch.Tensor,
                optimizer: torch.optim.Optimizer, scheduler: Any, history: list[dict[str, Any]],
-               progress: Progress | None, stage: str) -> None:
+               progress: Progress | None, stage: str, watch: Callable[[int, torch.Tensor], None] | None = None) -> None:
     """The optimisation steps of :func:`learn_coefficients` (appends one history entry per step)."""
     logger.info("learning %d x %d merge coefficients (%s, %s) for %d steps on %d tasks",
                 len(vectors), len(grouping), grouping.granularity, settings.objective, settings.steps, len(tasks))
@@ -452,6 +454,8 @@ def _run_steps(base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, 
         logger.debug("step %d/%d: loss %.6f %s", step + 1, settings.steps, history[-1]["loss"], per_task)
         if progress is not None:
             progress(stage, step + 1, settings.steps, f"loss {history[-1]['loss']:.4f}")
+        if watch is not None:
+            watch(step + 1, _clamped(raw.detach(), settings.clamp).cpu().clone())
 
 
 def evaluate_loss(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],

@@ -18,6 +18,10 @@ spent on choosing hyper-parameters). Outputs: ``report.json``, ``table.md`` and 
 
 Reference rows: ``method: base`` (the pretrained encoder with each task's fine-tuned head) and ``method:
 individual`` (each fine-tune on its own task; always measured, since it normalises every row).
+
+A row may take a parameter from what validation chose for an earlier row (``from_chosen: {init:
+task_arithmetic.lambda}``): AdaMerging then starts from task arithmetic's validation-chosen λ, a data-driven
+initialisation that spends no further validation data.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class RowSpec(_Section):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     data: RowData | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
+    # parameter -> "ROW.KEY": the value validation chose for KEY in an earlier row's grid
+    from_chosen: dict[str, StrictStr] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _grid(self) -> RowSpec:
@@ -197,6 +203,13 @@ def _check_names(spec: CompareSpec) -> None:
         if r.label in rows:
             raise RecipeError(f"{spec.where(('rows', i))}: two rows are named {r.label!r}; give one a name")
         rows[r.label] = i
+        for param, ref in r.from_chosen.items():
+            source, _, key = ref.rpartition(".")
+            where = spec.where(("rows", i, "from_chosen", param))
+            if source not in rows or rows[source] == i or key not in spec.rows[rows[source]].grid:
+                raise RecipeError(f"{where}: {ref!r} must name an earlier row and a key of its grid (ROW.KEY)")
+            if param in r.parameters or param in r.grid:
+                raise RecipeError(f"{where}: {param!r} is also given in parameters or grid; give it once")
 
 
 def _check_files(spec: CompareSpec) -> None:
@@ -392,7 +405,23 @@ def _needs(row: RowSpec, spec: CompareSpec, tasks: list[_Task]) -> dict[str, Any
     points = row.points()
     data["selection"] = ({"labelled_validation_examples": sum(len(t.splits["validation"]) for t in tasks if not t.spec.heldout),
                           "points": len(points)} if len(points) > 1 else None)
+    if row.from_chosen:  # the validation data was spent by the rows it takes its values from
+        data["selection"] = {**(data["selection"] or {"labelled_validation_examples": 0, "points": 1}),
+                             "from_chosen": dict(row.from_chosen)}
     return data
+
+
+def _with_chosen(row: RowSpec, chosen: Mapping[str, Mapping[str, Any]]) -> RowSpec:
+    """``row`` with its ``from_chosen`` parameters filled in from the earlier rows' validation choices."""
+    if not row.from_chosen:
+        return row
+    values = {}
+    for param, ref in row.from_chosen.items():
+        source, _, key = ref.rpartition(".")
+        if key not in chosen.get(source, {}):
+            raise RecipeError(f"row {row.label}: from_chosen {param}: row {source!r} chose no {key!r} (it failed)")
+        values[param] = chosen[source][key]
+    return row.model_copy(update={"parameters": {**row.parameters, **values}})
 
 
 def _summary(accuracy: dict[str, float], individual: dict[str, float], merged: list[str]) -> dict[str, Any]:
@@ -453,6 +482,7 @@ def _run(spec: CompareSpec, out_dir: str | Path, overwrite: bool, progress: Prog
                 individual.update({k: round(v, 4) for k, v in scorer.score("test", [t]).items()})
         individual_seconds = time.perf_counter() - t0
         listed = [r for r in spec.rows]
+        chosen: dict[str, dict[str, Any]] = {}
         for i, row in enumerate(listed):
             if progress:
                 progress("rows", i, len(listed), row.label)
@@ -464,7 +494,12 @@ def _run(spec: CompareSpec, out_dir: str | Path, overwrite: bool, progress: Prog
                 elif row.method == "individual":
                     result = {"accuracy": {**individual, **{h: base_scores[h] for h in heldout_names}}, "seconds_merge": 0.0}
                 else:
-                    result = _merge_row(spec, i, row, tasks, scorer, work)
+                    try:
+                        row = _with_chosen(row, chosen)
+                        result = _merge_row(spec, i, row, tasks, scorer, work)
+                    except RecipeError as exc:
+                        result = {"error": f"RecipeError: {exc}", "seconds_merge": 0.0}
+                chosen[row.label] = dict(result.get("chosen") or {})
                 seconds = time.perf_counter() - t0 + (individual_seconds if row.method == "individual" else 0.0)
             entry = {"name": row.label, "method": row.method, "engine": row.engine, "parameters": row.parameters,
                      "needs": _needs(row, spec, tasks), **result,

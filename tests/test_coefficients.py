@@ -99,6 +99,29 @@ def test_adamerging_lowers_entropy_deterministically(digits):
     assert torch.equal(again.values, learned.values)  # same seed and data: same coefficients
 
 
+def test_objective_is_the_papers_summed_mean_entropy_and_clamp_holds(digits):
+    """Step 1's loss is Σ_tasks mean_batch H(softmax) of each task's own module on the merge (Yang et al. 2024, eq. 6),
+    recomputed here on a hand-merged state dict; a large lr drives coefficients to the bounds, never past them."""
+    base, fts, tasks, folders = digits
+    names = learnable_names(base, fts)
+    learned = learn_coefficients(base, fts, group_tensors(names, "task"), tasks, ADAMERGING.with_(steps=1, init=0.6))
+    merged = {k: base[k] + 0.6 * sum(ft[k] - base[k] for ft in fts) if k in names else base[k] for k in base}
+    total = 0.0
+    for key, task in zip(demo.FINETUNE_TASKS, tasks):
+        module = load_module(folders[key]).eval()
+        module.load_state_dict(merged)
+        with torch.no_grad():
+            p = torch.softmax(module(task.batch(0)[0]).double(), -1)
+        total += float((-(p * p.log()).sum(-1)).mean())
+    assert learned.history[0]["loss"] == pytest.approx(total, rel=1e-5)
+    watched = []
+    pushed = learn_coefficients(base, fts, group_tensors(names, "tensor"), tasks, ADAMERGING.with_(steps=20, lr=1.0),
+                                watch=lambda step, c: watched.append((step, c)))
+    assert float(pushed.values.min()) >= 0.0 and float(pushed.values.max()) <= 1.0
+    assert [s for s, _ in watched] == list(range(1, 21)) and torch.equal(watched[-1][1], pushed.values)
+    assert ((pushed.values == 0) | (pushed.values == 1)).any()  # the clamp was reached, and held
+
+
 def test_layerwise_has_one_coefficient_per_task_and_layer(digits):
     base, fts, tasks, _ = digits
     names = learnable_names(base, fts)

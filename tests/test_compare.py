@@ -197,6 +197,10 @@ def test_cli_runs_and_bad_specs_are_one_line(setup, capsys):
         "grid": ([{"method": "ties", "grid": {"density": [0.5, 2.0]}}], "rows[0].grid (line"),
         "twice": ([{"method": "linear"}, {"method": "linear"}], "rows[1] (line"),
         "base-params": ([{"method": "base", "parameters": {"lambda": 1}}], "rows[0].parameters (line"),
+        "from-chosen": ([{"method": "adamerging", "from_chosen": {"init": "task_arithmetic.lambda"}}], "rows[0].from_chosen.init (line"),
+        "from-chosen-twice": ([{"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}},
+                               {"method": "adamerging", "parameters": {"init": 0.3}, "from_chosen": {"init": "task_arithmetic.lambda"}}],
+                              "rows[1].from_chosen.init (line"),
     }
     for name, (rows, where) in cases.items():
         code = main(["compare", str(_write(root, f"bad-{name}.yaml", _spec(root, rows))), str(root / f"bad-{name}")])
@@ -240,6 +244,26 @@ def test_task_heads_reach_the_data_driven_stage(setup):
         assert got["adamerging"]["accuracy"][name] == pytest.approx(acc, abs=1e-4)
     assert got["adamerging"]["recipe"]["models"][0]["head"] == str(root / "colours")
     assert got["fisher"]["needs"] == {"data": "labelled", "examples": 8, "split": "validation", "selection": None}
+
+
+def test_adamerging_starts_from_the_lambda_validation_chose(setup):
+    """from_chosen: AdaMerging initialised at task arithmetic's chosen λ is, at 0 steps, task arithmetic at that λ."""
+    root = setup["root"]
+    files = {}
+    for name in ("colours", "foods"):  # validation labels = the merge's own predictions at λ = 1.0: validation must choose it
+        split = TextSplit(setup["splits"][name]["validation"].texts, _predictions(setup, 1.0, name))
+        files[name] = write_split_file(root / f"{name}-val-chosen.txt", split).name
+    rows = [{"method": "task_arithmetic", "grid": {"lambda": [0.2, 1.0]}},
+            {"method": "adamerging", "parameters": {"steps": 0, "layerwise": False}, "from_chosen": {"init": "task_arithmetic.lambda"},
+             "data": {"examples": 8, "split": "test"}}]
+    report = run_compare(load_compare_spec(_write(root, "chosen.yaml", _spec(root, rows, files))), root / "chosen-out").report
+    got = {r["name"]: r for r in report["compare"]["rows"]}
+    assert got["task_arithmetic"]["chosen"] == {"lambda": 1.0}
+    assert "error" not in got["adamerging"], got["adamerging"].get("error")
+    assert got["adamerging"]["parameters"]["init"] == 1.0
+    for name, acc in _ta_accuracy(setup, 1.0, "test").items():
+        assert got["adamerging"]["accuracy"][name] == pytest.approx(acc, abs=1e-4)
+    assert got["adamerging"]["needs"]["selection"]["from_chosen"] == {"init": "task_arithmetic.lambda"}
 
 
 def test_head_gives_the_model_its_task_logits(setup, tmp_path):
