@@ -9,6 +9,11 @@ Units that are constant on the calibration data (dead ReLUs are common in traine
 with nothing, so correlation leaves their partners arbitrary. Among the assignments that are optimal for
 correlation, the one whose weights agree best (the weight-matching cost, other groups at their
 activation-matched permutations) is then chosen, so that a planted permutation is recovered exactly.
+
+Attention groups whose members are marked Q/K or V/O (split groups, :mod:`merge.spec`) are observed per part:
+Q/K on the q and k projection outputs, V/O on the v outputs and what the out projection reads. Heads are
+paired on both parts' evidence and each part takes its own within-head order (a 2-row permutation, 1-D when
+the rows agree), as in the transformers path (:mod:`merge.align.transformer_match`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from suture.merge.align.assignment import assignment_score, solve_lap, timed_ass
 from suture.merge.align.weight_matching import WeightCosts
 from suture.merge.errors import AlignmentError
 from suture.merge.graph.trace import Tap, trace_module
-from suture.merge.spec import PermGroup, PermutationSpec
+from suture.merge.measure import Site
+from suture.merge.spec import Part, PermGroup, PermutationSpec
 
 logger = logging.getLogger(__name__)
+
+QK_KEY = "\x1fqk"  # suffix of a split group's name: the statistics of its Q/K features
 
 
 def activation_matching(
@@ -74,6 +82,11 @@ def activation_matching(
             result.skipped[g.name] = "no module input or output carries this group"
     if not wanted:
         raise AlignmentError("none of the spec's groups can be observed: the taps name no group of this spec")
+    for g in groups:
+        parts = _part_sites(g, model_a, prefix) if g.name in wanted and g.split else {}
+        if parts.get("qk"):  # V/O: the head outputs plus the v projection outputs; Q/K on their own
+            wanted[g.name] = wanted[g.name] + parts["vo"]
+            wanted[g.name + QK_KEY] = parts["qk"]
 
     stats = collect_paired(model_a, model_b, wanted, batches, device=device, max_batches=max_batches,
                            input_fn=input_fn, progress=progress)
@@ -90,16 +103,19 @@ def activation_matching(
             raise AlignmentError(f"group {g.name!r} has {g.size} units but its taps show {st.n} features")
         t0 = time.perf_counter()
         corr = st.cross_corr()
-        perm, lap_s = timed_assign(corr, g.kind, g.head_dim)
+        if g.name + QK_KEY in stats:
+            perm, lap_s, scored = _assign_parts(g, stats[g.name + QK_KEY], corr)
+        else:
+            (perm, lap_s), scored = timed_assign(corr, g.kind, g.head_dim), corr
         result.perms[g.name] = perm
         result.lap_time += lap_s
         result.group_time[g.name] = time.perf_counter() - t0
-        corrs[g.name] = corr
+        corrs[g.name] = scored
         dead_a, dead_b = st.constant_a().cpu(), st.constant_b().cpu()
         if bool(dead_a.any() or dead_b.any()):
             dead[g.name] = (dead_a, dead_b)
             constant += int(dead_a.sum() + dead_b.sum())
-        before += assignment_score(corr, torch.arange(g.size))
+        before += assignment_score(scored, torch.arange(g.size))
         units += g.size
     if dead and resolve_constant:
         result.stats["constant_units_rematched"] = _resolve_constant_units(
@@ -112,6 +128,41 @@ def activation_matching(
         logger.info("%d units (A and B together) are constant on the calibration data", constant)
     result.stats["constant_units"] = constant
     return finish_match(result, before, after, units, start, progress)
+
+
+def _part_sites(group: PermGroup, module: nn.Module, prefix: str) -> dict[Part, list[Site]]:
+    """Q/K and V/O projection outputs of a split group: each marked block of a Linear whose rows the group
+    indexes (q, k, v, or one block of a fused qkv), keyed by its part."""
+    from suture.merge.align.transformer_match import _site, _weight_side
+
+    modules = dict(module.named_modules())
+    sites: dict[Part, list[Site]] = {"qk": [], "vo": []}
+    for m in group.members:
+        if m.role != "out" or not m.parts or m.repeat != 1 or m.inner != 1 or not m.tensor.startswith(prefix):
+            continue
+        owner = m.tensor[len(prefix):].removesuffix(".weight")
+        mod = modules.get(owner)
+        if not m.tensor.endswith(".weight") or mod is None or _weight_side(mod, m) != "output":
+            continue
+        for block, part in enumerate(m.parts):
+            sites[part].append(_site(owner, "output", f"group {group.name!r}", block * group.size, group.size))
+    return sites
+
+
+def _assign_parts(group: PermGroup, qk_stats: Any, vo: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """A split group's permutation: heads paired on the V/O and Q/K correlations together, then each part its
+    own within-head order (:func:`assign_head_parts`); also the seconds it took and the (2, n, n) cost it is
+    scored on (both parts, half each)."""
+    from suture.merge.align.transformer_match import assign_head_parts
+
+    if qk_stats.n != group.size:
+        raise AlignmentError(f"group {group.name!r} has {group.size} units but its Q/K features have {qk_stats.n}")
+    if not group.head_dim:
+        raise AlignmentError(f"attention group {group.name!r} has no head size")
+    start = time.perf_counter()
+    qk, vo = qk_stats.cross_corr().float().cpu(), vo.float().cpu()
+    perm = assign_head_parts(vo, [qk, vo], group.head_dim, within=group.within_free(), pair_qk=True)
+    return perm, time.perf_counter() - start, torch.stack([qk, vo]) / 2
 
 
 def collect_paired(model_a: nn.Module, model_b: nn.Module, wanted: Mapping[str, Sequence[Any]], batches: Iterable[Any], *,
