@@ -84,8 +84,8 @@ def activation_matching(
         raise AlignmentError("none of the spec's groups can be observed: the taps name no group of this spec")
     for g in groups:
         parts = _part_sites(g, model_a, prefix) if g.name in wanted and g.split else {}
-        if parts.get("qk"):  # V/O: the head outputs plus the v projection outputs; Q/K on their own
-            wanted[g.name] = wanted[g.name] + parts["vo"]
+        if parts.get("qk") and parts.get("vo"):  # the group's statistics are its V/O ones, Q/K's kept apart
+            wanted[g.name] = parts["vo"]
             wanted[g.name + QK_KEY] = parts["qk"]
 
     stats = collect_paired(model_a, model_b, wanted, batches, device=device, max_batches=max_batches,
@@ -131,21 +131,23 @@ def activation_matching(
 
 
 def _part_sites(group: PermGroup, module: nn.Module, prefix: str) -> dict[Part, list[Site]]:
-    """Q/K and V/O projection outputs of a split group: each marked block of a Linear whose rows the group
-    indexes (q, k, v, or one block of a fused qkv), keyed by its part."""
+    """Where a split group's parts show, from its marked members: the outputs of the Linears whose rows it
+    indexes (q, k, v, or each block of a fused qkv) under their block's part, and the input of the out
+    projection (its columns, V/O: the per-head context vectors)."""
     from suture.merge.align.transformer_match import _site, _weight_side
 
     modules = dict(module.named_modules())
     sites: dict[Part, list[Site]] = {"qk": [], "vo": []}
     for m in group.members:
-        if m.role != "out" or not m.parts or m.repeat != 1 or m.inner != 1 or not m.tensor.startswith(prefix):
+        if not m.parts or m.repeat != 1 or m.inner != 1 or not m.tensor.startswith(prefix):
             continue
         owner = m.tensor[len(prefix):].removesuffix(".weight")
         mod = modules.get(owner)
-        if not m.tensor.endswith(".weight") or mod is None or _weight_side(mod, m) != "output":
+        side = _weight_side(mod, m) if m.tensor.endswith(".weight") and mod is not None else None
+        if side not in ("output", "input") or (side == "input" and m.outer != 1):
             continue
         for block, part in enumerate(m.parts):
-            sites[part].append(_site(owner, "output", f"group {group.name!r}", block * group.size, group.size))
+            sites[part].append(_site(owner, side, f"group {group.name!r}", block * group.size, group.size))
     return sites
 
 
