@@ -89,18 +89,25 @@ def test_weight_matching_recovers_planted_heads(style):
     assert result.stats["cosine_before"] < 0.99
 
 
-def test_activation_matching_recovers_planted_heads():
-    """Activation matching observes the heads group at the out projection's input and assigns whole heads."""
-    model = _model("chunk")
-    spec = spec_from_module(model, X)
+def _activation_matched(model: nn.Module, spec: PermutationSpec, planted: dict) -> dict:
+    """Activation matching of `model` against its copy permuted by `planted`: asserts the answer restores the
+    copy exactly, returns the permutations it found."""
     other = copy.deepcopy(model)
-    other.load_state_dict(permute_state(model.state_dict(), spec, spec.random_permutations(seed=4)))
+    other.load_state_dict(permute_state(model.state_dict(), spec, planted))
     batches = [(torch.randn(16, 7, 6, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
     result = activation_matching(spec, model, other.eval(), batches)
     assert not result.skipped
     restored = permute_state(other.state_dict(), spec, result.perms)
     for name, t in model.state_dict().items():
         torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
+    return result.perms
+
+
+def test_activation_matching_recovers_planted_heads():
+    """Activation matching observes the heads group at the out projection's input and assigns whole heads."""
+    model = _model("chunk")
+    spec = spec_from_module(model, X)
+    _activation_matched(model, spec, spec.random_permutations(seed=4))
 
 
 # ------------------------------------------------------------------ patterns that restrict or freeze the group
@@ -352,33 +359,18 @@ def test_activation_matching_recovers_planted_split_permutation(style):
     apart, so separate within-head orders for the two parts are undone exactly."""
     model = _model(style)
     spec = spec_from_module(model, X)
-    state = model.state_dict()
-    planted = _split_draw(spec, 3)
-    other = copy.deepcopy(model)
-    other.load_state_dict(permute_state(state, spec, planted))
-    batches = [(torch.randn(16, 7, 6, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-    result = activation_matching(spec, model, other.eval(), batches)
-    assert not result.skipped
+    perms = _activation_matched(model, spec, _split_draw(spec, 3))
     for g in spec.active_groups():
         if g.kind != "free":
-            assert result.perms[g.name].shape == (2, g.size), g.name  # the rows differ, as planted
-    restored = permute_state(other.state_dict(), spec, result.perms)
-    for name, t in state.items():
-        torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
+            assert perms[g.name].shape == (2, g.size), g.name  # the rows differ, as planted
 
 
 def test_activation_matching_collapses_agreeing_rows():
     """A planted 1-D permutation of a split group comes back 1-D: both parts agree, so the rows collapse."""
     model = _model("separate")
     spec = spec_from_module(model, X)
-    other = copy.deepcopy(model)
-    other.load_state_dict(permute_state(model.state_dict(), spec, spec.random_permutations(seed=6)))
-    batches = [(torch.randn(16, 7, 6, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-    result = activation_matching(spec, model, other.eval(), batches)
-    assert spec.groups["blocks.0.attn.q"].split and result.perms["blocks.0.attn.q"].dim() == 1
-    restored = permute_state(other.state_dict(), spec, result.perms)
-    for name, t in model.state_dict().items():
-        torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
+    perms = _activation_matched(model, spec, spec.random_permutations(seed=6))
+    assert spec.groups["blocks.0.attn.q"].split and perms["blocks.0.attn.q"].dim() == 1
 
 
 class _Retied(Rotary):
