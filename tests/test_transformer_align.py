@@ -181,3 +181,21 @@ def test_repair_gives_merged_mlp_units_the_interpolated_statistics(tmp_path, fam
         assert not torch.allclose(before[n][1], target_std, rtol=1e-3)
         torch.testing.assert_close(after[n][1], target_std, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(after[n][0], (ends_a[n][0] + ends_b[n][0]) / 2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_modules_features_recover_planted_split_permutation(tmp_path, family):
+    """`features: modules` (plain activation matching at the family's taps) observes Q/K and V/O apart too, so a
+    planted permutation with separate within-head orders per part is undone exactly."""
+    from suture.merge.align.activation_matching import activation_matching
+    from suture.merge.hf_module import hf_taps
+
+    store = open_store(_folder(tmp_path, family, 1))
+    spec, arch = derive_spec(store)
+    module_a, module_b = load_module(store, arch), load_module(store, arch)
+    module_b.load_state_dict(permute_state(module_a.state_dict(), spec, spec.random_permutations(3, split=True)))
+    result = activation_matching(spec, module_a, module_b, _batches(), taps=hf_taps(spec, module_a))
+    assert sum(p.dim() == 2 for p in result.perms.values()) == 2  # one 2-row answer per attention block
+    restored = permute_state(module_b.state_dict(), spec, result.perms)
+    for name, t in module_a.state_dict().items():
+        torch.testing.assert_close(restored[name], t, rtol=0, atol=0, msg=name)
