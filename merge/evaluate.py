@@ -97,7 +97,7 @@ def _language_model_data(module: nn.Module, dataset: CalibrationData) -> Calibra
     Prepared data (per-token targets) is scored as it is; unlabelled token data is scored as the module's LM
     objective (causal when the module does not declare one) with the default seeded masking.
     """
-    from suture.merge.lm_eval import lm_data, lm_kind
+    from suture.merge.lm_eval import is_token_text, lm_data, lm_kind
 
     kind = lm_kind(module)
     prepared = dataset.meta.get("lm_kind")
@@ -106,7 +106,7 @@ def _language_model_data(module: nn.Module, dataset: CalibrationData) -> Calibra
             raise InputError(f"data {dataset.name!r} was prepared for a {prepared} language model, but "
                              f"{type(module).__name__} is a {kind} one")
         return dataset
-    if dataset.labels is not None or not (isinstance(dataset.inputs, Mapping) and "input_ids" in dataset.inputs):
+    if not is_token_text(dataset):
         return None
     return lm_data(dataset, kind or "causal")
 

@@ -105,6 +105,23 @@ def mask_tokens(
     return masked, targets
 
 
+def is_token_text(dataset: CalibrationData) -> bool:
+    """True for unlabelled token data (e.g. a ``.txt`` file): what is scored as language modelling."""
+    return dataset.labels is None and isinstance(dataset.inputs, Mapping) and "input_ids" in dataset.inputs
+
+
+def lm_evaluation(dataset: CalibrationData, kind: LMKind, *, mask_rate: float = MASK_RATE,
+                  seed: int = 0) -> tuple[CalibrationData, dict]:
+    """:func:`lm_data` for an evaluation, plus what a report records of it (kind, masking, block size)."""
+    prepared = lm_data(dataset, kind, mask_rate=mask_rate, seed=seed)
+    info: dict = {"kind": kind}
+    if kind == "masked":
+        info.update(mask_rate=mask_rate, mask_seed=seed)
+    if "block_size" in prepared.meta:
+        info["block_size"] = prepared.meta["block_size"]
+    return prepared, info
+
+
 def lm_data(
     dataset: CalibrationData,
     kind: LMKind,

@@ -245,22 +245,15 @@ def evaluate_output(
 def _language_model_data(module: torch.nn.Module, data: Any, section: EvaluateSection) -> tuple[Any, dict[str, Any] | None]:
     """Token data without labels, for a language model: per-token targets fixed once (the same masked positions
     for every model and path point) and what report.json records about them; other data unchanged."""
-    from suture.merge.lm_eval import lm_data, lm_kind
+    from suture.merge.lm_eval import is_token_text, lm_evaluation, lm_kind
 
-    inputs = data.inputs
-    if data.labels is not None or not (isinstance(inputs, dict) and "input_ids" in inputs):
+    if not is_token_text(data):
         return data, None
     kind = lm_kind(module)
     if kind is None:
         raise RecipeError(f"evaluate.data: {data.name!r} is text without labels, which is scored as language modelling, but the "
                           f"merged model ({type(module).__name__}) has no causal or masked LM head")
-    data = lm_data(data, kind, mask_rate=section.mask_rate, seed=section.mask_seed)
-    info: dict[str, Any] = {"kind": kind}
-    if kind == "masked":
-        info.update(mask_rate=section.mask_rate, mask_seed=section.mask_seed)
-    if "block_size" in data.meta:
-        info["block_size"] = data.meta["block_size"]
-    return data, info
+    return lm_evaluation(data, kind, mask_rate=section.mask_rate, seed=section.mask_seed)
 
 
 def _with_notes(result: dict[str, Any], notes: list[str]) -> dict[str, Any]:

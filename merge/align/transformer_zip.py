@@ -253,7 +253,7 @@ def evaluate_zip(folder: Path, section: Any, zipper: TransformerZipper, modules:
     from suture.merge.derive import load_module
     from suture.merge.evaluate import evaluate
     from suture.merge.hf_module import tokenizer_folder
-    from suture.merge.lm_eval import lm_data, lm_kind
+    from suture.merge.lm_eval import is_token_text, lm_evaluation, lm_kind
     from suture.merge.store import open_store
 
     data = load_dataset(section.data, split=section.split, max_items=section.max_items, tokenizer=tokenizer_folder(ref_store))
@@ -261,13 +261,12 @@ def evaluate_zip(folder: Path, section: Any, zipper: TransformerZipper, modules:
     output = load_module(store, arch)  # what was written, read back
     store.close()
     info: dict[str, Any] | None = None
-    if data.labels is None and isinstance(data.inputs, Mapping) and "input_ids" in data.inputs:
+    if is_token_text(data):
         kind = lm_kind(output)
         if kind is None:
             raise AlignmentError(f"evaluate.data {data.name!r} is text without labels (scored as language modelling), but the "
                                  f"zipped model ({type(output).__name__}) has no causal or masked LM head")
-        data = lm_data(data, kind, mask_rate=section.mask_rate, seed=section.mask_seed)
-        info = {"kind": kind, **({"mask_rate": section.mask_rate, "mask_seed": section.mask_seed} if kind == "masked" else {})}
+        data, info = lm_evaluation(data, kind, mask_rate=section.mask_rate, seed=section.mask_seed)
     runs = [("naive averaging", "identity"), ("permutation", "permute")]
     steps = len(modules) + len(runs) + 1
     if progress:
