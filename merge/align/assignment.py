@@ -37,21 +37,20 @@ def solve_lap(cost: torch.Tensor | np.ndarray, *, maximize: bool = True) -> torc
 def head_pair_scores(cost: torch.Tensor, head_dim: int, *, within: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score every (head of A, head of B) pair: the block trace, or the best within-head assignment.
 
-    Returns `(scores (H, H), within (H, H, head_dim) or None)`, where `within[h, g]` is the best
-    within-head permutation when A's head h takes B's head g.
+    Returns `(scores (H_A, H_B), within (H_A, H_B, head_dim) or None)`, where `within[h, g]` is the best
+    within-head permutation when A's head h takes B's head g. The head counts may differ (a rectangular cost).
     """
-    n = cost.shape[0]
-    heads = n // head_dim
-    blocks = cost.reshape(heads, head_dim, heads, head_dim).permute(0, 2, 1, 3)  # (hA, hB, dA, dB)
+    heads, heads_b = cost.shape[0] // head_dim, cost.shape[1] // head_dim
+    blocks = cost.reshape(heads, head_dim, heads_b, head_dim).permute(0, 2, 1, 3)  # (hA, hB, dA, dB)
     if not within:
         return blocks.diagonal(dim1=2, dim2=3).sum(-1), None
     blocks_np = blocks.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(blocks_np).all():
         raise AlignmentError("assignment cost has NaN or infinite entries (are the weights or features finite?)")
-    scores = np.empty((heads, heads))
-    best = np.empty((heads, heads, head_dim), dtype=np.int64)
+    scores = np.empty((heads, heads_b))
+    best = np.empty((heads, heads_b, head_dim), dtype=np.int64)
     for h in range(heads):
-        for g in range(heads):
+        for g in range(heads_b):
             rows, cols = linear_sum_assignment(blocks_np[h, g], maximize=True)
             best[h, g, rows] = cols
             scores[h, g] = blocks_np[h, g][rows, cols].sum()

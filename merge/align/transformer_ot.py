@@ -39,11 +39,10 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from suture.merge.align.assignment import head_pair_scores
 from suture.merge.align.ot_features import UnitMoments, moments_at
 from suture.merge.align.ot_solve import SolveInfo, Solver, normalize_cost, solve_plan
 from suture.merge.align.transformer_match import transformer_sites
@@ -87,19 +86,11 @@ def head_plan(
     hb, ha, d = head_blocks(group_a, group_b)
     if tuple(cost.shape) != (group_b.size, group_a.size):
         raise AlignmentError(f"group {group_a.name!r}: cost of shape {tuple(cost.shape)}, expected {(group_b.size, group_a.size)}")
-    blocks = cost.detach().to("cpu", torch.float64).reshape(hb, d, ha, d).permute(0, 2, 3, 1).numpy()  # (g, h, da, db)
     within = group_a.kind == "heads_within" and group_b.kind == "heads_within"
-    pairing = np.empty((hb, ha, d), dtype=np.int64)  # pairing[g, h, i] = B's dimension sent to A's dimension i
-    head_cost = np.empty((hb, ha))
-    for g in range(hb):
-        for h in range(ha):
-            if within:
-                rows, cols = linear_sum_assignment(blocks[g, h])
-                pairing[g, h, rows] = cols
-            else:
-                pairing[g, h] = np.arange(d)
-            head_cost[g, h] = blocks[g, h][np.arange(d), pairing[g, h]].mean()
-    heads = torch.from_numpy(head_cost).to(cost.device)
+    # the best within-head matching of every (head of A, head of B) pair, as a score to maximise: minus the cost;
+    # pairing[h, g, i] is B's dimension sent to A's dimension i (None: in order)
+    scores, pairing = head_pair_scores(-cost.detach().to("cpu", torch.float64).T, d, within=within)
+    heads = (-scores.T / d).to(cost.device)  # (heads of B, heads of A): mean unit cost of the pair
     if normalize:
         heads = normalize_cost(heads)
     heads_b = mass_b.reshape(hb, d).sum(1)
@@ -111,7 +102,8 @@ def head_plan(
     plan = torch.zeros(group_b.size, group_a.size, dtype=torch.float64, device=cost.device)
     dims = torch.arange(d, device=cost.device)
     for g, h in torch.nonzero(plan_h > 0).tolist():
-        plan[g * d + torch.from_numpy(pairing[g, h]).to(cost.device), h * d + dims] = plan_h[g, h] / d
+        dims_b = dims if pairing is None else pairing[h, g].to(cost.device)
+        plan[g * d + dims_b, h * d + dims] = plan_h[g, h] / d
     return plan, info, plan_h
 
 
