@@ -354,7 +354,7 @@ def cca_align(
                 raise AlignmentError(f"group {g.name!r} has {g.size} units but its sites show "
                                      f"{'no' if st is None else st.n} features")
             corr = st.cross_corr().float().cpu()
-            result.perms[g.name] = solve_lap(corr) if g.kind == "free" else assign(corr, g.kind, g.head_dim)
+            result.perms[g.name] = assign(corr, g.kind, g.head_dim)
             result.permuted_corr[g.name] = assignment_score(corr, result.perms[g.name]) / g.size
             continue
         if g.name in attention:
